@@ -1,0 +1,29 @@
+# The install ordering that matters: torch first, then the extension compiled
+# against that torch with build isolation off.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: deps install demo test bench info clean
+
+deps:
+	$(PIP) install -q torch numpy pytest ninja
+
+install: deps
+	$(PIP) install -q --no-build-isolation -e .
+
+info: install
+	$(PYTHON) -m rlhf_kernels.info
+
+demo: install
+	$(PYTHON) -m rlhf_kernels.info
+	$(PYTHON) benchmarks/bench_gae.py
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) benchmarks/bench_gae.py
+
+clean:
+	rm -rf build *.egg-info rlhf_kernels/_C*.so rlhf_kernels/_build_info.json

@@ -1,0 +1,16 @@
+"""rlhf-kernels: fused kernels for RLHF training.
+
+Every op takes ``backend="auto"`` ("cuda", "triton", "cpu", "torch"), also settable with
+the environment variable RLHF_KERNELS_BACKEND. Outputs are float32. See
+``python -m rlhf_kernels.info`` for what is built and usable here.
+"""
+
+__version__ = "0.1.0"
+
+from rlhf_kernels._backend import BACKENDS, BackendUnavailable, available as available_backends
+from rlhf_kernels.ops.gae import gae, gae_packed, masked_whiten
+
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "available_backends",
+    "gae", "gae_packed", "masked_whiten",
+]

@@ -1,0 +1,1 @@
+"""Triton kernels. Imported lazily by the public API, never at ``import rlhf_kernels``."""

@@ -1,0 +1,166 @@
+"""Build of rlhf-kernels: one native extension, ``rlhf_kernels._C``.
+
+Switches (environment variables):
+  RLHF_KERNELS_NO_EXT=1     pure-Python install: only the ``torch`` (and ``triton``) backends
+  RLHF_KERNELS_CUDA=0|1     force the CUDA kernels off / on (default: on when torch has CUDA
+                            and nvcc is found; never decided by torch.cuda.is_available())
+  TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0+PTX")
+  MAX_JOBS                  parallel compile jobs (default: CPU count)
+  CUDA_HOME                 CUDA toolkit root (default: found from nvcc's real location)
+
+Install with ``pip install --no-build-isolation -e .`` after torch is installed: this file
+imports torch, and build isolation would compile against a different torch.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+BUILD_INFO = os.path.join(ROOT, "rlhf_kernels", "_build_info.json")
+
+
+def _flag(name):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        sys.exit(f"setup.py: {name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _cuda_home_from_nvcc():
+    """The toolkit root of the nvcc on PATH, following links and wrapper scripts.
+
+    nvcc may be a symlink or a small shell wrapper outside the toolkit (as on machines
+    where /usr/local/bin/nvcc execs the real one), so ``dirname(which nvcc)`` can be wrong.
+    ``nvcc -dryrun`` prints the toolkit's own TOP directory, which is authoritative.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run(
+            [nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+        m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+        if m:
+            top = os.path.realpath(m.group(1).strip())  # TOP is the toolkit root (bin/..)
+            if os.path.exists(os.path.join(top, "bin", "nvcc")):
+                return top
+    except (OSError, subprocess.SubprocessError):
+        pass
+    real = os.path.realpath(nvcc)
+    return os.path.dirname(os.path.dirname(real))
+
+
+def _decide_cuda():
+    """(build_cuda, cuda_home, reason)."""
+    import torch
+
+    want = _flag("RLHF_KERNELS_CUDA")
+    if want is False:
+        return False, None, "RLHF_KERNELS_CUDA=0"
+    if torch.version.cuda is None:
+        if want:
+            sys.exit("setup.py: RLHF_KERNELS_CUDA=1 but this torch has no CUDA (torch.version.cuda is None)")
+        return False, None, "torch was built without CUDA"
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or _cuda_home_from_nvcc()
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        if want:
+            sys.exit("setup.py: RLHF_KERNELS_CUDA=1 but no nvcc was found (set CUDA_HOME or put nvcc on PATH)")
+        return False, None, "nvcc not found"
+    return True, home, f"nvcc in {home}"
+
+
+def _nvidia_wheel_dirs():
+    """Headers and libraries of the nvidia-* wheels that a CUDA build of torch depends on
+    (cuBLAS, cuSPARSE, ... live there, not always in the toolkit)."""
+    import site
+
+    incs, libs = [], []
+    for sp in site.getsitepackages() + [site.getusersitepackages()]:
+        for sub in ("cu13", "cu12"):
+            base = os.path.join(sp, "nvidia", sub)
+            if os.path.isdir(os.path.join(base, "include")):
+                incs.append(os.path.join(base, "include"))
+            if os.path.isdir(os.path.join(base, "lib")):
+                libs.append(os.path.join(base, "lib"))
+        for pkg in sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include"))):
+            if pkg not in incs:
+                incs.append(pkg)
+    return incs, libs
+
+
+def _extensions():
+    if _flag("RLHF_KERNELS_NO_EXT"):
+        _write_build_info({"extension": False, "reason": "RLHF_KERNELS_NO_EXT=1"})
+        return [], {}
+
+    build_cuda, cuda_home, reason = _decide_cuda()
+    if build_cuda:
+        # torch.utils.cpp_extension reads CUDA_HOME once, at import time.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-DRLHF_WITH_CUDA=%d" % int(build_cuda)]
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    library_dirs = []
+    if build_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-DRLHF_WITH_CUDA=1",
+                "--threads=%d" % max(1, min(4, os.cpu_count() or 1))]
+        incs, libs = _nvidia_wheel_dirs()
+        include_dirs += [os.path.join(cuda_home, "include")] + incs
+        library_dirs += [os.path.join(cuda_home, "lib64")] + libs
+        ext_cls = cpp_extension.CUDAExtension
+        args = {"cxx": cxx, "nvcc": nvcc}
+    else:
+        ext_cls = cpp_extension.CppExtension
+        args = {"cxx": cxx}
+
+    ext = ext_cls(
+        name="rlhf_kernels._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        library_dirs=library_dirs,
+        extra_compile_args=args,
+    )
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if build_cuda else ""
+    _write_build_info({
+        "extension": True,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda": build_cuda,
+        "cuda_reason": reason,
+        "cuda_home": cuda_home,
+        "cuda_archs": [a for a in re.split(r"[;\s]+", archs) if a],
+    })
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+def _write_build_info(info):
+    with open(BUILD_INFO, "w") as f:
+        json.dump(info, f, indent=1, sort_keys=True)
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["rlhf_kernels", "rlhf_kernels.*"]) + ["rlhf_trainer"],
+    package_dir={"rlhf_trainer": "python/rlhf_trainer"},
+    package_data={"rlhf_kernels": ["_build_info.json"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

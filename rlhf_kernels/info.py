@@ -32,6 +32,8 @@ def report():
     if cuda_dev:
         usable["cuda"] = _backend.available("cuda")
     why = {b: _backend.why_not(b, "cuda" if b in ("cuda", "triton") else "cpu") for b in _backend.BACKENDS}
+    if not cuda_dev:
+        why = {b: r for b, r in why.items() if b not in ("cuda", "triton")}
     return {
         "rlhf_kernels": rlhf_kernels.__version__,
         "python": platform.python_version(),
@@ -71,6 +73,8 @@ def main():
     lines.append("usable backends:")
     for dev, names in r["usable"].items():
         lines.append("  %s tensors: %s" % (dev, ", ".join(names)))
+    if "cuda" not in r["usable"]:
+        lines.append("  cuda tensors: no GPU visible")
     for b, reason in r["why_not"].items():
         lines.append("  not %s: %s" % (b, reason))
     built = r["built_for_torch"]

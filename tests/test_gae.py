@@ -1,0 +1,303 @@
+"""GAE, packed GAE and masked whitening: every available backend against the float64
+reference, plus independent oracles for the masking semantics and long carries."""
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels.reference import gae as ref
+from tests.conftest import HAS_CUDA, device_backends
+from tests.tolerances import GAE_ATOL, GAE_RTOL
+
+BACKENDS = device_backends()
+
+
+def rand(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).float()
+
+
+def assert_close_scaled(out, expected, rtol=GAE_RTOL, atol=GAE_ATOL):
+    """|out - expected| <= atol + rtol * max|expected| (relative to the tensor's scale)."""
+    assert out.dtype == torch.float32
+    out, expected = out.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(out).all() == torch.isfinite(expected).all()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol + rtol * scale)
+
+
+def plain_gae(rewards, values, gamma, lam, last_value=0.0):
+    """Textbook GAE over one unmasked sequence, with Python floats (float64)."""
+    n = len(rewards)
+    adv = [0.0] * n
+    running = 0.0
+    for t in reversed(range(n)):
+        next_v = values[t + 1] if t + 1 < n else last_value
+        running = rewards[t] + gamma * next_v - values[t] + gamma * lam * running
+        adv[t] = running
+    return adv
+
+
+def compacted_gae(r, v, m, gamma, lam, last_value):
+    """Masked steps are skipped: GAE on the unmasked steps alone, scattered back."""
+    idx = [t for t in range(len(m)) if m[t]]
+    a = plain_gae([r[t] for t in idx], [v[t] for t in idx], gamma, lam, last_value)
+    adv = [0.0] * len(m)
+    for k, t in enumerate(idx):
+        adv[t] = a[k]
+    return adv
+
+
+def make_mask(gen, B, T, p_valid=0.7):
+    m = torch.rand(B, T, generator=gen) < p_valid
+    if B >= 3:
+        m[1] = False              # a fully masked row
+        m[2, : T // 2] = True     # right padding only
+        m[2, T // 2:] = False
+    return m
+
+
+# (B, T): T = 1, B = 1, odd sizes, and T > 64 (the interpreter's Triton tile) so the
+# carry between tiles is exercised; 1100 > one CUDA/Triton GPU tile as well
+SHAPES = [(1, 1), (1, 9), (3, 1), (4, 37), (5, 200), (2, 1100)]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("B,T", SHAPES)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.0, 0.5)])
+@pytest.mark.parametrize("with_last", [False, True])
+def test_gae_matches_reference(gen, device, backend, B, T, gamma, lam, with_last):
+    if backend == "triton" and device == "cpu" and T > 300 and not with_last:
+        pytest.skip("interpreter: one long case per shape is enough")
+    r, v, m = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T)
+    lv = rand(gen, B) if with_last else None
+    adv, ret = rk.gae(r.to(device), v.to(device), m.to(device), gamma=gamma, lam=lam,
+                      last_values=None if lv is None else lv.to(device), backend=backend)
+    ea, er = ref.gae(r.double(), v.double(), m, gamma, lam, None if lv is None else lv.double())
+    assert_close_scaled(adv, ea)
+    assert_close_scaled(ret, er)
+    assert (adv.cpu()[~m] == 0).all() and (ret.cpu()[~m] == 0).all()
+
+
+def test_reference_semantics_against_independent_oracle(gen):
+    """The reference itself: masked steps are skipped (not resets); right padding equals
+    the textbook loop over the valid prefix, as in TRL/OpenRLHF."""
+    B, T, gamma, lam = 6, 23, 0.97, 0.9
+    r, v, m, lv = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T), rand(gen, B)
+    adv, _ = ref.gae(r.double(), v.double(), m, gamma, lam, lv.double())
+    for b in range(B):
+        expected = compacted_gae(r[b].tolist(), v[b].tolist(), m[b].tolist(), gamma, lam, lv[b].item())
+        torch.testing.assert_close(adv[b], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    # right padding only: the valid prefix gives the textbook answer with V after it = 0
+    n = int(m[2].sum())
+    expected = plain_gae(r[2, :n].tolist(), v[2, :n].tolist(), gamma, lam, 0.0)
+    adv0, _ = ref.gae(r.double(), v.double(), m, gamma, lam, None)
+    torch.testing.assert_close(adv0[2, :n], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_long_sequence_gamma_lam_one(gen, device, backend):
+    """gamma*lam = 1 over T = 131072: within 1e-6 (relative to the row's scale) of float64.
+
+    Oracle: with gamma = lam = 1 the advantage is a reverse cumulative sum of TD errors
+    over the unmasked steps, computed here in float64 independently of the reference.
+    """
+    T = 131072 if not (backend == "triton" and device == "cpu") else 4096  # interpreter is slow
+    r, v = rand(gen, 1, T), rand(gen, 1, T)
+    m = torch.rand(1, T, generator=gen) < 0.9
+    lv = rand(gen, 1)
+    idx = torch.nonzero(m[0]).flatten()
+    rv, vv = r[0, idx].double(), v[0, idx].double()
+    next_v = torch.cat([vv[1:], lv.double()])
+    delta = rv + next_v - vv
+    expected = torch.zeros(1, T, dtype=torch.float64)
+    expected[0, idx] = torch.flip(torch.cumsum(torch.flip(delta, [0]), 0), [0])
+    adv, ret = rk.gae(r.to(device), v.to(device), m.to(device), gamma=1.0, lam=1.0,
+                      last_values=lv.to(device), backend=backend)
+    err = (adv.cpu().double() - expected).abs().max() / expected.abs().max()
+    assert err <= 1e-6, "relative error %.3g over T=%d" % (err, T)
+    ret_expected = torch.where(m, expected + v.double(), torch.zeros_like(expected))
+    err_ret = (ret.cpu().double() - ret_expected).abs().max() / ret_expected.abs().max()
+    assert err_ret <= 1e-6
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_packed_equals_padded(gen, device, backend, with_mask):
+    lengths = [5, 0, 1, 130, 17, 70]
+    B, T, gamma, lam = len(lengths), max(lengths), 0.99, 0.95
+    r, v, lv = rand(gen, B, T), rand(gen, B, T), rand(gen, B)
+    pad_mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    inner = torch.rand(B, T, generator=gen) < 0.8 if with_mask else torch.ones(B, T, dtype=torch.bool)
+    m = pad_mask & inner
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    pr, pv, pm = r[pad_mask], v[pad_mask], inner[pad_mask]
+    dev = lambda t: t.to(device)  # noqa: E731
+    a, R = rk.gae_packed(dev(pr), dev(pv), dev(cu.int()), gamma=gamma, lam=lam, last_values=dev(lv),
+                         mask=dev(pm) if with_mask else None, backend=backend)
+    ea, er = ref.gae(r.double(), v.double(), m, gamma, lam, lv.double())
+    assert_close_scaled(a, ea[pad_mask])
+    assert_close_scaled(R, er[pad_mask])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_non_contiguous_and_dtypes(gen, device, backend):
+    B, T = 4, 50
+    base_r, base_v = rand(gen, T, B), rand(gen, T, B)
+    m = make_mask(gen, B, T)
+    r, v = base_r.t(), base_v.t()          # non-contiguous views
+    mf = m.t().contiguous().t().float()    # a 0/1 float mask, also non-contiguous
+    assert not r.is_contiguous() and not mf.is_contiguous()
+    adv, ret = rk.gae(r.to(device), v.to(device), mf.to(device), gamma=0.99, lam=0.95, backend=backend)
+    ea, er = ref.gae(r.double(), v.double(), m, 0.99, 0.95)
+    assert_close_scaled(adv, ea)
+    assert_close_scaled(ret, er)
+    # low-precision inputs are upcast: float32 output equal to running on the upcast values
+    for dt in (torch.float16, torch.bfloat16):
+        rl, vl = r.to(dt), v.to(dt)
+        adv, _ = rk.gae(rl.to(device), vl.to(device), m.to(device), gamma=0.99, lam=0.95, backend=backend)
+        ea, _ = ref.gae(rl.double(), vl.double(), m, 0.99, 0.95)
+        assert_close_scaled(adv, ea)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_empty_inputs(device, backend):
+    for B, T in [(0, 5), (3, 0)]:
+        z = torch.empty(B, T, device=device)
+        a, R = rk.gae(z, z, torch.ones(B, T, dtype=torch.bool, device=device), backend=backend)
+        assert a.shape == (B, T) and R.shape == (B, T) and a.dtype == torch.float32
+    e = torch.empty(0, device=device)
+    a, R = rk.gae_packed(e, e, torch.zeros(1, dtype=torch.long, device=device), backend=backend)
+    assert a.shape == (0,)
+    a, R = rk.gae_packed(e, e, torch.zeros(3, dtype=torch.long, device=device), backend=backend)
+    assert a.shape == (0,)
+    w = rk.masked_whiten(e, e.bool(), backend=backend)
+    assert w.shape == (0,)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_nan_stays_in_its_row_and_runs_are_deterministic(gen, device, backend):
+    B, T = 3, 40
+    r, v, m = rand(gen, B, T), rand(gen, B, T), torch.ones(B, T, dtype=torch.bool)
+    r[0, 7] = float("nan")
+    v[2, 3] = float("inf")
+    a1, R1 = rk.gae(r.to(device), v.to(device), m.to(device), backend=backend)
+    a2, R2 = rk.gae(r.to(device), v.to(device), m.to(device), backend=backend)
+    assert torch.equal(a1.nan_to_num(7.0), a2.nan_to_num(7.0)) and torch.equal(R1.nan_to_num(7.0), R2.nan_to_num(7.0))
+    a1 = a1.cpu()
+    assert torch.isfinite(a1[1]).all()
+    assert torch.isnan(a1[0, :8]).all() and torch.isfinite(a1[0, 8:]).all()
+    ea, _ = ref.gae(r[1:2].double(), v[1:2].double(), m[1:2], 1.0, 0.95)
+    assert_close_scaled(a1[1:2], ea)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (3, 5000)])
+def test_masked_whiten(gen, device, backend, shift_mean, unbiased, shape):
+    x = rand(gen, *shape) * 3 + 2
+    m = torch.rand(*shape, generator=gen) < 0.6
+    m.view(-1)[0] = True
+    out = rk.masked_whiten(x.to(device), m.to(device), shift_mean=shift_mean, unbiased=unbiased, backend=backend)
+    exp = ref.masked_whiten(x.double(), m, shift_mean, unbiased, 1e-8)
+    assert_close_scaled(out, exp)
+    if m.sum() > 2:
+        w = out.cpu().double()[m]
+        target_mean = 0.0 if shift_mean else x.double()[m].mean().item()
+        assert abs(w.mean().item() - target_mean) < 1e-5 * max(1.0, abs(target_mean))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_masked_whiten_degenerate(gen, device, backend):
+    x = rand(gen, 10)
+    none = torch.zeros(10, dtype=torch.bool)
+    assert (rk.masked_whiten(x.to(device), none.to(device), backend=backend) == 0).all()
+    one = torch.zeros(10, dtype=torch.bool)
+    one[4] = True
+    out = rk.masked_whiten(x.to(device), one.to(device), backend=backend)
+    assert torch.isfinite(out).all() and (out == 0).all()
+    out = rk.masked_whiten(x.to(device), one.to(device), shift_mean=False, backend=backend).cpu()
+    assert out[4].item() == pytest.approx(x[4].item(), rel=1e-6)
+
+
+BAD = [
+    ("mismatched shapes", lambda: rk.gae(torch.zeros(2, 3) + 1, torch.ones(2, 4), torch.ones(2, 3)), "shape"),
+    ("1-D rewards", lambda: rk.gae(torch.ones(3), torch.ones(3), torch.ones(3)), "rewards"),
+    ("int rewards", lambda: rk.gae(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), torch.ones(2, 3)),
+     "floating"),
+    ("last_values shape", lambda: rk.gae(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3),
+                                         last_values=torch.ones(3)), "last_values"),
+    ("float cu_seqlens", lambda: rk.gae_packed(torch.ones(4), torch.ones(4), torch.tensor([0.0, 2.0, 4.0])),
+     "cu_seqlens"),
+    ("decreasing cu_seqlens", lambda: rk.gae_packed(torch.ones(4), torch.ones(4), torch.tensor([0, 3, 2, 4])),
+     "non-decreasing"),
+    ("cu_seqlens not ending at N", lambda: rk.gae_packed(torch.ones(4), torch.ones(4), torch.tensor([0, 2, 3])),
+     "end at N"),
+    ("2-D cu_seqlens", lambda: rk.gae_packed(torch.ones(4), torch.ones(4), torch.tensor([[0, 4]])), "cu_seqlens"),
+    ("packed last_values", lambda: rk.gae_packed(torch.ones(4), torch.ones(4), torch.tensor([0, 1, 4]),
+                                                 last_values=torch.ones(3)), "last_values"),
+    ("whiten shapes", lambda: rk.masked_whiten(torch.ones(3, 2), torch.ones(2, 3)), "shape"),
+    ("devices", lambda: rk.gae(torch.ones(2, 3), torch.ones(2, 3, device="meta"), torch.ones(2, 3)), "device"),
+    ("not a tensor", lambda: rk.gae([[1.0]], torch.ones(1, 1), torch.ones(1, 1)), "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name,call,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_raise_clear_errors(name, call, words):
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    assert words in str(info.value)
+
+
+def test_native_ops_check_their_arguments():
+    """The registered ops are callable directly too: they must refuse what they cannot serve."""
+    if "cpu" not in rk.available_backends("cpu"):
+        pytest.skip("native extension not built")
+    ops = torch.ops.rlhf_kernels
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.gae(torch.ones(3, 2).t(), torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), None, 1.0, 0.9)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        ops.gae_packed(torch.ones(4), torch.ones(4), torch.tensor([0, 3, 2, 4]), None, None, 1.0, 0.9)
+    with pytest.raises(RuntimeError, match="Bool"):
+        ops.masked_whiten(torch.ones(3), torch.ones(3), True, True, 1e-8)
+
+
+def _opcheck_devices():
+    devs = []
+    if "cpu" in rk.available_backends("cpu"):
+        devs.append("cpu")
+    if HAS_CUDA and "cuda" in rk.available_backends("cuda"):
+        devs.append(pytest.param("cuda", marks=pytest.mark.cuda))
+    return devs
+
+
+@pytest.mark.parametrize("device", _opcheck_devices())
+def test_opcheck(gen, device):
+    B, T = 3, 17
+    r, v, m, lv = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T), rand(gen, B)
+    d = lambda t: t.to(device)  # noqa: E731
+    ops = torch.ops.rlhf_kernels
+    torch.library.opcheck(ops.gae.default, (d(r), d(v), d(m), d(lv), 0.99, 0.95))
+    torch.library.opcheck(ops.gae.default, (d(r), d(v), d(m), None, 1.0, 1.0))
+    cu = torch.tensor([0, 5, 5, 20, B * T])
+    torch.library.opcheck(ops.gae_packed.default, (d(r.flatten()), d(v.flatten()), d(cu), d(rand(gen, 4)),
+                                                    d(m.flatten()), 0.99, 0.95))
+    torch.library.opcheck(ops.gae_packed.default, (d(r.flatten()), d(v.flatten()), d(cu), None, None, 0.9, 0.9))
+    torch.library.opcheck(ops.masked_whiten.default, (d(r), d(m), True, True, 1e-8))
+
+
+@pytest.mark.parametrize("device", _opcheck_devices())
+def test_torch_compile_fullgraph(gen, device):
+    B, T = 4, 33
+    r, v, m = rand(gen, B, T).to(device), rand(gen, B, T).to(device), make_mask(gen, B, T).to(device)
+    backend = "cpu" if device == "cpu" else "cuda"
+
+    def step(r, v, m):
+        adv, ret = rk.gae(r, v, m, gamma=0.99, lam=0.95, backend=backend)
+        return rk.masked_whiten(adv, m, backend=backend), ret
+
+    compiled = torch.compile(step, fullgraph=True)
+    w, ret = compiled(r, v, m)
+    ew, eret = step(r, v, m)
+    torch.testing.assert_close(w, ew, rtol=0, atol=0)
+    torch.testing.assert_close(ret, eret, rtol=0, atol=0)

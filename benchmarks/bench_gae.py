@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rlhf_kernels as rk  # noqa: E402
-from common import fmt_time, median_time, print_table  # noqa: E402
+from common import fmt_time, median_time, print_table, write_csv  # noqa: E402
 
 
 def python_loop_gae(rewards, values, mask, gamma, lam):
@@ -49,24 +49,26 @@ def copy_bandwidth(device):
     return 2 * x.numel() * 4 / t
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default=None, help="comma-separated BxT, e.g. 64x4096,8x512")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--no-loop", action="store_true", help="skip the slow Python-loop providers")
-    args = p.parse_args()
+    p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    args = p.parse_args(argv)
     device = args.device
     on_gpu = torch.device(device).type == "cuda"
     shapes = args.shapes or ("64x4096,256x1024,16x32768" if on_gpu else "64x4096,8x512")
     shapes = [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")]
     repeats = args.repeats or (50 if on_gpu else 7)
     gamma, lam = 1.0, 0.95
-    bw = copy_bandwidth(device) if on_gpu else None
+    bw = None
+    if on_gpu:  # benchmarks/run.py passes the bandwidth it measured in the same run
+        bw = float(os.environ.get("RLHF_BENCH_COPY_BPS", 0)) or copy_bandwidth(device)
 
     gen = torch.Generator().manual_seed(0)
-    rows = []
-    summary = []
+    rows, records, summary = [], [], []
     for B, T in shapes:
         r = torch.randn(B, T, generator=gen).to(device)
         v = torch.randn(B, T, generator=gen).to(device)
@@ -94,6 +96,11 @@ def main():
                 row.append("%.0f%%" % (100 * floor / t))
             row.append("%.0fx" % (base / t) if base else "-")
             rows.append(row)
+            records.append({"family": "gae", "op": "gae", "provider": name, "shape": "%dx%d" % (B, T),
+                            "dtype": "float32", "median_s": t, "gb_per_s": nbytes / t / 1e9,
+                            "floor_s": nbytes / bw if bw else "",
+                            "speedup_vs_eager": times["torch"] / t if "torch" in times else "",
+                            "speedup_vs_python_loop": base / t if base else ""})
         if base and "cpu" in times:
             summary.append("cpu vs python-loop at %dx%d: %.0fx (medians of %d and %d runs, side by side)"
                            % (B, T, base / times["cpu"], counts["cpu"], counts["python-loop"]))
@@ -104,6 +111,8 @@ def main():
         print("\ncopy bandwidth measured in this run: %.0f GB/s" % (bw / 1e9))
     for line in summary:
         print(line)
+    if args.csv:
+        write_csv(args.csv, records)
 
 
 if __name__ == "__main__":

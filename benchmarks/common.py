@@ -47,3 +47,14 @@ def print_table(title, header, rows):
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+def write_csv(path, records):
+    """Rows (dicts with the same keys) as CSV, for benchmarks/run.py's results folder."""
+    import csv
+    if not records:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(records[0].keys()))
+        w.writeheader()
+        w.writerows(records)

@@ -7,7 +7,7 @@ export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 .PHONY: deps install demo test bench info clean
 
 deps:
-	$(PIP) install -q torch numpy pytest ninja
+	$(PIP) install -q torch numpy pytest ninja transformers tqdm pyyaml matplotlib
 
 install: deps
 	$(PIP) install -q --no-build-isolation -e .
@@ -17,13 +17,13 @@ info: install
 
 demo: install
 	$(PYTHON) -m rlhf_kernels.info
-	$(PYTHON) benchmarks/bench_gae.py
+	$(PYTHON) -m rlhf_trainer demo
 
 test: install
 	$(PYTHON) -m pytest -q tests
 
 bench: install
-	$(PYTHON) benchmarks/bench_gae.py
+	$(PYTHON) benchmarks/run.py
 
 clean:
 	rm -rf build *.egg-info rlhf_kernels/_C*.so rlhf_kernels/_build_info.json

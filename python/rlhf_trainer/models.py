@@ -1,0 +1,70 @@
+"""The models: a causal LM policy (and its frozen reference), and a scalar-head model
+used both as the value model (a value per token) and the reward model (a score read at
+the last real token). Dropout is off everywhere: PPO's first ratio must be exactly 1."""
+
+import copy
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+
+def gpt2_config(model_cfg, task_cfg):
+    return GPT2Config(
+        vocab_size=task_cfg.vocab_size,
+        n_positions=4 * (task_cfg.prompt_len + task_cfg.response_len),  # room for test padding
+        n_embd=model_cfg.n_embd, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=task_cfg.eos_token_id, eos_token_id=task_cfg.eos_token_id,
+        pad_token_id=task_cfg.pad_token_id,
+    )
+
+
+def position_ids(attention_mask):
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def build_policy(model_cfg, task_cfg):
+    torch.manual_seed(model_cfg.seed)
+    policy = GPT2LMHeadModel(gpt2_config(model_cfg, task_cfg))
+    gc = policy.generation_config
+    gc.pad_token_id = task_cfg.pad_token_id
+    gc.eos_token_id = task_cfg.eos_token_id if task_cfg.stop_at_eos else None
+    gc.bos_token_id = None
+    return policy
+
+
+def frozen_copy(model):
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+class ScalarHeadModel(nn.Module):
+    """A GPT-2 backbone with a linear head giving one number per position."""
+
+    def __init__(self, model_cfg, task_cfg, seed_offset=1):
+        super().__init__()
+        torch.manual_seed(model_cfg.seed + seed_offset)
+        self.backbone = GPT2Model(gpt2_config(model_cfg, task_cfg))
+        self.head = nn.Linear(model_cfg.n_embd, 1)
+
+    def forward(self, input_ids, attention_mask=None):
+        """-> [B, S] one value per position."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids(attention_mask)).last_hidden_state
+        return self.head(h).squeeze(-1)
+
+    def score(self, input_ids, attention_mask=None):
+        """The value at the last real token of each row: the reward model's score. -> [B]."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        values = self(input_ids, attention_mask)
+        S = attention_mask.shape[1]
+        last = S - 1 - attention_mask.long().flip(-1).argmax(-1)   # index of the last real token
+        return values.gather(1, last[:, None]).squeeze(1)

@@ -1,0 +1,331 @@
+"""PPO with a per-token KL penalty to a frozen reference, on the public rlhf_kernels API.
+
+One step:
+  1. rollout: sample prompts, generate responses with the policy (``generate``);
+  2. score:   old and reference log-probabilities with ``token_logprobs`` (never the
+              generation scores), values, the reward (a reward model's score or a Python
+              function) on the last real token, minus beta * ``kl_penalty`` on every token;
+  3. ``gae`` and ``masked_whiten`` of the advantages;
+  4. ``epochs`` passes over minibatches, each accumulated over micro-batches, with
+     ``ppo_policy_loss`` and ``ppo_value_loss`` normalized by the minibatch's global token
+     count (so the result does not depend on the micro-batch split), an entropy term from
+     ``token_logprobs(..., return_entropy=True)``, and gradient clipping;
+  5. the KL controller update, one JSONL line, checkpoints.
+"""
+
+import json
+import math
+import os
+import random
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import rlhf_kernels as rk
+from rlhf_trainer.models import ScalarHeadModel, build_policy, frozen_copy, position_ids
+from rlhf_trainer.toy import exact_objective, optimal_objective, sequence_logprobs
+
+# The JSONL schema: one object per PPO step with exactly these keys (time_* are wall clock
+# seconds, so they are the only fields that differ between two identical runs).
+LOG_KEYS = [
+    "step", "score_mean", "score_std", "rule_reward_mean",
+    "kl_seq_sum", "kl_token_mean", "kl_estimator", "beta",
+    "entropy", "approx_kl", "clipfrac", "ratio_mean", "ratio_max", "ratio_min", "first_ratio_max_dev",
+    "policy_loss", "value_loss", "vf_clipfrac", "explained_var",
+    "response_length", "eos_rate", "lr",
+    "J", "J_star", "J_rule", "exact_kl",
+    "time_rollout", "time_score", "time_update", "time_eval", "time_step",
+]
+TIME_KEYS = [k for k in LOG_KEYS if k.startswith("time_")]
+
+
+class KLController:
+    """Adaptive KL coefficient in the original units (per-sequence KL sum):
+    e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon. Fixed when not adaptive."""
+
+    def __init__(self, beta, adaptive, target, horizon):
+        self.beta, self.adaptive, self.target, self.horizon = float(beta), adaptive, target, horizon
+
+    def update(self, kl_seq_sum, n):
+        if self.adaptive:
+            e = min(max(kl_seq_sum / self.target - 1.0, -0.2), 0.2)
+            self.beta *= 1.0 + e * n / self.horizon
+
+    def state_dict(self):
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state):
+        self.beta = state["beta"]
+
+
+def response_mask(responses, eos_token_id, stop_at_eos):
+    """True on real response tokens: all of them, or up to and including the first EOS."""
+    if not stop_at_eos:
+        return torch.ones_like(responses, dtype=torch.bool)
+    is_eos = responses == eos_token_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return ~after_eos
+
+
+class PPOTrainer:
+    def __init__(self, cfg, task, reward_model=None, reward_fn=None, run_dir=None, log=print):
+        """reward_model: a ScalarHeadModel read at the last real token; or reward_fn(prompt_ids,
+        responses) -> [B] scores. The exact J is reported for whichever is used."""
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("PPOTrainer: give exactly one of reward_model and reward_fn")
+        self.cfg, self.task, self.log = cfg, task, log
+        self.reward_model, self.reward_fn = reward_model, reward_fn
+        self.run_dir = run_dir
+        p = cfg.ppo
+        self.policy = build_policy(cfg.model, cfg.task)
+        self.ref = frozen_copy(self.policy)
+        self.value = ScalarHeadModel(cfg.model, cfg.task, seed_offset=1)
+        self.opt_policy = torch.optim.Adam(self.policy.parameters(), lr=p.lr)
+        self.opt_value = torch.optim.Adam(self.value.parameters(), lr=p.value_lr)
+        decay = lambda s: max(0.0, 1.0 - s / p.steps)  # noqa: E731 (linear decay over the run)
+        self.sched_policy = torch.optim.lr_scheduler.LambdaLR(self.opt_policy, decay)
+        self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, decay)
+        self.kl_ctl = KLController(p.beta, p.adaptive_kl, p.kl_target, p.kl_horizon)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)    # prompts and minibatch order
+        torch.manual_seed(cfg.seed + 2)                           # generate() samples from the global RNG
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.step = 0
+        self.history = []
+        self._all_scores = None
+        self._ref_logp = None
+
+    # ---------- exact evaluation on the toy task ----------
+    def all_scores(self):
+        """The reward of every (prompt, response) pair: [num_prompts, V**L] (cached)."""
+        if self._all_scores is None:
+            t = self.task
+            R = t.all_responses.shape[0]
+            pid = torch.arange(t.num_prompts).repeat_interleave(R)
+            resp = t.all_responses.repeat(t.num_prompts, 1)
+            with torch.no_grad():
+                s = torch.cat([self._score(pid[i:i + 8192], resp[i:i + 8192]) for i in range(0, len(pid), 8192)])
+            self._all_scores = s.view(t.num_prompts, R)
+            self._rule_all = t.rule_reward(pid, resp).view(t.num_prompts, R)
+            self._ref_logp = sequence_logprobs(self.ref, t.prompts.repeat_interleave(R, 0), resp).view(
+                t.num_prompts, R)
+        return self._all_scores
+
+    def evaluate(self):
+        """Exact J of the current policy, J*, and the policy's mean hidden-rule reward."""
+        scores = self.all_scores()
+        beta = self.cfg.ppo.beta  # J is defined with the configured beta (the initial one if adaptive)
+        res = exact_objective(self.task, self.policy, self._ref_logp, scores, beta)
+        return {"J": res["J"], "J_star": optimal_objective(self._ref_logp, scores, beta),
+                "J_rule": (res["probs"] * self._rule_all.double()).sum(-1).mean().item(), "exact_kl": res["kl"]}
+
+    # ---------- one PPO step ----------
+    def _score(self, prompt_ids, responses):
+        if self.reward_fn is not None:
+            return self.reward_fn(prompt_ids, responses).float()
+        ids = torch.cat([self.task.prompts[prompt_ids], responses], 1)
+        mask = torch.cat([torch.ones_like(self.task.prompts[prompt_ids], dtype=torch.bool),
+                          response_mask(responses, self.cfg.task.eos_token_id, self.cfg.task.stop_at_eos)], 1)
+        return self.reward_model.score(ids, mask.long())
+
+    def _policy_forward(self, prompts, responses, mask, with_entropy=False):
+        """log-probabilities (and entropies) of the response tokens: [B, L]."""
+        P = prompts.shape[1]
+        ids = torch.cat([prompts, responses], 1)
+        attn = torch.cat([torch.ones_like(prompts), mask.long()], 1)
+        logits = self.policy(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits[:, P - 1:-1]
+        labels = responses.masked_fill(~mask, -100)
+        return rk.token_logprobs(logits, labels, temperature=self.cfg.ppo.temperature, return_entropy=with_entropy)
+
+    def _values(self, prompts, responses, mask):
+        P = prompts.shape[1]
+        ids = torch.cat([prompts, responses], 1)
+        attn = torch.cat([torch.ones_like(prompts), mask.long()], 1)
+        return self.value(ids, attn)[:, P - 1:-1]
+
+    def rollout(self):
+        p, t = self.cfg.ppo, self.task
+        prompt_ids = torch.randint(0, t.num_prompts, (p.rollout_batch,), generator=self.gen)
+        prompts = t.prompts[prompt_ids]
+        with torch.no_grad():
+            out = self.policy.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                       max_new_tokens=t.cfg.response_len, min_new_tokens=0, top_k=0, top_p=1.0,
+                                       temperature=p.temperature)
+        responses = out[:, prompts.shape[1]:]
+        L = t.cfg.response_len
+        if responses.shape[1] < L:   # every row stopped at EOS early: pad to L
+            pad = torch.full((responses.shape[0], L - responses.shape[1]), t.cfg.pad_token_id)
+            responses = torch.cat([responses, pad], 1)
+        return prompt_ids, prompts, responses
+
+    def score_rollout(self, prompt_ids, prompts, responses):
+        p, tc = self.cfg.ppo, self.cfg.task
+        mask = response_mask(responses, tc.eos_token_id, tc.stop_at_eos)
+        mb = p.micro_batch
+        with torch.no_grad():
+            # the same micro-batch split as the first epoch, so the first ratios are exactly 1
+            old_logp = torch.cat([self._policy_forward(prompts[i:i + mb], responses[i:i + mb], mask[i:i + mb])
+                                  for i in range(0, len(prompts), mb)])
+            ref_logp = torch.cat([self._ref_logprobs(prompts[i:i + mb], responses[i:i + mb], mask[i:i + mb])
+                                  for i in range(0, len(prompts), mb)])
+            old_values = torch.cat([self._values(prompts[i:i + mb], responses[i:i + mb], mask[i:i + mb])
+                                    for i in range(0, len(prompts), mb)])
+            score = self._score(prompt_ids, responses)
+            has_eos = (responses == tc.eos_token_id).any(-1)
+            if tc.stop_at_eos and p.missing_eos_penalty is not None:
+                score = score + torch.where(has_eos, 0.0, p.missing_eos_penalty)
+            kl = rk.kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
+            rewards = -self.kl_ctl.beta * kl
+            last = mask.long().sum(-1) - 1                      # the last real response token
+            rewards[torch.arange(len(last)), last] += score
+            adv, returns = rk.gae(rewards, old_values, mask, gamma=p.gamma, lam=p.lam)
+            if p.whiten_advantages:
+                adv = rk.masked_whiten(adv, mask)
+        return {"prompt_ids": prompt_ids, "prompts": prompts, "responses": responses, "mask": mask,
+                "rewards": rewards, "old_logp": old_logp, "ref_logp": ref_logp, "old_values": old_values, "score": score,
+                "kl": kl, "advantages": adv, "returns": returns, "has_eos": has_eos}
+
+    def _ref_logprobs(self, prompts, responses, mask):
+        P = prompts.shape[1]
+        ids = torch.cat([prompts, responses], 1)
+        attn = torch.cat([torch.ones_like(prompts), mask.long()], 1)
+        logits = self.ref(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits[:, P - 1:-1]
+        return rk.token_logprobs(logits, responses.masked_fill(~mask, -100), temperature=self.cfg.ppo.temperature)
+
+    def update(self, batch):
+        p = self.cfg.ppo
+        n = p.rollout_batch
+        acc = {k: [] for k in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "ratio_mean", "vf_clipfrac",
+                               "explained_var", "entropy")}
+        ratio_max, ratio_min, first_dev = -math.inf, math.inf, None
+        for epoch in range(p.epochs):
+            # the rollout order is already random (prompts are sampled); later epochs reshuffle
+            order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=self.gen)
+            for s in range(0, n, p.minibatch):
+                idx = order[s:s + p.minibatch]
+                num_tokens = batch["mask"][idx].sum()             # global normalizer of the minibatch
+                self.opt_policy.zero_grad()
+                self.opt_value.zero_grad()
+                for m0 in range(0, p.minibatch, p.micro_batch):
+                    j = idx[m0:m0 + p.micro_batch]
+                    mask = batch["mask"][j]
+                    logp, entropy = self._policy_forward(batch["prompts"][j], batch["responses"][j], mask, True)
+                    pg, st = rk.ppo_policy_loss(logp, batch["old_logp"][j], batch["advantages"][j], mask,
+                                                clip_low=p.clip_low, clip_high=p.clip_high, dual_clip=p.dual_clip,
+                                                loss_agg=p.loss_agg, num_tokens=num_tokens)
+                    ent = (entropy * mask).sum() / num_tokens
+                    values = self._values(batch["prompts"][j], batch["responses"][j], mask)
+                    vf, vst = rk.ppo_value_loss(values, batch["old_values"][j], batch["returns"][j], mask,
+                                                clip=p.value_clip, loss_agg=p.loss_agg, num_tokens=num_tokens)
+                    (pg - p.entropy_coef * ent + vf).backward()
+                    if epoch == 0 and s == 0:   # the first minibatch: the policy has not moved yet
+                        dev = (torch.exp(logp.detach() - batch["old_logp"][j])[mask] - 1).abs().max().item()
+                        first_dev = dev if first_dev is None else max(first_dev, dev)
+                    w = mask.sum().item() / max(num_tokens.item(), 1)
+                    acc["policy_loss"].append(pg.item())
+                    acc["value_loss"].append(vf.item())
+                    acc["entropy"].append(ent.item())
+                    for k in ("approx_kl", "clipfrac", "ratio_mean"):
+                        acc[k].append(st[k].item() * w)
+                    acc["vf_clipfrac"].append(vst["vf_clipfrac"].item() * w)
+                    acc["explained_var"].append(vst["explained_var"].item())
+                    ratio_max = max(ratio_max, st["ratio_max"].item())
+                    ratio_min = min(ratio_min, st["ratio_min"].item())
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.value.parameters(), p.max_grad_norm)
+                self.opt_policy.step()
+                self.opt_value.step()
+        steps = p.epochs * (n // p.minibatch)
+        out = {k: sum(v) / steps for k, v in acc.items() if k in ("approx_kl", "clipfrac", "ratio_mean",
+                                                                  "vf_clipfrac")}
+        out.update({k: sum(acc[k]) / steps for k in ("policy_loss", "value_loss", "entropy")})
+        out["explained_var"] = sum(acc["explained_var"]) / len(acc["explained_var"])
+        out.update(ratio_max=ratio_max, ratio_min=ratio_min, first_ratio_max_dev=first_dev)
+        return out
+
+    def train_step(self, evaluate=False):
+        p = self.cfg.ppo
+        t0 = time.perf_counter()
+        prompt_ids, prompts, responses = self.rollout()
+        t1 = time.perf_counter()
+        batch = self.score_rollout(prompt_ids, prompts, responses)
+        t2 = time.perf_counter()
+        beta_used = self.kl_ctl.beta
+        stats = self.update(batch)
+        self.sched_policy.step()
+        self.sched_value.step()
+        t3 = time.perf_counter()
+        mask = batch["mask"]
+        kl_seq = batch["kl"].sum(-1).mean().item()
+        self.kl_ctl.update(kl_seq, p.rollout_batch)
+        self.step += 1
+        ev = self.evaluate() if evaluate else {"J": None, "J_star": None, "J_rule": None, "exact_kl": None}
+        t4 = time.perf_counter()
+        row = {
+            "step": self.step,
+            "score_mean": batch["score"].mean().item(), "score_std": batch["score"].std().item(),
+            "rule_reward_mean": self.task.rule_reward(prompt_ids, responses).mean().item(),
+            "kl_seq_sum": kl_seq, "kl_token_mean": (batch["kl"].sum() / mask.sum()).item(),
+            "kl_estimator": p.kl_estimator, "beta": beta_used,
+            "entropy": stats["entropy"], "approx_kl": stats["approx_kl"], "clipfrac": stats["clipfrac"],
+            "ratio_mean": stats["ratio_mean"], "ratio_max": stats["ratio_max"], "ratio_min": stats["ratio_min"],
+            "first_ratio_max_dev": stats["first_ratio_max_dev"],
+            "policy_loss": stats["policy_loss"], "value_loss": stats["value_loss"],
+            "vf_clipfrac": stats["vf_clipfrac"], "explained_var": stats["explained_var"],
+            "response_length": mask.sum(-1).float().mean().item(),
+            "eos_rate": batch["has_eos"].float().mean().item(), "lr": self.sched_policy.get_last_lr()[0],
+            **ev,
+            "time_rollout": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2, "time_eval": t4 - t3,
+            "time_step": t4 - t0,
+        }
+        assert list(row) == LOG_KEYS
+        if row["approx_kl"] > p.approx_kl_warn:
+            warnings.warn("step %d: approx_kl %.3f > %.3f: the policy moves too far per step (lower the lr or "
+                          "the epochs)" % (self.step, row["approx_kl"], p.approx_kl_warn), RuntimeWarning)
+        if row["kl_seq_sum"] > p.kl_warn:
+            warnings.warn("step %d: KL to the reference %.2f per sequence > %.2f: raise beta or use the adaptive "
+                          "controller" % (self.step, row["kl_seq_sum"], p.kl_warn), RuntimeWarning)
+        self.history.append(row)
+        if self.run_dir:
+            with open(os.path.join(self.run_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    # ---------- checkpoints ----------
+    def state_dict(self):
+        return {
+            "step": self.step, "policy": self.policy.state_dict(), "value": self.value.state_dict(),
+            "opt_policy": self.opt_policy.state_dict(), "opt_value": self.opt_value.state_dict(),
+            "sched_policy": self.sched_policy.state_dict(), "sched_value": self.sched_value.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(), "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "history": self.history,
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self, path):
+        tmp = path + ".tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)   # never leave a half-written checkpoint
+
+    def load(self, path):
+        s = torch.load(path, weights_only=False)
+        if s["config"] != self.cfg.to_dict():
+            raise ValueError("checkpoint %s was written with another configuration" % path)
+        self.step = s["step"]
+        self.policy.load_state_dict(s["policy"])
+        self.value.load_state_dict(s["value"])
+        self.opt_policy.load_state_dict(s["opt_policy"])
+        self.opt_value.load_state_dict(s["opt_value"])
+        self.sched_policy.load_state_dict(s["sched_policy"])
+        self.sched_value.load_state_dict(s["sched_value"])
+        self.kl_ctl.load_state_dict(s["kl_ctl"])
+        self.gen.set_state(s["gen"])
+        torch.set_rng_state(s["torch_rng"])
+        random.setstate(s["python_rng"])
+        np.random.set_state(s["numpy_rng"])
+        self.history = s["history"]
+        if self.run_dir:   # the log holds exactly the checkpoint's steps, so a resumed run appends cleanly
+            with open(os.path.join(self.run_dir, "log.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)

@@ -18,13 +18,15 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "rlhf/logprobs.h"
 #include "rlhf/logprobs_checks.h"
 
-// The hot loops get an AVX2+FMA clone chosen at load time (the build targets baseline x86-64).
+// The hot loops get an AVX2 clone chosen at load time by CPU feature (the build targets
+// baseline x86-64). Not "arch=haswell": that clone is picked by CPU model, so AMD never gets it.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RLHF_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define RLHF_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define RLHF_CPU_CLONES
 #endif
@@ -33,25 +35,59 @@ namespace rlhf {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // floats per chunk buffer: 8 KiB, stays in L1
-constexpr int kLanes = 16;        // independent accumulators: the loops vectorize without -ffast-math
 
 // exp(x) for x <= 0 (and NaN): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, a degree-6
 // polynomial for exp(r) (relative error ~2e-7), 2^k from the exponent bits. Below -87 the
-// result is 0 (exp(-inf) = 0, as a -inf logit needs). Written branch-free so loops vectorize.
-inline float exp_nonpos(float x) {
-  const float xc = x < -87.f ? -87.f : x;  // NaN stays NaN (the comparison is false)
-  const float kf = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  const float r = (xc - kf * 0.693359375f) + kf * 2.12194440e-4f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-  const float y = p * std::bit_cast<float>(bits);
-  return x < -87.f ? 0.f : y;
+// result is 0 (exp(-inf) = 0, as a -inf logit needs); NaN stays NaN (comparisons are false).
+// One body for scalars (F = float, I = int32_t) and 8-lane vectors (F = VecF, I = VecI).
+// GCC vector extensions: 8 floats, one AVX2 register (two SSE registers in the baseline clone).
+// Explicit vectors because GCC does not vectorize float reductions without -ffast-math.
+// (The helpers are always inlined, so the -Wpsabi note about passing 32-byte vectors is moot.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float VecF __attribute__((vector_size(32)));
+typedef int32_t VecI __attribute__((vector_size(32)));
+constexpr int kW = 8;
+
+template <typename F>
+__attribute__((always_inline)) inline F splat(float x) {
+  return F{} + x;
+}
+
+template <typename F, typename I>
+__attribute__((always_inline)) inline F exp_nonpos_t(F x) {
+  const F lo = splat<F>(-87.f);
+  const F xc = x < lo ? lo : x;
+  const F kf = (xc * splat<F>(1.44269504088896341f) + splat<F>(12582912.f)) - splat<F>(12582912.f);
+  const F r = (xc - kf * splat<F>(0.693359375f)) + kf * splat<F>(2.12194440e-4f);
+  F p = splat<F>(1.f / 720.f);
+  p = p * r + splat<F>(1.f / 120.f);
+  p = p * r + splat<F>(1.f / 24.f);
+  p = p * r + splat<F>(1.f / 6.f);
+  p = p * r + splat<F>(0.5f);
+  p = p * r + splat<F>(1.f);
+  p = p * r + splat<F>(1.f);
+  F scale;
+  if constexpr (std::is_same_v<F, float>) {
+    scale = std::bit_cast<float>((static_cast<int32_t>(kf) + 127) << 23);
+  } else {
+    scale = reinterpret_cast<F>((__builtin_convertvector(kf, I) + 127) << 23);
+  }
+  return x < lo ? splat<F>(0.f) : p * scale;
+}
+
+inline float exp_nonpos(float x) { return exp_nonpos_t<float, int32_t>(x); }
+__attribute__((always_inline)) inline VecF exp_nonpos(VecF x) { return exp_nonpos_t<VecF, VecI>(x); }
+
+__attribute__((always_inline)) inline VecF load8(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline void store8(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+__attribute__((always_inline)) inline float lane_sum(VecF v) {  // fixed order: deterministic
+  float s = 0.f;
+  for (int k = 0; k < kW; ++k) s += v[k];
+  return s;
 }
 
 template <typename T>
@@ -65,31 +101,32 @@ void store(const float* in, int64_t n, T* out) {
 }
 
 RLHF_CPU_CLONES float max_of(const float* s, int64_t n) {
-  float lane[kLanes];
-  for (int k = 0; k < kLanes; ++k) lane[k] = -INFINITY;
+  VecF m8 = splat<VecF>(-INFINITY);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) lane[k] = s[i + k] > lane[k] ? s[i + k] : lane[k];
+  for (; i + kW <= n; i += kW) {
+    const VecF x = load8(s + i);
+    m8 = x > m8 ? x : m8;
+  }
   float m = -INFINITY;
-  for (int k = 0; k < kLanes; ++k) m = lane[k] > m ? lane[k] : m;
+  for (int k = 0; k < kW; ++k) m = m8[k] > m ? m8[k] : m;
   for (; i < n; ++i) m = s[i] > m ? s[i] : m;
   return m;
 }
 
-// Chunk statistics relative to the chunk's max m: d = sum e, w = sum e (s - m).
+// Chunk statistics relative to the chunk's max m: d = sum e, w = sum e (s - m)
+// (softmax_stats_add of rlhf/logprobs.h, eight lanes at a time).
 RLHF_CPU_CLONES SoftmaxStats chunk_softmax_stats(const float* s, int64_t n) {
   const float m = max_of(s, n);
   if (m == -INFINITY) return softmax_stats_empty();  // all -inf: contributes nothing
-  float d[kLanes] = {}, w[kLanes] = {};
+  const VecF mv = splat<VecF>(m), zero = splat<VecF>(0.f);
+  VecF d = zero, w = zero;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) {
-      const float x = s[i + k] - m, e = exp_nonpos(x);
-      d[k] += e;
-      w[k] += e > 0.f ? e * x : 0.f;
-    }
-  SoftmaxStats st = {m, 0.f, 0.f};
-  for (int k = 0; k < kLanes; ++k) { st.d += d[k]; st.w += w[k]; }
+  for (; i + kW <= n; i += kW) {
+    const VecF x = load8(s + i) - mv, e = exp_nonpos(x);
+    d += e;
+    w += e > zero ? e * x : zero;
+  }
+  SoftmaxStats st = {m, lane_sum(d), lane_sum(w)};
   for (; i < n; ++i) softmax_stats_add(st, s[i], exp_nonpos(s[i] - m));
   return st;
 }
@@ -99,35 +136,52 @@ RLHF_CPU_CLONES SoftmaxStats chunk_softmax_stats(const float* s, int64_t n) {
 RLHF_CPU_CLONES KlStats chunk_kl_stats(const float* s, const float* r, int64_t n) {
   const float m = max_of(s, n), mr = max_of(r, n);
   const float ms = m == -INFINITY ? 0.f : m, mrs = mr == -INFINITY ? 0.f : mr;
-  float d[kLanes] = {}, w[kLanes] = {}, dr[kLanes] = {};
+  const VecF msv = splat<VecF>(ms), mrv = splat<VecF>(mrs), zero = splat<VecF>(0.f);
+  VecF d = zero, w = zero, dr = zero;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) {
-      const float e = exp_nonpos(s[i + k] - ms), er = exp_nonpos(r[i + k] - mrs);
-      d[k] += e;
-      w[k] += e > 0.f ? e * (s[i + k] - r[i + k]) : 0.f;
-      dr[k] += er;
-    }
-  KlStats st = {m, 0.f, 0.f, mr, 0.f};
-  for (int k = 0; k < kLanes; ++k) { st.d += d[k]; st.w += w[k]; st.dr += dr[k]; }
+  for (; i + kW <= n; i += kW) {
+    const VecF x = load8(s + i), y = load8(r + i);
+    const VecF e = exp_nonpos(x - msv);
+    d += e;
+    w += e > zero ? e * (x - y) : zero;
+    dr += exp_nonpos(y - mrv);
+  }
+  KlStats st = {m, lane_sum(d), lane_sum(w), mr, lane_sum(dr)};
   for (; i < n; ++i) kl_stats_add(st, s[i], r[i], exp_nonpos(s[i] - ms), exp_nonpos(r[i] - mrs));
   return st;
 }
 
-// In place: s_j -> dz_j = ds_j / T (without the label's one-hot term).
+// In place: s_j -> dz_j = ds_j / T without the label's one-hot term
+// (logprob_entropy_grad of rlhf/logprobs.h, eight lanes at a time).
 RLHF_CPU_CLONES void chunk_logprob_grad(float* s, int64_t n, float m, float log_d, float entropy, float g_logp,
                                         float g_entropy, float inv_t) {
-  for (int64_t i = 0; i < n; ++i) {
+  const VecF mv = splat<VecF>(m), ldv = splat<VecF>(log_d), hv = splat<VecF>(entropy), zero = splat<VecF>(0.f);
+  const VecF glv = splat<VecF>(g_logp), ghv = splat<VecF>(g_entropy), itv = splat<VecF>(inv_t);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const VecF lp = (load8(s + i) - mv) - ldv, p = exp_nonpos(lp);
+    const VecF g = p > zero ? -p * (glv + ghv * (lp + hv)) : zero;
+    store8(s + i, g * itv);
+  }
+  for (; i < n; ++i) {
     const float lp = log_prob(s[i], m, log_d);
     s[i] = logprob_entropy_grad(lp, exp_nonpos(lp), g_logp, g_entropy, entropy) * inv_t;
   }
 }
 
-// In place: s_j -> dz_j = g dKL/ds_j / T.
+// In place: s_j -> dz_j = g dKL/ds_j / T (full_kl_grad of rlhf/logprobs.h, eight lanes at a time).
 RLHF_CPU_CLONES void chunk_kl_grad(float* s, const float* r, int64_t n, const float* st, float kl, float g,
                                    float inv_t) {
   const float m = st[0], log_d = st[1], mr = st[2], log_dr = st[3];
-  for (int64_t i = 0; i < n; ++i) {
+  const VecF mv = splat<VecF>(m), ldv = splat<VecF>(log_d), mrv = splat<VecF>(mr), ldrv = splat<VecF>(log_dr);
+  const VecF klv = splat<VecF>(kl), gv = splat<VecF>(g), itv = splat<VecF>(inv_t), zero = splat<VecF>(0.f);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const VecF lp = (load8(s + i) - mv) - ldv, lq = (load8(r + i) - mrv) - ldrv, p = exp_nonpos(lp);
+    const VecF d = p > zero ? gv * p * (lp - lq - klv) : zero;
+    store8(s + i, d * itv);
+  }
+  for (; i < n; ++i) {
     const float lp = log_prob(s[i], m, log_d);
     s[i] = full_kl_grad(lp, log_prob(r[i], mr, log_dr), exp_nonpos(lp), g, kl) * inv_t;
   }

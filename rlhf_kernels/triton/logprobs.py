@@ -64,9 +64,12 @@ def _logprobs_fwd_kernel(
     if HAS_LABELS:
         y = tl.load(labels_ptr + row).to(tl.int64)
         valid = y != ignore_index
-        s_y = tl.load(base + y, mask=valid, other=0.0).to(tl.float32) * inv_t
-        tl.store(logp_ptr + row, tl.where(valid, (s_y - m) - log_d, 0.0))
-        tl.store(ent_ptr + row, tl.where(valid, h, 0.0))
+        # the Python API rejects bad labels; one that gets here anyway gives NaN, never a wild read
+        in_range = (y >= 0) & (y < V)
+        s_y = tl.load(base + y, mask=valid & in_range, other=0.0).to(tl.float32) * inv_t
+        logp = tl.where(in_range, (s_y - m) - log_d, float("nan"))
+        tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+        tl.store(ent_ptr + row, tl.where(valid, tl.where(in_range, h, float("nan")), 0.0))
     else:
         tl.store(ent_ptr + row, h)
 
@@ -91,7 +94,7 @@ def _logprobs_bwd_kernel(
     y = -1
     if HAS_LABELS:
         y = tl.load(labels_ptr + row).to(tl.int64)
-        keep = y != ignore_index
+        keep = (y != ignore_index) & (y >= 0) & (y < V)
     gl = 0.0
     if HAS_GLOGP:
         gl = tl.load(glogp_ptr + row)

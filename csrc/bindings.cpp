@@ -15,6 +15,19 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def("gae_packed(Tensor rewards, Tensor values, Tensor cu_seqlens, Tensor? last_values, Tensor? mask,"
         " float gamma, float lam) -> (Tensor, Tensor)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
+  // logprobs family: logits [N, V] float32/float16/bfloat16 contiguous, labels [N] int64/int32;
+  // per-row outputs float32 [N]; saved softmax statistics float32 [N, 2] = (max, log sum exp(s - max))
+  // ([N, 4] with the reference's for full_kl); gradients in the logits' dtype.
+  m.def("token_logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index)"
+        " -> (Tensor logp, Tensor entropy, Tensor stats)");
+  m.def("token_entropy_fwd(Tensor logits, float temperature) -> (Tensor entropy, Tensor stats)");
+  m.def("logprobs_bwd(Tensor logits, Tensor? labels, Tensor? grad_logp, Tensor? grad_entropy, Tensor stats,"
+        " Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  m.def("logprobs_bwd_inplace(Tensor(a!) logits, Tensor? labels, Tensor? grad_logp, Tensor? grad_entropy,"
+        " Tensor stats, Tensor entropy, float temperature, int ignore_index) -> ()");
+  m.def("full_kl_fwd(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor kl, Tensor stats)");
+  m.def("full_kl_bwd(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor kl, Tensor stats,"
+        " float temperature) -> Tensor");
 }
 
 namespace {

@@ -9,8 +9,10 @@ __version__ = "0.1.0"
 
 from rlhf_kernels._backend import BACKENDS, BackendUnavailable, available as available_backends
 from rlhf_kernels.ops.gae import gae, gae_packed, masked_whiten
+from rlhf_kernels.ops.logprobs import full_kl, kl_penalty, token_entropy, token_logprobs
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "available_backends",
     "gae", "gae_packed", "masked_whiten",
+    "token_logprobs", "token_entropy", "kl_penalty", "full_kl",
 ]

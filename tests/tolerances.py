@@ -8,3 +8,20 @@ Outputs are float32; references run in float64 on the same (upcast) inputs.
 # the output's own rounding: a few ulps relative to the magnitude of the row.
 GAE_RTOL = 1e-6
 GAE_ATOL = 1e-6
+
+# logprobs family. Forward outputs are float32 statistics of the float64-exact inputs:
+# the bound, 1e-4 absolute vs float64 for logp, entropy and full KL, in every dtype
+# (the inputs are upcast to float64 for the reference, so the dtype adds no error here).
+LOGPROB_ATOL = 1e-4
+# ...plus the rounding of the float32 output itself: logp of a token far below the max can
+# be -4e4 (logits near 1e4), where one float32 ulp is 4e-3. Two ulps of the exact value.
+LOGPROB_OUTPUT_ULPS = 2
+# Around V = 262144 float32 sums of ~2.6e5 terms can miss 1e-4; there the bound is twice
+# PyTorch's own float32 error, but never tighter than LOGPROB_ATOL.
+LOGPROB_TORCH_ERR_FACTOR = 2.0
+# Gradients: no worse than twice PyTorch's own error in that dtype (its reference run in
+# the low dtype vs float64)...
+GRAD_TORCH_ERR_FACTOR = 2.0
+# ...plus the rounding of the stored gradient itself: a few ulps of the largest entry in
+# the output dtype (PyTorch's own error can be 0 by luck on tiny cases).
+GRAD_ULPS = 4

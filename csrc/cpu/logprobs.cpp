@@ -1,0 +1,445 @@
+// Token log-probabilities, entropy and full-vocabulary KL on the CPU.
+//
+// Rows are independent and run in parallel (at::parallel_for). A row is walked in
+// chunks of kChunk entries: each chunk is converted to float and scaled by 1/T into
+// an L1-resident buffer, reduced by vectorizable loops (16 independent lanes, a
+// polynomial exp), and merged into the row's running statistics (rlhf/logprobs.h).
+// The forward reads the logits once; the backward reads them once and writes the
+// gradient once, chunk by chunk, so writing over the logits (inplace) is safe.
+// The result of a row does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+#include "rlhf/logprobs.h"
+#include "rlhf/logprobs_checks.h"
+
+// The hot loops get an AVX2 clone chosen at load time by CPU feature (the build targets
+// baseline x86-64). Not "arch=haswell": that clone is picked by CPU model, so AMD never gets it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RLHF_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define RLHF_CPU_CLONES
+#endif
+
+namespace rlhf {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // floats per chunk buffer: 8 KiB, stays in L1
+
+// exp(x) for x <= 0 (and NaN): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, a degree-6
+// polynomial for exp(r) (relative error ~2e-7), 2^k from the exponent bits. Below -87 the
+// result is 0 (exp(-inf) = 0, as a -inf logit needs); NaN stays NaN (comparisons are false).
+// One body for scalars (F = float, I = int32_t) and 8-lane vectors (F = VecF, I = VecI).
+// GCC vector extensions: 8 floats, one AVX2 register (two SSE registers in the baseline clone).
+// Explicit vectors because GCC does not vectorize float reductions without -ffast-math.
+// (The helpers are always inlined, so the -Wpsabi note about passing 32-byte vectors is moot.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float VecF __attribute__((vector_size(32)));
+typedef int32_t VecI __attribute__((vector_size(32)));
+constexpr int kW = 8;
+
+template <typename F>
+__attribute__((always_inline)) inline F splat(float x) {
+  return F{} + x;
+}
+
+template <typename F, typename I>
+__attribute__((always_inline)) inline F exp_nonpos_t(F x) {
+  const F lo = splat<F>(-87.f);
+  const F xc = x < lo ? lo : x;
+  const F kf = (xc * splat<F>(1.44269504088896341f) + splat<F>(12582912.f)) - splat<F>(12582912.f);
+  const F r = (xc - kf * splat<F>(0.693359375f)) + kf * splat<F>(2.12194440e-4f);
+  F p = splat<F>(1.f / 720.f);
+  p = p * r + splat<F>(1.f / 120.f);
+  p = p * r + splat<F>(1.f / 24.f);
+  p = p * r + splat<F>(1.f / 6.f);
+  p = p * r + splat<F>(0.5f);
+  p = p * r + splat<F>(1.f);
+  p = p * r + splat<F>(1.f);
+  F scale;
+  if constexpr (std::is_same_v<F, float>) {
+    scale = std::bit_cast<float>((static_cast<int32_t>(kf) + 127) << 23);
+  } else {
+    scale = reinterpret_cast<F>((__builtin_convertvector(kf, I) + 127) << 23);
+  }
+  return x < lo ? splat<F>(0.f) : p * scale;
+}
+
+inline float exp_nonpos(float x) { return exp_nonpos_t<float, int32_t>(x); }
+__attribute__((always_inline)) inline VecF exp_nonpos(VecF x) { return exp_nonpos_t<VecF, VecI>(x); }
+
+__attribute__((always_inline)) inline VecF load8(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline void store8(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+__attribute__((always_inline)) inline float lane_sum(VecF v) {  // fixed order: deterministic
+  float s = 0.f;
+  for (int k = 0; k < kW; ++k) s += v[k];
+  return s;
+}
+
+template <typename T>
+void load_scaled(const T* z, int64_t n, float inv_t, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(z[i]) * inv_t;
+}
+
+template <typename T>
+void store(const float* in, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(in[i]);
+}
+
+RLHF_CPU_CLONES float max_of(const float* s, int64_t n) {
+  VecF m8 = splat<VecF>(-INFINITY);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const VecF x = load8(s + i);
+    m8 = x > m8 ? x : m8;
+  }
+  float m = -INFINITY;
+  for (int k = 0; k < kW; ++k) m = m8[k] > m ? m8[k] : m;
+  for (; i < n; ++i) m = s[i] > m ? s[i] : m;
+  return m;
+}
+
+// Chunk statistics relative to the chunk's max m: d = sum e, w = sum e (s - m)
+// (softmax_stats_add of rlhf/logprobs.h, eight lanes at a time).
+RLHF_CPU_CLONES SoftmaxStats chunk_softmax_stats(const float* s, int64_t n) {
+  const float m = max_of(s, n);
+  if (m == -INFINITY) return softmax_stats_empty();  // all -inf: contributes nothing
+  const VecF mv = splat<VecF>(m), zero = splat<VecF>(0.f);
+  VecF d = zero, w = zero;
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const VecF x = load8(s + i) - mv, e = exp_nonpos(x);
+    d += e;
+    w += e > zero ? e * x : zero;
+  }
+  SoftmaxStats st = {m, lane_sum(d), lane_sum(w)};
+  for (; i < n; ++i) softmax_stats_add(st, s[i], exp_nonpos(s[i] - m));
+  return st;
+}
+
+// A chunk whose s (or r) is all -inf is measured against 0 instead of its max: its exps are
+// then exactly 0 and its d (or d_r) is 0, which the merge treats as "nothing seen".
+RLHF_CPU_CLONES KlStats chunk_kl_stats(const float* s, const float* r, int64_t n) {
+  const float m = max_of(s, n), mr = max_of(r, n);
+  const float ms = m == -INFINITY ? 0.f : m, mrs = mr == -INFINITY ? 0.f : mr;
+  const VecF msv = splat<VecF>(ms), mrv = splat<VecF>(mrs), zero = splat<VecF>(0.f);
+  VecF d = zero, w = zero, dr = zero;
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const VecF x = load8(s + i), y = load8(r + i);
+    const VecF e = exp_nonpos(x - msv);
+    d += e;
+    w += e > zero ? e * (x - y) : zero;
+    dr += exp_nonpos(y - mrv);
+  }
+  KlStats st = {m, lane_sum(d), lane_sum(w), mr, lane_sum(dr)};
+  for (; i < n; ++i) kl_stats_add(st, s[i], r[i], exp_nonpos(s[i] - ms), exp_nonpos(r[i] - mrs));
+  return st;
+}
+
+// In place: s_j -> dz_j = ds_j / T without the label's one-hot term
+// (logprob_entropy_grad of rlhf/logprobs.h, eight lanes at a time).
+RLHF_CPU_CLONES void chunk_logprob_grad(float* s, int64_t n, float m, float log_d, float entropy, float g_logp,
+                                        float g_entropy, float inv_t) {
+  const VecF mv = splat<VecF>(m), ldv = splat<VecF>(log_d), hv = splat<VecF>(entropy), zero = splat<VecF>(0.f);
+  const VecF glv = splat<VecF>(g_logp), ghv = splat<VecF>(g_entropy), itv = splat<VecF>(inv_t);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const VecF lp = (load8(s + i) - mv) - ldv, p = exp_nonpos(lp);
+    const VecF g = p > zero ? -p * (glv + ghv * (lp + hv)) : zero;
+    store8(s + i, g * itv);
+  }
+  for (; i < n; ++i) {
+    const float lp = log_prob(s[i], m, log_d);
+    s[i] = logprob_entropy_grad(lp, exp_nonpos(lp), g_logp, g_entropy, entropy) * inv_t;
+  }
+}
+
+// In place: s_j -> dz_j = g dKL/ds_j / T (full_kl_grad of rlhf/logprobs.h, eight lanes at a time).
+RLHF_CPU_CLONES void chunk_kl_grad(float* s, const float* r, int64_t n, const float* st, float kl, float g,
+                                   float inv_t) {
+  const float m = st[0], log_d = st[1], mr = st[2], log_dr = st[3];
+  const VecF mv = splat<VecF>(m), ldv = splat<VecF>(log_d), mrv = splat<VecF>(mr), ldrv = splat<VecF>(log_dr);
+  const VecF klv = splat<VecF>(kl), gv = splat<VecF>(g), itv = splat<VecF>(inv_t), zero = splat<VecF>(0.f);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const VecF lp = (load8(s + i) - mv) - ldv, lq = (load8(r + i) - mrv) - ldrv, p = exp_nonpos(lp);
+    const VecF d = p > zero ? gv * p * (lp - lq - klv) : zero;
+    store8(s + i, d * itv);
+  }
+  for (; i < n; ++i) {
+    const float lp = log_prob(s[i], m, log_d);
+    s[i] = full_kl_grad(lp, log_prob(r[i], mr, log_dr), exp_nonpos(lp), g, kl) * inv_t;
+  }
+}
+
+int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+// Labels outside [0, V) other than ignore_index: the first one found is reported.
+struct BadLabel {
+  std::atomic<bool> found{false};
+  std::atomic<int64_t> row{0}, value{0};
+  void note(int64_t r, int64_t v) {
+    bool expected = false;
+    if (found.compare_exchange_strong(expected, true)) { row = r; value = v; }
+  }
+};
+
+template <typename T, typename L>
+void logprobs_forward_rows(const T* z, const L* labels, int64_t N, int64_t V, float inv_t, int64_t ignore_index,
+                           float* logp, float* entropy, float* stats, BadLabel& bad) {
+  at::parallel_for(0, N, grain(V), [&](int64_t r0, int64_t r1) {
+    alignas(64) float buf[kChunk];
+    for (int64_t row = r0; row < r1; ++row) {
+      const T* zr = z + row * V;
+      SoftmaxStats st = softmax_stats_empty();
+      for (int64_t c = 0; c < V; c += kChunk) {
+        const int64_t n = std::min(kChunk, V - c);
+        load_scaled(zr + c, n, inv_t, buf);
+        st = softmax_stats_merge(st, chunk_softmax_stats(buf, n));
+      }
+      stats[2 * row] = st.m;
+      stats[2 * row + 1] = logf(st.d);
+      const float h = softmax_entropy(st);
+      if (labels == nullptr) {
+        entropy[row] = h;
+        continue;
+      }
+      const int64_t y = static_cast<int64_t>(labels[row]);
+      if (y == ignore_index) {
+        logp[row] = 0.f;
+        entropy[row] = 0.f;
+      } else if (y < 0 || y >= V) {
+        bad.note(row, y);
+        logp[row] = NAN;
+        entropy[row] = NAN;
+      } else {
+        logp[row] = softmax_logprob(st, static_cast<float>(zr[y]) * inv_t);
+        entropy[row] = h;
+      }
+    }
+  });
+}
+
+// grad may alias z (inplace): each chunk is read into the buffer before it is written.
+template <typename T, typename L>
+void logprobs_backward_rows(const T* z, const L* labels, const float* g_logp, const float* g_entropy,
+                            const float* stats, const float* entropy, int64_t N, int64_t V, float inv_t,
+                            int64_t ignore_index, T* grad) {
+  at::parallel_for(0, N, grain(V), [&](int64_t r0, int64_t r1) {
+    alignas(64) float buf[kChunk];
+    for (int64_t row = r0; row < r1; ++row) {
+      const T* zr = z + row * V;
+      T* gr = grad + row * V;
+      int64_t y = -1;
+      if (labels != nullptr) {
+        y = static_cast<int64_t>(labels[row]);
+        if (y == ignore_index || y < 0 || y >= V) {
+          std::fill(gr, gr + V, static_cast<T>(0.f));
+          continue;
+        }
+      }
+      const float gl = g_logp ? g_logp[row] : 0.f, gh = g_entropy ? g_entropy[row] : 0.f;
+      for (int64_t c = 0; c < V; c += kChunk) {
+        const int64_t n = std::min(kChunk, V - c);
+        load_scaled(zr + c, n, inv_t, buf);
+        chunk_logprob_grad(buf, n, stats[2 * row], stats[2 * row + 1], entropy[row], gl, gh, inv_t);
+        if (y >= c && y < c + n) buf[y - c] += gl * inv_t;
+        store(buf, n, gr + c);
+      }
+    }
+  });
+}
+
+template <typename T>
+void full_kl_forward_rows(const T* z, const T* zr, int64_t N, int64_t V, float inv_t, float* kl, float* stats) {
+  at::parallel_for(0, N, grain(V), [&](int64_t r0, int64_t r1) {
+    alignas(64) float bs[kChunk];
+    alignas(64) float br[kChunk];
+    for (int64_t row = r0; row < r1; ++row) {
+      KlStats st = kl_stats_empty();
+      for (int64_t c = 0; c < V; c += kChunk) {
+        const int64_t n = std::min(kChunk, V - c);
+        load_scaled(z + row * V + c, n, inv_t, bs);
+        load_scaled(zr + row * V + c, n, inv_t, br);
+        st = kl_stats_merge(st, chunk_kl_stats(bs, br, n));
+      }
+      kl[row] = kl_value(st);
+      stats[4 * row] = st.m;
+      stats[4 * row + 1] = logf(st.d);
+      stats[4 * row + 2] = st.mr;
+      stats[4 * row + 3] = logf(st.dr);
+    }
+  });
+}
+
+template <typename T>
+void full_kl_backward_rows(const T* z, const T* zr, const float* g, const float* kl, const float* stats, int64_t N,
+                           int64_t V, float inv_t, T* grad) {
+  at::parallel_for(0, N, grain(V), [&](int64_t r0, int64_t r1) {
+    alignas(64) float bs[kChunk];
+    alignas(64) float br[kChunk];
+    for (int64_t row = r0; row < r1; ++row) {
+      for (int64_t c = 0; c < V; c += kChunk) {
+        const int64_t n = std::min(kChunk, V - c);
+        load_scaled(z + row * V + c, n, inv_t, bs);
+        load_scaled(zr + row * V + c, n, inv_t, br);
+        chunk_kl_grad(bs, br, n, stats + 4 * row, kl[row], g[row], inv_t);
+        store(bs, n, grad + row * V + c);
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_labels(const c10::optional<at::Tensor>& labels, F f) {
+  if (!labels.has_value()) {
+    f(static_cast<const int64_t*>(nullptr));
+  } else if (labels->scalar_type() == at::kLong) {
+    f(labels->data_ptr<int64_t>());
+  } else {
+    f(labels->data_ptr<int32_t>());
+  }
+}
+
+const float* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+// ---- ops ----
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits,
+                                                                const c10::optional<at::Tensor>& labels,
+                                                                double temperature, int64_t ignore_index,
+                                                                const char* op) {
+  check_logits(logits, op);
+  if (labels.has_value()) check_labels(*labels, logits, op);
+  const float inv_t = inverse_temperature(temperature, op);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({labels.has_value() ? N : 0}, f32);
+  at::Tensor entropy = at::empty({N}, f32), stats = at::empty({N, 2}, f32);
+  if (N == 0) return {logp, entropy, stats};
+  BadLabel bad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_forward", [&] {
+    dispatch_labels(labels, [&](auto* lab) {
+      logprobs_forward_rows(logits.data_ptr<scalar_t>(), lab, N, V, inv_t, ignore_index,
+                            labels.has_value() ? logp.data_ptr<float>() : nullptr, entropy.data_ptr<float>(),
+                            stats.data_ptr<float>(), bad);
+    });
+  });
+  TORCH_CHECK(!bad.found.load(), op, ": `labels` must be in [0, V) = [0, ", V, ") or equal ignore_index = ",
+              ignore_index, ", but labels[", bad.row.load(), "] = ", bad.value.load(), " (logits shape ",
+              logits.sizes(), ")");
+  return {logp, entropy, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(const at::Tensor& logits,
+                                                                      const at::Tensor& labels, double temperature,
+                                                                      int64_t ignore_index) {
+  return logprobs_forward(logits, labels, temperature, ignore_index, "token_logprobs");
+}
+
+std::tuple<at::Tensor, at::Tensor> token_entropy_fwd_cpu(const at::Tensor& logits, double temperature) {
+  auto [logp, entropy, stats] = logprobs_forward(logits, c10::nullopt, temperature, 0, "token_entropy");
+  return {entropy, stats};
+}
+
+void logprobs_backward_into(at::Tensor& grad, const at::Tensor& logits, const c10::optional<at::Tensor>& labels,
+                            const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
+                            const at::Tensor& stats, const at::Tensor& entropy, double temperature,
+                            int64_t ignore_index) {
+  const char* op = "token_logprobs backward";
+  check_logits(logits, op);
+  if (labels.has_value()) check_labels(*labels, logits, op);
+  check_row_stat(grad_logp, logits, "grad_logp", op);
+  check_row_stat(grad_entropy, logits, "grad_entropy", op);
+  check_row_stat(stats, logits, "stats", op, 2);
+  check_row_stat(entropy, logits, "entropy", op);
+  TORCH_CHECK(!grad_logp.has_value() || labels.has_value(), op, ": `grad_logp` needs `labels`");
+  const float inv_t = inverse_temperature(temperature, op);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  if (N == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_backward", [&] {
+    dispatch_labels(labels, [&](auto* lab) {
+      logprobs_backward_rows(logits.data_ptr<scalar_t>(), lab, opt_ptr(grad_logp), opt_ptr(grad_entropy),
+                             stats.data_ptr<float>(), entropy.data_ptr<float>(), N, V, inv_t, ignore_index,
+                             grad.data_ptr<scalar_t>());
+    });
+  });
+}
+
+at::Tensor logprobs_bwd_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& labels,
+                            const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
+                            const at::Tensor& stats, const at::Tensor& entropy, double temperature,
+                            int64_t ignore_index) {
+  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  logprobs_backward_into(grad, logits, labels, grad_logp, grad_entropy, stats, entropy, temperature, ignore_index);
+  return grad;
+}
+
+void logprobs_bwd_inplace_cpu(at::Tensor& logits, const c10::optional<at::Tensor>& labels,
+                              const c10::optional<at::Tensor>& grad_logp,
+                              const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& stats,
+                              const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+  logprobs_backward_into(logits, logits, labels, grad_logp, grad_entropy, stats, entropy, temperature, ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor> full_kl_fwd_cpu(const at::Tensor& logits, const at::Tensor& ref_logits,
+                                                   double temperature) {
+  const char* op = "full_kl";
+  check_kl_pair(logits, ref_logits, op);
+  const float inv_t = inverse_temperature(temperature, op);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty({N}, f32), stats = at::empty({N, 4}, f32);
+  if (N == 0) return {kl, stats};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "full_kl_forward", [&] {
+    full_kl_forward_rows(logits.data_ptr<scalar_t>(), ref_logits.data_ptr<scalar_t>(), N, V, inv_t,
+                         kl.data_ptr<float>(), stats.data_ptr<float>());
+  });
+  return {kl, stats};
+}
+
+at::Tensor full_kl_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& logits, const at::Tensor& ref_logits,
+                           const at::Tensor& kl, const at::Tensor& stats, double temperature) {
+  const char* op = "full_kl backward";
+  check_kl_pair(logits, ref_logits, op);
+  check_row_stat(grad_kl, logits, "grad_kl", op);
+  check_row_stat(kl, logits, "kl", op);
+  check_row_stat(stats, logits, "stats", op, 4);
+  const float inv_t = inverse_temperature(temperature, op);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (N == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "full_kl_backward", [&] {
+    full_kl_backward_rows(logits.data_ptr<scalar_t>(), ref_logits.data_ptr<scalar_t>(), grad_kl.data_ptr<float>(),
+                          kl.data_ptr<float>(), stats.data_ptr<float>(), N, V, inv_t,
+                          grad.data_ptr<scalar_t>());
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace rlhf
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
+  m.impl("token_logprobs_fwd", &rlhf::token_logprobs_fwd_cpu);
+  m.impl("token_entropy_fwd", &rlhf::token_entropy_fwd_cpu);
+  m.impl("logprobs_bwd", &rlhf::logprobs_bwd_cpu);
+  m.impl("logprobs_bwd_inplace", &rlhf::logprobs_bwd_inplace_cpu);
+  m.impl("full_kl_fwd", &rlhf::full_kl_fwd_cpu);
+  m.impl("full_kl_bwd", &rlhf::full_kl_bwd_cpu);
+}

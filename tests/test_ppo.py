@@ -333,7 +333,7 @@ def test_compile_fullgraph(gen):
         return pl + 0.5 * vl, ps["clipfrac"], vs["explained_var"]
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)
     nt = torch.tensor(100.0)
     results = []
     for fn in (step, compiled):

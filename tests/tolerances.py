@@ -20,3 +20,6 @@ GRAD_ATOL_FRAC = 1e-6
 # sums; approx_kl = (r - 1) - log r cancels in float32 near r = 1 (absolute 1e-7 per token).
 STAT_RTOL = 2e-5
 STAT_ATOL = 1e-6
+# BT and ranking: float32 logsigmoid/sigmoid per pair (a few ulps), float64 sums; losses
+# compared relative to the mean of |d| + 1, an upper bound of each pair's loss.
+BT_RTOL = 1e-5

@@ -221,7 +221,6 @@ def test_noncontiguous_and_low_precision(device, backend, gen):
     # strided views (every other token) and a 0/1 float mask
     lp, o, a, m = logp[:, ::2], old[:, ::2], adv[:, ::2], mask[:, ::2].float()
     assert not lp.is_contiguous()
-    x = lp.clone(memory_format=torch.preserve_format).detach()
     x = torch.empty_strided(lp.shape, (2 * lp.stride(0), 2), device=device).copy_(lp).requires_grad_()
     assert not x.is_contiguous()
     loss, stats = rk.ppo_policy_loss(x, o, a, m, loss_agg="seq-mean-token-mean", backend=backend)

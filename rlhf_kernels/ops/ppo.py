@@ -112,8 +112,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     name = _backend.resolve(backend, logprobs.device, op)
     lp, olp, adv, m = v.as_f32(logprobs), v.as_f32(old_logprobs), v.as_f32(advantages), v.as_mask(mask)
     if name == "torch":
-        loss, stats = ref.ppo_policy_loss(lp.double(), olp.double(), adv.double(), m, clip_low, clip_high,
-                                          dual_clip, loss_agg, nt)
+        loss, stats = ref.ppo_policy_loss(lp.double(), olp.detach().double(), adv.detach().double(), m,
+                                          clip_low, clip_high, dual_clip, loss_agg, nt)
         return loss.float(), {k: s.float() for k, s in stats.items()}
     if name == "triton":
         from rlhf_kernels.triton import ppo as tri
@@ -150,7 +150,8 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, loss_agg="tok
     name = _backend.resolve(backend, values.device, op)
     val, ov, ret, m = v.as_f32(values), v.as_f32(old_values), v.as_f32(returns), v.as_mask(mask)
     if name == "torch":
-        loss, stats = ref.ppo_value_loss(val.double(), ov.double(), ret.double(), m, clip, loss_agg, nt)
+        loss, stats = ref.ppo_value_loss(val.double(), ov.detach().double(), ret.detach().double(), m, clip,
+                                         loss_agg, nt)
         return loss.float(), {k: s.float() for k, s in stats.items()}
     if name == "triton":
         from rlhf_kernels.triton import ppo as tri

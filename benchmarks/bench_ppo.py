@@ -1,6 +1,6 @@
 """Benchmark of the ppo and bt families: forward + backward, median time per call.
 
-    python benchmarks/bench_ppo.py [--device cpu|cuda] [--repeats N]
+    python benchmarks/bench_ppo.py [--device cpu|cuda] [--repeats N] [--threads N]
 
 Providers: the eager PyTorch reference (rlhf_kernels/reference, run on the float32
 inputs as a trainer would), torch.compile of that reference, and the rlhf_kernels
@@ -17,7 +17,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # benchmark this checkout's rlhf_kernels, not another install
 from common import fmt_time, median_time, print_table  # noqa: E402
 
 import rlhf_kernels as rk  # noqa: E402
@@ -147,7 +149,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     run(args.device, args.repeats)
 
 

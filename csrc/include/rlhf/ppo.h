@@ -14,6 +14,14 @@
 
 #include "rlhf/common.h"
 
+// The per-token functions are always inlined on the host too, so that the CPU loops
+// (compiled for AVX2 and baseline, see cpu/ppo.cpp) see straight-line code to vectorize.
+#if defined(__CUDACC__) || defined(__HIPCC__) || !defined(__GNUC__)
+#define RLHF_HD_TOKEN RLHF_HD
+#else
+#define RLHF_HD_TOKEN inline __attribute__((always_inline))
+#endif
+
 namespace rlhf {
 
 // Which statistic a token counts towards.
@@ -27,33 +35,72 @@ struct PolicyToken {
   int flags;    // PolicyFlags
 };
 
-// dual_clip <= 0 means no dual clip.
-RLHF_HD PolicyToken ppo_policy_token(float logp, float old_logp, float adv, float clip_low, float clip_high,
+// min/max: fminf/fmaxf on the device; plain selects on the host (fminf's NaN rules
+// make GCC emit calls and branches, which stop the CPU loops from vectorizing).
+RLHF_HD_TOKEN float min_f32(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return fminf(a, b);
+#else
+  return a < b ? a : b;
+#endif
+}
+
+RLHF_HD_TOKEN float max_f32(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return fmaxf(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
+// exp(x) for float32. On the device: expf. On the host: a branch-free Cephes-style
+// polynomial (within 2 ulp of expf; inf above 88.72, 0 below -103.9, NaN stays NaN), so the
+// CPU loops that call it vectorize; glibc's expf is a scalar call.
+RLHF_HD_TOKEN float exp_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float xc = min_f32(max_f32(x, -103.9f), 88.7228f);
+  const float kf = xc * 1.44269504088896341f + (xc >= 0.f ? 0.5f : -0.5f);
+  const int k = static_cast<int>(kf);  // round to nearest: truncation of x/ln2 +- 0.5
+  const float fk = static_cast<float>(k);
+  const float r = (xc - fk * 0.693359375f) - fk * -2.12194440e-4f;  // x - k*ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  // 2^k in two factors so that k in [-150, 128] never leaves the float exponent range
+  const int k1 = k / 2, k2 = k - k1;
+  const float y = p * __builtin_bit_cast(float, (k1 + 127) << 23) * __builtin_bit_cast(float, (k2 + 127) << 23);
+  return x != x ? x : (x > 88.7228f ? INFINITY : (x < -103.9f ? 0.f : y));
+#endif
+}
+
+// dual_clip <= 0 means no dual clip. Written without branches so that the CPU loops
+// over tokens vectorize.
+RLHF_HD_TOKEN PolicyToken ppo_policy_token(float logp, float old_logp, float adv, float clip_low, float clip_high,
                                      float dual_clip) {
   PolicyToken t;
   const float log_ratio = logp - old_logp;
-  const float ratio = expf(log_ratio);
+  const float ratio = exp_f32(log_ratio);
   const float lo = 1.f - clip_low, hi = 1.f + clip_high;
   const float unclipped = -adv * ratio;
-  const float clipped = -adv * fminf(fmaxf(ratio, lo), hi);
-  float l = fmaxf(unclipped, clipped);
+  const float clipped = -adv * min_f32(max_f32(ratio, lo), hi);
+  const bool clip_wins = clipped > unclipped;
+  const float l = clip_wins ? clipped : unclipped;
   // d(unclipped)/dlogp = -A*ratio; the clipped branch is constant where it wins strictly
-  float dlogp = unclipped >= clipped ? -adv * ratio : 0.f;
-  int flags = 0;
-  if (clipped > unclipped) flags |= ratio < lo ? kClipLow : (ratio > hi ? kClipHigh : 0);
-  if (dual_clip > 0.f && adv < 0.f) {
-    const float cap = -adv * dual_clip;
-    if (cap < l) {
-      l = cap;
-      dlogp = 0.f;
-      flags |= kDualClip;
-    }
-  }
-  t.loss = l;
+  const float dlogp = clip_wins ? 0.f : -adv * ratio;
+  const float cap = -adv * dual_clip;
+  const bool dual = dual_clip > 0.f && adv < 0.f && cap < l;
+  t.loss = dual ? cap : l;
+  t.dlogp = dual ? 0.f : dlogp;
   t.ratio = ratio;
   t.kl = (ratio - 1.f) - log_ratio;
-  t.dlogp = dlogp;
-  t.flags = flags;
+  t.flags = (clip_wins && ratio < lo ? kClipLow : 0) | (clip_wins && ratio > hi ? kClipHigh : 0) |
+            (dual ? kDualClip : 0);
   return t;
 }
 
@@ -64,23 +111,17 @@ struct ValueToken {
 };
 
 // has_clip false: l = 0.5*(V-R)^2.
-RLHF_HD ValueToken ppo_value_token(float v, float old_v, float ret, bool has_clip, float clip) {
+RLHF_HD_TOKEN ValueToken ppo_value_token(float v, float old_v, float ret, bool has_clip, float clip) {
   ValueToken t;
   const float err = v - ret;
   const float unclipped = err * err;
-  t.loss = 0.5f * unclipped;
-  t.dvalue = err;
-  t.clipped = false;
-  if (has_clip) {
-    const float vc = fminf(fmaxf(v, old_v - clip), old_v + clip);
-    const float err_c = vc - ret;
-    const float clipped = err_c * err_c;
-    if (clipped > unclipped) {  // then vc sits on a bound: a constant, no gradient
-      t.loss = 0.5f * clipped;
-      t.dvalue = 0.f;
-      t.clipped = true;
-    }
-  }
+  const float vc = min_f32(max_f32(v, old_v - clip), old_v + clip);
+  const float err_c = vc - ret;
+  const float clipped = err_c * err_c;
+  // where the clipped term wins, vc sits on a bound: a constant, no gradient
+  t.clipped = has_clip && clipped > unclipped;
+  t.loss = 0.5f * (t.clipped ? clipped : unclipped);
+  t.dvalue = t.clipped ? 0.f : err;
   return t;
 }
 

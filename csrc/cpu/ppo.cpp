@@ -4,8 +4,9 @@
 // The forward also returns each row's weight in the aggregated loss (row_scale [B]);
 // the backward is then elementwise: d_x[b, t] = grad * row_scale[b] * dl/dx[b, t].
 // Inner loops have no branches (masked tokens are selected away, never multiplied) and
-// sums go to kLanes float64 accumulators, so the compiler vectorizes them (baseline
-// x86-64 SSE2: the build sets no -march); lanes are summed in a fixed order per row.
+// sums go to kLanes float64 accumulators summed in a fixed order per row. GCC vectorizes
+// the backward loops (baseline x86-64 SSE2: the build sets no -march); the forward's
+// per-token pass is not vectorized yet (see the report), its sums are.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

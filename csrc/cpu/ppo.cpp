@@ -5,8 +5,8 @@
 // the backward is then elementwise: d_x[b, t] = grad * row_scale[b] * dl/dx[b, t].
 // Inner loops have no branches (masked tokens are selected away, never multiplied) and
 // sums go to kLanes float64 accumulators summed in a fixed order per row. GCC vectorizes
-// the backward loops (baseline x86-64 SSE2: the build sets no -march); the forward's
-// per-token pass is not vectorized yet (see the report), its sums are.
+// the backward and value loops (baseline x86-64 SSE2: the build sets no -march), not yet
+// the policy forward's per-token pass (mixed 8/32-bit types), which is the slowest part.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -82,12 +82,11 @@ PolicyRow policy_row(const float* lp, const float* olp, const float* adv, const 
     for (int i = 0; i < n; ++i) {
       const int32_t v = m[t0 + i];
       const PolicyToken t = ppo_policy_token(lp[t0 + i], olp[t0 + i], adv[t0 + i], cl, ch, dc);
-      const int32_t f = v ? t.flags : 0;
       loss[i] = v ? t.loss : 0.f;
       count[i] = v ? 1.f : 0.f;
-      low[i] = (f & kClipLow) ? 1.f : 0.f;
-      high[i] = (f & kClipHigh) ? 1.f : 0.f;
-      dual[i] = (f & kDualClip) ? 1.f : 0.f;
+      low[i] = v ? t.is_low : 0.f;
+      high[i] = v ? t.is_high : 0.f;
+      dual[i] = v ? t.is_dual : 0.f;
       kl[i] = v ? t.kl : 0.f;
       ratio[i] = v ? t.ratio : 0.f;
       rmin[i] = v ? t.ratio : kInf;
@@ -239,30 +238,41 @@ struct ValueRow {
   Moments ret, err;  // of R and of R - V
 };
 
-ValueRow value_row(const float* v, const float* ov, const float* R, const uint8_t* m, int64_t T,
-                                   bool has_clip, float c) {
-  double loss[kLanes] = {}, clipped[kLanes] = {}, count[kLanes] = {}, sum_r[kLanes] = {}, sum_e[kLanes] = {};
-  auto step = [&](int j, int64_t i) {
-    const int32_t ok = m[i];
-    const ValueToken t = ppo_value_token(v[i], ov[i], R[i], has_clip, c);
-    loss[j] += ok ? t.loss : 0.f;
-    clipped[j] += (ok & static_cast<int32_t>(t.clipped)) ? 1.f : 0.f;
-    count[j] += ok ? 1.f : 0.f;
-    sum_r[j] += ok ? R[i] : 0.f;
-    sum_e[j] += ok ? static_cast<double>(R[i]) - v[i] : 0.0;
-  };
-  int64_t t0 = 0;
-  for (; t0 + kLanes <= T; t0 += kLanes)
-    for (int j = 0; j < kLanes; ++j) step(j, t0 + j);
-  for (int j = 0; t0 + j < T; ++j) step(j, t0 + j);
+ValueRow value_row(const float* v, const float* ov, const float* R, const uint8_t* m, int64_t T, bool has_clip,
+                   float c) {
+  alignas(64) float loss[kTile], clipped[kTile], count[kTile], ret[kTile], err[kTile];
+  double a_loss[kLanes] = {}, a_clipped[kLanes] = {}, a_count[kLanes] = {}, a_ret[kLanes] = {}, a_err[kLanes] = {};
+  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, T - t0));
+    for (int i = 0; i < n; ++i) {
+      const int32_t ok = m[t0 + i];
+      const float vi = v[t0 + i], ri = R[t0 + i];
+      const ValueToken t = ppo_value_token(vi, ov[t0 + i], ri, has_clip, c);
+      loss[i] = ok ? t.loss : 0.f;
+      clipped[i] = ok ? t.is_clipped : 0.f;
+      count[i] = ok ? 1.f : 0.f;
+      ret[i] = ok ? ri : 0.f;
+      err[i] = ok ? ri - vi : 0.f;  // float64 deviations from this mean in the second pass
+    }
+    for (int i = n; i < kTile; ++i) loss[i] = clipped[i] = count[i] = ret[i] = err[i] = 0.f;
+    for (int i = 0; i < kTile; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        a_loss[j] += loss[i + j];
+        a_clipped[j] += clipped[i + j];
+        a_count[j] += count[i + j];
+        a_ret[j] += ret[i + j];
+        a_err[j] += err[i + j];
+      }
+    }
+  }
   ValueRow r;
   double n = 0, sr = 0, se = 0;
   for (int j = 0; j < kLanes; ++j) {
-    r.loss += loss[j];
-    r.clipped += clipped[j];
-    n += count[j];
-    sr += sum_r[j];
-    se += sum_e[j];
+    r.loss += a_loss[j];
+    r.clipped += a_clipped[j];
+    n += a_count[j];
+    sr += a_ret[j];
+    se += a_err[j];
   }
   if (n == 0) return r;
   const double mean_r = sr / n, mean_e = se / n;
@@ -273,7 +283,7 @@ ValueRow value_row(const float* v, const float* ov, const float* R, const uint8_
     q_r[j] += ok ? dr * dr : 0.0;
     q_e[j] += ok ? de * de : 0.0;
   };
-  t0 = 0;
+  int64_t t0 = 0;
   for (; t0 + kLanes <= T; t0 += kLanes)
     for (int j = 0; j < kLanes; ++j) step2(j, t0 + j);
   for (int j = 0; t0 + j < T; ++j) step2(j, t0 + j);

@@ -46,9 +46,9 @@ __global__ void __launch_bounds__(kRowThreads) policy_rows_kernel(const float* _
     const PolicyToken tok = ppo_policy_token(logp[i], old_logp[i], adv[i], clip_low, clip_high, dual_clip);
     loss += tok.loss;
     count += 1;
-    low += (tok.flags & kClipLow) ? 1 : 0;
-    high += (tok.flags & kClipHigh) ? 1 : 0;
-    dual += (tok.flags & kDualClip) ? 1 : 0;
+    low += tok.is_low;
+    high += tok.is_high;
+    dual += tok.is_dual;
     kl += tok.kl;
     ratio += tok.ratio;
     rmin = fmin(rmin, static_cast<double>(tok.ratio));
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kRowThreads) value_rows_kernel(const float* __
     const ValueToken tok = ppo_value_token(v[i], old_v[i], ret[i], has_clip, clip);
     loss += tok.loss;
     count += 1;
-    clipped += tok.clipped ? 1 : 0;
+    clipped += tok.is_clipped;
     sum_r += ret[i];
     sum_e += static_cast<double>(ret[i]) - v[i];
   }

@@ -24,15 +24,14 @@
 
 namespace rlhf {
 
-// Which statistic a token counts towards.
-enum PolicyFlags : int { kClipLow = 1, kClipHigh = 2, kDualClip = 4 };
-
 struct PolicyToken {
   float loss;   // l
   float ratio;  // exp(logp - old_logp)
   float kl;     // (ratio - 1) - log(ratio), the k3 estimator
   float dlogp;  // dl/dlogp
-  int flags;    // PolicyFlags
+  // 1 where the token counts towards clipfrac_low / clipfrac_high / dual_clipfrac, else 0
+  // (0/1 floats: summed directly by the kernels)
+  float is_low, is_high, is_dual;
 };
 
 // min/max: fminf/fmaxf on the device; plain selects on the host (fminf's NaN rules
@@ -99,15 +98,18 @@ RLHF_HD_TOKEN PolicyToken ppo_policy_token(float logp, float old_logp, float adv
   t.dlogp = dual ? 0.f : dlogp;
   t.ratio = ratio;
   t.kl = (ratio - 1.f) - log_ratio;
-  t.flags = (clip_wins && ratio < lo ? kClipLow : 0) | (clip_wins && ratio > hi ? kClipHigh : 0) |
-            (dual ? kDualClip : 0);
+  // clipping can only win strictly outside [lo, hi], so a win is either low or high
+  const float wins = clip_wins ? 1.f : 0.f;
+  t.is_low = ratio < lo ? wins : 0.f;
+  t.is_high = wins - t.is_low;
+  t.is_dual = dual ? 1.f : 0.f;
   return t;
 }
 
 struct ValueToken {
-  float loss;     // l
-  float dvalue;   // dl/dV
-  bool clipped;   // the clipped term is strictly larger
+  float loss;        // l
+  float dvalue;      // dl/dV
+  float is_clipped;  // 1 where the clipped term is strictly larger, else 0
 };
 
 // has_clip false: l = 0.5*(V-R)^2.
@@ -119,9 +121,10 @@ RLHF_HD_TOKEN ValueToken ppo_value_token(float v, float old_v, float ret, bool h
   const float err_c = vc - ret;
   const float clipped = err_c * err_c;
   // where the clipped term wins, vc sits on a bound: a constant, no gradient
-  t.clipped = has_clip && clipped > unclipped;
-  t.loss = 0.5f * (t.clipped ? clipped : unclipped);
-  t.dvalue = t.clipped ? 0.f : err;
+  const bool clip_wins = has_clip && clipped > unclipped;
+  t.is_clipped = clip_wins ? 1.f : 0.f;
+  t.loss = 0.5f * (clip_wins ? clipped : unclipped);
+  t.dvalue = clip_wins ? 0.f : err;
   return t;
 }
 

@@ -28,6 +28,26 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def("full_kl_fwd(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor kl, Tensor stats)");
   m.def("full_kl_bwd(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor kl, Tensor stats,"
         " float temperature) -> Tensor");
+  // ppo family: float32 [B, T] inputs, bool mask; num_tokens a 0-d float64 tensor (the global
+  // normalizer of token-mean) or None; loss_agg 0..3 = token-mean, seq-mean-token-mean,
+  // seq-mean-token-sum, seq-mean-token-sum-norm. Forward -> (loss [], stats [8] / [2],
+  // row_scale [B]: each row's weight in the loss, used by the backward).
+  m.def("ppo_policy_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? num_tokens,"
+        " float clip_low, float clip_high, float? dual_clip, int loss_agg) -> (Tensor, Tensor, Tensor)");
+  m.def("ppo_policy_bwd(Tensor grad, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask,"
+        " Tensor row_scale, float clip_low, float clip_high, float? dual_clip) -> Tensor");
+  m.def("ppo_value_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor? num_tokens,"
+        " float? clip, int loss_agg) -> (Tensor, Tensor, Tensor)");
+  m.def("ppo_value_bwd(Tensor grad, Tensor values, Tensor old_values, Tensor returns, Tensor mask,"
+        " Tensor row_scale, float? clip) -> Tensor");
+  // bt family: float32 [P] rewards (ranking: [P, K], bool valid). bt_fwd -> (loss [], stats [2]);
+  // ranking_fwd -> (loss [], stats [1], prompt_scale [P]).
+  m.def("bt_fwd(Tensor chosen, Tensor rejected, Tensor? margin, float label_smoothing, float center_coef)"
+        " -> (Tensor, Tensor)");
+  m.def("bt_bwd(Tensor grad, Tensor chosen, Tensor rejected, Tensor? margin, float label_smoothing,"
+        " float center_coef) -> (Tensor, Tensor)");
+  m.def("ranking_fwd(Tensor rewards, Tensor? valid) -> (Tensor, Tensor, Tensor)");
+  m.def("ranking_bwd(Tensor grad, Tensor rewards, Tensor? valid, Tensor prompt_scale) -> Tensor");
 }
 
 namespace {

@@ -1,0 +1,249 @@
+// Bradley-Terry and all-pairs ranking losses on CUDA.
+//   bt forward: one block sums the P pairs in a fixed order (P is a batch of preference
+//     pairs: small), backward elementwise.
+//   ranking forward: one block per prompt reduces its K x K pairs, one block combines the
+//     prompts in order; backward: one block per prompt, a thread per response.
+// Deterministic (no atomics); no host sync. Only light ATen/c10 headers here.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "rlhf/block_reduce.cuh"
+#include "rlhf/bt.h"
+#include "rlhf/loss_checks.h"
+
+namespace rlhf {
+namespace {
+
+constexpr int kThreads = 1024;
+constexpr int kPromptThreads = 128;
+
+// chosen, rejected: [P] float32; margin: [P] float32 or nullptr
+// loss: [] float32 out; stats: [2] float32 out (accuracy, margin_mean)
+__global__ void __launch_bounds__(kThreads) bt_fwd_kernel(const float* __restrict__ chosen,
+                                                          const float* __restrict__ rejected,
+                                                          const float* __restrict__ margin, int64_t P, float eps,
+                                                          double center_coef, float* __restrict__ loss_out,
+                                                          float* __restrict__ stats) {
+  __shared__ double buf[33];
+  double l = 0, sq = 0, acc = 0, mar = 0;
+  for (int64_t i = threadIdx.x; i < P; i += kThreads) {
+    const float diff = chosen[i] - rejected[i];
+    l += bt_pair_loss(margin ? diff - margin[i] : diff, eps);
+    const double s = static_cast<double>(chosen[i]) + rejected[i];
+    sq += s * s;
+    acc += chosen[i] > rejected[i] ? 1 : 0;
+    mar += diff;
+  }
+  l = block_sum(l, buf);
+  sq = block_sum(sq, buf);
+  acc = block_sum(acc, buf);
+  mar = block_sum(mar, buf);
+  if (threadIdx.x == 0) {
+    const double n = P > 0 ? static_cast<double>(P) : 1.0;
+    *loss_out = static_cast<float>((l + center_coef * sq) / n);
+    stats[0] = static_cast<float>(acc / n);
+    stats[1] = static_cast<float>(mar / n);
+  }
+}
+
+__global__ void bt_bwd_kernel(const float* __restrict__ grad, const float* __restrict__ chosen,
+                              const float* __restrict__ rejected, const float* __restrict__ margin, int64_t P,
+                              float eps, float center_coef2, float* __restrict__ d_chosen,
+                              float* __restrict__ d_rejected) {
+  const float scale = static_cast<float>(static_cast<double>(*grad) / (P > 0 ? static_cast<double>(P) : 1.0));
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < P;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float diff = chosen[i] - rejected[i];
+    const float gd = bt_pair_grad(margin ? diff - margin[i] : diff, eps);
+    const float gs = center_coef2 * (chosen[i] + rejected[i]);
+    d_chosen[i] = scale * (gd + gs);
+    d_rejected[i] = scale * (gs - gd);
+  }
+}
+
+// rewards: [P, K] float32; valid: [P, K] bool or nullptr; parts: [P, 3] float64 out
+// (loss sum, pairs, correct pairs)
+__global__ void __launch_bounds__(kPromptThreads) ranking_rows_kernel(const float* __restrict__ rewards,
+                                                                      const bool* __restrict__ valid, int64_t K,
+                                                                      double* __restrict__ parts) {
+  __shared__ double buf[33];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * K;
+  double l = 0, n = 0, correct = 0;
+  for (int64_t q = threadIdx.x; q < K * K; q += kPromptThreads) {
+    const int64_t i = q / K, j = q % K;
+    if (j <= i || (valid && (!valid[base + i] || !valid[base + j]))) continue;
+    const float d = rewards[base + i] - rewards[base + j];
+    l -= log_sigmoid(d);
+    n += 1;
+    correct += d > 0.f ? 1 : 0;
+  }
+  l = block_sum(l, buf);
+  n = block_sum(n, buf);
+  correct = block_sum(correct, buf);
+  if (threadIdx.x == 0) {
+    double* out = parts + static_cast<int64_t>(blockIdx.x) * 3;
+    out[0] = l;
+    out[1] = n;
+    out[2] = correct;
+  }
+}
+
+// loss: [] float32 out; stats: [1] float32 out; prompt_scale: [P] float32 out
+__global__ void __launch_bounds__(kThreads) ranking_combine_kernel(const double* __restrict__ parts, int64_t P,
+                                                                   float* __restrict__ loss_out,
+                                                                   float* __restrict__ stats,
+                                                                   float* __restrict__ prompt_scale) {
+  __shared__ double buf[33];
+  double prompts = 0, pairs = 0, correct = 0;
+  for (int64_t p = threadIdx.x; p < P; p += kThreads) {
+    prompts += parts[p * 3 + 1] > 0 ? 1 : 0;
+    pairs += parts[p * 3 + 1];
+    correct += parts[p * 3 + 2];
+  }
+  prompts = block_sum(prompts, buf);
+  pairs = block_sum(pairs, buf);
+  correct = block_sum(correct, buf);
+  double loss = 0;
+  for (int64_t p = threadIdx.x; p < P; p += kThreads) {
+    const double n = parts[p * 3 + 1];
+    const double w = n > 0 ? 1.0 / (n * prompts) : 0.0;
+    prompt_scale[p] = static_cast<float>(w);
+    loss += w * parts[p * 3];
+  }
+  loss = block_sum(loss, buf);
+  if (threadIdx.x == 0) {
+    *loss_out = static_cast<float>(loss);
+    stats[0] = static_cast<float>(pairs > 0 ? correct / pairs : 0.0);
+  }
+}
+
+// out: [P, K] float32 d rewards
+__global__ void ranking_bwd_kernel(const float* __restrict__ grad, const float* __restrict__ rewards,
+                                   const bool* __restrict__ valid, const float* __restrict__ prompt_scale, int64_t K,
+                                   float* __restrict__ out) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * K;
+  const float s = *grad * prompt_scale[blockIdx.x];
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+    float acc = 0.f;
+    if (!valid || valid[base + i]) {
+      const float ri = rewards[base + i];
+      for (int64_t j = 0; j < K; ++j) {
+        if (j == i || (valid && !valid[base + j])) continue;
+        const float rj = rewards[base + j];
+        acc += j > i ? -sigmoid(rj - ri) : sigmoid(ri - rj);
+      }
+    }
+    out[base + i] = s * acc;
+  }
+}
+
+const float* margin_ptr(const at::Tensor& chosen, const at::Tensor& rejected, const c10::optional<at::Tensor>& margin,
+                        const char* op) {
+  TORCH_CHECK(chosen.dim() == 1, op, ": `chosen` must be [P], got shape ", chosen.sizes());
+  check_f32(chosen, "chosen", op);
+  check_f32(rejected, "rejected", op);
+  check_like(rejected, "rejected", chosen, "chosen", op);
+  if (!margin.has_value()) return nullptr;
+  check_f32(*margin, "margin", op);
+  check_like(*margin, "margin", chosen, "chosen", op);
+  return margin->data_ptr<float>();
+}
+
+const bool* valid_ptr(const at::Tensor& rewards, const c10::optional<at::Tensor>& valid, const char* op) {
+  TORCH_CHECK(rewards.dim() == 2, op, ": `rewards` must be [P, K], got shape ", rewards.sizes());
+  check_f32(rewards, "rewards", op);
+  if (!valid.has_value()) return nullptr;
+  check_bool(*valid, "valid", op);
+  check_like(*valid, "valid", rewards, "rewards", op);
+  return valid->data_ptr<bool>();
+}
+
+void check_grad(const at::Tensor& grad, const at::Tensor& ref, const char* op) {
+  check_scalar(grad, "grad", ref, op);
+  check_f32(grad, "grad", op);
+}
+
+std::tuple<at::Tensor, at::Tensor> bt_fwd_cuda(const at::Tensor& chosen, const at::Tensor& rejected,
+                                               const c10::optional<at::Tensor>& margin, double label_smoothing,
+                                               double center_coef) {
+  const float* mg = margin_ptr(chosen, rejected, margin, "bt_fwd");
+  const c10::cuda::CUDAGuard guard(chosen.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor loss = at::empty({}, chosen.options()), stats = at::empty({2}, chosen.options());
+  bt_fwd_kernel<<<1, kThreads, 0, stream>>>(chosen.data_ptr<float>(), rejected.data_ptr<float>(), mg, chosen.size(0),
+                                            static_cast<float>(label_smoothing), center_coef, loss.data_ptr<float>(),
+                                            stats.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> bt_bwd_cuda(const at::Tensor& grad, const at::Tensor& chosen,
+                                               const at::Tensor& rejected, const c10::optional<at::Tensor>& margin,
+                                               double label_smoothing, double center_coef) {
+  const float* mg = margin_ptr(chosen, rejected, margin, "bt_bwd");
+  check_grad(grad, chosen, "bt_bwd");
+  at::Tensor dc = at::empty_like(chosen), dr = at::empty_like(rejected);
+  const int64_t P = chosen.size(0);
+  if (P == 0) return {dc, dr};
+  const c10::cuda::CUDAGuard guard(chosen.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((P + 255) / 256, 65535));
+  bt_bwd_kernel<<<blocks, 256, 0, stream>>>(grad.data_ptr<float>(), chosen.data_ptr<float>(),
+                                            rejected.data_ptr<float>(), mg, P, static_cast<float>(label_smoothing),
+                                            static_cast<float>(2 * center_coef), dc.data_ptr<float>(),
+                                            dr.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dc, dr};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ranking_fwd_cuda(const at::Tensor& rewards,
+                                                                const c10::optional<at::Tensor>& valid) {
+  const bool* ok = valid_ptr(rewards, valid, "ranking_fwd");
+  const int64_t P = rewards.size(0), K = rewards.size(1);
+  TORCH_CHECK(P <= 2147483647LL, "ranking_fwd: too many prompts for one launch: ", P);
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor loss = at::empty({}, rewards.options()), stats = at::empty({1}, rewards.options());
+  at::Tensor scale = at::empty({P}, rewards.options());
+  at::Tensor parts = at::empty({std::max<int64_t>(P, 1), 3}, rewards.options().dtype(at::kDouble));
+  if (P > 0) {
+    ranking_rows_kernel<<<static_cast<unsigned>(P), kPromptThreads, 0, stream>>>(rewards.data_ptr<float>(), ok, K,
+                                                                                parts.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  ranking_combine_kernel<<<1, kThreads, 0, stream>>>(parts.data_ptr<double>(), P, loss.data_ptr<float>(),
+                                                     stats.data_ptr<float>(), scale.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, stats, scale};
+}
+
+at::Tensor ranking_bwd_cuda(const at::Tensor& grad, const at::Tensor& rewards, const c10::optional<at::Tensor>& valid,
+                            const at::Tensor& prompt_scale) {
+  const bool* ok = valid_ptr(rewards, valid, "ranking_bwd");
+  check_grad(grad, rewards, "ranking_bwd");
+  check_row_scale(prompt_scale, rewards.size(0), rewards, "prompt_scale", "ranking_bwd");
+  at::Tensor d = at::empty_like(rewards);
+  const int64_t P = rewards.size(0), K = rewards.size(1);
+  if (P == 0 || K == 0) return d;
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  ranking_bwd_kernel<<<static_cast<unsigned>(P), kPromptThreads, 0, stream>>>(
+      grad.data_ptr<float>(), rewards.data_ptr<float>(), ok, prompt_scale.data_ptr<float>(), K, d.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return d;
+}
+
+}  // namespace
+}  // namespace rlhf
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
+  m.impl("bt_fwd", &rlhf::bt_fwd_cuda);
+  m.impl("bt_bwd", &rlhf::bt_bwd_cuda);
+  m.impl("ranking_fwd", &rlhf::ranking_fwd_cuda);
+  m.impl("ranking_bwd", &rlhf::ranking_bwd_cuda);
+}

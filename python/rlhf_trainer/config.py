@@ -99,7 +99,7 @@ class PPOConfig:
     loss_agg: str = "token-mean"
     gamma: float = 1.0
     lam: float = 0.95
-    beta: float = 0.05                # KL coefficient (initial, when adaptive)
+    beta: float = 0.1                 # KL coefficient (initial, when adaptive), in reward-model score units
     kl_estimator: str = "k1"
     adaptive_kl: bool = False
     kl_target: float = 6.0            # per-sequence KL sum the adaptive controller aims for
@@ -149,7 +149,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     seed: int = 0
     checkpoint_every: int = 0         # PPO steps between checkpoints (0: only at the end)
-    eval_every: int = 5               # PPO steps between exact evaluations of J
+    eval_every: int = 10              # PPO steps between exact evaluations of J
 
     def __post_init__(self):
         self.task.steps = tuple(self.task.steps)

@@ -60,6 +60,13 @@ class ScalarHeadModel(nn.Module):
                           position_ids=position_ids(attention_mask)).last_hidden_state
         return self.head(h).squeeze(-1)
 
+    @torch.no_grad()
+    def standardize_(self, mean, std):
+        """Fold (value - mean) / std into the head: same ordering, scores on a unit scale,
+        so one KL coefficient means the same thing whatever scale training produced."""
+        self.head.weight.div_(std)
+        self.head.bias.sub_(mean).div_(std)
+
     def score(self, input_ids, attention_mask=None):
         """The value at the last real token of each row: the reward model's score. -> [B]."""
         if attention_mask is None:

@@ -80,6 +80,11 @@ def train_reward_model(task, model_cfg, cfg, seed, log=print):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    # scores on a unit scale over the training responses (the BT scale is arbitrary)
+    with torch.no_grad():
+        pid, resp, valid = (t[:cfg.num_eval] for t in train)
+        s = _scores(model, task, pid, resp)[valid]
+    model.standardize_(s.mean(), s.std())
     acc = pairwise_accuracy(model, task, *held_out)
     train_acc = pairwise_accuracy(model, task, *(t[:cfg.num_eval] for t in train))
     log("reward model (%s): held-out accuracy %.3f, train accuracy %.3f, final loss %.4f"

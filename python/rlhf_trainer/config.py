@@ -85,7 +85,7 @@ class RewardModelConfig:
 
 @dataclass
 class PPOConfig:
-    steps: int = 60
+    steps: int = 100
     rollout_batch: int = 256          # responses generated per PPO step
     minibatch: int = 64               # responses per optimizer step
     micro_batch: int = 32             # responses per forward/backward (gradient accumulation)

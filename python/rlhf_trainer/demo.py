@@ -102,5 +102,5 @@ def small_config(cfg):
     """The CI-sized variant used by the tests."""
     d = cfg.to_dict()
     d["reward_model"].update(steps=200)
-    d["ppo"].update(steps=30)
+    d["ppo"].update(steps=50)
     return Config.from_dict(d)

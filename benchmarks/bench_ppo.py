@@ -20,7 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # benchmark this checkout's rlhf_kernels, not another install
-from common import fmt_time, median_time, print_table  # noqa: E402
+from common import fmt_time, median_time, print_table, write_csv  # noqa: E402
 
 import rlhf_kernels as rk  # noqa: E402
 from rlhf_kernels import _backend  # noqa: E402
@@ -115,7 +115,7 @@ def providers(device):
     return names
 
 
-def run(device, repeats):
+def run(device, repeats, records):
     gen = torch.Generator().manual_seed(0)
     B, T = 64, 4096
     inputs = ppo_inputs(B, T, device, gen)
@@ -126,6 +126,9 @@ def run(device, repeats):
         results[name] = t
     for name, t in results.items():
         rows.append([name, "%dx%d" % (B, T), "fp32", fmt_time(t), "%.2fx" % (results["eager"] / t)])
+        records.append({"family": "ppo", "op": "ppo_policy+value fwd+bwd", "provider": name, "shape": "%dx%d" % (B, T),
+                        "dtype": "float32", "median_s": t, "speedup_vs_eager": results["eager"] / t,
+                        "speedup_vs_compile": results["compile"] / t, "threads": torch.get_num_threads()})
     print_table("ppo: policy + value loss, forward + backward (%s, %d threads)"
                 % (device, torch.get_num_threads()), ["provider", "B x T", "dtype", "median", "vs eager"], rows)
 
@@ -137,6 +140,10 @@ def run(device, repeats):
             times[name] = median_time(step, device=device, warmup=3, repeats=repeats, min_time=0.2)
         print_table("%s (%s)" % (title, device), ["provider", "shape", "median", "vs eager"],
                     [[n, shape, fmt_time(t), "%.2fx" % (times["eager"] / t)] for n, t in times.items()])
+        records.extend([{"family": "bt", "op": title.split(":")[0] + " fwd+bwd", "provider": n, "shape": shape,
+                     "dtype": "float32", "median_s": t, "speedup_vs_eager": times["eager"] / t,
+                     "speedup_vs_compile": times["compile"] / t, "threads": torch.get_num_threads()}
+                    for n, t in times.items()])
 
     if device == "cpu" and "cpu" in results:
         ratio = results["eager"] / results["cpu"]
@@ -150,10 +157,14 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(args.device, args.repeats)
+    records = []
+    run(args.device, args.repeats, records)
+    if args.csv:
+        write_csv(args.csv, records)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,19 @@ def meta(device, ceilings):
     }
 
 
+def _case(row):
+    shape = row.get("shape") or " ".join("%s=%s" % (k, row[k]) for k in ("N", "V") if row.get(k))
+    return tuple(c for c in (row.get("op", ""), shape, row.get("dtype", ""), row.get("mode", "")) if c)
+
+
+def _seconds(row):
+    """The median time of a CSV row in seconds: `median_s`, or `median` with a unit."""
+    if row.get("median_s"):
+        return float(row["median_s"])
+    m = re.match(r"\s*([0-9.]+)\s*(s|ms|us)\s*$", row.get("median", "") or "")
+    return float(m.group(1)) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[m.group(2)] if m else None
+
+
 def plot(csv_path, png_path, title):
     try:
         import matplotlib
@@ -113,12 +126,12 @@ def plot(csv_path, png_path, title):
     except ImportError:
         return False
     with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
+        rows = [r for r in csv.DictReader(f) if _seconds(r) is not None]
     if not rows:
         return False
     cases = []
     for r in rows:
-        key = (r.get("op", ""), r["shape"], r.get("dtype", ""), r.get("pass", ""))
+        key = _case(r)
         if key not in cases:
             cases.append(key)
     providers = []
@@ -131,12 +144,12 @@ def plot(csv_path, png_path, title):
         xs, ys = [], []
         for j, case in enumerate(cases):
             for r in rows:
-                if r["provider"] == prov and (r.get("op", ""), r["shape"], r.get("dtype", ""), r.get("pass", "")) == case:
+                if r["provider"] == prov and _case(r) == case:
                     xs.append(j + i * width)
-                    ys.append(float(r["median_s"]) * 1e3)
+                    ys.append(_seconds(r) * 1e3)
         ax.bar(xs, ys, width, label=prov)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels([" ".join(c for c in case if c) for case in cases], rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels([" ".join(case) for case in cases], rotation=20, ha="right", fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("median time (ms, log)")
     ax.set_title(title)

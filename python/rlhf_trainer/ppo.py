@@ -125,25 +125,26 @@ class PPOTrainer:
     def _score(self, prompt_ids, responses):
         if self.reward_fn is not None:
             return self.reward_fn(prompt_ids, responses).float()
-        ids = torch.cat([self.task.prompts[prompt_ids], responses], 1)
-        mask = torch.cat([torch.ones_like(self.task.prompts[prompt_ids], dtype=torch.bool),
-                          response_mask(responses, self.cfg.task.eos_token_id, self.cfg.task.stop_at_eos)], 1)
-        return self.reward_model.score(ids, mask.long())
+        mask = response_mask(responses, self.cfg.task.eos_token_id, self.cfg.task.stop_at_eos)
+        return self.reward_model.score(*self._sequences(self.task.prompts[prompt_ids], responses, mask))
 
-    def _policy_forward(self, prompts, responses, mask, with_entropy=False):
-        """log-probabilities (and entropies) of the response tokens: [B, L]."""
-        P = prompts.shape[1]
+    @staticmethod
+    def _sequences(prompts, responses, mask):
+        """Prompt + response ids and the attention mask over real tokens: [B, P + L] each."""
         ids = torch.cat([prompts, responses], 1)
         attn = torch.cat([torch.ones_like(prompts), mask.long()], 1)
-        logits = self.policy(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits[:, P - 1:-1]
+        return ids, attn
+
+    def _logprobs(self, model, prompts, responses, mask, with_entropy=False):
+        """log-probabilities (and entropies) of the response tokens under ``model``: [B, L]."""
+        P = prompts.shape[1]
+        ids, attn = self._sequences(prompts, responses, mask)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits[:, P - 1:-1]
         labels = responses.masked_fill(~mask, -100)
         return rk.token_logprobs(logits, labels, temperature=self.cfg.ppo.temperature, return_entropy=with_entropy)
 
     def _values(self, prompts, responses, mask):
-        P = prompts.shape[1]
-        ids = torch.cat([prompts, responses], 1)
-        attn = torch.cat([torch.ones_like(prompts), mask.long()], 1)
-        return self.value(ids, attn)[:, P - 1:-1]
+        return self.value(*self._sequences(prompts, responses, mask))[:, prompts.shape[1] - 1:-1]
 
     def rollout(self):
         p, t = self.cfg.ppo, self.task
@@ -164,14 +165,16 @@ class PPOTrainer:
         p, tc = self.cfg.ppo, self.cfg.task
         mask = response_mask(responses, tc.eos_token_id, tc.stop_at_eos)
         mb = p.micro_batch
-        with torch.no_grad():
+
+        def chunked(fn):
             # the same micro-batch split as the first epoch, so the first ratios are exactly 1
-            old_logp = torch.cat([self._policy_forward(prompts[i:i + mb], responses[i:i + mb], mask[i:i + mb])
-                                  for i in range(0, len(prompts), mb)])
-            ref_logp = torch.cat([self._ref_logprobs(prompts[i:i + mb], responses[i:i + mb], mask[i:i + mb])
-                                  for i in range(0, len(prompts), mb)])
-            old_values = torch.cat([self._values(prompts[i:i + mb], responses[i:i + mb], mask[i:i + mb])
-                                    for i in range(0, len(prompts), mb)])
+            return torch.cat([fn(prompts[i:i + mb], responses[i:i + mb], mask[i:i + mb])
+                              for i in range(0, len(prompts), mb)])
+
+        with torch.no_grad():
+            old_logp = chunked(lambda *a: self._logprobs(self.policy, *a))
+            ref_logp = chunked(lambda *a: self._logprobs(self.ref, *a))
+            old_values = chunked(self._values)
             score = self._score(prompt_ids, responses)
             has_eos = (responses == tc.eos_token_id).any(-1)
             if tc.stop_at_eos and p.missing_eos_penalty is not None:
@@ -186,13 +189,6 @@ class PPOTrainer:
         return {"prompt_ids": prompt_ids, "prompts": prompts, "responses": responses, "mask": mask,
                 "rewards": rewards, "old_logp": old_logp, "ref_logp": ref_logp, "old_values": old_values, "score": score,
                 "kl": kl, "advantages": adv, "returns": returns, "has_eos": has_eos}
-
-    def _ref_logprobs(self, prompts, responses, mask):
-        P = prompts.shape[1]
-        ids = torch.cat([prompts, responses], 1)
-        attn = torch.cat([torch.ones_like(prompts), mask.long()], 1)
-        logits = self.ref(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits[:, P - 1:-1]
-        return rk.token_logprobs(logits, responses.masked_fill(~mask, -100), temperature=self.cfg.ppo.temperature)
 
     def update(self, batch):
         p = self.cfg.ppo
@@ -211,7 +207,8 @@ class PPOTrainer:
                 for m0 in range(0, p.minibatch, p.micro_batch):
                     j = idx[m0:m0 + p.micro_batch]
                     mask = batch["mask"][j]
-                    logp, entropy = self._policy_forward(batch["prompts"][j], batch["responses"][j], mask, True)
+                    logp, entropy = self._logprobs(self.policy, batch["prompts"][j], batch["responses"][j], mask,
+                                                   with_entropy=True)
                     pg, st = rk.ppo_policy_loss(logp, batch["old_logp"][j], batch["advantages"][j], mask,
                                                 clip_low=p.clip_low, clip_high=p.clip_high, dual_clip=p.dual_clip,
                                                 loss_agg=p.loss_agg, num_tokens=num_tokens)

@@ -47,17 +47,6 @@ void gae_rows(const at::Tensor& rewards, const at::Tensor& values, const bool* m
   });
 }
 
-const float* check_last_values(const c10::optional<at::Tensor>& last_values, int64_t B, const at::Tensor& ref,
-                               const char* op) {
-  if (!last_values.has_value()) return nullptr;
-  const at::Tensor& lv = *last_values;
-  TORCH_CHECK(lv.dim() == 1 && lv.size(0) == B, op, ": `last_values` must have shape [", B, "], got ", lv.sizes());
-  RLHF_CHECK_DTYPE(lv, at::kFloat, "rlhf_kernels");
-  RLHF_CHECK_CONTIG(lv, "rlhf_kernels");
-  RLHF_CHECK_SAME_DEVICE(lv, ref, "rlhf_kernels");
-  return lv.data_ptr<float>();
-}
-
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, const c10::optional<at::Tensor>& last_values,
                                            double gamma, double lam) {

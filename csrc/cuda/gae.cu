@@ -142,17 +142,9 @@ __global__ void __launch_bounds__(kThreads) gae_kernel(const float* __restrict__
 
 void launch_gae(const at::Tensor& rewards, const at::Tensor& values, const bool* mask, const int64_t* cu,
                 int64_t B, int64_t T, const c10::optional<at::Tensor>& last_values, double gamma, double lam,
-                at::Tensor& adv, at::Tensor& ret) {
+                at::Tensor& adv, at::Tensor& ret, const char* op) {
+  const float* last = check_last_values(last_values, B, rewards, op);
   if (B == 0 || rewards.numel() == 0) return;
-  const float* last = nullptr;
-  if (last_values.has_value()) {
-    TORCH_CHECK(last_values->dim() == 1 && last_values->size(0) == B, "gae: `last_values` must have shape [", B,
-                "], got ", last_values->sizes());
-    RLHF_CHECK_DTYPE((*last_values), at::kFloat, "gae");
-    RLHF_CHECK_CONTIG((*last_values), "gae");
-    RLHF_CHECK_SAME_DEVICE((*last_values), rewards, "gae");
-    last = last_values->data_ptr<float>();
-  }
   TORCH_CHECK(B <= 2147483647LL, "gae: too many sequences for one launch: ", B);
   const c10::cuda::CUDAGuard guard(rewards.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -178,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   RLHF_CHECK_SAME_DEVICE(rewards, mask, "gae");
   at::Tensor adv = at::empty_like(rewards), ret = at::empty_like(rewards);
   launch_gae(rewards, values, mask.data_ptr<bool>(), nullptr, rewards.size(0), rewards.size(1), last_values, gamma,
-             lam, adv, ret);
+             lam, adv, ret, "gae");
   return {adv, ret};
 }
 
@@ -211,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> gae_packed_cuda(const at::Tensor& rewards, co
   }
   at::Tensor adv = at::empty_like(rewards), ret = at::empty_like(rewards);
   launch_gae(rewards, values, m, cu_seqlens.data_ptr<int64_t>(), cu_seqlens.size(0) - 1, 0, last_values, gamma, lam,
-             adv, ret);
+             adv, ret, "gae_packed");
   return {adv, ret};
 }
 

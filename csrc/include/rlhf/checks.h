@@ -14,3 +14,19 @@
 #define RLHF_CHECK_SAME_SHAPE(a, b, op)                                                                   \
   TORCH_CHECK((a).sizes() == (b).sizes(), op ": `" #a "` has shape ", (a).sizes(), " but `" #b "` has shape ", \
               (b).sizes())
+
+namespace rlhf {
+
+// `last_values` of the gae ops: absent (nullptr) or float32 [B] contiguous beside `ref`.
+inline const float* check_last_values(const c10::optional<at::Tensor>& last_values, int64_t B, const at::Tensor& ref,
+                                      const char* op) {
+  if (!last_values.has_value()) return nullptr;
+  const at::Tensor& lv = *last_values;
+  TORCH_CHECK(lv.dim() == 1 && lv.size(0) == B, op, ": `last_values` must have shape [", B, "], got ", lv.sizes());
+  RLHF_CHECK_DTYPE(lv, at::kFloat, "rlhf_kernels");
+  RLHF_CHECK_CONTIG(lv, "rlhf_kernels");
+  RLHF_CHECK_SAME_DEVICE(lv, ref, "rlhf_kernels");
+  return lv.data_ptr<float>();
+}
+
+}  // namespace rlhf

@@ -28,6 +28,15 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def("full_kl_fwd(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor kl, Tensor stats)");
   m.def("full_kl_bwd(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor kl, Tensor stats,"
         " float temperature) -> Tensor");
+  // linear_logprobs family: hidden [N, H], weight [V, H], bias [V] of one dtype (float32/float16/
+  // bfloat16), contiguous; labels [N] int64/int32; `tile` = most logits elements held at once
+  // (0: the backend's default). Forward -> float32 (logp [N], entropy [N], stats [N, 2]);
+  // backward -> (d_hidden, d_weight, d_bias) in the input dtype, [0] where not asked for.
+  m.def("linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature,"
+        " int ignore_index, int tile) -> (Tensor logp, Tensor entropy, Tensor stats)");
+  m.def("linear_logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_logp,"
+        " Tensor? grad_entropy, Tensor stats, Tensor entropy, float temperature, int ignore_index, int tile,"
+        " bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
   // ppo family: float32 [B, T] inputs, bool mask; num_tokens a 0-d float64 tensor (the global
   // normalizer of token-mean) or None; loss_agg 0..3 = token-mean, seq-mean-token-mean,
   // seq-mean-token-sum, seq-mean-token-sum-norm. Forward -> (loss [], stats [8] / [2],

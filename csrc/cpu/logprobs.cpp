@@ -2,8 +2,8 @@
 //
 // Rows are independent and run in parallel (at::parallel_for). A row is walked in
 // chunks of kChunk entries: each chunk is converted to float and scaled by 1/T into
-// an L1-resident buffer, reduced by vectorizable loops (16 independent lanes, a
-// polynomial exp), and merged into the row's running statistics (rlhf/logprobs.h).
+// an L1-resident buffer, reduced by the vector helpers of rlhf/cpu_softmax.h, and
+// merged into the row's running statistics (rlhf/logprobs.h).
 // The forward reads the logits once; the backward reads them once and writes the
 // gradient once, chunk by chunk, so writing over the logits (inplace) is safe.
 // The result of a row does not depend on the number of threads.
@@ -12,124 +12,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
-#include <type_traits>
 
+#include "rlhf/cpu_softmax.h"
 #include "rlhf/logprobs.h"
 #include "rlhf/logprobs_checks.h"
 
-// The hot loops get an AVX2 clone chosen at load time by CPU feature (the build targets
-// baseline x86-64). Not "arch=haswell": that clone is picked by CPU model, so AMD never gets it.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RLHF_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define RLHF_CPU_CLONES
-#endif
-
 namespace rlhf {
 namespace {
-
-constexpr int64_t kChunk = 2048;  // floats per chunk buffer: 8 KiB, stays in L1
-
-// exp(x) for x <= 0 (and NaN): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, a degree-6
-// polynomial for exp(r) (relative error ~2e-7), 2^k from the exponent bits. Below -87 the
-// result is 0 (exp(-inf) = 0, as a -inf logit needs); NaN stays NaN (comparisons are false).
-// One body for scalars (F = float, I = int32_t) and 8-lane vectors (F = VecF, I = VecI).
-// GCC vector extensions: 8 floats, one AVX2 register (two SSE registers in the baseline clone).
-// Explicit vectors because GCC does not vectorize float reductions without -ffast-math.
-// (The helpers are always inlined, so the -Wpsabi note about passing 32-byte vectors is moot.)
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float VecF __attribute__((vector_size(32)));
-typedef int32_t VecI __attribute__((vector_size(32)));
-constexpr int kW = 8;
-
-template <typename F>
-__attribute__((always_inline)) inline F splat(float x) {
-  return F{} + x;
-}
-
-template <typename F, typename I>
-__attribute__((always_inline)) inline F exp_nonpos_t(F x) {
-  const F lo = splat<F>(-87.f);
-  const F xc = x < lo ? lo : x;
-  const F kf = (xc * splat<F>(1.44269504088896341f) + splat<F>(12582912.f)) - splat<F>(12582912.f);
-  const F r = (xc - kf * splat<F>(0.693359375f)) + kf * splat<F>(2.12194440e-4f);
-  F p = splat<F>(1.f / 720.f);
-  p = p * r + splat<F>(1.f / 120.f);
-  p = p * r + splat<F>(1.f / 24.f);
-  p = p * r + splat<F>(1.f / 6.f);
-  p = p * r + splat<F>(0.5f);
-  p = p * r + splat<F>(1.f);
-  p = p * r + splat<F>(1.f);
-  F scale;
-  if constexpr (std::is_same_v<F, float>) {
-    scale = std::bit_cast<float>((static_cast<int32_t>(kf) + 127) << 23);
-  } else {
-    scale = reinterpret_cast<F>((__builtin_convertvector(kf, I) + 127) << 23);
-  }
-  return x < lo ? splat<F>(0.f) : p * scale;
-}
-
-inline float exp_nonpos(float x) { return exp_nonpos_t<float, int32_t>(x); }
-__attribute__((always_inline)) inline VecF exp_nonpos(VecF x) { return exp_nonpos_t<VecF, VecI>(x); }
-
-__attribute__((always_inline)) inline VecF load8(const float* p) {
-  VecF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-__attribute__((always_inline)) inline void store8(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
-__attribute__((always_inline)) inline float lane_sum(VecF v) {  // fixed order: deterministic
-  float s = 0.f;
-  for (int k = 0; k < kW; ++k) s += v[k];
-  return s;
-}
-
-template <typename T>
-void load_scaled(const T* z, int64_t n, float inv_t, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(z[i]) * inv_t;
-}
-
-template <typename T>
-void store(const float* in, int64_t n, T* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(in[i]);
-}
-
-RLHF_CPU_CLONES float max_of(const float* s, int64_t n) {
-  VecF m8 = splat<VecF>(-INFINITY);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    const VecF x = load8(s + i);
-    m8 = x > m8 ? x : m8;
-  }
-  float m = -INFINITY;
-  for (int k = 0; k < kW; ++k) m = m8[k] > m ? m8[k] : m;
-  for (; i < n; ++i) m = s[i] > m ? s[i] : m;
-  return m;
-}
-
-// Chunk statistics relative to the chunk's max m: d = sum e, w = sum e (s - m)
-// (softmax_stats_add of rlhf/logprobs.h, eight lanes at a time).
-RLHF_CPU_CLONES SoftmaxStats chunk_softmax_stats(const float* s, int64_t n) {
-  const float m = max_of(s, n);
-  if (m == -INFINITY) return softmax_stats_empty();  // all -inf: contributes nothing
-  const VecF mv = splat<VecF>(m), zero = splat<VecF>(0.f);
-  VecF d = zero, w = zero;
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    const VecF x = load8(s + i) - mv, e = exp_nonpos(x);
-    d += e;
-    w += e > zero ? e * x : zero;
-  }
-  SoftmaxStats st = {m, lane_sum(d), lane_sum(w)};
-  for (; i < n; ++i) softmax_stats_add(st, s[i], exp_nonpos(s[i] - m));
-  return st;
-}
 
 // A chunk whose s (or r) is all -inf is measured against 0 instead of its max: its exps are
 // then exactly 0 and its d (or d_r) is 0, which the merge treats as "nothing seen".
@@ -151,24 +43,6 @@ RLHF_CPU_CLONES KlStats chunk_kl_stats(const float* s, const float* r, int64_t n
   return st;
 }
 
-// In place: s_j -> dz_j = ds_j / T without the label's one-hot term
-// (logprob_entropy_grad of rlhf/logprobs.h, eight lanes at a time).
-RLHF_CPU_CLONES void chunk_logprob_grad(float* s, int64_t n, float m, float log_d, float entropy, float g_logp,
-                                        float g_entropy, float inv_t) {
-  const VecF mv = splat<VecF>(m), ldv = splat<VecF>(log_d), hv = splat<VecF>(entropy), zero = splat<VecF>(0.f);
-  const VecF glv = splat<VecF>(g_logp), ghv = splat<VecF>(g_entropy), itv = splat<VecF>(inv_t);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    const VecF lp = (load8(s + i) - mv) - ldv, p = exp_nonpos(lp);
-    const VecF g = p > zero ? -p * (glv + ghv * (lp + hv)) : zero;
-    store8(s + i, g * itv);
-  }
-  for (; i < n; ++i) {
-    const float lp = log_prob(s[i], m, log_d);
-    s[i] = logprob_entropy_grad(lp, exp_nonpos(lp), g_logp, g_entropy, entropy) * inv_t;
-  }
-}
-
 // In place: s_j -> dz_j = g dKL/ds_j / T (full_kl_grad of rlhf/logprobs.h, eight lanes at a time).
 RLHF_CPU_CLONES void chunk_kl_grad(float* s, const float* r, int64_t n, const float* st, float kl, float g,
                                    float inv_t) {
@@ -186,18 +60,6 @@ RLHF_CPU_CLONES void chunk_kl_grad(float* s, const float* r, int64_t n, const fl
     s[i] = full_kl_grad(lp, log_prob(r[i], mr, log_dr), exp_nonpos(lp), g, kl) * inv_t;
   }
 }
-
-int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
-
-// Labels outside [0, V) other than ignore_index: the first one found is reported.
-struct BadLabel {
-  std::atomic<bool> found{false};
-  std::atomic<int64_t> row{0}, value{0};
-  void note(int64_t r, int64_t v) {
-    bool expected = false;
-    if (found.compare_exchange_strong(expected, true)) { row = r; value = v; }
-  }
-};
 
 template <typename T, typename L>
 void logprobs_forward_rows(const T* z, const L* labels, int64_t N, int64_t V, float inv_t, int64_t ignore_index,
@@ -305,18 +167,6 @@ void full_kl_backward_rows(const T* z, const T* zr, const float* g, const float*
   });
 }
 
-template <typename F>
-void dispatch_labels(const c10::optional<at::Tensor>& labels, F f) {
-  if (!labels.has_value()) {
-    f(static_cast<const int64_t*>(nullptr));
-  } else if (labels->scalar_type() == at::kLong) {
-    f(labels->data_ptr<int64_t>());
-  } else {
-    f(labels->data_ptr<int32_t>());
-  }
-}
-
-const float* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
 // ---- ops ----
 

@@ -1,0 +1,260 @@
+// Fused LM head + token log-probabilities + entropy: the host-side tiling shared by the
+// CPU (csrc/cpu/linear_logprobs.cpp) and CUDA (csrc/cuda/linear_logprobs.cu) ops.
+//
+// logits = hidden @ weight^T (+ bias), s = logits / T, never held as [N, V]. The vocabulary
+// is walked in tiles of vc columns (and the tokens in tiles of nt rows only when N * 128
+// exceeds the tile budget). Each tile's logits [nt, vc] come from one matmul with float32
+// output (MKL on float32 operands on the CPU; cuBLAS with float32 accumulation and output on
+// CUDA, so bf16/fp16 logits are never rounded to 16 bits) into one reused buffer, and a
+// device epilogue E folds them at once, bias added, into per-row statistics (rlhf/logprobs.h):
+//   forward:  running (m, d, w, s_y) per row, merged tile by tile; at the end
+//             logp = (s_y - m) - log d, H = log d - w / d; saved: stats (m, log d), H.
+//   backward: per tile, recompute the logits; E turns them into
+//             dlogits = [g_l (onehot(y) - p) - g_H p (log p + H)] / T  (0 on ignored rows)
+//             in the operands' dtype; then d_hidden[rows] += dlogits @ W_tile (float32),
+//             d_weight[tile] (+)= dlogits^T @ hidden[rows], d_bias[tile] += column sums.
+// Extra memory: the float32 tile (at most `tile` elements, by default E::kDefaultTileBytes),
+// its dlogits copy in the operands' dtype when that is not float32, the running statistics
+// [N, 4], the float32 d_hidden [N, H] and d_bias [V] accumulators, a d_weight tile accumulator
+// [vc, H] only when the tokens are tiled too, and E::operand's copies (CPU, 16-bit inputs only:
+// hidden and one weight tile in float32).
+//
+// E provides:
+//   static constexpr int64_t kDefaultTileBytes;
+//   static at::Tensor operand(t);               matmul operand: t itself, or a float32 copy
+//   static void mm_f32(out, a, b);              out (float32) = a @ b
+//   static void addmm_f32(acc, a, b);           acc (float32) += a @ b
+//   static void check_labels(labels, V, ignore_index, op);   (CPU: in C++; CUDA: the Python API)
+//   static void fold(logits [nr, n] f32, bias + c0 or nullptr, labels [nr], c0, inv_t, running [nr, 4]);
+//   static void grad(logits [nr, n] f32, dlogits out [nr, n] (may alias logits), bias + c0 or
+//                    nullptr, labels [nr], c0, inv_t, ignore_index, stats [nr, 2], entropy [nr],
+//                    g_logp [nr]?, g_entropy [nr]?);
+// Every tensor E gets is contiguous. E::fold treats a label in [c0, c0 + n) as its own; the
+// running s_y of an ignored row is never read.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/log.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+namespace rlhf {
+
+struct LinearTiles {
+  int64_t vc, nt;  // vocabulary columns and token rows per tile
+};
+
+// Vocabulary tiles as wide as the budget allows with every token in one tile (so d_weight
+// needs no accumulator), a multiple of 128 columns (aligned rows); only when N is so large
+// that 128 columns of all tokens exceed the budget are the tokens tiled too.
+inline LinearTiles linear_tiles(int64_t N, int64_t V, int64_t budget) {
+  constexpr int64_t kAlign = 128;
+  budget = std::max<int64_t>(budget, kAlign);
+  const int64_t n = std::max<int64_t>(N, 1);
+  int64_t vc = budget / n / kAlign * kAlign;
+  if (vc == 0) vc = kAlign;
+  vc = std::min(vc, V);
+  const int64_t nt = std::min<int64_t>(n, std::max<int64_t>(1, budget / vc));
+  return {vc, nt};
+}
+
+inline void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              const at::Tensor& labels, const char* op) {
+  TORCH_CHECK(hidden.dim() == 2, op, ": `hidden` must be [N, H], got ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), op, ": `weight` must be [V, H] with H = ",
+              hidden.size(1), " (hidden ", hidden.sizes(), "), got ", weight.sizes());
+  TORCH_CHECK(weight.size(0) > 0, op, ": `weight` has V = 0 rows; the vocabulary must have at least one entry");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": `hidden` must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt, op, ": `weight` must have the dtype of `hidden` (", dt, "), got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.device() == hidden.device(), op, ": `weight` is on ", weight.device(), " but `hidden` is on ",
+              hidden.device());
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous(), op,
+              ": `hidden` and `weight` must be contiguous (the Python API makes them so)");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": `bias` must be [V] = [", weight.size(0),
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == dt, op, ": `bias` must have the dtype of `hidden` (", dt, "), got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->device() == hidden.device(), op, ": `bias` is on ", bias->device(), " but `hidden` is on ",
+                hidden.device());
+    TORCH_CHECK(bias->is_contiguous(), op, ": `bias` must be contiguous");
+  }
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), op, ": `labels` must be [N] = [",
+              hidden.size(0), "], got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
+              ": `labels` must be int64 or int32, got ", labels.scalar_type());
+  TORCH_CHECK(labels.device() == hidden.device(), op, ": `labels` is on ", labels.device(), " but `hidden` is on ",
+              hidden.device());
+  TORCH_CHECK(labels.is_contiguous(), op, ": `labels` must be contiguous");
+}
+
+// A per-row float32 tensor [N] or [N, cols] on hidden's device.
+inline void check_linear_row(const c10::optional<at::Tensor>& t, int64_t N, const at::Tensor& hidden,
+                             const char* name, const char* op, int64_t cols = 0) {
+  if (!t.has_value()) return;
+  const bool ok = cols == 0 ? (t->dim() == 1 && t->size(0) == N)
+                            : (t->dim() == 2 && t->size(0) == N && t->size(1) == cols);
+  TORCH_CHECK(ok, op, ": `", name, "` must be [", N, cols ? ", " + std::to_string(cols) : std::string(), "], got ",
+              t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device() == hidden.device(), op, ": `", name,
+              "` must be a contiguous float32 tensor on ", hidden.device(), ", got ", t->scalar_type(), " on ",
+              t->device());
+}
+
+inline int64_t linear_tile_budget(int64_t tile, int64_t default_bytes) {
+  return tile > 0 ? tile : default_bytes / static_cast<int64_t>(sizeof(float));
+}
+
+inline float linear_inverse_temperature(double temperature, const char* op) {
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": `temperature` must be a finite number > 0, got ",
+              temperature);
+  return static_cast<float>(1.0 / temperature);
+}
+
+// The float32 logits (without bias) of rows [r0, r0 + nr) and columns [c0, c0 + n), into the
+// first nr * n elements of `buf` (so the tile is contiguous whatever its size).
+template <typename E>
+at::Tensor linear_tile_logits(const at::Tensor& buf, const at::Tensor& hidden, const at::Tensor& w_tile, int64_t r0,
+                              int64_t nr) {
+  at::Tensor out = buf.narrow(0, 0, nr * w_tile.size(0)).view({nr, w_tile.size(0)});
+  E::mm_f32(out, hidden.narrow(0, r0, nr), w_tile.t());
+  return out;
+}
+
+inline const float* linear_bias_ptr(const at::Tensor& bias_f32, int64_t c0) {
+  return bias_f32.defined() ? bias_f32.data_ptr<float>() + c0 : nullptr;
+}
+
+// -> (logp [N], entropy [N], stats [N, 2] = (m, log d)), float32.
+template <typename E>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forward(const at::Tensor& hidden,
+                                                                       const at::Tensor& weight,
+                                                                       const c10::optional<at::Tensor>& bias,
+                                                                       const at::Tensor& labels, double temperature,
+                                                                       int64_t ignore_index, int64_t tile) {
+  const char* op = "linear_token_logprobs";
+  check_linear_args(hidden, weight, bias, labels, op);
+  const float inv_t = linear_inverse_temperature(temperature, op);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  if (N == 0) return {at::empty({0}, f32), at::empty({0}, f32), at::empty({0, 2}, f32)};
+  E::check_labels(labels, V, ignore_index, op);
+  const LinearTiles tl = linear_tiles(N, V, linear_tile_budget(tile, E::kDefaultTileBytes));
+  const at::Tensor h = E::operand(hidden);
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
+  // running (m, d, w, s_y): m starts at -inf, the rest at 0
+  at::Tensor running = at::zeros({N, 4}, f32);
+  running.select(1, 0).fill_(-INFINITY);
+  at::Tensor buf = at::empty({tl.nt * tl.vc}, f32);
+  for (int64_t c0 = 0; c0 < V; c0 += tl.vc) {
+    const int64_t n = std::min(tl.vc, V - c0);
+    const at::Tensor w = E::operand(weight.narrow(0, c0, n));
+    for (int64_t r0 = 0; r0 < N; r0 += tl.nt) {
+      const int64_t nr = std::min(tl.nt, N - r0);
+      const at::Tensor logits = linear_tile_logits<E>(buf, h, w, r0, nr);
+      E::fold(logits, linear_bias_ptr(b, c0), labels.narrow(0, r0, nr), c0, inv_t, running.narrow(0, r0, nr));
+    }
+  }
+  const at::Tensor m = running.select(1, 0), log_d = at::log(running.select(1, 1));
+  const at::Tensor ignored = labels.eq(ignore_index);
+  const at::Tensor zero = at::zeros({}, f32);
+  const at::Tensor logp = at::where(ignored, zero, running.select(1, 3).sub(m).sub(log_d));
+  const at::Tensor entropy = at::where(ignored, zero, log_d.sub(running.select(1, 2).div(running.select(1, 1))));
+  return {logp, entropy, at::stack({m, log_d}, 1)};
+}
+
+// -> (d_hidden [N, H] or [0], d_weight [V, H] or [0], d_bias [V] or [0]) in the input dtype.
+template <typename E>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const c10::optional<at::Tensor>& grad_logp,
+    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& stats, const at::Tensor& entropy,
+    double temperature, int64_t ignore_index, int64_t tile, bool need_hidden, bool need_weight, bool need_bias) {
+  const char* op = "linear_token_logprobs backward";
+  check_linear_args(hidden, weight, bias, labels, op);
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  check_linear_row(grad_logp, N, hidden, "grad_logp", op);
+  check_linear_row(grad_entropy, N, hidden, "grad_entropy", op);
+  check_linear_row(stats, N, hidden, "stats", op, 2);
+  check_linear_row(entropy, N, hidden, "entropy", op);
+  TORCH_CHECK(!need_bias || bias.has_value(), op, ": a bias gradient was asked for without a `bias`");
+  const float inv_t = linear_inverse_temperature(temperature, op);
+  const auto dt = hidden.scalar_type();
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  // an output that was not asked for is a fresh [0] tensor (outputs must not alias)
+  const auto none_like = [&] { return at::empty({0}, hidden.options()); };
+  const at::Tensor none = none_like();
+  // d_hidden and d_bias accumulate in float32 across vocabulary tiles
+  at::Tensor d_hidden = need_hidden ? at::zeros({N, H}, f32) : none;
+  at::Tensor d_weight = need_weight ? at::empty({V, H}, hidden.options()) : none;
+  at::Tensor d_bias = need_bias ? at::zeros({V}, f32) : none;
+  if (N == 0 || !(need_hidden || need_weight || need_bias)) {
+    if (need_weight) d_weight.zero_();
+    return {need_hidden ? d_hidden.to(dt) : none_like(), need_weight ? d_weight : none_like(),
+            need_bias ? d_bias.to(dt) : none_like()};
+  }
+  const LinearTiles tl = linear_tiles(N, V, linear_tile_budget(tile, E::kDefaultTileBytes));
+  const bool token_tiled = tl.nt < N;
+  const at::Tensor h = E::operand(hidden);
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
+  at::Tensor buf = at::empty({tl.nt * tl.vc}, f32);
+  // dlogits in the matmul operands' dtype: in place over the float32 tile when that is float32
+  const bool in_place = h.scalar_type() == at::kFloat;
+  at::Tensor gbuf = in_place ? buf : at::empty({tl.nt * tl.vc}, h.options());
+  at::Tensor dw_acc = need_weight && token_tiled ? at::empty({tl.vc, H}, f32) : none;
+  for (int64_t c0 = 0; c0 < V; c0 += tl.vc) {
+    const int64_t n = std::min(tl.vc, V - c0);
+    const at::Tensor w = E::operand(weight.narrow(0, c0, n));
+    at::Tensor dw = need_weight ? d_weight.narrow(0, c0, n) : none;
+    at::Tensor dw_f32 = token_tiled && need_weight ? dw_acc.narrow(0, 0, n) : none;
+    for (int64_t r0 = 0; r0 < N; r0 += tl.nt) {
+      const int64_t nr = std::min(tl.nt, N - r0);
+      const at::Tensor logits = linear_tile_logits<E>(buf, h, w, r0, nr);
+      at::Tensor dz = in_place ? logits : gbuf.narrow(0, 0, nr * n).view({nr, n});
+      E::grad(logits, dz, linear_bias_ptr(b, c0), labels.narrow(0, r0, nr), c0, inv_t, ignore_index,
+              stats.narrow(0, r0, nr), entropy.narrow(0, r0, nr),
+              grad_logp ? c10::optional<at::Tensor>(grad_logp->narrow(0, r0, nr)) : c10::nullopt,
+              grad_entropy ? c10::optional<at::Tensor>(grad_entropy->narrow(0, r0, nr)) : c10::nullopt);
+      const at::Tensor hr = h.narrow(0, r0, nr);
+      if (need_hidden) {
+        at::Tensor acc = d_hidden.narrow(0, r0, nr);
+        E::addmm_f32(acc, dz, w);
+      }
+      if (need_weight) {
+        if (!token_tiled) {  // the only token tile: one product, rounded once
+          if (dz.scalar_type() == dt) {
+            at::mm_out(dw, dz.t(), hr);
+          } else {
+            dw.copy_(at::mm(dz.t(), hr));
+          }
+        } else if (r0 == 0) {
+          dw_f32.zero_();
+          E::addmm_f32(dw_f32, dz.t(), hr);
+        } else {
+          E::addmm_f32(dw_f32, dz.t(), hr);
+        }
+      }
+      if (need_bias) d_bias.narrow(0, c0, n).add_(at::sum(dz, {0}, false, at::kFloat));
+    }
+    if (token_tiled && need_weight) dw.copy_(dw_f32);
+  }
+  return {need_hidden ? d_hidden.to(dt) : none_like(), need_weight ? d_weight : none_like(),
+          need_bias ? d_bias.to(dt) : none_like()};
+}
+
+}  // namespace rlhf

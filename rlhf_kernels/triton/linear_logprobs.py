@@ -1,0 +1,263 @@
+"""Fused LM head + token log-probabilities + entropy: torch matmuls, Triton epilogues.
+
+The same tiling as the native ops (csrc/include/rlhf/linear_logprobs.h): the vocabulary in
+tiles of ``vc`` columns (tokens in tiles of ``nt`` rows only when N * 128 exceeds the tile
+budget); each tile's float32 logits [nt, vc] come from one matmul (cuBLAS through torch,
+float32 output from 16-bit inputs) and a Triton epilogue, one program per row, folds them
+at once, bias added, into running float32 statistics of s = logits / T
+(rlhf_kernels/triton/logprobs.py has the same online softmax):
+    m = max s,  d = sum exp(s - m),  w = sum exp(s - m) (s - m),  s_y = the label's s.
+Then logp = (s_y - m) - log d and H = log d - w / d. Saved for the backward: (m, log d) and H.
+The backward recomputes each tile's logits, a second epilogue overwrites them with
+    dlogits = [g_l (onehot(y) - p) - g_H p (log p + H)] / T   (0 on ignored rows)
+in the operands' dtype, and torch matmuls accumulate d_hidden (float32), d_weight and d_bias
+tile by tile.
+The [N, V] logits never exist; at most one tile of them does.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Bytes of one float32 logits tile (the native CUDA op uses the same budget).
+TILE_BYTES = 256 << 20
+_ALIGN = 128
+
+
+@triton.jit
+def _fold_kernel(
+    z_ptr,        # [nr, n] float32 logits tile (no bias), rows contiguous
+    bias_ptr,     # [n] float32 bias of the tile's columns; read only when HAS_BIAS
+    labels_ptr,   # [nr] int32/int64 labels (global vocabulary ids)
+    run_ptr,      # [nr, 4] float32 running (m, d, w, s_y), updated in place
+    n, c0, inv_t,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * n
+    cols = tl.arange(0, BLOCK)
+    m = tl.load(run_ptr + 4 * row)
+    d = tl.load(run_ptr + 4 * row + 1)
+    w = tl.load(run_ptr + 4 * row + 2)
+    for start in range(0, n, BLOCK):
+        idx = start + cols
+        z = tl.load(base + idx, mask=idx < n, other=float("-inf"))
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + idx, mask=idx < n, other=0.0)
+        s = z * inv_t
+        m_new = tl.maximum(m, tl.max(s, 0))
+        # rebase (d, w) from m to m_new; d == 0 means nothing seen yet
+        shift = tl.where(d > 0, m - m_new, 0.0)  # d == 0: m may be -inf, and nothing to rescale
+        scale = tl.where(d > 0, tl.exp(shift), 0.0)
+        w = scale * (w + shift * d)
+        d = d * scale
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exps are 0
+        e = tl.exp(s - m_safe)
+        d += tl.sum(e, 0)
+        w += tl.sum(tl.where(e > 0, e * (s - m_safe), 0.0), 0)
+        m = m_new
+    tl.store(run_ptr + 4 * row, m)
+    tl.store(run_ptr + 4 * row + 1, d)
+    tl.store(run_ptr + 4 * row + 2, w)
+    y = tl.load(labels_ptr + row).to(tl.int64) - c0
+    here = (y >= 0) & (y < n)
+    z_y = tl.load(base + y, mask=here, other=0.0)
+    if HAS_BIAS:
+        z_y += tl.load(bias_ptr + y, mask=here, other=0.0)
+    s_y = z_y * inv_t
+    tl.store(run_ptr + 4 * row + 3, s_y, mask=here)
+
+
+@triton.jit
+def _grad_kernel(
+    z_ptr,        # [nr, n] float32 logits tile (no bias)
+    dz_ptr,       # [nr, n] out: dlogits in the matmul operands' dtype; may be z_ptr (each chunk
+                  # is read before it is written)
+    bias_ptr,     # [n] float32 bias of the tile's columns; read only when HAS_BIAS
+    labels_ptr,   # [nr] int labels (global vocabulary ids)
+    glogp_ptr,    # [nr] float32 upstream gradient of logp; read only when HAS_GLOGP
+    gent_ptr,     # [nr] float32 upstream gradient of the entropy; read only when HAS_GENT
+    stats_ptr,    # [nr, 2] float32 saved (m, log d)
+    ent_ptr,      # [nr] float32 saved entropy
+    n, c0, inv_t, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * n
+    out = dz_ptr + row * n
+    cols = tl.arange(0, BLOCK)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    keep = label != ignore_index
+    y = label - c0
+    gl = 0.0
+    if HAS_GLOGP:
+        gl = tl.load(glogp_ptr + row)
+    gh = 0.0
+    if HAS_GENT:
+        gh = tl.load(gent_ptr + row)
+    m = tl.load(stats_ptr + 2 * row)
+    log_d = tl.load(stats_ptr + 2 * row + 1)
+    h = tl.load(ent_ptr + row)
+    for start in range(0, n, BLOCK):
+        idx = start + cols
+        inb = idx < n
+        z = tl.load(base + idx, mask=inb, other=0.0)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + idx, mask=inb, other=0.0)
+        s = z * inv_t
+        lp = (s - m) - log_d
+        p = tl.exp(lp)
+        ds = tl.where(p > 0, -p * (gl + gh * (lp + h)), 0.0) + tl.where(idx == y, gl, 0.0)
+        ds = tl.where(keep, ds * inv_t, 0.0)
+        tl.store(out + idx, ds.to(dz_ptr.dtype.element_ty), mask=inb)
+
+
+def tiles(N, V, budget):
+    """(vc, nt): vocabulary columns and token rows per tile, as the native ops choose them."""
+    budget = max(budget, _ALIGN)
+    vc = budget // max(N, 1) // _ALIGN * _ALIGN or _ALIGN
+    vc = min(vc, V)
+    nt = min(max(N, 1), max(1, budget // vc))
+    return vc, nt
+
+
+def _block(n):
+    # the interpreter runs a program's chunk loop in numpy: small chunks exercise the merge
+    limit = 128 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4096
+    return min(triton.next_power_of_2(max(n, 1)), limit)
+
+
+def _warps(block):
+    return 8 if block >= 2048 else 4
+
+
+def _operand(t):
+    """Matmul operand: on a GPU the tensor itself (cuBLAS gives float32 output from 16-bit
+    inputs); on the CPU (the interpreter, for tests) a float32 copy."""
+    return t if t.is_cuda or t.dtype == torch.float32 else t.float()
+
+
+def _mm_f32(a, b):
+    """a @ b in float32, without rounding 16-bit products to 16 bits."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _tiling(hidden, weight, tile):
+    budget = tile if tile > 0 else TILE_BYTES // 4
+    return tiles(hidden.shape[0], weight.shape[0], budget)
+
+
+def _bias_f32(bias):
+    return None if bias is None else bias.float().contiguous()
+
+
+def _forward(hidden, weight, bias, y, temperature, ignore_index, tile):
+    N, V = hidden.shape[0], weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    running = torch.zeros(N, 4, **f32)
+    running[:, 0] = float("-inf")
+    vc, nt = _tiling(hidden, weight, tile)
+    inv_t = 1.0 / temperature
+    h, b = _operand(hidden), _bias_f32(bias)
+    for c0 in range(0, V, vc):
+        n = min(vc, V - c0)
+        block = _block(n)
+        w_t = _operand(weight[c0:c0 + n]).t()
+        for r0 in range(0, N, nt):
+            nr = min(nt, N - r0)
+            logits = _mm_f32(h[r0:r0 + nr], w_t)
+            _fold_kernel[(nr,)](logits, b[c0:c0 + n] if b is not None else logits, y[r0:r0 + nr],
+                                running[r0:r0 + nr], n, c0, inv_t,
+                                HAS_BIAS=b is not None, BLOCK=block, num_warps=_warps(block))
+            del logits
+    m, d = running[:, 0], running[:, 1]
+    log_d = torch.log(d)
+    ignored = y == ignore_index
+    logp = torch.where(ignored, 0.0, (running[:, 3] - m) - log_d)
+    entropy = torch.where(ignored, 0.0, log_d - running[:, 2] / d)
+    return logp, entropy, torch.stack((m, log_d), 1)
+
+
+def _backward(hidden, weight, bias, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index, tile,
+              need):
+    need_h, need_w, need_b = need
+    N, H = hidden.shape
+    V = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.zeros(N, H, **f32) if need_h else None
+    d_weight = torch.empty_like(weight) if need_w else None
+    d_bias = torch.zeros(V, **f32) if need_b else None
+    if N == 0:
+        if need_w:
+            d_weight.zero_()
+    else:
+        vc, nt = _tiling(hidden, weight, tile)
+        acc_w = need_w and nt < N  # several token tiles: a float32 accumulator per vocab tile
+        inv_t = 1.0 / temperature
+        h, b = _operand(hidden), _bias_f32(bias)
+        for c0 in range(0, V, vc):
+            n = min(vc, V - c0)
+            block = _block(n)
+            w = _operand(weight[c0:c0 + n])
+            dw = torch.zeros(n, H, **f32) if acc_w else None
+            for r0 in range(0, N, nt):
+                nr = min(nt, N - r0)
+                hr = h[r0:r0 + nr]
+                logits = _mm_f32(hr, w.t())
+                dz = logits if h.dtype == torch.float32 else torch.empty(logits.shape, dtype=h.dtype,
+                                                                          device=h.device)
+                _grad_kernel[(nr,)](
+                    logits, dz, b[c0:c0 + n] if b is not None else logits, y[r0:r0 + nr],
+                    g_logp[r0:r0 + nr] if g_logp is not None else entropy,
+                    g_entropy[r0:r0 + nr] if g_entropy is not None else entropy,
+                    stats[r0:r0 + nr], entropy[r0:r0 + nr], n, c0, inv_t, ignore_index,
+                    HAS_BIAS=b is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_entropy is not None,
+                    BLOCK=block, num_warps=_warps(block))
+                del logits
+                if need_h:
+                    d_hidden[r0:r0 + nr] += _mm_f32(dz, w)
+                if need_w:
+                    if acc_w:
+                        dw += _mm_f32(dz.t(), hr)
+                    else:
+                        d_weight[c0:c0 + n] = torch.mm(dz.t(), hr)
+                if need_b:
+                    d_bias[c0:c0 + n] += dz.sum(0, dtype=torch.float32)
+                del dz
+            if acc_w:
+                d_weight[c0:c0 + n] = dw
+    dt = hidden.dtype
+    return (d_hidden.to(dt) if need_h else None, d_weight, d_bias.to(dt) if need_b else None)
+
+
+def _f32(g):
+    return None if g is None else g.float().contiguous()
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, y, temperature, ignore_index, tile):
+        logp, entropy, stats = _forward(hidden, weight, bias, y, temperature, ignore_index, tile)
+        ctx.save_for_backward(hidden, weight, bias, y, stats, entropy)
+        ctx.args = (temperature, ignore_index, tile)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        hidden, weight, bias, y, stats, entropy = ctx.saved_tensors
+        temperature, ignore_index, tile = ctx.args
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        d_hidden, d_weight, d_bias = _backward(hidden, weight, bias, y, _f32(g_logp), _f32(g_entropy), stats,
+                                               entropy, temperature, ignore_index, tile, need)
+        return d_hidden, d_weight, d_bias, None, None, None, None
+
+
+def linear_token_logprobs(hidden, weight, bias, y, temperature, ignore_index, tile=0):
+    """hidden [N, H], weight [V, H], bias [V] or None (one dtype, contiguous); y [N] int32/int64
+    (range already checked). Returns float32 (logp [N], entropy [N]), differentiable wrt
+    hidden, weight and bias. ``tile``: logits elements per tile (0: TILE_BYTES worth)."""
+    return _LinearTokenLogprobs.apply(hidden, weight, bias, y, temperature, ignore_index, tile)

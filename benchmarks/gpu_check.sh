@@ -33,8 +33,23 @@ $PY -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$RES/tests_cuda.l
 status[tests_cuda]=${PIPESTATUS[0]}
 
 if command -v compute-sanitizer >/dev/null; then
-  # a few small cases of every CUDA kernel; -x stops at the first failure
-  subset="gae_matches_reference and 4-37 and 0.99 and cuda-cuda or test_masked_whiten and shape1 and cuda-cuda or packed and cuda-cuda"
+  # a few small cases of every CUDA kernel (gae, logprobs, linear_logprobs, ppo, bt), float32
+  # where a test has dtypes; -x stops at the first failure
+  cases=(
+    "gae_matches_reference and 4-37 and 0.99 and cuda-cuda"
+    "test_masked_whiten and shape1 and cuda-cuda"
+    "packed and cuda-cuda"
+    "test_token_logprobs_matches_float64 and float32 and cuda-cuda"
+    "test_full_kl and float32 and cuda-cuda"
+    "test_logprobs and test_inplace_backward and cuda-cuda"
+    "linear_logprobs and test_matches_float64 and float32 and cuda-cuda"
+    "linear_logprobs and test_temperature_batch_dims and cuda-cuda"
+    "test_policy_matches_reference and moderate and cuda-cuda"
+    "test_value_matches_reference and cuda-cuda"
+    "test_bt_matches_reference and moderate and cuda-cuda"
+    "test_ranking_matches_reference and cuda-cuda"
+  )
+  subset=$(printf " or (%s)" "${cases[@]}"); subset=${subset# or }
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest -q -x -p no:cacheprovider tests -k "$subset" \
       >"$RES/sanitizer_$tool.log" 2>&1

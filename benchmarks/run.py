@@ -106,7 +106,7 @@ def meta(device, ceilings):
 
 
 def _case(row):
-    shape = row.get("shape") or " ".join("%s=%s" % (k, row[k]) for k in ("N", "V") if row.get(k))
+    shape = row.get("shape") or " ".join("%s=%s" % (k, row[k]) for k in ("N", "H", "V") if row.get(k))
     return tuple(c for c in (row.get("op", ""), shape, row.get("dtype", ""), row.get("mode", "")) if c)
 
 

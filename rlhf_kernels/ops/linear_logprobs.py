@@ -26,7 +26,7 @@ from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.ops.logprobs import KERNEL_DTYPES, _check_label_range, _check_temperature, _flat_labels
 from rlhf_kernels.reference import linear_logprobs as ref
 
-# Logits elements per tile; 0 lets each backend choose (8 MiB of logits on the CPU,
+# Logits elements per tile; 0 lets each backend choose (2 MiB of logits on the CPU,
 # 256 MiB on a GPU). Tests set it small to exercise token and vocabulary tiling.
 _TILE = 0
 

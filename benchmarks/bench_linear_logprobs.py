@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import fmt_time, median_time, print_table  # noqa: E402
+from common import fmt_time, median_time, peak_extra_bytes, print_table  # noqa: E402
 
 PROVIDERS = ["unfused", "eager", "chunked", "cce", "liger", "cpu", "triton", "cuda"]
 MODES = ["fwd", "fwd+bwd"]
@@ -97,19 +97,6 @@ def unavailable(name, device):
 
 # ---- one measurement, in a fresh process ----
 
-def _rss_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no %s in /proc/self/status" % field)
-
-
-def _reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def measure(provider, mode, device, dtype, N, H, V, repeats):
     dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
@@ -132,18 +119,7 @@ def measure(provider, mode, device, dtype, N, H, V, repeats):
 
     step()  # warm-up: compiles, autotunes, faults in pages
     h.grad = w.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss_bytes("VmRSS")
-        _reset_peak_rss()
-        step()
-        peak = _rss_bytes("VmHWM") - base
+    peak = peak_extra_bytes(step, device)
     seconds = median_time(step, device=device, warmup=1, repeats=repeats)
     return {"seconds": seconds, "peak": peak}
 

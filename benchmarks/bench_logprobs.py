@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import fmt_time, median_time, print_table  # noqa: E402
+from common import fmt_time, median_time, peak_extra_bytes, print_table  # noqa: E402
 
 PROVIDERS = ["eager", "compile", "row_loop", "liger", "cpu", "triton", "cuda"]
 MODES = ["fwd", "fwd+bwd"]
@@ -101,19 +101,6 @@ def unavailable(name, device):
 
 # ---- one measurement, in a fresh process ----
 
-def _rss_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no %s in /proc/self/status" % field)
-
-
-def _reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def measure(provider, mode, device, dtype, N, V, repeats):
     dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
@@ -134,18 +121,7 @@ def measure(provider, mode, device, dtype, N, V, repeats):
 
     step()  # warm-up: compiles, autotunes, faults in pages
     x.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss_bytes("VmRSS")
-        _reset_peak_rss()
-        step()
-        peak = _rss_bytes("VmHWM") - base
+    peak = peak_extra_bytes(step, device)
     seconds = median_time(step, device=device, warmup=1, repeats=repeats)
     # bandwidth of this device, same run: a clone reads and writes the logits once
     xd = x.detach()

@@ -32,6 +32,33 @@ def median_time(fn, *, device="cpu", warmup=3, repeats=10, min_time=0.0):
     return statistics.median(times)
 
 
+def _rss_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no %s in /proc/self/status" % field)
+
+
+def peak_extra_bytes(fn, device="cpu"):
+    """Peak memory of one ``fn()`` call over what was in use before it. CUDA:
+    torch.cuda.max_memory_allocated() over memory_allocated(). CPU: the peak resident set
+    size (VmHWM, reset through /proc/self/clear_refs) over the resident size before the call;
+    run it in a fresh process so that the allocator's cached pages do not hide the peak."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = _rss_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return _rss_bytes("VmHWM") - base
+
+
 def fmt_time(seconds):
     if seconds >= 1:
         return "%.3f s" % seconds

@@ -80,6 +80,26 @@ def resolve(backend, device, op=""):
     return backend
 
 
+def resolve_kernel(op, backend, tensor, arg, native_op, dtypes):
+    """``resolve`` for an op whose kernels serve ``tensor`` (the argument named ``arg``) only in
+    ``dtypes``, and whose native kernels are ``torch.ops.rlhf_kernels.<native_op>``. ``auto``
+    (and the environment variable's ``auto``) falls back to ``torch`` when the kernels cannot
+    serve the call; an explicit kernel backend raises ``BackendUnavailable`` saying why."""
+    name = resolve(backend, tensor.device, op)
+    explicit = backend not in (None, "auto") or os.environ.get(ENV_VAR, "auto") not in ("", "auto")
+    reason = None
+    if name != "torch" and tensor.dtype not in dtypes:
+        reason = "%s must be %s for the kernels, got %s" % (
+            arg, ", ".join(str(d).replace("torch.", "") for d in dtypes), tensor.dtype)
+    elif name in ("cpu", "cuda") and not (_ext.loaded() and hasattr(torch.ops.rlhf_kernels, native_op)):
+        reason = "the loaded native extension has no %s op (rebuild it)" % native_op
+    if reason is None:
+        return name
+    if explicit:
+        raise BackendUnavailable("%s: backend %r cannot serve this call: %s" % (op, name, reason))
+    return "torch"
+
+
 def available(device="cpu"):
     """Backends usable now for tensors on ``device``."""
     return [b for b in BACKENDS if why_not(b, device) is None]

@@ -28,6 +28,15 @@ def device_backends():
     return params
 
 
+def native_devices():
+    """Devices whose native backend (cpu, cuda) is usable here; CUDA carries the `cuda` mark."""
+    return [pytest.param(p.values[0], id=p.values[0], marks=p.marks) for p in device_backends()
+            if p.values[1] in ("cpu", "cuda")]
+
+
+needs_native = pytest.mark.skipif("cpu" not in _backend.available("cpu"), reason="native extension not built")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

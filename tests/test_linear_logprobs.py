@@ -16,7 +16,7 @@ import torch
 
 import rlhf_kernels as rk
 import tolerances as tol
-from conftest import device_backends
+from conftest import device_backends, native_devices, needs_native
 from rlhf_kernels.ops import linear_logprobs as lin_ops
 from rlhf_kernels.reference import linear_logprobs as ref
 from rlhf_kernels.reference import logprobs as ref_lp
@@ -309,9 +309,7 @@ def test_reference_chunking_matches_unchunked(gen):
 
 # ---- torch.library registration: opcheck and torch.compile ----
 
-needs_native = pytest.mark.skipif("cpu" not in rk.available_backends("cpu"), reason="native extension not built")
-NATIVE_DEVICES = [pytest.param(d, id=d, marks=[pytest.mark.cuda] if d == "cuda" else [])
-                  for d, b in ((p.values[0], p.values[1]) for p in BACKENDS) if b in ("cpu", "cuda")]
+NATIVE_DEVICES = native_devices()
 
 
 @needs_native

@@ -10,7 +10,7 @@ import torch
 
 import rlhf_kernels as rk
 import tolerances as tol
-from conftest import device_backends
+from conftest import device_backends, native_devices, needs_native
 from rlhf_kernels.reference import logprobs as ref
 
 BACKENDS = device_backends()
@@ -340,9 +340,7 @@ def test_explicit_backend_rejects_float64():
 
 # ---- torch.library registration: opcheck and torch.compile ----
 
-needs_native = pytest.mark.skipif("cpu" not in rk.available_backends("cpu"), reason="native extension not built")
-NATIVE_DEVICES = [pytest.param(d, id=d, marks=[pytest.mark.cuda] if d == "cuda" else [])
-                  for d, b in ((p.values[0], p.values[1]) for p in BACKENDS) if b in ("cpu", "cuda")]
+NATIVE_DEVICES = native_devices()
 
 
 @needs_native

@@ -42,6 +42,31 @@ def test_padding_does_not_change_logprobs():
     torch.testing.assert_close(logp(right, right_attn, 3), base, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_lm_head_matches_logits_path(temperature):
+    """ppo.fused_lm_head (linear_token_logprobs on the hidden states) gives the log-probabilities,
+    entropies and gradients of the model's own logits path."""
+    results = []
+    for fused in (True, False):
+        cfg = small_cfg(fused_lm_head=fused, temperature=temperature)
+        trainer = PPOTrainer(cfg, ToyTask(cfg.task), reward_fn=lambda p, r: r.sum(1).float(), log=lambda *a: None)
+        gen = torch.Generator().manual_seed(5)
+        prompts = trainer.task.prompts[:6]
+        responses = torch.randint(0, cfg.task.vocab_size, (6, cfg.task.response_len), generator=gen)
+        mask = torch.rand(6, cfg.task.response_len, generator=gen) < 0.8
+        trainer.policy.zero_grad()
+        logp, ent = trainer._logprobs(trainer.policy, prompts, responses, mask, with_entropy=True)
+        (logp.sum() + 0.3 * ent.sum()).backward()
+        grads = [p.grad.clone() for p in trainer.policy.parameters() if p.grad is not None]
+        results.append((logp.detach(), ent.detach(), grads))
+    (lp_f, ent_f, g_f), (lp_u, ent_u, g_u) = results
+    torch.testing.assert_close(lp_f, lp_u, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent_f, ent_u, rtol=0, atol=1e-5)
+    assert len(g_f) == len(g_u) > 0
+    for a, b in zip(g_f, g_u):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_response_mask_stops_after_eos():
     r = torch.tensor([[1, 9, 4, 5], [1, 2, 3, 4], [9, 9, 1, 1]])
     m = response_mask(r, eos_token_id=9, stop_at_eos=True)

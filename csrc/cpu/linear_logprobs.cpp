@@ -93,7 +93,7 @@ struct CpuEpilogue {
 
   static void check_labels(const at::Tensor& labels, int64_t V, int64_t ignore_index, const char* op) {
     BadLabel bad;
-    dispatch_labels(labels, [&](auto* lab) {
+    with_labels(labels, [&](auto* lab) {
       for (int64_t i = 0; i < labels.numel(); ++i) {
         const int64_t y = static_cast<int64_t>(lab[i]);
         if (y != ignore_index && (y < 0 || y >= V)) {
@@ -108,7 +108,7 @@ struct CpuEpilogue {
 
   static void fold(const at::Tensor& logits, const float* bias, const at::Tensor& labels, int64_t c0, float inv_t,
                    const at::Tensor& running) {
-    dispatch_labels(labels, [&](auto* lab) {
+    with_labels(labels, [&](auto* lab) {
       fold_rows(logits.data_ptr<float>(), bias, lab, logits.size(0), logits.size(1), c0, inv_t,
                 running.data_ptr<float>());
     });
@@ -118,7 +118,7 @@ struct CpuEpilogue {
                    int64_t c0, float inv_t, int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy,
                    const c10::optional<at::Tensor>& g_logp, const c10::optional<at::Tensor>& g_entropy) {
     TORCH_CHECK(dlogits.scalar_type() == at::kFloat, "linear_token_logprobs: the CPU epilogue writes float32");
-    dispatch_labels(labels, [&](auto* lab) {
+    with_labels(labels, [&](auto* lab) {
       grad_rows(logits.data_ptr<float>(), dlogits.data_ptr<float>(), bias, lab, logits.size(0), logits.size(1), c0,
                 inv_t, ignore_index, stats.data_ptr<float>(), entropy.data_ptr<float>(), opt_ptr(g_logp),
                 opt_ptr(g_entropy));

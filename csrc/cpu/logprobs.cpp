@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(const at::Tensor
   if (N == 0) return {logp, entropy, stats};
   BadLabel bad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_forward", [&] {
-    dispatch_labels(labels, [&](auto* lab) {
+    with_labels(labels, [&](auto* lab) {
       logprobs_forward_rows(logits.data_ptr<scalar_t>(), lab, N, V, inv_t, ignore_index,
                             labels.has_value() ? logp.data_ptr<float>() : nullptr, entropy.data_ptr<float>(),
                             stats.data_ptr<float>(), bad);
@@ -223,7 +223,7 @@ void logprobs_backward_into(at::Tensor& grad, const at::Tensor& logits, const c1
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_backward", [&] {
-    dispatch_labels(labels, [&](auto* lab) {
+    with_labels(labels, [&](auto* lab) {
       logprobs_backward_rows(logits.data_ptr<scalar_t>(), lab, opt_ptr(grad_logp), opt_ptr(grad_entropy),
                              stats.data_ptr<float>(), entropy.data_ptr<float>(), N, V, inv_t, ignore_index,
                              grad.data_ptr<scalar_t>());

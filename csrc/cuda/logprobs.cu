@@ -45,12 +45,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = static_cast<int64_t>(threadIdx.x) * K; j < V; j += static_cast<int64_t>(kThreads) * K) {
     float s[K];
     load_scaled<T, K>(zr + j, inv_t, s);
-    const float vmax = max_nan(s);
-    if (!(vmax <= st.m)) st = softmax_stats_rebase(st, vmax);
-    if (st.m != -INFINITY) {
-#pragma unroll
-      for (int k = 0; k < K; ++k) softmax_stats_add(st, s[k], __expf(s[k] - st.m));
-    }
+    softmax_stats_fold(st, s);
   }
   st = block_merge(st, softmax_stats_empty());
   if (threadIdx.x != 0) return;
@@ -95,12 +90,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = static_cast<int64_t>(threadIdx.x) * K; j < V; j += static_cast<int64_t>(kThreads) * K) {
     float s[K];
     load_scaled<T, K>(zr + j, inv_t, s);
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const float lp = log_prob(s[k], m, log_d);
-      const float ds = logprob_entropy_grad(lp, __expf(lp), gl, gh, h) + (j + k == y ? gl : 0.f);
-      s[k] = keep ? ds * inv_t : 0.f;
-    }
+    logprob_grad_vec(s, j, y, m, log_d, h, gl, gh, inv_t, keep);
     store<T, K>(gr + j, s);
   }
 }

@@ -107,6 +107,7 @@ class PPOConfig:
     entropy_coef: float = 0.0
     max_grad_norm: float = 1.0
     temperature: float = 1.0
+    fused_lm_head: bool = True        # log-probabilities from hidden states with linear_token_logprobs
     missing_eos_penalty: float = None  # added to the score of responses without EOS (stop_at_eos only)
     whiten_advantages: bool = True
     approx_kl_warn: float = 0.5       # warn when a step's approx_kl exceeds this

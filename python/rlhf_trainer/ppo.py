@@ -136,12 +136,22 @@ class PPOTrainer:
         return ids, attn
 
     def _logprobs(self, model, prompts, responses, mask, with_entropy=False):
-        """log-probabilities (and entropies) of the response tokens under ``model``: [B, L]."""
+        """log-probabilities (and entropies) of the response tokens under ``model``: [B, L].
+
+        With ``ppo.fused_lm_head`` the backbone's last hidden states go straight into
+        ``linear_token_logprobs`` with the LM head's weight (and bias): the [B, L, V] logits are
+        never built. Otherwise the model's logits go into ``token_logprobs``."""
         P = prompts.shape[1]
         ids, attn = self._sequences(prompts, responses, mask)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits[:, P - 1:-1]
         labels = responses.masked_fill(~mask, -100)
-        return rk.token_logprobs(logits, labels, temperature=self.cfg.ppo.temperature, return_entropy=with_entropy)
+        kw = dict(temperature=self.cfg.ppo.temperature, return_entropy=with_entropy)
+        inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
+        if self.cfg.ppo.fused_lm_head:
+            head = model.get_output_embeddings()
+            hidden = model.base_model(**inputs).last_hidden_state[:, P - 1:-1]
+            return rk.linear_token_logprobs(hidden, head.weight, labels, bias=head.bias, **kw)
+        logits = model(**inputs).logits[:, P - 1:-1]
+        return rk.token_logprobs(logits, labels, **kw)
 
     def _values(self, prompts, responses, mask):
         return self.value(*self._sequences(prompts, responses, mask))[:, prompts.shape[1] - 1:-1]

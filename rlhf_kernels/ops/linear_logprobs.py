@@ -17,8 +17,6 @@ Labels outside [0, V) (other than ``ignore_index``) raise: inside the kernel for
 for the others (one host sync on a GPU, skipped while ``torch.compile`` traces).
 """
 
-import os
-
 import torch
 
 from rlhf_kernels import _backend, _ext
@@ -36,18 +34,8 @@ def _has_native_ops():
 
 
 def _resolve(op, backend, hidden):
-    name = _backend.resolve(backend, hidden.device, op)
-    explicit = backend not in (None, "auto") or os.environ.get(_backend.ENV_VAR, "auto") not in ("", "auto")
-    reason = None
-    if name != "torch" and hidden.dtype not in KERNEL_DTYPES:
-        reason = "hidden must be float32, float16 or bfloat16 for the kernels, got %s" % hidden.dtype
-    elif name in ("cpu", "cuda") and not _has_native_ops():
-        reason = "the loaded native extension has no linear_logprobs ops (rebuild it)"
-    if reason is None:
-        return name
-    if explicit:
-        raise _backend.BackendUnavailable("%s: backend %r cannot serve this call: %s" % (op, name, reason))
-    return "torch"
+    """The backend for this call: the kernels serve float32/float16/bfloat16 hidden states."""
+    return _backend.resolve_kernel(op, backend, hidden, "hidden", "linear_logprobs_fwd", KERNEL_DTYPES)
 
 
 def _check(op, hidden, weight, labels, bias):

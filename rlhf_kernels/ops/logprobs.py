@@ -20,7 +20,6 @@ Non-contiguous logits are copied to a contiguous tensor first.
 """
 
 import math
-import os
 
 import torch
 
@@ -37,20 +36,8 @@ def _has_native_ops():
 
 
 def _resolve(op, backend, logits):
-    """The backend for this call; kernels serve float32/float16/bfloat16 logits, ``auto``
-    falls back to ``torch`` for other dtypes (an explicit kernel backend raises)."""
-    name = _backend.resolve(backend, logits.device, op)
-    explicit = backend not in (None, "auto") or os.environ.get(_backend.ENV_VAR, "auto") not in ("", "auto")
-    reason = None
-    if name != "torch" and logits.dtype not in KERNEL_DTYPES:
-        reason = "logits must be float32, float16 or bfloat16 for the kernels, got %s" % logits.dtype
-    elif name in ("cpu", "cuda") and not _has_native_ops():
-        reason = "the loaded native extension has no logprobs ops (rebuild it)"
-    if reason is None:
-        return name
-    if explicit:
-        raise _backend.BackendUnavailable("%s: backend %r cannot serve this call: %s" % (op, name, reason))
-    return "torch"
+    """The backend for this call: the kernels serve float32/float16/bfloat16 logits."""
+    return _backend.resolve_kernel(op, backend, logits, "logits", "token_logprobs_fwd", KERNEL_DTYPES)
 
 
 def _check_logits(op, name, logits):

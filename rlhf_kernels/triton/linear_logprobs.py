@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_kernels.triton.logprobs import logprob_grad
+
 # Bytes of one float32 logits tile (the native CUDA op uses the same budget).
 TILE_BYTES = 256 << 20
 _ALIGN = 128
@@ -106,11 +108,7 @@ def _grad_kernel(
         z = tl.load(base + idx, mask=inb, other=0.0)
         if HAS_BIAS:
             z += tl.load(bias_ptr + idx, mask=inb, other=0.0)
-        s = z * inv_t
-        lp = (s - m) - log_d
-        p = tl.exp(lp)
-        ds = tl.where(p > 0, -p * (gl + gh * (lp + h)), 0.0) + tl.where(idx == y, gl, 0.0)
-        ds = tl.where(keep, ds * inv_t, 0.0)
+        ds = logprob_grad(z * inv_t, idx, y, m, log_d, h, gl, gh, inv_t, keep)
         tl.store(out + idx, ds.to(dz_ptr.dtype.element_ty), mask=inb)
 
 

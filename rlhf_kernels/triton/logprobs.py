@@ -32,6 +32,15 @@ def _rebase(m, d, w, m_new):
 
 
 @triton.jit
+def logprob_grad(s, idx, y, m, log_d, h, gl, gh, inv_t, keep):
+    # dz of g_l * logp_y + g_H * H at the scaled logits s of columns idx; 0 unless keep
+    lp = (s - m) - log_d
+    p = tl.exp(lp)
+    ds = tl.where(p > 0, -p * (gl + gh * (lp + h)), 0.0) + tl.where(idx == y, gl, 0.0)
+    return tl.where(keep, ds * inv_t, 0.0)
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     z_ptr,        # [N, V] float32/float16/bfloat16 logits, rows contiguous
     labels_ptr,   # [N] int32/int64 labels; read only when HAS_LABELS
@@ -108,10 +117,7 @@ def _logprobs_bwd_kernel(
         idx = start + cols
         inb = idx < V
         s = tl.load(base + idx, mask=inb, other=0.0).to(tl.float32) * inv_t
-        lp = (s - m) - log_d
-        p = tl.exp(lp)
-        ds = tl.where(p > 0, -p * (gl + gh * (lp + h)), 0.0) + tl.where(idx == y, gl, 0.0)
-        ds = tl.where(keep, ds * inv_t, 0.0)
+        ds = logprob_grad(s, idx, y, m, log_d, h, gl, gh, inv_t, keep)
         tl.store(out + idx, ds.to(grad_ptr.dtype.element_ty), mask=inb)
 
 

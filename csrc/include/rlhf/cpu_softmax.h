@@ -17,6 +17,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "rlhf/label_dispatch.h"
 #include "rlhf/logprobs.h"
 
 // The hot loops get an AVX2 clone chosen at load time by CPU feature (the build targets
@@ -158,19 +159,6 @@ struct BadLabel {
   }
 };
 
-
-template <typename F>
-void dispatch_labels(const c10::optional<at::Tensor>& labels, F f) {
-  if (!labels.has_value()) {
-    f(static_cast<const int64_t*>(nullptr));
-  } else if (labels->scalar_type() == at::kLong) {
-    f(labels->data_ptr<int64_t>());
-  } else {
-    f(labels->data_ptr<int32_t>());
-  }
-}
-
-const float* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
 }  // namespace
 }  // namespace rlhf

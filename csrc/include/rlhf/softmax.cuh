@@ -12,6 +12,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "rlhf/label_dispatch.h"
 #include "rlhf/logprobs.h"
 
 namespace rlhf {
@@ -64,6 +65,31 @@ __device__ __forceinline__ KlStats shfl_xor(KlStats a, int lane_mask) {
 __device__ __forceinline__ SoftmaxStats merge(SoftmaxStats a, SoftmaxStats b) { return softmax_stats_merge(a, b); }
 __device__ __forceinline__ KlStats merge(KlStats a, KlStats b) { return kl_stats_merge(a, b); }
 
+// Fold K scaled entries into a thread's running statistics: one max, at most one rebase,
+// one exp per entry.
+template <int K>
+__device__ __forceinline__ void softmax_stats_fold(SoftmaxStats& st, const float (&s)[K]) {
+  const float vmax = max_nan(s);
+  if (!(vmax <= st.m)) st = softmax_stats_rebase(st, vmax);
+  if (st.m != -INFINITY) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) softmax_stats_add(st, s[k], __expf(s[k] - st.m));
+  }
+}
+
+// In place: the scaled entries s of columns j..j+K-1 -> dz = ds / T of g_l * logp_y + g_H * H,
+// y the label's column (no column matches when it is elsewhere); all 0 unless `keep`.
+template <int K>
+__device__ __forceinline__ void logprob_grad_vec(float (&s)[K], int64_t j, int64_t y, float m, float log_d, float h,
+                                                 float gl, float gh, float inv_t, bool keep) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const float lp = log_prob(s[k], m, log_d);
+    const float ds = logprob_entropy_grad(lp, __expf(lp), gl, gh, h) + (j + k == y ? gl : 0.f);
+    s[k] = keep ? ds * inv_t : 0.f;
+  }
+}
+
 // Merge every thread's statistics; the result is valid in thread 0.
 template <typename S>
 __device__ S block_merge(S st, S empty) {
@@ -98,19 +124,6 @@ void with_vector_width(int64_t V, std::initializer_list<const void*> ptrs, F f) 
     f(std::integral_constant<int, 1>{});
   }
 }
-
-template <typename F>
-void with_labels(const c10::optional<at::Tensor>& labels, F f) {
-  if (!labels.has_value()) {
-    f(static_cast<const int64_t*>(nullptr));
-  } else if (labels->scalar_type() == at::kLong) {
-    f(labels->data_ptr<int64_t>());
-  } else {
-    f(labels->data_ptr<int32_t>());
-  }
-}
-
-const float* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
 void check_rows(int64_t N, const char* op) {
   TORCH_CHECK(N <= 2147483647LL, op, ": too many rows for one launch: ", N);

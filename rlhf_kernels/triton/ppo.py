@@ -1,10 +1,22 @@
 """PPO policy and value losses in Triton.
 
-Forward: one program per row walks the row in tiles and leaves float64 partial sums
-(_policy_rows_kernel / _value_rows_kernel); one program then combines the rows in a
-fixed order (deterministic, no atomics), writes the loss, the statistics and each row's
-weight w_b in the aggregated loss (loss = sum_b w_b * sum_t l_bt). Backward is
-elementwise: d_x[b, t] = grad * w_b * dl/dx[b, t]. The per-token math mirrors
+Forward, one launch per loss (_policy_fwd_kernel / _value_fwd_kernel), max(B, 1)
+programs: program b walks row b in tiles and stores float64 partial sums in `parts`,
+then draws a ticket from an int32 counter (_last_to_arrive); the program that draws the
+last ticket combines all rows in a fixed order and writes the loss, the statistics and
+each row's weight w_b in the aggregated loss (loss = sum_b w_b * sum_t l_bt). Which
+program comes last varies between runs but the combine order does not, so the results
+are bitwise the same on every run (the only atomic is the integer ticket). The counter is
+a fresh torch.zeros per call, never shared between calls on different streams; on a CUDA
+tensor torch fills it with a small kernel (PyTorch has no async memset in Python), so a
+CUDA forward is that fill plus the one Triton launch (the compiled CUDA op uses a memset).
+Memory ordering (the "last block" pattern): each program's stores of its partials are
+ordered before its ticket by a CTA barrier and the release half of the acq_rel atomic;
+the last program's acquire half orders its loads after every other program's ticket, and
+it loads the partials with the .cg modifier (from L2, not the incoherent L1). The
+interpreter (TRITON_INTERPRET=1, used by the tests) runs programs one after another, so
+it checks the logic, not the ordering; the ordering is checked on a GPU.
+Backward is elementwise: d_x[b, t] = grad * w_b * dl/dx[b, t]. The per-token math mirrors
 csrc/include/rlhf/ppo.h.
 """
 
@@ -48,16 +60,9 @@ def _policy_token(logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL:
 
 
 @triton.jit
-def _policy_rows_kernel(
-    logp_ptr,      # [B, T] float32
-    old_ptr,       # [B, T] float32
-    adv_ptr,       # [B, T] float32
-    mask_ptr,      # [B, T] int8 (0/1)
-    parts_ptr,     # [B, 9] float64 out: row partials (N_POLICY_PARTS)
-    T, clip_low, clip_high, dual_clip,
-    HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
+def _policy_row(logp_ptr, old_ptr, adv_ptr, mask_ptr, parts_ptr, row, T, clip_low, clip_high, dual_clip,
+                HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr):
+    # stores row `row`'s partials in parts_ptr[row, :] (arguments as _policy_fwd_kernel)
     offs = tl.arange(0, BLOCK)
     s_loss = tl.zeros((BLOCK,), tl.float64)
     s_cnt = tl.zeros((BLOCK,), tl.float64)
@@ -117,15 +122,21 @@ def _row_weight(count, total, rows_with, numel, num_tokens, AGG: tl.constexpr, H
 
 
 @triton.jit
-def _policy_combine_kernel(
-    parts_ptr,       # [B, 9] float64 row partials
-    num_tokens_ptr,  # [] float64, read only when HAS_NT
-    loss_ptr,        # [] float32 out
-    stats_ptr,       # [8] float32 out (POLICY_STATS order)
-    scale_ptr,       # [B] float32 out: row weights
-    B, numel,
-    AGG: tl.constexpr, HAS_NT: tl.constexpr, BLOCK: tl.constexpr,
-):
+def _last_to_arrive(counter_ptr):
+    # True in the one program that draws the last ticket. The barrier orders the stores of
+    # all threads of this program before the (single-thread) atomic, whose release half
+    # publishes them; its acquire half, in the last program, orders the combine's loads
+    # after every other program's ticket (Triton broadcasts a scalar atomic's result
+    # through shared memory behind a barrier, which extends this to all threads).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == tl.num_programs(0) - 1
+
+
+@triton.jit
+def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel,
+                    AGG: tl.constexpr, HAS_NT: tl.constexpr, BLOCK: tl.constexpr):
+    # run by the last program only; partials written by other programs are loaded with .cg
     offs = tl.arange(0, BLOCK)
     a_cnt = tl.zeros((BLOCK,), tl.float64)
     a_rows = tl.zeros((BLOCK,), tl.float64)
@@ -140,16 +151,16 @@ def _policy_combine_kernel(
         b = start + offs
         inb = b < B
         p = parts_ptr + b * 9
-        cnt = tl.load(p + 1, mask=inb, other=0.0)
+        cnt = tl.load(p + 1, mask=inb, other=0.0, cache_modifier=".cg")
         a_cnt += cnt
         a_rows += tl.where(cnt > 0, 1.0, 0.0)
-        a_low += tl.load(p + 2, mask=inb, other=0.0)
-        a_high += tl.load(p + 3, mask=inb, other=0.0)
-        a_dual += tl.load(p + 4, mask=inb, other=0.0)
-        a_kl += tl.load(p + 5, mask=inb, other=0.0)
-        a_ratio += tl.load(p + 6, mask=inb, other=0.0)
-        a_min = tl.minimum(a_min, tl.load(p + 7, mask=inb, other=float("inf")))
-        a_max = tl.maximum(a_max, tl.load(p + 8, mask=inb, other=-float("inf")))
+        a_low += tl.load(p + 2, mask=inb, other=0.0, cache_modifier=".cg")
+        a_high += tl.load(p + 3, mask=inb, other=0.0, cache_modifier=".cg")
+        a_dual += tl.load(p + 4, mask=inb, other=0.0, cache_modifier=".cg")
+        a_kl += tl.load(p + 5, mask=inb, other=0.0, cache_modifier=".cg")
+        a_ratio += tl.load(p + 6, mask=inb, other=0.0, cache_modifier=".cg")
+        a_min = tl.minimum(a_min, tl.load(p + 7, mask=inb, other=float("inf"), cache_modifier=".cg"))
+        a_max = tl.maximum(a_max, tl.load(p + 8, mask=inb, other=-float("inf"), cache_modifier=".cg"))
     total = tl.sum(a_cnt, 0)
     rows_with = tl.sum(a_rows, 0)
     if HAS_NT:
@@ -160,9 +171,9 @@ def _policy_combine_kernel(
     for start in range(0, B, BLOCK):
         b = start + offs
         inb = b < B
-        cnt = tl.load(parts_ptr + b * 9 + 1, mask=inb, other=0.0)
+        cnt = tl.load(parts_ptr + b * 9 + 1, mask=inb, other=0.0, cache_modifier=".cg")
         w = _row_weight(cnt, total, rows_with, numel, nt, AGG, HAS_NT)
-        a_loss += w * tl.load(parts_ptr + b * 9, mask=inb, other=0.0)
+        a_loss += w * tl.load(parts_ptr + b * 9, mask=inb, other=0.0, cache_modifier=".cg")
         tl.store(scale_ptr + b, w.to(tl.float32), mask=inb)
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
     n = tl.maximum(total, 1.0)
@@ -176,6 +187,34 @@ def _policy_combine_kernel(
     tl.store(stats_ptr + 5, (tl.sum(a_ratio, 0) / n).to(tl.float32))
     tl.store(stats_ptr + 6, tl.where(total > 0, tl.min(a_min, 0), 0.0).to(tl.float32))
     tl.store(stats_ptr + 7, tl.where(total > 0, tl.max(a_max, 0), 0.0).to(tl.float32))
+
+
+@triton.jit
+def _policy_fwd_kernel(
+    logp_ptr,        # [B, T] float32
+    old_ptr,         # [B, T] float32
+    adv_ptr,         # [B, T] float32
+    mask_ptr,        # [B, T] int8 (0/1)
+    parts_ptr,       # [max(B, 1), 9] float64 scratch: row partials (N_POLICY_PARTS)
+    counter_ptr,     # [] int32, zero at launch: tickets; reset to zero by the last program
+    num_tokens_ptr,  # [] float64, read only when HAS_NT
+    loss_ptr,        # [] float32 out
+    stats_ptr,       # [8] float32 out (POLICY_STATS order)
+    scale_ptr,       # [B] float32 out: row weights
+    B, T, numel, clip_low, clip_high, dual_clip,
+    HAS_DUAL: tl.constexpr, AGG: tl.constexpr, HAS_NT: tl.constexpr,
+    BLOCK: tl.constexpr,          # tile over T in the row pass
+    COMBINE_BLOCK: tl.constexpr,  # tile over B in the combine
+):
+    # grid (max(B, 1),): with B == 0 the one program only combines (loss 0, stats 0)
+    row = tl.program_id(0).to(tl.int64)
+    if row < B:
+        _policy_row(logp_ptr, old_ptr, adv_ptr, mask_ptr, parts_ptr, row, T, clip_low, clip_high, dual_clip,
+                    HAS_DUAL, BLOCK)
+    if _last_to_arrive(counter_ptr):
+        _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel, AGG, HAS_NT,
+                        COMBINE_BLOCK)
+        tl.store(counter_ptr, 0)
 
 
 @triton.jit
@@ -220,14 +259,9 @@ def _value_token(v, old_v, ret, clip, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def _value_rows_kernel(
-    v_ptr, old_ptr, ret_ptr,   # [B, T] float32
-    mask_ptr,                  # [B, T] int8
-    parts_ptr,                 # [B, 7] float64 out (N_VALUE_PARTS)
-    T, clip,
-    HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
+def _value_row(v_ptr, old_ptr, ret_ptr, mask_ptr, parts_ptr, row, T, clip,
+               HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    # stores row `row`'s partials in parts_ptr[row, :] (arguments as _value_fwd_kernel)
     offs = tl.arange(0, BLOCK)
     s_loss = tl.zeros((BLOCK,), tl.float64)
     s_cnt = tl.zeros((BLOCK,), tl.float64)
@@ -275,15 +309,9 @@ def _value_rows_kernel(
 
 
 @triton.jit
-def _value_combine_kernel(
-    parts_ptr,       # [B, 7] float64 row partials
-    num_tokens_ptr,  # [] float64, read only when HAS_NT
-    loss_ptr,        # [] float32 out
-    stats_ptr,       # [2] float32 out: vf_clipfrac, explained_var
-    scale_ptr,       # [B] float32 out: row weights
-    B, numel,
-    AGG: tl.constexpr, HAS_NT: tl.constexpr, BLOCK: tl.constexpr,
-):
+def _value_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel,
+                   AGG: tl.constexpr, HAS_NT: tl.constexpr, BLOCK: tl.constexpr):
+    # run by the last program only; partials written by other programs are loaded with .cg
     offs = tl.arange(0, BLOCK)
     a_cnt = tl.zeros((BLOCK,), tl.float64)
     a_rows = tl.zeros((BLOCK,), tl.float64)
@@ -294,12 +322,12 @@ def _value_combine_kernel(
         b = start + offs
         inb = b < B
         p = parts_ptr + b * 7
-        cnt = tl.load(p + 1, mask=inb, other=0.0)
+        cnt = tl.load(p + 1, mask=inb, other=0.0, cache_modifier=".cg")
         a_cnt += cnt
         a_rows += tl.where(cnt > 0, 1.0, 0.0)
-        a_clip += tl.load(p + 2, mask=inb, other=0.0)
-        a_r += cnt * tl.load(p + 3, mask=inb, other=0.0)
-        a_e += cnt * tl.load(p + 5, mask=inb, other=0.0)
+        a_clip += tl.load(p + 2, mask=inb, other=0.0, cache_modifier=".cg")
+        a_r += cnt * tl.load(p + 3, mask=inb, other=0.0, cache_modifier=".cg")
+        a_e += cnt * tl.load(p + 5, mask=inb, other=0.0, cache_modifier=".cg")
     total = tl.sum(a_cnt, 0)
     rows_with = tl.sum(a_rows, 0)
     n = tl.maximum(total, 1.0)
@@ -316,20 +344,43 @@ def _value_combine_kernel(
         b = start + offs
         inb = b < B
         p = parts_ptr + b * 7
-        cnt = tl.load(p + 1, mask=inb, other=0.0)
+        cnt = tl.load(p + 1, mask=inb, other=0.0, cache_modifier=".cg")
         w = _row_weight(cnt, total, rows_with, numel, nt, AGG, HAS_NT)
-        a_loss += w * tl.load(p, mask=inb, other=0.0)
+        a_loss += w * tl.load(p, mask=inb, other=0.0, cache_modifier=".cg")
         tl.store(scale_ptr + b, w.to(tl.float32), mask=inb)
         # total sum of squares = within rows + between rows (exact split)
-        dr = tl.load(p + 3, mask=inb, other=0.0) - mean_r
-        de = tl.load(p + 5, mask=inb, other=0.0) - mean_e
-        m2_r += tl.load(p + 4, mask=inb, other=0.0) + cnt * dr * dr
-        m2_e += tl.load(p + 6, mask=inb, other=0.0) + cnt * de * de
+        dr = tl.load(p + 3, mask=inb, other=0.0, cache_modifier=".cg") - mean_r
+        de = tl.load(p + 5, mask=inb, other=0.0, cache_modifier=".cg") - mean_e
+        m2_r += tl.load(p + 4, mask=inb, other=0.0, cache_modifier=".cg") + cnt * dr * dr
+        m2_e += tl.load(p + 6, mask=inb, other=0.0, cache_modifier=".cg") + cnt * de * de
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
     tl.store(stats_ptr, (tl.sum(a_clip, 0) / n).to(tl.float32))
     var_r = tl.sum(m2_r, 0)
     ev = tl.where(var_r > 0, 1.0 - tl.sum(m2_e, 0) / tl.where(var_r > 0, var_r, 1.0), 0.0)
     tl.store(stats_ptr + 1, ev.to(tl.float32))
+
+
+@triton.jit
+def _value_fwd_kernel(
+    v_ptr, old_ptr, ret_ptr,   # [B, T] float32
+    mask_ptr,                  # [B, T] int8
+    parts_ptr,                 # [max(B, 1), 7] float64 scratch: row partials (N_VALUE_PARTS)
+    counter_ptr,               # [] int32, zero at launch: tickets; reset to zero by the last program
+    num_tokens_ptr,            # [] float64, read only when HAS_NT
+    loss_ptr,                  # [] float32 out
+    stats_ptr,                 # [2] float32 out: vf_clipfrac, explained_var
+    scale_ptr,                 # [B] float32 out: row weights
+    B, T, numel, clip,
+    HAS_CLIP: tl.constexpr, AGG: tl.constexpr, HAS_NT: tl.constexpr,
+    BLOCK: tl.constexpr, COMBINE_BLOCK: tl.constexpr,  # as _policy_fwd_kernel
+):
+    row = tl.program_id(0).to(tl.int64)
+    if row < B:
+        _value_row(v_ptr, old_ptr, ret_ptr, mask_ptr, parts_ptr, row, T, clip, HAS_CLIP, BLOCK)
+    if _last_to_arrive(counter_ptr):
+        _value_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel, AGG, HAS_NT,
+                       COMBINE_BLOCK)
+        tl.store(counter_ptr, 0)
 
 
 @triton.jit
@@ -355,6 +406,12 @@ def _value_bwd_kernel(
     tl.store(out_ptr + idx, tl.where(valid, s * dv, 0.0), mask=inb)
 
 
+def _counter(device):
+    # the forward's ticket counter, [] int32 zero: one per call, so forwards on concurrent
+    # streams never share one (on CUDA, torch.zeros runs a 4-byte fill kernel)
+    return torch.zeros((), dtype=torch.int32, device=device)
+
+
 def _outputs(x, n_stats):
     B = x.shape[0]
     return x.new_empty(()), x.new_empty((n_stats,)), x.new_empty((B,))
@@ -366,11 +423,12 @@ def policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_c
     B, T = logp.shape
     loss, stats, scale = _outputs(logp, 8)
     parts = torch.empty((max(B, 1), N_POLICY_PARTS), dtype=torch.float64, device=logp.device)
-    if B > 0:
-        _policy_rows_kernel[(B,)](logp, old, adv, mask.view(torch.int8), parts, T, clip_low, clip_high,
-                                  dual_clip or 0.0, HAS_DUAL=dual_clip is not None, BLOCK=_block(T))
-    _policy_combine_kernel[(1,)](parts, num_tokens if num_tokens is not None else parts, loss, stats, scale, B,
-                                 float(B * T), AGG=agg, HAS_NT=num_tokens is not None, BLOCK=_block(B))
+    counter = _counter(logp.device)
+    _policy_fwd_kernel[(max(B, 1),)](logp, old, adv, mask.view(torch.int8), parts, counter,
+                                     num_tokens if num_tokens is not None else parts, loss, stats, scale, B, T,
+                                     float(B * T), clip_low, clip_high, dual_clip or 0.0,
+                                     HAS_DUAL=dual_clip is not None, AGG=agg, HAS_NT=num_tokens is not None,
+                                     BLOCK=_block(T), COMBINE_BLOCK=_block(B))
     return loss, stats, scale
 
 
@@ -390,11 +448,11 @@ def value_forward(values, old, returns, mask, num_tokens, clip, agg):
     B, T = values.shape
     loss, stats, scale = _outputs(values, 2)
     parts = torch.empty((max(B, 1), N_VALUE_PARTS), dtype=torch.float64, device=values.device)
-    if B > 0:
-        _value_rows_kernel[(B,)](values, old, returns, mask.view(torch.int8), parts, T, clip or 0.0,
-                                 HAS_CLIP=clip is not None, BLOCK=_block(T))
-    _value_combine_kernel[(1,)](parts, num_tokens if num_tokens is not None else parts, loss, stats, scale, B,
-                                float(B * T), AGG=agg, HAS_NT=num_tokens is not None, BLOCK=_block(B))
+    counter = _counter(values.device)
+    _value_fwd_kernel[(max(B, 1),)](values, old, returns, mask.view(torch.int8), parts, counter,
+                                    num_tokens if num_tokens is not None else parts, loss, stats, scale, B, T,
+                                    float(B * T), clip or 0.0, HAS_CLIP=clip is not None, AGG=agg,
+                                    HAS_NT=num_tokens is not None, BLOCK=_block(T), COMBINE_BLOCK=_block(B))
     return loss, stats, scale
 
 

@@ -46,6 +46,7 @@ if command -v compute-sanitizer >/dev/null; then
     "linear_logprobs and test_temperature_batch_dims and cuda-cuda"
     "test_policy_matches_reference and moderate and cuda-cuda"
     "test_value_matches_reference and cuda-cuda"
+    "test_ppo and test_many_rows and cuda-cuda"
     "test_bt_matches_reference and moderate and cuda-cuda"
     "test_ranking_matches_reference and cuda-cuda"
   )

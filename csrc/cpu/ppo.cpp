@@ -42,7 +42,8 @@ namespace {
 
 typedef float VecF __attribute__((vector_size(32)));
 typedef int32_t VecI __attribute__((vector_size(32)));
-typedef uint8_t VecM __attribute__((vector_size(8)));
+typedef int32_t VecI4 __attribute__((vector_size(16)));
+typedef int64_t VecL2 __attribute__((vector_size(16)));
 typedef float VecF4 __attribute__((vector_size(16)));
 typedef double VecD4 __attribute__((vector_size(32)));
 typedef int64_t VecL4 __attribute__((vector_size(32)));
@@ -51,6 +52,7 @@ constexpr int kW = 8;            // tokens per vector
 constexpr int kBlockVecs = 16;   // vectors per float32 block: 16 terms per lane before the float64 flush
 
 #define RLHF_INLINE __attribute__((always_inline)) inline
+#define RLHF_INLINE_LAMBDA __attribute__((always_inline))
 
 template <typename V>
 RLHF_INLINE V load(const void* p) {
@@ -59,8 +61,17 @@ RLHF_INLINE V load(const void* p) {
   return v;
 }
 
-// 8 mask bytes -> int32 lane mask (-1 where the token counts)
-RLHF_INLINE VecI load_mask(const uint8_t* m) { return __builtin_convertvector(load<VecM>(m), VecI) != 0; }
+// 8 mask bytes -> int32 lane mask (-1 where the token counts). Each lane tests its own byte
+// of the two words, spread over the lanes by one permute (vmovq + vpermd with AVX2; GCC
+// turns a byte -> int32 __builtin_convertvector into scalar inserts, and a vector built
+// from scalars into a trip through the stack).
+RLHF_INLINE VecI load_mask(const uint8_t* m) {
+  const VecL2 both = {load<int64_t>(m), 0};
+  const VecI4 words = reinterpret_cast<VecI4>(both);
+  const VecI spread = __builtin_shufflevector(words, words, 0, 0, 0, 0, 1, 1, 1, 1);
+  const VecI bytes = {0xff, 0xff00, 0xff0000, int32_t(0xff000000u), 0xff, 0xff00, 0xff0000, int32_t(0xff000000u)};
+  return (spread & bytes) != 0;
+}
 
 // The row's last T % 8 tokens, padded to a full vector with masked (and finite) tokens.
 template <int N>
@@ -104,19 +115,14 @@ template <int N>
 struct LaneSums {
   VecF f[N];
   double d[N][kW] = {};
-  int pending = 0;
   LaneSums() { clear(); }
   RLHF_INLINE void clear() {
     for (int k = 0; k < N; ++k) f[k] = splat<VecF>(0.f);
-    pending = 0;
   }
   RLHF_INLINE void flush() {
     for (int k = 0; k < N; ++k)
       for (int j = 0; j < kW; ++j) d[k][j] += f[k][j];
     clear();
-  }
-  RLHF_INLINE void step() {  // after adding one vector's terms to f
-    if (++pending == kBlockVecs) flush();
   }
   double total(int k) const {  // after the last flush; fixed lane order
     double s = 0;
@@ -124,6 +130,21 @@ struct LaneSums {
     return s;
   }
 };
+
+// Calls add(t) for every full 8-token vector of a row, in order, with a flush of the float32
+// sums after every kBlockVecs vectors (so at most kBlockVecs terms per lane, the partial last
+// vector included, before the caller's final flush). Returns where the partial vector starts.
+template <int N, typename Add>
+RLHF_INLINE int64_t for_blocks(LaneSums<N>& s, int64_t T, Add& add) {
+  constexpr int64_t kBlock = kW * kBlockVecs;
+  int64_t t0 = 0;
+  for (; t0 + kBlock <= T; t0 += kBlock) {
+    for (int64_t t = t0; t < t0 + kBlock; t += kW) add(t);
+    s.flush();
+  }
+  for (; t0 + kW <= T; t0 += kW) add(t0);
+  return t0;
+}
 
 struct PolicyRow {
   double loss = 0, count = 0, low = 0, high = 0, dual = 0, kl = 0, ratio = 0;
@@ -148,7 +169,6 @@ struct PolicyAcc {
     s.f[kRatio] += valid ? t.ratio : zero;
     rmin = min_f32(rmin, valid ? t.ratio : inf);
     rmax = max_f32(rmax, valid ? t.ratio : -inf);
-    s.step();
   }
 };
 
@@ -156,9 +176,10 @@ struct PolicyAcc {
 RLHF_CPU_CLONES PolicyRow policy_row(const float* lp, const float* olp, const float* adv, const uint8_t* m,
                                      int64_t T, float cl, float ch, float dc) {
   PolicyAcc a;
-  int64_t t0 = 0;
-  for (; t0 + kW <= T; t0 += kW)
-    a.add(load<VecF>(lp + t0), load<VecF>(olp + t0), load<VecF>(adv + t0), load_mask(m + t0), cl, ch, dc);
+  auto add = [&](int64_t t) RLHF_INLINE_LAMBDA {
+    a.add(load<VecF>(lp + t), load<VecF>(olp + t), load<VecF>(adv + t), load_mask(m + t), cl, ch, dc);
+  };
+  const int64_t t0 = for_blocks(a.s, T, add);
   if (t0 < T) {
     const float* src[3] = {lp, olp, adv};
     const Tail<3> tail(src, m, t0, T - t0);
@@ -318,7 +339,6 @@ struct ValueAcc {
     s.f[kVLoss] += valid ? t.loss : zero;
     s.f[kVClipped] += valid ? t.is_clipped : zero;
     s.f[kVCount] += valid ? splat<VecF>(1.f) : zero;
-    s.step();
     const VecF r = valid ? R : zero, e = valid ? R - v : zero;
     ret[0] += __builtin_convertvector(__builtin_shufflevector(r, r, 0, 1, 2, 3), VecD4);
     ret[1] += __builtin_convertvector(__builtin_shufflevector(r, r, 4, 5, 6, 7), VecD4);
@@ -349,10 +369,10 @@ struct DeviationAcc {
 RLHF_CPU_CLONES ValueRow value_row(const float* v, const float* ov, const float* R, const uint8_t* m, int64_t T,
                                    bool has_clip, float c) {
   ValueAcc a;
-  int64_t t0 = 0;
-  for (; t0 + kW <= T; t0 += kW)
-    a.add(load<VecF>(v + t0), load<VecF>(ov + t0), load<VecF>(R + t0), load_mask(m + t0), has_clip, c);
-  const int64_t body = t0;
+  auto add = [&](int64_t t) RLHF_INLINE_LAMBDA {
+    a.add(load<VecF>(v + t), load<VecF>(ov + t), load<VecF>(R + t), load_mask(m + t), has_clip, c);
+  };
+  const int64_t body = for_blocks(a.s, T, add);
   const float* src[3] = {v, ov, R};
   const Tail<3> tail(src, m, body, T - body);
   if (body < T)
@@ -365,7 +385,7 @@ RLHF_CPU_CLONES ValueRow value_row(const float* v, const float* ov, const float*
   if (n == 0) return r;
   const double mean_r = lane_total(a.ret) / n, mean_e = lane_total(a.err) / n;
   DeviationAcc q;  // second pass over the row, still in cache
-  for (t0 = 0; t0 < body; t0 += 4)
+  for (int64_t t0 = 0; t0 < body; t0 += 4)
     q.add(load<VecF4>(v + t0), load<VecF4>(R + t0), load<VecM4>(m + t0), mean_r, mean_e);
   for (int j = 0; body + j < T; j += 4)
     q.add(load<VecF4>(tail.x[0] + j), load<VecF4>(tail.x[2] + j), load<VecM4>(tail.m + j), mean_r, mean_e);

@@ -279,6 +279,61 @@ def test_many_rows(device, backend, gen):
     assert_stats(vstats, ref_stats)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 7, 8, 9, 20011])
+def test_row_lengths(device, backend, T, gen):
+    """Rows shorter than, equal to and just over the CPU kernels' 8-token vectors, and long
+    rows (many float32 blocks summed in float64, and a partial last vector)."""
+    if backend == "triton" and T > 1000:
+        pytest.skip("too slow for the Triton interpreter")
+    B = 3
+    logp, old, adv, mask = policy_inputs(gen, B, T, device)
+    mask[0] = torch.rand(T, generator=gen).to(device) < 0.9  # not the fixed pattern of make_mask at T = 1
+    for loss_agg in ("token-mean", "seq-mean-token-mean"):
+        kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=1.3, loss_agg=loss_agg)
+        x = logp.clone().requires_grad_()
+        loss, stats = rk.ppo_policy_loss(x, old, adv, mask, backend=backend, **kw)
+        loss.backward()
+        ref_loss, ref_stats, ref_grad, bound = policy_reference(logp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), **kw)
+        assert_loss(loss.cpu(), ref_loss, bound)
+        assert_stats(stats, ref_stats)
+        assert_grad(x.grad.cpu(), ref_grad)
+    values, old_v, returns, _ = value_inputs(gen, B, T, device)
+    y = values.clone().requires_grad_()
+    vloss, vstats = rk.ppo_value_loss(y, old_v, returns, mask, clip=0.2, backend=backend)
+    vloss.backward()
+    ref_loss, ref_stats, ref_grad, bound = value_reference(values.cpu(), old_v.cpu(), returns.cpu(), mask.cpu(),
+                                                           clip=0.2)
+    assert_loss(vloss.cpu(), ref_loss, bound)
+    assert_stats(vstats, ref_stats)
+    assert_grad(y.grad.cpu(), ref_grad)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_masked_tokens_are_ignored(device, backend, gen):
+    """NaN and inf at masked tokens change nothing: not the loss, the statistics or the gradient."""
+    if backend == "torch":
+        pytest.skip("the eager reference's gradient is NaN there (0 * exp(NaN) in autograd), within its row")
+    B, T = shape_for(backend)
+    logp, old, adv, mask = policy_inputs(gen, B, T, device)
+    values, old_v, returns, _ = value_inputs(gen, B, T, device)
+    junk = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device)
+    idx = torch.randint(0, 3, (B, T), generator=gen).to(device)
+
+    def run(poison):
+        args = [logp, old, adv, values, old_v, returns]
+        if poison:
+            args = [torch.where(mask, a, junk[(idx + k) % 3]) for k, a in enumerate(args)]
+        x, y = args[0].clone().requires_grad_(), args[3].clone().requires_grad_()
+        pl, ps = rk.ppo_policy_loss(x, args[1], args[2], mask, dual_clip=2.0, backend=backend)
+        vl, vs = rk.ppo_value_loss(y, args[4], args[5], mask, backend=backend)
+        (pl + vl).backward()
+        return [pl, vl, *ps.values(), *vs.values(), x.grad, y.grad]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
 def test_empty_batch(gen):
     for backend in _backend.available("cpu"):
         x = torch.empty(0, 5, requires_grad=True)
@@ -366,3 +421,26 @@ def test_compile_fullgraph(gen):
         results.append((loss, cf, ev, x.grad, y.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_ext
+def test_thread_count_invariance(gen):
+    """The CPU kernels' results do not depend on the number of threads."""
+    B, T = 37, 1031  # several parallel chunks of rows
+    logp, old, adv, mask = policy_inputs(gen, B, T, "cpu")
+    values, old_v, returns, _ = value_inputs(gen, B, T, "cpu")
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            x, y = logp.clone().requires_grad_(), values.clone().requires_grad_()
+            pl, ps = rk.ppo_policy_loss(x, old, adv, mask, dual_clip=3.0, loss_agg="seq-mean-token-mean",
+                                        backend="cpu")
+            vl, vs = rk.ppo_value_loss(y, old_v, returns, mask, backend="cpu")
+            (pl + vl).backward()
+            outs.append([pl, vl, *ps.values(), *vs.values(), x.grad, y.grad])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -3,10 +3,15 @@
 // are combined in row order afterwards, so results do not depend on the thread count.
 // The forward also returns each row's weight in the aggregated loss (row_scale [B]);
 // the backward is then elementwise: d_x[b, t] = grad * row_scale[b] * dl/dx[b, t].
-// Inner loops have no branches (masked tokens are selected away, never multiplied) and
-// sums go to kLanes float64 accumulators summed in a fixed order per row. GCC vectorizes
-// the backward and value loops (baseline x86-64 SSE2: the build sets no -march), not yet
-// the policy forward's per-token pass (mixed 8/32-bit types), which is the slowest part.
+//
+// Every loop runs on 8-token vectors (GCC vector extensions; an AVX2 clone picked at load
+// time, the baseline clone uses SSE pairs) through the per-token math of rlhf/ppo.h; the
+// last partial vector of a row is padded with masked tokens. Masked tokens are selected
+// away, never multiplied, so NaN or inf there changes nothing. Sums: each of the 8 lanes
+// adds float32 terms over a block of kBlockVecs vectors (at most kBlockVecs terms per lane),
+// then the block goes into float64 lanes, summed in a fixed order per row. The value
+// loss's sums of R and R - V go straight into float64 lanes, and its variances take a
+// second pass over the row (still in cache) with float64 deviations from those means.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,27 +19,77 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "rlhf/loss_checks.h"
-
-// Let the compiler turn the branch-free selects of the per-token math into vector blends
-// (with trapping math on, GCC keeps FP compares inside branches). We never read FP flags.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
+// Vector helpers here and in rlhf/ppo.h are always inlined, so the -Wpsabi note about
+// passing 32-byte vectors is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include "rlhf/ppo.h"
+
+// The hot loops get an AVX2 clone chosen at load time by CPU feature (the build targets
+// baseline x86-64), as in cpu/logprobs.cpp.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RLHF_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define RLHF_CPU_CLONES
+#endif
 
 namespace rlhf {
 namespace {
+
+typedef float VecF __attribute__((vector_size(32)));
+typedef int32_t VecI __attribute__((vector_size(32)));
+typedef int32_t VecI4 __attribute__((vector_size(16)));
+typedef int64_t VecL2 __attribute__((vector_size(16)));
+typedef float VecF4 __attribute__((vector_size(16)));
+typedef double VecD4 __attribute__((vector_size(32)));
+typedef int64_t VecL4 __attribute__((vector_size(32)));
+typedef uint8_t VecM4 __attribute__((vector_size(4)));
+constexpr int kW = 8;            // tokens per vector
+constexpr int kBlockVecs = 16;   // vectors per float32 block: 16 terms per lane before the float64 flush
+
+#define RLHF_INLINE __attribute__((always_inline)) inline
+#define RLHF_INLINE_LAMBDA __attribute__((always_inline))
+
+template <typename V>
+RLHF_INLINE V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// 8 mask bytes -> int32 lane mask (-1 where the token counts). Each lane tests its own byte
+// of the two words, spread over the lanes by one permute (vmovq + vpermd with AVX2; GCC
+// turns a byte -> int32 __builtin_convertvector into scalar inserts, and a vector built
+// from scalars into a trip through the stack).
+RLHF_INLINE VecI load_mask(const uint8_t* m) {
+  const VecL2 both = {load<int64_t>(m), 0};
+  const VecI4 words = reinterpret_cast<VecI4>(both);
+  const VecI spread = __builtin_shufflevector(words, words, 0, 0, 0, 0, 1, 1, 1, 1);
+  const VecI bytes = {0xff, 0xff00, 0xff0000, int32_t(0xff000000u), 0xff, 0xff00, 0xff0000, int32_t(0xff000000u)};
+  return (spread & bytes) != 0;
+}
+
+// The row's last T % 8 tokens, padded to a full vector with masked (and finite) tokens.
+template <int N>
+struct Tail {
+  alignas(32) float x[N][kW];
+  alignas(8) uint8_t m[kW];
+  Tail(const float* const* src, const uint8_t* mask, int64_t t0, int64_t n) {
+    std::memset(x, 0, sizeof x);
+    std::memset(m, 0, sizeof m);
+    for (int k = 0; k < N; ++k) std::memcpy(x[k], src[k] + t0, n * sizeof(float));
+    std::memcpy(m, mask + t0, n);
+  }
+};
 
 double read_num_tokens(const c10::optional<at::Tensor>& num_tokens, const at::Tensor& ref, const char* op) {
   check_num_tokens(num_tokens, ref, op);
   return num_tokens.has_value() ? num_tokens->data_ptr<double>()[0] : 0.0;  // a CPU tensor: no device sync
 }
-
-constexpr int kLanes = 8;
 
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
 
@@ -55,83 +110,116 @@ double aggregate_rows(const std::vector<double>& row_sum, const std::vector<doub
   return loss;
 }
 
+// N running sums of 8 float32 lanes over a block, flushed into 8 float64 lanes each.
+template <int N>
+struct LaneSums {
+  VecF f[N];
+  double d[N][kW] = {};
+  LaneSums() { clear(); }
+  RLHF_INLINE void clear() {
+    for (int k = 0; k < N; ++k) f[k] = splat<VecF>(0.f);
+  }
+  RLHF_INLINE void flush() {
+    for (int k = 0; k < N; ++k)
+      for (int j = 0; j < kW; ++j) d[k][j] += f[k][j];
+    clear();
+  }
+  double total(int k) const {  // after the last flush; fixed lane order
+    double s = 0;
+    for (int j = 0; j < kW; ++j) s += d[k][j];
+    return s;
+  }
+};
+
+// Calls add(t) for every full 8-token vector of a row, in order, with a flush of the float32
+// sums after every kBlockVecs vectors (so at most kBlockVecs terms per lane, the partial last
+// vector included, before the caller's final flush). Returns where the partial vector starts.
+template <int N, typename Add>
+RLHF_INLINE int64_t for_blocks(LaneSums<N>& s, int64_t T, Add& add) {
+  constexpr int64_t kBlock = kW * kBlockVecs;
+  int64_t t0 = 0;
+  for (; t0 + kBlock <= T; t0 += kBlock) {
+    for (int64_t t = t0; t < t0 + kBlock; t += kW) add(t);
+    s.flush();
+  }
+  for (; t0 + kW <= T; t0 += kW) add(t0);
+  return t0;
+}
+
 struct PolicyRow {
   double loss = 0, count = 0, low = 0, high = 0, dual = 0, kl = 0, ratio = 0;
   float rmin = std::numeric_limits<float>::infinity(), rmax = -std::numeric_limits<float>::infinity();
 };
 
-// One row of T tokens: float64 partial sums over the valid ones. Tiles of kTile tokens:
-// first the per-token terms into small arrays (a plain elementwise loop, which
-// vectorizes), then lane sums over the arrays, added into float64 lanes.
-constexpr int kTile = 256;
+enum { kLoss, kCount, kLow, kHigh, kDual, kKl, kRatio, kPolicySums };
 
-PolicyRow policy_row(const float* lp, const float* olp, const float* adv, const uint8_t* m, int64_t T, float cl,
-                     float ch, float dc) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  alignas(64) float loss[kTile], count[kTile], low[kTile], high[kTile], dual[kTile], kl[kTile], ratio[kTile],
-      rmin[kTile], rmax[kTile];
-  double a_loss[kLanes] = {}, a_count[kLanes] = {}, a_low[kLanes] = {}, a_high[kLanes] = {}, a_dual[kLanes] = {};
-  double a_kl[kLanes] = {}, a_ratio[kLanes] = {};
-  float a_min[kLanes], a_max[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    a_min[j] = kInf;
-    a_max[j] = -kInf;
+struct PolicyAcc {
+  LaneSums<kPolicySums> s;
+  VecF rmin = splat<VecF>(std::numeric_limits<float>::infinity());
+  VecF rmax = splat<VecF>(-std::numeric_limits<float>::infinity());
+  RLHF_INLINE void add(VecF lp, VecF olp, VecF adv, VecI valid, float cl, float ch, float dc) {
+    const PolicyTokenT<VecF> t = ppo_policy_token(lp, olp, adv, cl, ch, dc);
+    const VecF zero = splat<VecF>(0.f), inf = splat<VecF>(std::numeric_limits<float>::infinity());
+    s.f[kLoss] += valid ? t.loss : zero;
+    s.f[kCount] += valid ? splat<VecF>(1.f) : zero;
+    s.f[kLow] += valid ? t.is_low : zero;
+    s.f[kHigh] += valid ? t.is_high : zero;
+    s.f[kDual] += valid ? t.is_dual : zero;
+    s.f[kKl] += valid ? t.kl : zero;
+    s.f[kRatio] += valid ? t.ratio : zero;
+    rmin = min_f32(rmin, valid ? t.ratio : inf);
+    rmax = max_f32(rmax, valid ? t.ratio : -inf);
   }
-  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
-    const int n = static_cast<int>(std::min<int64_t>(kTile, T - t0));
-    for (int i = 0; i < n; ++i) {
-      const int32_t v = m[t0 + i];
-      const PolicyToken t = ppo_policy_token(lp[t0 + i], olp[t0 + i], adv[t0 + i], cl, ch, dc);
-      loss[i] = v ? t.loss : 0.f;
-      count[i] = v ? 1.f : 0.f;
-      low[i] = v ? t.is_low : 0.f;
-      high[i] = v ? t.is_high : 0.f;
-      dual[i] = v ? t.is_dual : 0.f;
-      kl[i] = v ? t.kl : 0.f;
-      ratio[i] = v ? t.ratio : 0.f;
-      rmin[i] = v ? t.ratio : kInf;
-      rmax[i] = v ? t.ratio : -kInf;
-    }
-    for (int i = n; i < kTile; ++i) {
-      loss[i] = count[i] = low[i] = high[i] = dual[i] = kl[i] = ratio[i] = 0.f;
-      rmin[i] = kInf;
-      rmax[i] = -kInf;
-    }
-    for (int i = 0; i < kTile; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        a_loss[j] += loss[i + j];
-        a_count[j] += count[i + j];
-        a_low[j] += low[i + j];
-        a_high[j] += high[i + j];
-        a_dual[j] += dual[i + j];
-        a_kl[j] += kl[i + j];
-        a_ratio[j] += ratio[i + j];
-        a_min[j] = min_f32(a_min[j], rmin[i + j]);
-        a_max[j] = max_f32(a_max[j], rmax[i + j]);
-      }
-    }
+};
+
+// One row of T tokens: float64 partial sums over the valid ones.
+RLHF_CPU_CLONES PolicyRow policy_row(const float* lp, const float* olp, const float* adv, const uint8_t* m,
+                                     int64_t T, float cl, float ch, float dc) {
+  PolicyAcc a;
+  auto add = [&](int64_t t) RLHF_INLINE_LAMBDA {
+    a.add(load<VecF>(lp + t), load<VecF>(olp + t), load<VecF>(adv + t), load_mask(m + t), cl, ch, dc);
+  };
+  const int64_t t0 = for_blocks(a.s, T, add);
+  if (t0 < T) {
+    const float* src[3] = {lp, olp, adv};
+    const Tail<3> tail(src, m, t0, T - t0);
+    a.add(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]), load_mask(tail.m), cl, ch, dc);
   }
+  a.s.flush();
   PolicyRow r;
-  for (int j = 0; j < kLanes; ++j) {
-    r.loss += a_loss[j];
-    r.count += a_count[j];
-    r.low += a_low[j];
-    r.high += a_high[j];
-    r.dual += a_dual[j];
-    r.kl += a_kl[j];
-    r.ratio += a_ratio[j];
-    r.rmin = std::min(r.rmin, a_min[j]);
-    r.rmax = std::max(r.rmax, a_max[j]);
+  r.loss = a.s.total(kLoss);
+  r.count = a.s.total(kCount);
+  r.low = a.s.total(kLow);
+  r.high = a.s.total(kHigh);
+  r.dual = a.s.total(kDual);
+  r.kl = a.s.total(kKl);
+  r.ratio = a.s.total(kRatio);
+  for (int j = 0; j < kW; ++j) {
+    r.rmin = min_f32(r.rmin, a.rmin[j]);
+    r.rmax = max_f32(r.rmax, a.rmax[j]);
   }
   return r;
 }
 
-void policy_grad_row(const float* lp, const float* olp, const float* adv, const uint8_t* m,
+RLHF_INLINE VecF policy_grad(VecF lp, VecF olp, VecF adv, VecI valid, float cl, float ch, float dc, float scale) {
+  const VecF d = ppo_policy_token(lp, olp, adv, cl, ch, dc).dlogp;
+  return valid ? scale * d : splat<VecF>(0.f);
+}
+
+RLHF_CPU_CLONES void policy_grad_row(const float* lp, const float* olp, const float* adv, const uint8_t* m,
                                      int64_t T, float cl, float ch, float dc, float scale, float* out) {
-  for (int64_t i = 0; i < T; ++i) {
-    const int32_t v = m[i];
-    const float d = ppo_policy_token(lp[i], olp[i], adv[i], cl, ch, dc).dlogp;
-    out[i] = v ? scale * d : 0.f;
+  int64_t t0 = 0;
+  for (; t0 + kW <= T; t0 += kW) {
+    const VecF d = policy_grad(load<VecF>(lp + t0), load<VecF>(olp + t0), load<VecF>(adv + t0),
+                               load_mask(m + t0), cl, ch, dc, scale);
+    std::memcpy(out + t0, &d, sizeof d);
+  }
+  if (t0 < T) {
+    const float* src[3] = {lp, olp, adv};
+    const Tail<3> tail(src, m, t0, T - t0);
+    const VecF d = policy_grad(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]),
+                               load_mask(tail.m), cl, ch, dc, scale);
+    std::memcpy(out + t0, &d, (T - t0) * sizeof(float));
   }
 }
 
@@ -238,71 +326,98 @@ struct ValueRow {
   Moments ret, err;  // of R and of R - V
 };
 
-ValueRow value_row(const float* v, const float* ov, const float* R, const uint8_t* m, int64_t T, bool has_clip,
-                   float c) {
-  alignas(64) float loss[kTile], clipped[kTile], count[kTile], ret[kTile], err[kTile];
-  double a_loss[kLanes] = {}, a_clipped[kLanes] = {}, a_count[kLanes] = {}, a_ret[kLanes] = {}, a_err[kLanes] = {};
-  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
-    const int n = static_cast<int>(std::min<int64_t>(kTile, T - t0));
-    for (int i = 0; i < n; ++i) {
-      const int32_t ok = m[t0 + i];
-      const float vi = v[t0 + i], ri = R[t0 + i];
-      const ValueToken t = ppo_value_token(vi, ov[t0 + i], ri, has_clip, c);
-      loss[i] = ok ? t.loss : 0.f;
-      clipped[i] = ok ? t.is_clipped : 0.f;
-      count[i] = ok ? 1.f : 0.f;
-      ret[i] = ok ? ri : 0.f;
-      err[i] = ok ? ri - vi : 0.f;  // float64 deviations from this mean in the second pass
-    }
-    for (int i = n; i < kTile; ++i) loss[i] = clipped[i] = count[i] = ret[i] = err[i] = 0.f;
-    for (int i = 0; i < kTile; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        a_loss[j] += loss[i + j];
-        a_clipped[j] += clipped[i + j];
-        a_count[j] += count[i + j];
-        a_ret[j] += ret[i + j];
-        a_err[j] += err[i + j];
-      }
-    }
+enum { kVLoss, kVClipped, kVCount, kValueSums };
+
+// The sums of R and R - V go straight into float64 lanes: with float32 blocks their means
+// would be rounded, and a constant R must give Var(R) = 0 exactly.
+struct ValueAcc {
+  LaneSums<kValueSums> s;
+  VecD4 ret[2] = {}, err[2] = {};
+  RLHF_INLINE void add(VecF v, VecF ov, VecF R, VecI valid, bool has_clip, float c) {
+    const ValueTokenT<VecF> t = ppo_value_token(v, ov, R, has_clip, c);
+    const VecF zero = splat<VecF>(0.f);
+    s.f[kVLoss] += valid ? t.loss : zero;
+    s.f[kVClipped] += valid ? t.is_clipped : zero;
+    s.f[kVCount] += valid ? splat<VecF>(1.f) : zero;
+    const VecF r = valid ? R : zero, e = valid ? R - v : zero;
+    ret[0] += __builtin_convertvector(__builtin_shufflevector(r, r, 0, 1, 2, 3), VecD4);
+    ret[1] += __builtin_convertvector(__builtin_shufflevector(r, r, 4, 5, 6, 7), VecD4);
+    err[0] += __builtin_convertvector(__builtin_shufflevector(e, e, 0, 1, 2, 3), VecD4);
+    err[1] += __builtin_convertvector(__builtin_shufflevector(e, e, 4, 5, 6, 7), VecD4);
   }
-  ValueRow r;
-  double n = 0, sr = 0, se = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    r.loss += a_loss[j];
-    r.clipped += a_clipped[j];
-    n += a_count[j];
-    sr += a_ret[j];
-    se += a_err[j];
+};
+
+double lane_total(const VecD4 (&x)[2]) {  // fixed order
+  double s = 0;
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 4; ++j) s += x[h][j];
+  return s;
+}
+
+// Sums of squared float64 deviations of R and of R - V from their means, 4 tokens a step.
+struct DeviationAcc {
+  VecD4 qr = {}, qe = {};
+  RLHF_INLINE void add(VecF4 v4, VecF4 R4, VecM4 m4, double mean_r, double mean_e) {
+    const VecD4 v = __builtin_convertvector(v4, VecD4), R = __builtin_convertvector(R4, VecD4);
+    const VecL4 valid = __builtin_convertvector(m4, VecL4) != 0;
+    const VecD4 dr = R - mean_r, de = (R - v) - mean_e, zero = {};
+    qr += valid ? dr * dr : zero;
+    qe += valid ? de * de : zero;
   }
-  if (n == 0) return r;
-  const double mean_r = sr / n, mean_e = se / n;
-  double q_r[kLanes] = {}, q_e[kLanes] = {};  // second pass over the row, still in cache
-  auto step2 = [&](int j, int64_t i) {
-    const int32_t ok = m[i];
-    const double dr = R[i] - mean_r, de = (static_cast<double>(R[i]) - v[i]) - mean_e;
-    q_r[j] += ok ? dr * dr : 0.0;
-    q_e[j] += ok ? de * de : 0.0;
+};
+
+RLHF_CPU_CLONES ValueRow value_row(const float* v, const float* ov, const float* R, const uint8_t* m, int64_t T,
+                                   bool has_clip, float c) {
+  ValueAcc a;
+  auto add = [&](int64_t t) RLHF_INLINE_LAMBDA {
+    a.add(load<VecF>(v + t), load<VecF>(ov + t), load<VecF>(R + t), load_mask(m + t), has_clip, c);
   };
-  int64_t t0 = 0;
-  for (; t0 + kLanes <= T; t0 += kLanes)
-    for (int j = 0; j < kLanes; ++j) step2(j, t0 + j);
-  for (int j = 0; t0 + j < T; ++j) step2(j, t0 + j);
+  const int64_t body = for_blocks(a.s, T, add);
+  const float* src[3] = {v, ov, R};
+  const Tail<3> tail(src, m, body, T - body);
+  if (body < T)
+    a.add(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]), load_mask(tail.m), has_clip, c);
+  a.s.flush();
+  ValueRow r;
+  r.loss = a.s.total(kVLoss);
+  r.clipped = a.s.total(kVClipped);
+  const double n = a.s.total(kVCount);
+  if (n == 0) return r;
+  const double mean_r = lane_total(a.ret) / n, mean_e = lane_total(a.err) / n;
+  DeviationAcc q;  // second pass over the row, still in cache
+  for (int64_t t0 = 0; t0 < body; t0 += 4)
+    q.add(load<VecF4>(v + t0), load<VecF4>(R + t0), load<VecM4>(m + t0), mean_r, mean_e);
+  for (int j = 0; body + j < T; j += 4)
+    q.add(load<VecF4>(tail.x[0] + j), load<VecF4>(tail.x[2] + j), load<VecM4>(tail.m + j), mean_r, mean_e);
   double qr = 0, qe = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    qr += q_r[j];
-    qe += q_e[j];
+  for (int j = 0; j < 4; ++j) {
+    qr += q.qr[j];
+    qe += q.qe[j];
   }
   r.ret = {n, mean_r, qr};
   r.err = {n, mean_e, qe};
   return r;
 }
 
-void value_grad_row(const float* v, const float* ov, const float* R, const uint8_t* m,
-                                    int64_t T, bool has_clip, float c, float scale, float* out) {
-  for (int64_t i = 0; i < T; ++i) {
-    const int32_t ok = m[i];
-    const float d = ppo_value_token(v[i], ov[i], R[i], has_clip, c).dvalue;
-    out[i] = ok ? scale * d : 0.f;
+RLHF_INLINE VecF value_grad(VecF v, VecF ov, VecF R, VecI valid, bool has_clip, float c, float scale) {
+  const VecF d = ppo_value_token(v, ov, R, has_clip, c).dvalue;
+  return valid ? scale * d : splat<VecF>(0.f);
+}
+
+RLHF_CPU_CLONES void value_grad_row(const float* v, const float* ov, const float* R, const uint8_t* m, int64_t T,
+                                    bool has_clip, float c, float scale, float* out) {
+  int64_t t0 = 0;
+  for (; t0 + kW <= T; t0 += kW) {
+    const VecF d = value_grad(load<VecF>(v + t0), load<VecF>(ov + t0), load<VecF>(R + t0), load_mask(m + t0),
+                              has_clip, c, scale);
+    std::memcpy(out + t0, &d, sizeof d);
+  }
+  if (t0 < T) {
+    const float* src[3] = {v, ov, R};
+    const Tail<3> tail(src, m, t0, T - t0);
+    const VecF d = value_grad(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]),
+                              load_mask(tail.m), has_clip, c, scale);
+    std::memcpy(out + t0, &d, (T - t0) * sizeof(float));
   }
 }
 

@@ -1,6 +1,6 @@
-"""Benchmark of the ppo and bt families: forward + backward, median time per call.
+"""Benchmark of the losses (the ppo and bt families): forward + backward, median time per call.
 
-    python benchmarks/bench_ppo.py [--device cpu|cuda] [--repeats N] [--threads N]
+    python benchmarks/bench_losses.py [--device cpu|cuda] [--repeats N] [--threads N]
 
 Providers: the eager PyTorch reference (rlhf_kernels/reference, run on the float32
 inputs as a trainer would), torch.compile of that reference, and the rlhf_kernels

@@ -20,7 +20,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # benchmark this checkout's rlhf_kernels, not another install
 import rlhf_kernels as rk  # noqa: E402
 from common import fmt_time, median_time, print_table, write_csv  # noqa: E402
 

@@ -24,31 +24,18 @@
 #include <vector>
 
 #include "rlhf/loss_checks.h"
-// Vector helpers here and in rlhf/ppo.h are always inlined, so the -Wpsabi note about
-// passing 32-byte vectors is moot.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "rlhf/cpu_vec.h"  // before ppo.h: silences -Wpsabi for its vector templates too
 #include "rlhf/ppo.h"
-
-// The hot loops get an AVX2 clone chosen at load time by CPU feature (the build targets
-// baseline x86-64), as in cpu/logprobs.cpp.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RLHF_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define RLHF_CPU_CLONES
-#endif
 
 namespace rlhf {
 namespace {
 
-typedef float VecF __attribute__((vector_size(32)));
-typedef int32_t VecI __attribute__((vector_size(32)));
 typedef int32_t VecI4 __attribute__((vector_size(16)));
 typedef int64_t VecL2 __attribute__((vector_size(16)));
 typedef float VecF4 __attribute__((vector_size(16)));
 typedef double VecD4 __attribute__((vector_size(32)));
 typedef int64_t VecL4 __attribute__((vector_size(32)));
 typedef uint8_t VecM4 __attribute__((vector_size(4)));
-constexpr int kW = 8;            // tokens per vector
 constexpr int kBlockVecs = 16;   // vectors per float32 block: 16 terms per lane before the float64 flush
 
 #define RLHF_INLINE __attribute__((always_inline)) inline

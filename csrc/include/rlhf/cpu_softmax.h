@@ -17,16 +17,10 @@
 #include <cstring>
 #include <type_traits>
 
+#include "rlhf/cpu_vec.h"
 #include "rlhf/label_dispatch.h"
 #include "rlhf/logprobs.h"
 
-// The hot loops get an AVX2 clone chosen at load time by CPU feature (the build targets
-// baseline x86-64). Not "arch=haswell": that clone is picked by CPU model, so AMD never gets it.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RLHF_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define RLHF_CPU_CLONES
-#endif
 
 namespace rlhf {
 namespace {
@@ -36,14 +30,9 @@ constexpr int64_t kChunk = 2048;  // floats per chunk buffer: 8 KiB, stays in L1
 // exp(x) for x <= 0 (and NaN): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, a degree-6
 // polynomial for exp(r) (relative error ~2e-7), 2^k from the exponent bits. Below -87 the
 // result is 0 (exp(-inf) = 0, as a -inf logit needs); NaN stays NaN (comparisons are false).
-// One body for scalars (F = float, I = int32_t) and 8-lane vectors (F = VecF, I = VecI).
-// GCC vector extensions: 8 floats, one AVX2 register (two SSE registers in the baseline clone).
-// Explicit vectors because GCC does not vectorize float reductions without -ffast-math.
-// (The helpers are always inlined, so the -Wpsabi note about passing 32-byte vectors is moot.)
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float VecF __attribute__((vector_size(32)));
-typedef int32_t VecI __attribute__((vector_size(32)));
-constexpr int kW = 8;
+// One body for scalars (F = float, I = int32_t) and 8-lane vectors (F = VecF, I = VecI,
+// rlhf/cpu_vec.h). Explicit vectors because GCC does not vectorize float reductions without
+// -ffast-math.
 
 template <typename F>
 __attribute__((always_inline)) inline F splat(float x) {

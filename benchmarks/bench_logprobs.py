@@ -25,7 +25,6 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -34,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import fmt_time, median_time, peak_extra_bytes, print_table  # noqa: E402
+from common import fmt_time, median_time, peak_extra_bytes, print_table, run_child  # noqa: E402
 
 PROVIDERS = ["eager", "compile", "row_loop", "liger", "cpu", "triton", "cuda"]
 MODES = ["fwd", "fwd+bwd"]
@@ -132,13 +131,8 @@ def measure(provider, mode, device, dtype, N, V, repeats):
 # ---- the driver ----
 
 def run_one(provider, mode, args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", provider, mode, "--device", args.device,
-           "--dtype", args.dtype, "--N", str(args.N), "--V", str(args.V), "--repeats", str(args.repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["failed"]
-        return {"error": tail[0][:120]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(os.path.abspath(__file__), provider, mode, dict(device=args.device, dtype=args.dtype, N=args.N,
+                                                                   V=args.V, repeats=args.repeats))
 
 
 def main():

@@ -59,6 +59,22 @@ def peak_extra_bytes(fn, device="cpu"):
     return _rss_bytes("VmHWM") - base
 
 
+def run_child(script, provider, mode, options):
+    """Run ``script --child PROVIDER MODE --key value ...`` in a fresh process (so its peak
+    memory is its own) and return the JSON object on its last line, or {"error": why}."""
+    import json
+    import subprocess
+    import sys
+    cmd = [sys.executable, script, "--child", provider, mode]
+    for key, value in options.items():
+        cmd += ["--" + key, str(value)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["failed"]
+        return {"error": tail[0][:120]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def fmt_time(seconds):
     if seconds >= 1:
         return "%.3f s" % seconds

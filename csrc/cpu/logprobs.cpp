@@ -213,13 +213,7 @@ void logprobs_backward_into(at::Tensor& grad, const at::Tensor& logits, const c1
                             int64_t ignore_index) {
   const char* op = "token_logprobs backward";
   check_logits(logits, op);
-  if (labels.has_value()) check_labels(*labels, logits, op);
-  check_row_stat(grad_logp, logits, "grad_logp", op);
-  check_row_stat(grad_entropy, logits, "grad_entropy", op);
-  check_row_stat(stats, logits, "stats", op, 2);
-  check_row_stat(entropy, logits, "entropy", op);
-  TORCH_CHECK(!grad_logp.has_value() || labels.has_value(), op, ": `grad_logp` needs `labels`");
-  const float inv_t = inverse_temperature(temperature, op);
+  const float inv_t = check_logprobs_bwd_args(logits, labels, grad_logp, grad_entropy, stats, entropy, temperature, op);
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_backward", [&] {
@@ -266,11 +260,7 @@ std::tuple<at::Tensor, at::Tensor> full_kl_fwd_cpu(const at::Tensor& logits, con
 at::Tensor full_kl_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& logits, const at::Tensor& ref_logits,
                            const at::Tensor& kl, const at::Tensor& stats, double temperature) {
   const char* op = "full_kl backward";
-  check_kl_pair(logits, ref_logits, op);
-  check_row_stat(grad_kl, logits, "grad_kl", op);
-  check_row_stat(kl, logits, "kl", op);
-  check_row_stat(stats, logits, "stats", op, 4);
-  const float inv_t = inverse_temperature(temperature, op);
+  const float inv_t = check_full_kl_bwd_args(grad_kl, logits, ref_logits, kl, stats, temperature, op);
   const int64_t N = logits.size(0), V = logits.size(1);
   at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
   if (N == 0) return grad;

@@ -47,8 +47,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <string>
 #include <tuple>
+
+#include "rlhf/logprobs_checks.h"
 
 namespace rlhf {
 
@@ -94,36 +95,11 @@ inline void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight
                 hidden.device());
     TORCH_CHECK(bias->is_contiguous(), op, ": `bias` must be contiguous");
   }
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), op, ": `labels` must be [N] = [",
-              hidden.size(0), "], got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
-              ": `labels` must be int64 or int32, got ", labels.scalar_type());
-  TORCH_CHECK(labels.device() == hidden.device(), op, ": `labels` is on ", labels.device(), " but `hidden` is on ",
-              hidden.device());
-  TORCH_CHECK(labels.is_contiguous(), op, ": `labels` must be contiguous");
-}
-
-// A per-row float32 tensor [N] or [N, cols] on hidden's device.
-inline void check_linear_row(const c10::optional<at::Tensor>& t, int64_t N, const at::Tensor& hidden,
-                             const char* name, const char* op, int64_t cols = 0) {
-  if (!t.has_value()) return;
-  const bool ok = cols == 0 ? (t->dim() == 1 && t->size(0) == N)
-                            : (t->dim() == 2 && t->size(0) == N && t->size(1) == cols);
-  TORCH_CHECK(ok, op, ": `", name, "` must be [", N, cols ? ", " + std::to_string(cols) : std::string(), "], got ",
-              t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device() == hidden.device(), op, ": `", name,
-              "` must be a contiguous float32 tensor on ", hidden.device(), ", got ", t->scalar_type(), " on ",
-              t->device());
+  check_labels(labels, hidden, op, "hidden");
 }
 
 inline int64_t linear_tile_budget(int64_t tile, int64_t default_bytes) {
   return tile > 0 ? tile : default_bytes / static_cast<int64_t>(sizeof(float));
-}
-
-inline float linear_inverse_temperature(double temperature, const char* op) {
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": `temperature` must be a finite number > 0, got ",
-              temperature);
-  return static_cast<float>(1.0 / temperature);
 }
 
 // The float32 logits (without bias) of rows [r0, r0 + nr) and columns [c0, c0 + n), into the
@@ -149,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forward(const at:
                                                                        int64_t ignore_index, int64_t tile) {
   const char* op = "linear_token_logprobs";
   check_linear_args(hidden, weight, bias, labels, op);
-  const float inv_t = linear_inverse_temperature(temperature, op);
+  const float inv_t = inverse_temperature(temperature, op);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   if (N == 0) return {at::empty({0}, f32), at::empty({0}, f32), at::empty({0, 2}, f32)};
@@ -188,12 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   const char* op = "linear_token_logprobs backward";
   check_linear_args(hidden, weight, bias, labels, op);
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  check_linear_row(grad_logp, N, hidden, "grad_logp", op);
-  check_linear_row(grad_entropy, N, hidden, "grad_entropy", op);
-  check_linear_row(stats, N, hidden, "stats", op, 2);
-  check_linear_row(entropy, N, hidden, "entropy", op);
+  const float inv_t = check_logprobs_bwd_args(hidden, labels, grad_logp, grad_entropy, stats, entropy, temperature, op,
+                                              "hidden");
   TORCH_CHECK(!need_bias || bias.has_value(), op, ": a bias gradient was asked for without a `bias`");
-  const float inv_t = linear_inverse_temperature(temperature, op);
   const auto dt = hidden.scalar_type();
   const auto f32 = hidden.options().dtype(at::kFloat);
   // an output that was not asked for is a fresh [0] tensor (outputs must not alias)

@@ -16,18 +16,6 @@ namespace {
 
 constexpr int64_t kChunk = 4096;
 
-const float* check_pairs(const at::Tensor& chosen, const at::Tensor& rejected, const c10::optional<at::Tensor>& margin,
-                         const char* op) {
-  TORCH_CHECK(chosen.dim() == 1, op, ": `chosen` must be [P], got shape ", chosen.sizes());
-  check_f32(chosen, "chosen", op);
-  check_f32(rejected, "rejected", op);
-  check_like(rejected, "rejected", chosen, "chosen", op);
-  if (!margin.has_value()) return nullptr;
-  check_f32(*margin, "margin", op);
-  check_like(*margin, "margin", chosen, "chosen", op);
-  return margin->data_ptr<float>();
-}
-
 std::tuple<at::Tensor, at::Tensor> bt_fwd_cpu(const at::Tensor& chosen, const at::Tensor& rejected,
                                               const c10::optional<at::Tensor>& margin, double label_smoothing,
                                               double center_coef) {
@@ -98,15 +86,6 @@ std::tuple<at::Tensor, at::Tensor> bt_bwd_cpu(const at::Tensor& grad, const at::
     }
   });
   return {dc, dr};
-}
-
-const bool* check_ranking(const at::Tensor& rewards, const c10::optional<at::Tensor>& valid, const char* op) {
-  TORCH_CHECK(rewards.dim() == 2, op, ": `rewards` must be [P, K], got shape ", rewards.sizes());
-  check_f32(rewards, "rewards", op);
-  if (!valid.has_value()) return nullptr;
-  check_bool(*valid, "valid", op);
-  check_like(*valid, "valid", rewards, "rewards", op);
-  return valid->data_ptr<bool>();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ranking_fwd_cpu(const at::Tensor& rewards,

@@ -142,27 +142,6 @@ __global__ void ranking_bwd_kernel(const float* __restrict__ grad, const float* 
   }
 }
 
-const float* margin_ptr(const at::Tensor& chosen, const at::Tensor& rejected, const c10::optional<at::Tensor>& margin,
-                        const char* op) {
-  TORCH_CHECK(chosen.dim() == 1, op, ": `chosen` must be [P], got shape ", chosen.sizes());
-  check_f32(chosen, "chosen", op);
-  check_f32(rejected, "rejected", op);
-  check_like(rejected, "rejected", chosen, "chosen", op);
-  if (!margin.has_value()) return nullptr;
-  check_f32(*margin, "margin", op);
-  check_like(*margin, "margin", chosen, "chosen", op);
-  return margin->data_ptr<float>();
-}
-
-const bool* valid_ptr(const at::Tensor& rewards, const c10::optional<at::Tensor>& valid, const char* op) {
-  TORCH_CHECK(rewards.dim() == 2, op, ": `rewards` must be [P, K], got shape ", rewards.sizes());
-  check_f32(rewards, "rewards", op);
-  if (!valid.has_value()) return nullptr;
-  check_bool(*valid, "valid", op);
-  check_like(*valid, "valid", rewards, "rewards", op);
-  return valid->data_ptr<bool>();
-}
-
 void check_grad(const at::Tensor& grad, const at::Tensor& ref, const char* op) {
   check_scalar(grad, "grad", ref, op);
   check_f32(grad, "grad", op);
@@ -171,7 +150,7 @@ void check_grad(const at::Tensor& grad, const at::Tensor& ref, const char* op) {
 std::tuple<at::Tensor, at::Tensor> bt_fwd_cuda(const at::Tensor& chosen, const at::Tensor& rejected,
                                                const c10::optional<at::Tensor>& margin, double label_smoothing,
                                                double center_coef) {
-  const float* mg = margin_ptr(chosen, rejected, margin, "bt_fwd");
+  const float* mg = check_pairs(chosen, rejected, margin, "bt_fwd");
   const c10::cuda::CUDAGuard guard(chosen.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor loss = at::empty({}, chosen.options()), stats = at::empty({2}, chosen.options());
@@ -185,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> bt_fwd_cuda(const at::Tensor& chosen, const a
 std::tuple<at::Tensor, at::Tensor> bt_bwd_cuda(const at::Tensor& grad, const at::Tensor& chosen,
                                                const at::Tensor& rejected, const c10::optional<at::Tensor>& margin,
                                                double label_smoothing, double center_coef) {
-  const float* mg = margin_ptr(chosen, rejected, margin, "bt_bwd");
+  const float* mg = check_pairs(chosen, rejected, margin, "bt_bwd");
   check_grad(grad, chosen, "bt_bwd");
   at::Tensor dc = at::empty_like(chosen), dr = at::empty_like(rejected);
   const int64_t P = chosen.size(0);
@@ -203,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> bt_bwd_cuda(const at::Tensor& grad, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ranking_fwd_cuda(const at::Tensor& rewards,
                                                                 const c10::optional<at::Tensor>& valid) {
-  const bool* ok = valid_ptr(rewards, valid, "ranking_fwd");
+  const bool* ok = check_ranking(rewards, valid, "ranking_fwd");
   const int64_t P = rewards.size(0), K = rewards.size(1);
   TORCH_CHECK(P <= 2147483647LL, "ranking_fwd: too many prompts for one launch: ", P);
   const c10::cuda::CUDAGuard guard(rewards.device());
@@ -224,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ranking_fwd_cuda(const at::Tensor
 
 at::Tensor ranking_bwd_cuda(const at::Tensor& grad, const at::Tensor& rewards, const c10::optional<at::Tensor>& valid,
                             const at::Tensor& prompt_scale) {
-  const bool* ok = valid_ptr(rewards, valid, "ranking_bwd");
+  const bool* ok = check_ranking(rewards, valid, "ranking_bwd");
   check_grad(grad, rewards, "ranking_bwd");
   check_row_scale(prompt_scale, rewards.size(0), rewards, "prompt_scale", "ranking_bwd");
   at::Tensor d = at::empty_like(rewards);

@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 namespace rlhf {
 
@@ -63,6 +64,29 @@ inline void check_num_tokens(const c10::optional<at::Tensor>& num_tokens, const 
               num_tokens->sizes());
   TORCH_CHECK(num_tokens->device() == ref.device(), op, ": `num_tokens` is on ", num_tokens->device(),
               " but the inputs are on ", ref.device());
+}
+
+// bt: chosen and rejected [P] float32 (margin too, when given); returns the margin's data or nullptr.
+inline const float* check_pairs(const at::Tensor& chosen, const at::Tensor& rejected,
+                                const c10::optional<at::Tensor>& margin, const char* op) {
+  TORCH_CHECK(chosen.dim() == 1, op, ": `chosen` must be [P], got shape ", chosen.sizes());
+  check_f32(chosen, "chosen", op);
+  check_f32(rejected, "rejected", op);
+  check_like(rejected, "rejected", chosen, "chosen", op);
+  if (!margin.has_value()) return nullptr;
+  check_f32(*margin, "margin", op);
+  check_like(*margin, "margin", chosen, "chosen", op);
+  return margin->data_ptr<float>();
+}
+
+// ranking: rewards [P, K] float32, valid [P, K] bool when given; returns valid's data or nullptr.
+inline const bool* check_ranking(const at::Tensor& rewards, const c10::optional<at::Tensor>& valid, const char* op) {
+  TORCH_CHECK(rewards.dim() == 2, op, ": `rewards` must be [P, K], got shape ", rewards.sizes());
+  check_f32(rewards, "rewards", op);
+  if (!valid.has_value()) return nullptr;
+  check_bool(*valid, "valid", op);
+  check_like(*valid, "valid", rewards, "rewards", op);
+  return valid->data_ptr<bool>();
 }
 
 }  // namespace rlhf

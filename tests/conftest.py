@@ -47,6 +47,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def poison_empty():
+    """Every torch.empty (also inside the C++ kernels) comes back filled with NaN, so an
+    output element a kernel forgets to write shows up. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("poison_empty")``."""
+    det, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(det)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.fixture
 def gen():
     """A fresh random generator per test, seeded from the test's name: fresh inputs for
     every case, reproducible failures."""

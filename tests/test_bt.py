@@ -10,17 +10,7 @@ from tests.conftest import device_backends
 from tests.tolerances import BT_RTOL, GRAD_ATOL_FRAC, GRAD_RTOL, STAT_ATOL, STAT_RTOL
 
 BACKENDS = device_backends()
-
-
-@pytest.fixture(autouse=True)
-def poison_empty():
-    """Every torch.empty (also inside the C++ kernels) comes back filled with NaN."""
-    det, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(det)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
+pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest: torch.empty comes back NaN
 
 
 def assert_close_scaled(actual, expected, scale, rtol=BT_RTOL):

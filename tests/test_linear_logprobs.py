@@ -27,6 +27,7 @@ IGNORE = -100
 # 0: the backend's default tile (one tile at these sizes); 300: 128-column vocabulary tiles
 # of 2 tokens each (the budget divided by 128), so tokens and vocabulary are both tiled.
 TILES = [0, 300]
+pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest: torch.empty comes back NaN
 
 
 def _skip_unsupported(device, backend, dtype):

@@ -11,18 +11,7 @@ from tests.tolerances import GRAD_ATOL_FRAC, GRAD_RTOL, LOSS_RTOL, STAT_ATOL, ST
 
 BACKENDS = device_backends()
 AGGS = ref.LOSS_AGGS
-
-
-@pytest.fixture(autouse=True)
-def poison_empty():
-    """Every torch.empty (also inside the C++ kernels) comes back filled with NaN, so an
-    output element a kernel forgets to write shows up."""
-    det, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(det)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
+pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest: torch.empty comes back NaN
 
 
 def shape_for(backend):

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels.triton.logprobs import logprob_grad
+from rlhf_kernels.triton.logprobs import logprob_grad, row_grad_inputs
 
 # Bytes of one float32 logits tile (the native CUDA op uses the same budget).
 TILE_BYTES = 256 << 20
@@ -93,15 +93,7 @@ def _grad_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
     y = label - c0
-    gl = 0.0
-    if HAS_GLOGP:
-        gl = tl.load(glogp_ptr + row)
-    gh = 0.0
-    if HAS_GENT:
-        gh = tl.load(gent_ptr + row)
-    m = tl.load(stats_ptr + 2 * row)
-    log_d = tl.load(stats_ptr + 2 * row + 1)
-    h = tl.load(ent_ptr + row)
+    gl, gh, m, log_d, h = row_grad_inputs(row, glogp_ptr, gent_ptr, stats_ptr, ent_ptr, HAS_GLOGP, HAS_GENT)
     for start in range(0, n, BLOCK):
         idx = start + cols
         inb = idx < n

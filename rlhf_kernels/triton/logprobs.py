@@ -32,6 +32,18 @@ def _rebase(m, d, w, m_new):
 
 
 @triton.jit
+def row_grad_inputs(row, glogp_ptr, gent_ptr, stats_ptr, ent_ptr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr):
+    # a row's upstream gradients (0 when absent) and saved (m, log d, entropy)
+    gl = 0.0
+    if HAS_GLOGP:
+        gl = tl.load(glogp_ptr + row)
+    gh = 0.0
+    if HAS_GENT:
+        gh = tl.load(gent_ptr + row)
+    return gl, gh, tl.load(stats_ptr + 2 * row), tl.load(stats_ptr + 2 * row + 1), tl.load(ent_ptr + row)
+
+
+@triton.jit
 def logprob_grad(s, idx, y, m, log_d, h, gl, gh, inv_t, keep):
     # dz of g_l * logp_y + g_H * H at the scaled logits s of columns idx; 0 unless keep
     lp = (s - m) - log_d
@@ -104,15 +116,7 @@ def _logprobs_bwd_kernel(
     if HAS_LABELS:
         y = tl.load(labels_ptr + row).to(tl.int64)
         keep = (y != ignore_index) & (y >= 0) & (y < V)
-    gl = 0.0
-    if HAS_GLOGP:
-        gl = tl.load(glogp_ptr + row)
-    gh = 0.0
-    if HAS_GENT:
-        gh = tl.load(gent_ptr + row)
-    m = tl.load(stats_ptr + 2 * row)
-    log_d = tl.load(stats_ptr + 2 * row + 1)
-    h = tl.load(ent_ptr + row)
+    gl, gh, m, log_d, h = row_grad_inputs(row, glogp_ptr, gent_ptr, stats_ptr, ent_ptr, HAS_GLOGP, HAS_GENT)
     for start in range(0, V, BLOCK):
         idx = start + cols
         inb = idx < V

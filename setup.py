@@ -113,7 +113,7 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/autograd/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-DRLHF_WITH_CUDA=%d" % int(build_cuda)]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     library_dirs = []

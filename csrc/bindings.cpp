@@ -8,6 +8,8 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include "rlhf/layout.h"
+
 TORCH_LIBRARY(rlhf_kernels, m) {
   // gae family: float32 [B, T] (or [N] packed) inputs, bool masks, int64 cu_seqlens.
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, Tensor? last_values, float gamma, float lam)"
@@ -37,16 +39,20 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def("linear_logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_logp,"
         " Tensor? grad_entropy, Tensor stats, Tensor entropy, float temperature, int ignore_index, int tile,"
         " bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
-  // ppo family: float32 [B, T] inputs, bool mask; num_tokens a 0-d float64 tensor (the global
-  // normalizer of token-mean) or None; loss_agg 0..3 = token-mean, seq-mean-token-mean,
-  // seq-mean-token-sum, seq-mean-token-sum-norm. Forward -> (loss [], stats [8] / [2],
-  // row_scale [B]: each row's weight in the loss, used by the backward).
+  // ppo family: [B, T] float inputs (any float dtype and strides; the kernels read float32
+  // copies when needed) and a bool or integer mask. The token-mean normalizer is num_tokens
+  // (a 0-d real tensor on the inputs' device, read by the kernels: no host sync) or
+  // num_tokens_value (a number), at most one. loss_agg codes, stats order: rlhf/layout.h.
+  // clip_high None means clip_low; dual_clip None means none. Forward -> (loss [], stats
+  // [n_stats], row_scale [B]: each row's weight in the loss, used by the backward);
+  // backward -> d logprobs / d values [B, T] float32. Autograd: csrc/autograd/ppo.cpp.
   m.def("ppo_policy_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? num_tokens,"
-        " float clip_low, float clip_high, float? dual_clip, int loss_agg) -> (Tensor, Tensor, Tensor)");
+        " float? num_tokens_value, float clip_low, float? clip_high, float? dual_clip, int loss_agg)"
+        " -> (Tensor, Tensor, Tensor)");
   m.def("ppo_policy_bwd(Tensor grad, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask,"
-        " Tensor row_scale, float clip_low, float clip_high, float? dual_clip) -> Tensor");
+        " Tensor row_scale, float clip_low, float? clip_high, float? dual_clip) -> Tensor");
   m.def("ppo_value_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor? num_tokens,"
-        " float? clip, int loss_agg) -> (Tensor, Tensor, Tensor)");
+        " float? num_tokens_value, float? clip, int loss_agg) -> (Tensor, Tensor, Tensor)");
   m.def("ppo_value_bwd(Tensor grad, Tensor values, Tensor old_values, Tensor returns, Tensor mask,"
         " Tensor row_scale, float? clip) -> Tensor");
   // bt family: float32 [P] rewards (ranking: [P, K], bool valid). bt_fwd -> (loss [], stats [2]);
@@ -71,9 +77,30 @@ pybind11::dict build_info() {
 #endif
   return d;
 }
+
+template <size_t N>
+pybind11::tuple names(const char* const (&a)[N]) {
+  pybind11::tuple t(N);
+  for (size_t i = 0; i < N; ++i) t[i] = a[i];
+  return t;
+}
+
+// The C++ copy of the layouts in rlhf/layout.h, for the test that checks the Python copy.
+pybind11::dict layout() {
+  pybind11::dict d;
+  d["loss_aggs"] = names(rlhf::kLossAggNames);
+  d["policy_stats"] = names(rlhf::kPolicyStatNames);
+  d["value_stats"] = names(rlhf::kValueStatNames);
+  d["bt_stats"] = names(rlhf::kBTStatNames);
+  d["ranking_stats"] = names(rlhf::kRankingStatNames);
+  d["policy_parts"] = names(rlhf::kPolicyPartNames);
+  d["value_parts"] = names(rlhf::kValuePartNames);
+  return d;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlhf-kernels native kernels (CPU and, when built, CUDA); ops live in torch.ops.rlhf_kernels";
   m.def("build_info", &build_info, "Facts compiled into this binary: torch version, CUDA or not");
+  m.def("layout", &layout, "The cross-language layouts compiled into this binary (rlhf/layout.h)");
 }

@@ -4,6 +4,11 @@
 a CPU tensor goes to ``cpu`` if built, else ``torch``. ``RLHF_KERNELS_BACKEND`` set
 to a backend name replaces ``auto``. An explicit backend that cannot serve the call
 raises ``BackendUnavailable`` saying why.
+
+Every op call asks ``pick``, so it is a dictionary lookup once a (backend, device type)
+pair has been seen: the environment (``RLHF_KERNELS_BACKEND``, ``TRITON_INTERPRET``) is
+read once, at import (``refresh()`` reads it again), and the build facts come from
+``_ext`` (read once at import too).
 """
 
 import importlib.util
@@ -14,6 +19,7 @@ import torch
 from rlhf_kernels import _ext
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
+NATIVE = frozenset(("cpu", "cuda"))
 ENV_VAR = "RLHF_KERNELS_BACKEND"
 
 
@@ -21,16 +27,40 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot serve this call."""
 
 
+_env_backend = "auto"   # RLHF_KERNELS_BACKEND, read by refresh()
+_interpret = False      # TRITON_INTERPRET=1, read by refresh()
+_triton = None          # triton importable (found lazily: the lookup costs a file-system walk)
+_picked = {}            # (backend, tensor on CUDA) -> backend name, for CPU and CUDA tensors
+
+
+def refresh():
+    """Read ``RLHF_KERNELS_BACKEND`` and ``TRITON_INTERPRET`` again and forget earlier choices."""
+    global _env_backend, _interpret
+    _env_backend = os.environ.get(ENV_VAR, "auto") or "auto"
+    _interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    _picked.clear()
+
+
+refresh()
+
+
 def triton_installed():
-    return importlib.util.find_spec("triton") is not None
+    global _triton
+    if _triton is None:
+        _triton = importlib.util.find_spec("triton") is not None
+    return _triton
 
 
 def triton_interpret():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _interpret
+
+
+def _gpu_visible():
+    return torch.cuda.is_available()
 
 
 def why_not(backend, device):
-    """None if ``backend`` can run on tensors on ``device``, else the reason."""
+    """None if ``backend`` can run on tensors on ``device`` on this machine, else the reason."""
     dev = torch.device(device)
     if backend == "torch":
         return None
@@ -47,26 +77,28 @@ def why_not(backend, device):
             return "the extension was built without CUDA kernels (%s)" % _ext.BUILD.get("cuda_reason", "no nvcc")
         if dev.type != "cuda":
             return "the cuda backend takes CUDA tensors, got tensors on %s" % dev
+        if not _gpu_visible():
+            return "no GPU is visible"
         return None
     if backend == "triton":
         if not triton_installed():
             return "triton is not installed"
         if dev.type == "cuda":
-            return None
-        if dev.type == "cpu" and triton_interpret():
+            return None if _gpu_visible() else "no GPU is visible"
+        if dev.type == "cpu" and _interpret:
             return None
         return "the triton backend takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got %s" % dev
     return "unknown backend %r: choose one of %s or 'auto'" % (backend, ", ".join(BACKENDS))
 
 
 def resolve(backend, device, op=""):
-    """The backend name that will run ``op`` on tensors on ``device``."""
+    """The backend name that will run ``op`` on tensors on ``device`` (the slow path of ``pick``)."""
     if backend is None:
         backend = "auto"
     if not isinstance(backend, str):
-        raise TypeError("%s: backend must be a string, got %r" % (op, backend))
+        raise TypeError("%s: `backend` must be a string, got %r" % (op, backend))
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        backend = _env_backend
     if backend == "auto":
         dev = torch.device(device)
         order = ("cuda", "triton", "torch") if dev.type == "cuda" else ("cpu", "torch")
@@ -80,26 +112,36 @@ def resolve(backend, device, op=""):
     return backend
 
 
-def resolve_kernel(op, backend, tensor, arg, native_op, dtypes):
-    """``resolve`` for an op whose kernels serve ``tensor`` (the argument named ``arg``) only in
-    ``dtypes``, and whose native kernels are ``torch.ops.rlhf_kernels.<native_op>``. ``auto``
-    (and the environment variable's ``auto``) falls back to ``torch`` when the kernels cannot
-    serve the call; an explicit kernel backend raises ``BackendUnavailable`` saying why."""
-    name = resolve(backend, tensor.device, op)
-    explicit = backend not in (None, "auto") or os.environ.get(ENV_VAR, "auto") not in ("", "auto")
-    reason = None
-    if name != "torch" and tensor.dtype not in dtypes:
-        reason = "%s must be %s for the kernels, got %s" % (
-            arg, ", ".join(str(d).replace("torch.", "") for d in dtypes), tensor.dtype)
-    elif name in ("cpu", "cuda") and not (_ext.loaded() and hasattr(torch.ops.rlhf_kernels, native_op)):
-        reason = "the loaded native extension has no %s op (rebuild it)" % native_op
-    if reason is None:
+def pick(backend, tensor, op, arg="input"):
+    """``resolve`` for the device of ``tensor`` (the argument named ``arg``), cached per
+    (backend, CPU or CUDA)."""
+    try:
+        cuda = tensor.is_cuda
+    except AttributeError:
+        raise TypeError("%s: `%s` must be a torch.Tensor, got %s" % (op, arg, type(tensor).__name__)) from None
+    name = _picked.get((backend, cuda))
+    if name is not None and (cuda or tensor.is_cpu):
         return name
-    if explicit:
-        raise BackendUnavailable("%s: backend %r cannot serve this call: %s" % (op, name, reason))
-    return "torch"
+    name = resolve(backend, tensor.device, op)
+    if cuda or tensor.is_cpu:
+        _picked[(backend, cuda)] = name
+    return name
+
+
+def pick_kernel(op, backend, tensor, arg, dtypes):
+    """``pick`` for an op whose kernels serve ``tensor`` (the argument named ``arg``) only in
+    ``dtypes``. ``auto`` (and the environment variable's ``auto``) falls back to ``torch``
+    when the kernels cannot serve the call; an explicit kernel backend raises
+    ``BackendUnavailable`` saying why."""
+    name = pick(backend, tensor, op, arg)
+    if name == "torch" or tensor.dtype in dtypes:
+        return name
+    if backend in (None, "auto") and _env_backend == "auto":
+        return "torch"
+    raise BackendUnavailable("%s: backend %r cannot serve this call: %s must be %s for the kernels, got %s" % (
+        op, name, arg, ", ".join(str(d).replace("torch.", "") for d in dtypes), tensor.dtype))
 
 
 def available(device="cpu"):
-    """Backends usable now for tensors on ``device``."""
+    """Backends usable on this machine for tensors on ``device``."""
     return [b for b in BACKENDS if why_not(b, device) is None]

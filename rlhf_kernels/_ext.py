@@ -1,7 +1,9 @@
-"""Loads the native extension ``rlhf_kernels._C`` and its build facts.
+"""Loads the native extension ``rlhf_kernels._C`` and its build facts, once, at import.
 
 A missing extension is normal (``RLHF_KERNELS_NO_EXT=1`` installs); an extension that
 fails to load (built for another torch, say) degrades to a warning, never a crash.
+The facts are plain Python values read here once: no op ever calls into pybind11 to ask
+(that would cost time on every call and stop torch.compile from tracing the op).
 """
 
 import json
@@ -15,6 +17,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 C = None            # the module, when loaded
 LOAD_ERROR = None   # why it is not, as a sentence
 BUILD = {}          # what setup.py recorded (rlhf_kernels/_build_info.json)
+BINARY = {}         # what the loaded binary says of itself (_C.build_info())
+CUDA_BUILT = False  # the loaded binary holds CUDA kernels
 
 try:
     with open(os.path.join(_HERE, "_build_info.json")) as _f:
@@ -28,7 +32,7 @@ def _base(version):
 
 
 def _load():
-    global C, LOAD_ERROR
+    global C, LOAD_ERROR, BINARY, CUDA_BUILT
     if BUILD.get("extension") is False:
         LOAD_ERROR = "not built (%s)" % BUILD.get("reason", "pure-Python install")
         return
@@ -45,10 +49,11 @@ def _load():
                           % (LOAD_ERROR, hint), RuntimeWarning, stacklevel=3)
         return
     C = module
-    built = module.build_info()["torch"]
-    if _base(built) != _base(torch.__version__):
+    BINARY = dict(module.build_info())
+    CUDA_BUILT = bool(BINARY["cuda"])
+    if _base(BINARY["torch"]) != _base(torch.__version__):
         warnings.warn("rlhf_kernels: the native extension was built against torch %s but torch %s is running; "
-                      "rebuild it (pip install --no-build-isolation -e .)" % (built, torch.__version__),
+                      "rebuild it (pip install --no-build-isolation -e .)" % (BINARY["torch"], torch.__version__),
                       RuntimeWarning, stacklevel=3)
 
 
@@ -61,7 +66,7 @@ def loaded():
 
 def cuda_built():
     """Whether the loaded binary holds CUDA kernels."""
-    return C is not None and bool(C.build_info()["cuda"])
+    return CUDA_BUILT
 
 
 def build_info():
@@ -69,6 +74,5 @@ def build_info():
     info = dict(BUILD)
     info["loaded"] = C is not None
     info["load_error"] = LOAD_ERROR
-    if C is not None:
-        info.update({"binary_" + k: v for k, v in C.build_info().items()})
+    info.update({"binary_" + k: v for k, v in BINARY.items()})
     return info

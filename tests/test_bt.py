@@ -136,14 +136,14 @@ def test_ranking_no_pairs(device, backend, gen):
     rewards = torch.randn(4, 3, generator=gen).to(device).requires_grad_()
     valid = torch.tensor([[True, False, False], [False, False, False], [False, True, False], [False, False, True]],
                          device=device)
-    loss, stats = rk.ranking_loss(rewards, valid=valid.float(), backend=backend)
+    loss, stats = rk.ranking_loss(rewards, valid=valid.to(torch.uint8), backend=backend)
     loss.backward()
     assert loss.item() == 0 and stats["accuracy"].item() == 0 and (rewards.grad == 0).all()
 
 
 def test_bad_inputs():
     c = torch.randn(5)
-    with pytest.raises(ValueError, match=r"`rejected` has shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"`rejected` has shape \[4\]"):
         rk.bt_loss(c, torch.randn(4))
     with pytest.raises(ValueError, match="`chosen` must have 1 dimension"):
         rk.bt_loss(c[None], c[None])
@@ -151,7 +151,7 @@ def test_bad_inputs():
         rk.bt_loss(c, c, margin=torch.randn(3))
     with pytest.raises(ValueError, match="`label_smoothing` must be in"):
         rk.bt_loss(c, c, label_smoothing=1.5)
-    with pytest.raises(ValueError, match="`center_coef` must be in"):
+    with pytest.raises(ValueError, match="`center_coef` must be >= 0"):
         rk.bt_loss(c, c, center_coef=-1.0)
     with pytest.raises(TypeError, match="`rejected` must be a floating-point tensor"):
         rk.bt_loss(c, torch.ones(5, dtype=torch.long))

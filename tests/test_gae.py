@@ -145,7 +145,7 @@ def test_non_contiguous_and_dtypes(gen, device, backend):
     base_r, base_v = rand(gen, T, B), rand(gen, T, B)
     m = make_mask(gen, B, T)
     r, v = base_r.t(), base_v.t()          # non-contiguous views
-    mf = m.t().contiguous().t().float()    # a 0/1 float mask, also non-contiguous
+    mf = m.t().contiguous().t().long() * 3  # an integer mask (nonzero = valid), also non-contiguous
     assert not r.is_contiguous() and not mf.is_contiguous()
     adv, ret = rk.gae(r.to(device), v.to(device), mf.to(device), gamma=0.99, lam=0.95, backend=backend)
     ea, er = ref.gae(r.double(), v.double(), m, 0.99, 0.95)
@@ -220,12 +220,15 @@ def test_masked_whiten_degenerate(gen, device, backend):
     assert out[4].item() == pytest.approx(x[4].item(), rel=1e-6)
 
 
+M23 = torch.ones(2, 3, dtype=torch.bool)
 BAD = [
-    ("mismatched shapes", lambda: rk.gae(torch.zeros(2, 3) + 1, torch.ones(2, 4), torch.ones(2, 3)), "shape"),
-    ("1-D rewards", lambda: rk.gae(torch.ones(3), torch.ones(3), torch.ones(3)), "rewards"),
-    ("int rewards", lambda: rk.gae(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), torch.ones(2, 3)),
-     "floating"),
-    ("last_values shape", lambda: rk.gae(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3),
+    ("mismatched shapes", lambda: rk.gae(torch.zeros(2, 3) + 1, torch.ones(2, 4), M23), "shape"),
+    ("1-D rewards", lambda: rk.gae(torch.ones(3), torch.ones(3), M23[0]), "rewards"),
+    ("int rewards", lambda: rk.gae(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), M23), "floating"),
+    ("float mask", lambda: rk.gae(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3)), "bool or integer"),
+    ("gamma above 1", lambda: rk.gae(torch.ones(2, 3), torch.ones(2, 3), M23, gamma=1.5), "`gamma` must be in"),
+    ("NaN lam", lambda: rk.gae(torch.ones(2, 3), torch.ones(2, 3), M23, lam=float("nan")), "`lam` must be in"),
+    ("last_values shape", lambda: rk.gae(torch.ones(2, 3), torch.ones(2, 3), M23,
                                          last_values=torch.ones(3)), "last_values"),
     ("float cu_seqlens", lambda: rk.gae_packed(torch.ones(4), torch.ones(4), torch.tensor([0.0, 2.0, 4.0])),
      "cu_seqlens"),
@@ -236,9 +239,11 @@ BAD = [
     ("2-D cu_seqlens", lambda: rk.gae_packed(torch.ones(4), torch.ones(4), torch.tensor([[0, 4]])), "cu_seqlens"),
     ("packed last_values", lambda: rk.gae_packed(torch.ones(4), torch.ones(4), torch.tensor([0, 1, 4]),
                                                  last_values=torch.ones(3)), "last_values"),
-    ("whiten shapes", lambda: rk.masked_whiten(torch.ones(3, 2), torch.ones(2, 3)), "shape"),
-    ("devices", lambda: rk.gae(torch.ones(2, 3), torch.ones(2, 3, device="meta"), torch.ones(2, 3)), "device"),
-    ("not a tensor", lambda: rk.gae([[1.0]], torch.ones(1, 1), torch.ones(1, 1)), "torch.Tensor"),
+    ("whiten shapes", lambda: rk.masked_whiten(torch.ones(3, 2), torch.ones(2, 3, dtype=torch.bool)), "shape"),
+    # the native ops see mixed devices only between CPU and CUDA tensors (meta ones go to the fake kernel)
+    ("devices", lambda: rk.gae(torch.ones(2, 3), torch.ones(2, 3, device="meta"), M23, backend="torch"), "device"),
+    ("not a tensor", lambda: rk.gae([[1.0]], torch.ones(1, 1), M23[:1, :1]), "torch.Tensor"),
+    ("mask not a tensor", lambda: rk.gae(torch.ones(1, 1), torch.ones(1, 1), [[True]]), "mask"),
 ]
 
 
@@ -250,16 +255,21 @@ def test_bad_inputs_raise_clear_errors(name, call, words):
 
 
 def test_native_ops_check_their_arguments():
-    """The registered ops are callable directly too: they must refuse what they cannot serve."""
+    """The registered ops are callable directly too: they refuse what they cannot serve, and
+    take any float dtype, strides and integer masks."""
     if "cpu" not in rk.available_backends("cpu"):
         pytest.skip("native extension not built")
     ops = torch.ops.rlhf_kernels
-    with pytest.raises(RuntimeError, match="contiguous"):
-        ops.gae(torch.ones(3, 2).t(), torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), None, 1.0, 0.9)
-    with pytest.raises(RuntimeError, match="non-decreasing"):
+    r = torch.randn(3, 2)
+    adv, _ = ops.gae(r.t(), torch.ones(2, 3).double(), torch.ones(2, 3, dtype=torch.int8), None, 1.0, 0.9)
+    ref_adv, _ = ops.gae(r.t().contiguous(), torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), None, 1.0, 0.9)
+    assert torch.equal(adv, ref_adv)
+    with pytest.raises(ValueError, match="non-decreasing"):
         ops.gae_packed(torch.ones(4), torch.ones(4), torch.tensor([0, 3, 2, 4]), None, None, 1.0, 0.9)
-    with pytest.raises(RuntimeError, match="Bool"):
+    with pytest.raises(TypeError, match="bool or integer"):
         ops.masked_whiten(torch.ones(3), torch.ones(3), True, True, 1e-8)
+    with pytest.raises(ValueError, match="`gamma` must be in"):
+        ops.gae(r, r, r > 0, None, -0.1, 0.9)
 
 
 def _opcheck_devices():

@@ -207,8 +207,8 @@ def test_value_microbatch_invariance_and_constant_returns(device, backend, gen):
 def test_noncontiguous_and_low_precision(device, backend, gen):
     B, T = shape_for(backend)
     logp, old, adv, mask = policy_inputs(gen, B, 2 * T, device)
-    # strided views (every other token) and a 0/1 float mask
-    lp, o, a, m = logp[:, ::2], old[:, ::2], adv[:, ::2], mask[:, ::2].float()
+    # strided views (every other token) and an integer mask (nonzero = valid)
+    lp, o, a, m = logp[:, ::2], old[:, ::2], adv[:, ::2], mask[:, ::2].to(torch.int32) * 2
     assert not lp.is_contiguous()
     x = torch.empty_strided(lp.shape, (2 * lp.stride(0), 2), device=device).copy_(lp).requires_grad_()
     assert not x.is_contiguous()
@@ -340,7 +340,7 @@ def test_bad_inputs():
     lp = torch.randn(3, 8)
     m = torch.ones(3, 8, dtype=torch.bool)
     f = rk.ppo_policy_loss
-    with pytest.raises(ValueError, match=r"`old_logprobs` has shape \(3, 7\)"):
+    with pytest.raises(ValueError, match=r"`old_logprobs` has shape \[3, 7\]"):
         f(lp, torch.randn(3, 7), lp, m)
     with pytest.raises(ValueError, match="`logprobs` must have 2 dimension"):
         f(lp[0], lp[0], lp[0], m[0])
@@ -376,15 +376,17 @@ def test_opcheck(gen):
     nt = torch.tensor(50.0, dtype=torch.float64)
     ops = torch.ops.rlhf_kernels
     x = logp.clone().requires_grad_()
-    for args in [(x, old, adv, mask, None, 0.2, 0.28, 3.0, 1), (x, old, adv, mask, nt, 0.2, 0.2, None, 0)]:
+    for args in [(x, old, adv, mask, None, None, 0.2, 0.28, 3.0, 1), (x, old, adv, mask, nt, None, 0.2, None, None, 0),
+                 (x, old, adv, mask.long(), None, 40.0, 0.2, 0.2, None, 0)]:
         torch.library.opcheck(ops.ppo_policy_fwd, args)
-    _, _, scale = ops.ppo_policy_fwd(logp, old, adv, mask, None, 0.2, 0.2, None, 0)
+    _, _, scale = ops.ppo_policy_fwd(logp, old, adv, mask, None, None, 0.2, 0.2, None, 0)
     torch.library.opcheck(ops.ppo_policy_bwd, (torch.tensor(1.5), logp, old, adv, mask, scale, 0.2, 0.2, 2.0))
     values, old_v, returns, _ = value_inputs(gen, B, T, "cpu")
     y = values.clone().requires_grad_()
-    for args in [(y, old_v, returns, mask, None, 0.2, 2), (y, old_v, returns, mask, nt, None, 0)]:
+    for args in [(y, old_v, returns, mask, None, None, 0.2, 2), (y, old_v, returns, mask, nt, None, None, 0),
+                 (y.half(), old_v, returns, mask, None, 30.0, 0.2, 0)]:
         torch.library.opcheck(ops.ppo_value_fwd, args)
-    _, _, scale = ops.ppo_value_fwd(values, old_v, returns, mask, None, 0.2, 3)
+    _, _, scale = ops.ppo_value_fwd(values, old_v, returns, mask, None, None, 0.2, 3)
     torch.library.opcheck(ops.ppo_value_bwd, (torch.tensor(0.5), values, old_v, returns, mask, scale, 0.2))
 
 

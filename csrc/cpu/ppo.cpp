@@ -12,7 +12,6 @@
 // then the block goes into float64 lanes, summed in a fixed order per row. The value
 // loss's sums of R and R - V go straight into float64 lanes, and its variances take a
 // second pass over the row (still in cache) with float64 deviations from those means.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,9 +22,9 @@
 #include <limits>
 #include <vector>
 
-#include "rlhf/loss_checks.h"
 #include "rlhf/cpu_vec.h"  // before ppo.h: silences -Wpsabi for its vector templates too
 #include "rlhf/ppo.h"
+#include "rlhf/ppo_op.h"
 
 namespace rlhf {
 namespace {
@@ -72,11 +71,6 @@ struct Tail {
     std::memcpy(m, mask + t0, n);
   }
 };
-
-double read_num_tokens(const c10::optional<at::Tensor>& num_tokens, const at::Tensor& ref, const char* op) {
-  check_num_tokens(num_tokens, ref, op);
-  return num_tokens.has_value() ? num_tokens->data_ptr<double>()[0] : 0.0;  // a CPU tensor: no device sync
-}
 
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
 
@@ -210,88 +204,6 @@ RLHF_CPU_CLONES void policy_grad_row(const float* lp, const float* olp, const fl
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_fwd_cpu(
-    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const at::Tensor& mask, const c10::optional<at::Tensor>& num_tokens, double clip_low, double clip_high,
-    c10::optional<double> dual_clip, int64_t loss_agg) {
-  const char* op = "ppo_policy_fwd";
-  check_ppo_inputs(logprobs, "logprobs", old_logprobs, "old_logprobs", advantages, "advantages", mask, op);
-  check_loss_agg(loss_agg, op);
-  const double nt = read_num_tokens(num_tokens, logprobs, op);
-  const int64_t B = logprobs.size(0), T = logprobs.size(1);
-  const float* lp = logprobs.data_ptr<float>();
-  const float* olp = old_logprobs.data_ptr<float>();
-  const float* adv = advantages.data_ptr<float>();
-  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
-  const float cl = static_cast<float>(clip_low), ch = static_cast<float>(clip_high);
-  const float dc = dual_clip.has_value() ? static_cast<float>(*dual_clip) : 0.f;
-
-  std::vector<PolicyRow> rows(B);
-  at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      rows[b] = policy_row(lp + b * T, olp + b * T, adv + b * T, m + b * T, T, cl, ch, dc);
-  });
-
-  at::Tensor row_scale = at::empty({B}, logprobs.options());
-  std::vector<double> row_sum(B), row_count(B);
-  PolicyRow all;
-  for (int64_t b = 0; b < B; ++b) {
-    const PolicyRow& r = rows[b];
-    row_sum[b] = r.loss;
-    row_count[b] = r.count;
-    all.count += r.count;
-    all.low += r.low;
-    all.high += r.high;
-    all.dual += r.dual;
-    all.kl += r.kl;
-    all.ratio += r.ratio;
-    all.rmin = std::min(all.rmin, r.rmin);
-    all.rmax = std::max(all.rmax, r.rmax);
-  }
-  const double loss = aggregate_rows(row_sum, row_count, loss_agg, static_cast<double>(B * T), nt,
-                                     row_scale.data_ptr<float>());
-  const double n = std::max(all.count, 1.0);
-  const bool any = all.count > 0;
-  at::Tensor stats = at::empty({8}, logprobs.options());
-  float* s = stats.data_ptr<float>();
-  s[0] = static_cast<float>((all.low + all.high) / n);  // clipfrac
-  s[1] = static_cast<float>(all.low / n);
-  s[2] = static_cast<float>(all.high / n);
-  s[3] = static_cast<float>(all.dual / n);
-  s[4] = static_cast<float>(all.kl / n);
-  s[5] = static_cast<float>(all.ratio / n);
-  s[6] = any ? all.rmin : 0.f;
-  s[7] = any ? all.rmax : 0.f;
-  at::Tensor out = at::empty({}, logprobs.options());
-  out.data_ptr<float>()[0] = static_cast<float>(loss);
-  return {out, stats, row_scale};
-}
-
-at::Tensor ppo_policy_bwd_cpu(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& old_logprobs,
-                              const at::Tensor& advantages, const at::Tensor& mask, const at::Tensor& row_scale,
-                              double clip_low, double clip_high, c10::optional<double> dual_clip) {
-  const char* op = "ppo_policy_bwd";
-  check_ppo_inputs(logprobs, "logprobs", old_logprobs, "old_logprobs", advantages, "advantages", mask, op);
-  const int64_t B = logprobs.size(0), T = logprobs.size(1);
-  check_scalar(grad, "grad", logprobs, op);
-  check_row_scale(row_scale, B, grad, "row_scale", op);
-  const float g = grad.to(at::kFloat).item<float>();
-  const float* lp = logprobs.data_ptr<float>();
-  const float* olp = old_logprobs.data_ptr<float>();
-  const float* adv = advantages.data_ptr<float>();
-  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
-  const float* w = row_scale.data_ptr<float>();
-  const float cl = static_cast<float>(clip_low), ch = static_cast<float>(clip_high);
-  const float dc = dual_clip.has_value() ? static_cast<float>(*dual_clip) : 0.f;
-  at::Tensor d = at::empty_like(logprobs);
-  float* out = d.data_ptr<float>();
-  at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      policy_grad_row(lp + b * T, olp + b * T, adv + b * T, m + b * T, T, cl, ch, dc, g * w[b], out + b * T);
-  });
-  return d;
-}
-
 // Count, mean and sum of squared deviations of a set; merged with Chan's formula.
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
@@ -408,82 +320,106 @@ RLHF_CPU_CLONES void value_grad_row(const float* v, const float* ov, const float
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_value_fwd_cpu(const at::Tensor& values,
-                                                                 const at::Tensor& old_values,
-                                                                 const at::Tensor& returns, const at::Tensor& mask,
-                                                                 const c10::optional<at::Tensor>& num_tokens,
-                                                                 c10::optional<double> clip, int64_t loss_agg) {
-  const char* op = "ppo_value_fwd";
-  check_ppo_inputs(values, "values", old_values, "old_values", returns, "returns", mask, op);
-  check_loss_agg(loss_agg, op);
-  const double nt = read_num_tokens(num_tokens, values, op);
-  const int64_t B = values.size(0), T = values.size(1);
-  const float* v = values.data_ptr<float>();
-  const float* ov = old_values.data_ptr<float>();
-  const float* R = returns.data_ptr<float>();
-  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
-  const bool has_clip = clip.has_value();
-  const float c = has_clip ? static_cast<float>(*clip) : 0.f;
-
-  std::vector<ValueRow> rows(B);
-  at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      rows[b] = value_row(v + b * T, ov + b * T, R + b * T, m + b * T, T, has_clip, c);
-  });
-
-  at::Tensor row_scale = at::empty({B}, values.options());
-  std::vector<double> row_sum(B), row_count(B);
-  double clipped = 0;
-  Moments ret, err;
-  for (int64_t b = 0; b < B; ++b) {
-    row_sum[b] = rows[b].loss;
-    row_count[b] = rows[b].ret.n;
-    clipped += rows[b].clipped;
-    ret = merge(ret, rows[b].ret);
-    err = merge(err, rows[b].err);
+// The device launchers of rlhf/ppo_op.h (which checks, converts and allocates).
+struct CpuPPO {
+  static double num_tokens(const Normalizer& norm) {  // a CPU tensor: reading it is no device sync
+    return norm.num_tokens ? *norm.num_tokens : norm.num_tokens_value;
   }
-  const double loss = aggregate_rows(row_sum, row_count, loss_agg, static_cast<double>(B * T), nt,
-                                     row_scale.data_ptr<float>());
-  at::Tensor stats = at::empty({2}, values.options());
-  float* s = stats.data_ptr<float>();
-  s[0] = static_cast<float>(clipped / std::max(ret.n, 1.0));
-  s[1] = ret.m2 > 0 ? static_cast<float>(1.0 - err.m2 / ret.m2) : 0.f;  // the 1/n cancels
-  at::Tensor out = at::empty({}, values.options());
-  out.data_ptr<float>()[0] = static_cast<float>(loss);
-  return {out, stats, row_scale};
-}
 
-at::Tensor ppo_value_bwd_cpu(const at::Tensor& grad, const at::Tensor& values, const at::Tensor& old_values,
-                             const at::Tensor& returns, const at::Tensor& mask, const at::Tensor& row_scale,
-                             c10::optional<double> clip) {
-  const char* op = "ppo_value_bwd";
-  check_ppo_inputs(values, "values", old_values, "old_values", returns, "returns", mask, op);
-  const int64_t B = values.size(0), T = values.size(1);
-  check_scalar(grad, "grad", values, op);
-  check_row_scale(row_scale, B, grad, "row_scale", op);
-  const float g = grad.to(at::kFloat).item<float>();
-  const float* v = values.data_ptr<float>();
-  const float* ov = old_values.data_ptr<float>();
-  const float* R = returns.data_ptr<float>();
-  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
-  const float* w = row_scale.data_ptr<float>();
-  const bool has_clip = clip.has_value();
-  const float c = has_clip ? static_cast<float>(*clip) : 0.f;
-  at::Tensor d = at::empty_like(values);
-  float* out = d.data_ptr<float>();
-  at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      value_grad_row(v + b * T, ov + b * T, R + b * T, m + b * T, T, has_clip, c, g * w[b], out + b * T);
-  });
-  return d;
-}
+  static void policy_forward(const PolicyArgs& p, const Normalizer& norm, const LossOutputs& out, const at::Tensor&) {
+    const int64_t B = p.B, T = p.T;
+    std::vector<PolicyRow> rows(B);
+    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        rows[b] = policy_row(p.logp + b * T, p.old_logp + b * T, p.adv + b * T,
+                             reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.clip_low, p.clip_high,
+                             p.dual_clip);
+    });
+    std::vector<double> row_sum(B), row_count(B);
+    PolicyRow all;
+    for (int64_t b = 0; b < B; ++b) {
+      const PolicyRow& r = rows[b];
+      row_sum[b] = r.loss;
+      row_count[b] = r.count;
+      all.count += r.count;
+      all.low += r.low;
+      all.high += r.high;
+      all.dual += r.dual;
+      all.kl += r.kl;
+      all.ratio += r.ratio;
+      all.rmin = std::min(all.rmin, r.rmin);
+      all.rmax = std::max(all.rmax, r.rmax);
+    }
+    *out.loss = static_cast<float>(
+        aggregate_rows(row_sum, row_count, norm.agg, static_cast<double>(B * T), num_tokens(norm), out.row_scale));
+    const double n = std::max(all.count, 1.0);
+    const bool any = all.count > 0;
+    float* s = out.stats;
+    s[kClipfrac] = static_cast<float>((all.low + all.high) / n);
+    s[kClipfracLow] = static_cast<float>(all.low / n);
+    s[kClipfracHigh] = static_cast<float>(all.high / n);
+    s[kDualClipfrac] = static_cast<float>(all.dual / n);
+    s[kApproxKl] = static_cast<float>(all.kl / n);
+    s[kRatioMean] = static_cast<float>(all.ratio / n);
+    s[kRatioMin] = any ? all.rmin : 0.f;
+    s[kRatioMax] = any ? all.rmax : 0.f;
+  }
+
+  static void policy_backward(const PolicyArgs& p, const float* grad, const float* row_scale, float* out,
+                              const at::Tensor&) {
+    const int64_t T = p.T;
+    const float g = *grad;
+    at::parallel_for(0, p.B, row_grain(T), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        policy_grad_row(p.logp + b * T, p.old_logp + b * T, p.adv + b * T,
+                        reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.clip_low, p.clip_high, p.dual_clip,
+                        g * row_scale[b], out + b * T);
+    });
+  }
+
+  static void value_forward(const ValueArgs& p, const Normalizer& norm, const LossOutputs& out, const at::Tensor&) {
+    const int64_t B = p.B, T = p.T;
+    std::vector<ValueRow> rows(B);
+    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        rows[b] = value_row(p.values + b * T, p.old_values + b * T, p.returns + b * T,
+                            reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.has_clip, p.clip);
+    });
+    std::vector<double> row_sum(B), row_count(B);
+    double clipped = 0;
+    Moments ret, err;
+    for (int64_t b = 0; b < B; ++b) {
+      row_sum[b] = rows[b].loss;
+      row_count[b] = rows[b].ret.n;
+      clipped += rows[b].clipped;
+      ret = merge(ret, rows[b].ret);
+      err = merge(err, rows[b].err);
+    }
+    *out.loss = static_cast<float>(
+        aggregate_rows(row_sum, row_count, norm.agg, static_cast<double>(B * T), num_tokens(norm), out.row_scale));
+    out.stats[kVfClipfrac] = static_cast<float>(clipped / std::max(ret.n, 1.0));
+    out.stats[kExplainedVar] = ret.m2 > 0 ? static_cast<float>(1.0 - err.m2 / ret.m2) : 0.f;  // the 1/n cancels
+  }
+
+  static void value_backward(const ValueArgs& p, const float* grad, const float* row_scale, float* out,
+                             const at::Tensor&) {
+    const int64_t T = p.T;
+    const float g = *grad;
+    at::parallel_for(0, p.B, row_grain(T), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        value_grad_row(p.values + b * T, p.old_values + b * T, p.returns + b * T,
+                       reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.has_clip, p.clip, g * row_scale[b],
+                       out + b * T);
+    });
+  }
+};
 
 }  // namespace
 }  // namespace rlhf
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
-  m.impl("ppo_policy_fwd", &rlhf::ppo_policy_fwd_cpu);
-  m.impl("ppo_policy_bwd", &rlhf::ppo_policy_bwd_cpu);
-  m.impl("ppo_value_fwd", &rlhf::ppo_value_fwd_cpu);
-  m.impl("ppo_value_bwd", &rlhf::ppo_value_bwd_cpu);
+  m.impl("ppo_policy_fwd", &rlhf::ppo_policy_forward<rlhf::CpuPPO>);
+  m.impl("ppo_policy_bwd", &rlhf::ppo_policy_backward<rlhf::CpuPPO>);
+  m.impl("ppo_value_fwd", &rlhf::ppo_value_forward<rlhf::CpuPPO>);
+  m.impl("ppo_value_bwd", &rlhf::ppo_value_backward<rlhf::CpuPPO>);
 }

@@ -6,7 +6,6 @@
 // Deterministic (no atomics); no host sync. Only light ATen/c10 headers here.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,7 +13,7 @@
 
 #include "rlhf/block_reduce.cuh"
 #include "rlhf/bt.h"
-#include "rlhf/loss_checks.h"
+#include "rlhf/bt_op.h"
 
 namespace rlhf {
 namespace {
@@ -46,8 +45,8 @@ __global__ void __launch_bounds__(kThreads) bt_fwd_kernel(const float* __restric
   if (threadIdx.x == 0) {
     const double n = P > 0 ? static_cast<double>(P) : 1.0;
     *loss_out = static_cast<float>((l + center_coef * sq) / n);
-    stats[0] = static_cast<float>(acc / n);
-    stats[1] = static_cast<float>(mar / n);
+    stats[kBTAccuracy] = static_cast<float>(acc / n);
+    stats[kBTMarginMean] = static_cast<float>(mar / n);
   }
 }
 
@@ -118,7 +117,7 @@ __global__ void __launch_bounds__(kThreads) ranking_combine_kernel(const double*
   loss = block_sum(loss, buf);
   if (threadIdx.x == 0) {
     *loss_out = static_cast<float>(loss);
-    stats[0] = static_cast<float>(pairs > 0 ? correct / pairs : 0.0);
+    stats[kRankingAccuracy] = static_cast<float>(pairs > 0 ? correct / pairs : 0.0);
   }
 }
 
@@ -142,87 +141,54 @@ __global__ void ranking_bwd_kernel(const float* __restrict__ grad, const float* 
   }
 }
 
-void check_grad(const at::Tensor& grad, const at::Tensor& ref, const char* op) {
-  check_scalar(grad, "grad", ref, op);
-  check_f32(grad, "grad", op);
-}
-
-std::tuple<at::Tensor, at::Tensor> bt_fwd_cuda(const at::Tensor& chosen, const at::Tensor& rejected,
-                                               const c10::optional<at::Tensor>& margin, double label_smoothing,
-                                               double center_coef) {
-  const float* mg = check_pairs(chosen, rejected, margin, "bt_fwd");
-  const c10::cuda::CUDAGuard guard(chosen.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor loss = at::empty({}, chosen.options()), stats = at::empty({2}, chosen.options());
-  bt_fwd_kernel<<<1, kThreads, 0, stream>>>(chosen.data_ptr<float>(), rejected.data_ptr<float>(), mg, chosen.size(0),
-                                            static_cast<float>(label_smoothing), center_coef, loss.data_ptr<float>(),
-                                            stats.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, stats};
-}
-
-std::tuple<at::Tensor, at::Tensor> bt_bwd_cuda(const at::Tensor& grad, const at::Tensor& chosen,
-                                               const at::Tensor& rejected, const c10::optional<at::Tensor>& margin,
-                                               double label_smoothing, double center_coef) {
-  const float* mg = check_pairs(chosen, rejected, margin, "bt_bwd");
-  check_grad(grad, chosen, "bt_bwd");
-  at::Tensor dc = at::empty_like(chosen), dr = at::empty_like(rejected);
-  const int64_t P = chosen.size(0);
-  if (P == 0) return {dc, dr};
-  const c10::cuda::CUDAGuard guard(chosen.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((P + 255) / 256, 65535));
-  bt_bwd_kernel<<<blocks, 256, 0, stream>>>(grad.data_ptr<float>(), chosen.data_ptr<float>(),
-                                            rejected.data_ptr<float>(), mg, P, static_cast<float>(label_smoothing),
-                                            static_cast<float>(2 * center_coef), dc.data_ptr<float>(),
-                                            dr.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dc, dr};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ranking_fwd_cuda(const at::Tensor& rewards,
-                                                                const c10::optional<at::Tensor>& valid) {
-  const bool* ok = check_ranking(rewards, valid, "ranking_fwd");
-  const int64_t P = rewards.size(0), K = rewards.size(1);
-  TORCH_CHECK(P <= 2147483647LL, "ranking_fwd: too many prompts for one launch: ", P);
-  const c10::cuda::CUDAGuard guard(rewards.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor loss = at::empty({}, rewards.options()), stats = at::empty({1}, rewards.options());
-  at::Tensor scale = at::empty({P}, rewards.options());
-  at::Tensor parts = at::empty({std::max<int64_t>(P, 1), 3}, rewards.options().dtype(at::kDouble));
-  if (P > 0) {
-    ranking_rows_kernel<<<static_cast<unsigned>(P), kPromptThreads, 0, stream>>>(rewards.data_ptr<float>(), ok, K,
-                                                                                parts.data_ptr<double>());
+// The device launchers of rlhf/bt_op.h (which checks, converts and allocates).
+struct CudaBT {
+  static void bt_forward(const PairArgs& a, const LossOutputs& out, const at::Tensor& like) {
+    const c10::cuda::CUDAGuard guard(like.device());
+    bt_fwd_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        a.chosen, a.rejected, a.margin, a.P, a.label_smoothing, a.center_coef, out.loss, out.stats);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  ranking_combine_kernel<<<1, kThreads, 0, stream>>>(parts.data_ptr<double>(), P, loss.data_ptr<float>(),
-                                                     stats.data_ptr<float>(), scale.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, stats, scale};
-}
 
-at::Tensor ranking_bwd_cuda(const at::Tensor& grad, const at::Tensor& rewards, const c10::optional<at::Tensor>& valid,
-                            const at::Tensor& prompt_scale) {
-  const bool* ok = check_ranking(rewards, valid, "ranking_bwd");
-  check_grad(grad, rewards, "ranking_bwd");
-  check_row_scale(prompt_scale, rewards.size(0), rewards, "prompt_scale", "ranking_bwd");
-  at::Tensor d = at::empty_like(rewards);
-  const int64_t P = rewards.size(0), K = rewards.size(1);
-  if (P == 0 || K == 0) return d;
-  const c10::cuda::CUDAGuard guard(rewards.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  ranking_bwd_kernel<<<static_cast<unsigned>(P), kPromptThreads, 0, stream>>>(
-      grad.data_ptr<float>(), rewards.data_ptr<float>(), ok, prompt_scale.data_ptr<float>(), K, d.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return d;
-}
+  static void bt_backward(const PairArgs& a, const float* grad, float* dc, float* dr, const at::Tensor& like) {
+    const c10::cuda::CUDAGuard guard(like.device());
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((a.P + 255) / 256, 65535));
+    bt_bwd_kernel<<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad, a.chosen, a.rejected, a.margin, a.P, a.label_smoothing, static_cast<float>(2 * a.center_coef), dc, dr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  static void ranking_forward(const RankingArgs& a, const LossOutputs& out, const at::Tensor& like) {
+    TORCH_CHECK_VALUE(a.P <= 2147483647LL, "ranking_loss: too many prompts for one launch: ", a.P);
+    const c10::cuda::CUDAGuard guard(like.device());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    at::Tensor parts = at::empty({std::max<int64_t>(a.P, 1), 3}, like.options().dtype(at::kDouble));
+    if (a.P > 0) {
+      ranking_rows_kernel<<<static_cast<unsigned>(a.P), kPromptThreads, 0, stream>>>(a.rewards, a.valid, a.K,
+                                                                                    parts.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    ranking_combine_kernel<<<1, kThreads, 0, stream>>>(parts.data_ptr<double>(), a.P, out.loss, out.stats,
+                                                       out.row_scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  static void ranking_backward(const RankingArgs& a, const float* grad, const float* prompt_scale, float* out,
+                               const at::Tensor& like) {
+    TORCH_CHECK_VALUE(a.P <= 2147483647LL, "ranking_loss backward: too many prompts for one launch: ", a.P);
+    const c10::cuda::CUDAGuard guard(like.device());
+    ranking_bwd_kernel<<<static_cast<unsigned>(a.P), kPromptThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad, a.rewards, a.valid, prompt_scale, a.K, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 }  // namespace
 }  // namespace rlhf
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
-  m.impl("bt_fwd", &rlhf::bt_fwd_cuda);
-  m.impl("bt_bwd", &rlhf::bt_bwd_cuda);
-  m.impl("ranking_fwd", &rlhf::ranking_fwd_cuda);
-  m.impl("ranking_bwd", &rlhf::ranking_bwd_cuda);
+  m.impl("bt_fwd", &rlhf::bt_forward<rlhf::CudaBT>);
+  m.impl("bt_bwd", &rlhf::bt_backward<rlhf::CudaBT>);
+  m.impl("ranking_fwd", &rlhf::ranking_forward<rlhf::CudaBT>);
+  m.impl("ranking_bwd", &rlhf::ranking_backward<rlhf::CudaBT>);
 }

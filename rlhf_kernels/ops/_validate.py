@@ -1,28 +1,37 @@
-"""Argument checks shared by the public ops. Every error names the op, the argument,
-what was expected and what came in."""
+"""Argument checks of the public ops, for the backends that run Python (torch, triton).
+
+The native backends (cpu, cuda) check the same things in C++ (csrc/include/rlhf/checks.h)
+and raise the same exception types: TypeError for a wrong type or dtype, ValueError for a
+wrong shape, device or value. tests/test_bad_inputs.py holds every backend to that. Every
+error names the op, the argument, what was expected and what came in.
+"""
+
+import math
+import numbers
 
 import torch
 
 
 def tensor(op, name, t, ndim=None, kind=None):
-    """Check that ``t`` is a tensor; ``kind`` is 'float', 'int' or 'mask' (bool or numeric)."""
+    """Check that ``t`` is a tensor; ``kind`` is 'float', 'int' or 'mask' (bool or integer)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError("%s: `%s` must be a torch.Tensor, got %s" % (op, name, type(t).__name__))
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError("%s: `%s` must have %d dimension(s), got shape %s" % (op, name, ndim, tuple(t.shape)))
     if kind == "float" and not t.is_floating_point():
         raise TypeError("%s: `%s` must be a floating-point tensor, got %s" % (op, name, t.dtype))
     if kind == "int" and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
         raise TypeError("%s: `%s` must be an integer tensor, got %s" % (op, name, t.dtype))
-    if kind == "mask" and (t.is_complex()):
-        raise TypeError("%s: `%s` must be bool or 0/1 numbers, got %s" % (op, name, t.dtype))
+    if kind == "mask" and (t.is_floating_point() or t.is_complex()):
+        raise TypeError("%s: `%s` must be a bool or integer tensor (nonzero = true), got %s; for a float mask "
+                        "pass `%s.bool()` or `%s > 0.5`" % (op, name, t.dtype, name, name))
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError("%s: `%s` must have %d dimension(s), got shape %s" % (op, name, ndim, list(t.shape)))
     return t
 
 
 def same_shape(op, a_name, a, b_name, b):
     if a.shape != b.shape:
         raise ValueError("%s: `%s` has shape %s but `%s` has shape %s; they must match"
-                         % (op, a_name, tuple(a.shape), b_name, tuple(b.shape)))
+                         % (op, b_name, list(b.shape), a_name, list(a.shape)))
 
 
 def same_device(op, ref_name, ref, **others):
@@ -32,6 +41,25 @@ def same_device(op, ref_name, ref, **others):
                              % (op, name, t.device, ref_name, ref.device))
 
 
+def number(op, name, value, lo=None, hi=None, lo_open=False, allow_none=False):
+    """``value`` as a float, checked to be a real number in the given range."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError("%s: `%s` must be a number%s, got %r" % (op, name, " or None" if allow_none else "", value))
+    value = float(value)
+    if math.isnan(value) or (lo is not None and (value < lo or (lo_open and value == lo))) or \
+            (hi is not None and value > hi):
+        if lo is not None and hi is not None:
+            want = "in [%g, %g]" % (lo, hi)
+        elif lo is not None:
+            want = "%s %g" % (">" if lo_open else ">=", lo)
+        else:
+            want = "<= %g" % hi
+        raise ValueError("%s: `%s` must be %s, got %r" % (op, name, want, value))
+    return value
+
+
 def as_f32(t):
     return t.to(torch.float32).contiguous()
 
@@ -39,3 +67,13 @@ def as_f32(t):
 def as_mask(t):
     """A contiguous bool tensor: true where ``t`` is nonzero."""
     return (t if t.dtype == torch.bool else t != 0).contiguous()
+
+
+def schema_error(op, err):
+    """The exception to raise for a RuntimeError from calling a native op: the dispatcher's
+    "Expected a value of type ..." (an argument of the wrong Python type) becomes the
+    TypeError the Python checks raise; anything else is re-raised as it is."""
+    msg = str(err)
+    if "Expected a value of type" in msg or "expected" in msg and "but instead found type" in msg:
+        return TypeError("%s: %s" % (op, msg.splitlines()[0]))
+    return err

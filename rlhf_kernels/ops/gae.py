@@ -16,6 +16,16 @@ from rlhf_kernels import _backend, _ext
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.reference import gae as ref
 
+NATIVE = _backend.NATIVE
+if _ext.loaded():
+    _gae = torch.ops.rlhf_kernels.gae.default
+    _gae_packed = torch.ops.rlhf_kernels.gae_packed.default
+    _masked_whiten = torch.ops.rlhf_kernels.masked_whiten.default
+
+
+def _check_discount(op, gamma, lam):
+    return v.number(op, "gamma", gamma, lo=0.0, hi=1.0), v.number(op, "lam", lam, lo=0.0, hi=1.0)
+
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, last_values=None, backend="auto"):
     """Advantages and returns for a padded batch.
@@ -23,8 +33,8 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, last_values=None, backend
     Args:
         rewards: [B, T] float (any float dtype).
         values: [B, T] float, V_t from the critic.
-        mask: [B, T] bool or 0/1; true at the steps that count.
-        gamma, lam: discount and GAE lambda.
+        mask: [B, T] bool or integer (nonzero = the step counts). Float masks are refused.
+        gamma, lam: discount and GAE lambda, each in [0, 1].
         last_values: [B] float, the value after each row's last step (default 0).
         backend: "auto", "cuda", "triton", "cpu" or "torch".
 
@@ -32,31 +42,49 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, last_values=None, backend
         (advantages [B, T], returns [B, T]), float32; 0 at masked steps.
     """
     op = "gae"
-    v.tensor(op, "rewards", rewards, ndim=2, kind="float")
+    name = _backend.pick(backend, rewards, op, "rewards")
+    if name in NATIVE:
+        try:
+            return _gae(rewards, values, mask, last_values, gamma, lam)
+        except RuntimeError as e:
+            raise v.schema_error(op, e) from None
+    v.tensor(op, "rewards", rewards, kind="float")
     v.tensor(op, "values", values, kind="float")
+    v.tensor(op, "rewards", rewards, ndim=2)
     v.tensor(op, "mask", mask, kind="mask")
     v.same_shape(op, "rewards", rewards, "values", values)
     v.same_shape(op, "rewards", rewards, "mask", mask)
+    gamma, lam = _check_discount(op, gamma, lam)
     if last_values is not None:
-        v.tensor(op, "last_values", last_values, ndim=1, kind="float")
-        if last_values.shape[0] != rewards.shape[0]:
-            raise ValueError("gae: `last_values` must have shape [B]=[%d], got %s"
-                             % (rewards.shape[0], tuple(last_values.shape)))
+        v.tensor(op, "last_values", last_values, kind="float")
+        if last_values.dim() != 1 or last_values.shape[0] != rewards.shape[0]:
+            raise ValueError("gae: `last_values` must have shape [B] = [%d], got %s"
+                             % (rewards.shape[0], list(last_values.shape)))
     v.same_device(op, "rewards", rewards, values=values, mask=mask, last_values=last_values)
-    name = _backend.resolve(backend, rewards.device, op)
     r, val, m = v.as_f32(rewards), v.as_f32(values), v.as_mask(mask)
     lv = None if last_values is None else v.as_f32(last_values)
     if name == "torch":
         a, R = ref.gae(r.double(), val.double(), m, gamma, lam, None if lv is None else lv.double())
         return a.float(), R.float()
-    if name == "triton":
-        from rlhf_kernels.triton import gae as tri
-        return tri.gae(r, val, m, lv, gamma, lam)
-    return torch.ops.rlhf_kernels.gae(r, val, m, lv, float(gamma), float(lam))
+    from rlhf_kernels.triton import gae as tri
+    return tri.gae(r, val, m, lv, gamma, lam)
+
+
+def _check_cu_seqlens(cu_seqlens, N):
+    """Reads cu_seqlens on the host: a device sync when they live on a GPU."""
+    host = cu_seqlens.to("cpu", torch.int64)
+    if host[0].item() != 0 or host[-1].item() != N:
+        raise ValueError("gae_packed: `cu_seqlens` must start at 0 and end at N=%d (len(rewards)), got %d ... %d"
+                         % (N, host[0].item(), host[-1].item()))
+    steps = host[1:] - host[:-1]
+    if (steps < 0).any():
+        b = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError("gae_packed: `cu_seqlens` must be non-decreasing, but cu_seqlens[%d]=%d > "
+                         "cu_seqlens[%d]=%d" % (b, host[b].item(), b + 1, host[b + 1].item()))
 
 
 def gae_packed(rewards, values, cu_seqlens, *, gamma=1.0, lam=0.95, last_values=None, mask=None,
-               backend="auto"):
+               validate=True, backend="auto"):
     """Advantages and returns for sequences packed end to end (no padding).
 
     Args:
@@ -64,56 +92,57 @@ def gae_packed(rewards, values, cu_seqlens, *, gamma=1.0, lam=0.95, last_values=
         cu_seqlens: [B+1] integer offsets, 0 = cu_seqlens[0] <= ... <= cu_seqlens[B] = N;
             sequence b is rewards[cu_seqlens[b]:cu_seqlens[b+1]].
         last_values: [B] float, the value after each sequence's last step (default 0).
-        mask: [N] bool or 0/1, optional; masked steps are skipped as in ``gae``.
+        mask: [N] bool or integer, optional; masked steps are skipped as in ``gae``.
+        validate: check the values of ``cu_seqlens``. For CUDA tensors that reads them on
+            the host, one device sync per call; ``validate=False`` skips it (then wrong
+            offsets give unspecified values, never an out-of-bounds access). It is also
+            skipped while torch.compile traces or a CUDA graph is being captured. CPU
+            tensors are always checked (no sync to save).
 
     Returns:
         (advantages [N], returns [N]), float32.
-
-    Checking ``cu_seqlens`` reads it on the host (one sync for CUDA tensors).
     """
     op = "gae_packed"
-    v.tensor(op, "rewards", rewards, ndim=1, kind="float")
+    name = _backend.pick(backend, rewards, op, "rewards")
+    if name == "cpu":
+        try:
+            return _gae_packed(rewards, values, cu_seqlens, last_values, mask, gamma, lam)
+        except RuntimeError as e:
+            raise v.schema_error(op, e) from None
+    v.tensor(op, "rewards", rewards, kind="float")
     v.tensor(op, "values", values, kind="float")
+    v.tensor(op, "rewards", rewards, ndim=1)
     v.same_shape(op, "rewards", rewards, "values", values)
     v.tensor(op, "cu_seqlens", cu_seqlens, ndim=1, kind="int")
     if cu_seqlens.numel() < 1:
         raise ValueError("gae_packed: `cu_seqlens` must have B+1 >= 1 entries, got shape %s"
-                         % (tuple(cu_seqlens.shape),))
+                         % (list(cu_seqlens.shape),))
     if mask is not None:
         v.tensor(op, "mask", mask, kind="mask")
         v.same_shape(op, "rewards", rewards, "mask", mask)
+    gamma, lam = _check_discount(op, gamma, lam)
     B = cu_seqlens.numel() - 1
     if last_values is not None:
-        v.tensor(op, "last_values", last_values, ndim=1, kind="float")
-        if last_values.shape[0] != B:
-            raise ValueError("gae_packed: `last_values` must have shape [B]=[%d] (len(cu_seqlens)-1), got %s"
-                             % (B, tuple(last_values.shape)))
+        v.tensor(op, "last_values", last_values, kind="float")
+        if last_values.dim() != 1 or last_values.shape[0] != B:
+            raise ValueError("gae_packed: `last_values` must have shape [B] = [%d] (len(cu_seqlens)-1), got %s"
+                             % (B, list(last_values.shape)))
     v.same_device(op, "rewards", rewards, values=values, cu_seqlens=cu_seqlens, mask=mask,
                   last_values=last_values)
-    cu = cu_seqlens.to(torch.int64).contiguous()
-    host = cu.cpu()
-    N = rewards.shape[0]
-    if host[0].item() != 0 or host[-1].item() != N:
-        raise ValueError("gae_packed: `cu_seqlens` must start at 0 and end at N=%d (len(rewards)), got %d ... %d"
-                         % (N, host[0].item(), host[-1].item()))
-    if B > 0:
-        steps = host[1:] - host[:-1]
-        if (steps < 0).any():
-            b = int(torch.nonzero(steps < 0)[0, 0])
-            raise ValueError("gae_packed: `cu_seqlens` must be non-decreasing, but cu_seqlens[%d]=%d > "
-                             "cu_seqlens[%d]=%d" % (b, host[b].item(), b + 1, host[b + 1].item()))
-    name = _backend.resolve(backend, rewards.device, op)
+    if validate and not (torch.compiler.is_compiling() or
+                         (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing())):
+        _check_cu_seqlens(cu_seqlens, rewards.shape[0])
+    if name == "cuda":
+        return _gae_packed(rewards, values, cu_seqlens, last_values, mask, gamma, lam)
     r, val = v.as_f32(rewards), v.as_f32(values)
+    cu = cu_seqlens.to(torch.int64).contiguous()
     m = None if mask is None else v.as_mask(mask)
     lv = None if last_values is None else v.as_f32(last_values)
     if name == "torch":
-        a, R = ref.gae_packed(r.double(), val.double(), cu, gamma, lam,
-                              None if lv is None else lv.double(), m)
+        a, R = ref.gae_packed(r.double(), val.double(), cu, gamma, lam, None if lv is None else lv.double(), m)
         return a.float(), R.float()
-    if name == "triton":
-        from rlhf_kernels.triton import gae as tri
-        return tri.gae_packed(r, val, cu, lv, m, gamma, lam)
-    return torch.ops.rlhf_kernels.gae_packed(r, val, cu, lv, m, float(gamma), float(lam))
+    from rlhf_kernels.triton import gae as tri
+    return tri.gae_packed(r, val, cu, lv, m, gamma, lam)
 
 
 def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=1e-8, backend="auto"):
@@ -124,34 +153,40 @@ def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=1e-8, backend=
     ``unbiased`` uses n - 1 (the variance is 0 when n < 2).
 
     Args:
-        x: float tensor, any shape. mask: same shape, bool or 0/1.
+        x: float tensor, any shape. mask: same shape, bool or integer (nonzero = true).
     Returns:
         float32 tensor shaped like ``x``.
     """
     op = "masked_whiten"
+    name = _backend.pick(backend, x, op, "x")
+    if name in NATIVE:
+        try:
+            return _masked_whiten(x, mask, shift_mean, unbiased, eps)
+        except RuntimeError as e:
+            raise v.schema_error(op, e) from None
     v.tensor(op, "x", x, kind="float")
     v.tensor(op, "mask", mask, kind="mask")
     v.same_shape(op, "x", x, "mask", mask)
     v.same_device(op, "x", x, mask=mask)
-    name = _backend.resolve(backend, x.device, op)
+    eps = v.number(op, "eps", eps, lo=0.0)
     xf, m = v.as_f32(x), v.as_mask(mask)
     if name == "torch":
-        return ref.masked_whiten(xf.double(), m, shift_mean, unbiased, eps).float()
-    if name == "triton":
-        from rlhf_kernels.triton import gae as tri
-        return tri.masked_whiten(xf, m, shift_mean, unbiased, eps)
-    return torch.ops.rlhf_kernels.masked_whiten(xf, m, bool(shift_mean), bool(unbiased), float(eps))
+        return ref.masked_whiten(xf.double(), m, bool(shift_mean), bool(unbiased), eps).float()
+    from rlhf_kernels.triton import gae as tri
+    return tri.masked_whiten(xf, m, bool(shift_mean), bool(unbiased), eps)
 
 
 if _ext.loaded():
     @torch.library.register_fake("rlhf_kernels::gae")
     def _gae_fake(rewards, values, mask, last_values, gamma, lam):
-        return torch.empty_like(rewards), torch.empty_like(rewards)
+        return (rewards.new_empty(rewards.shape, dtype=torch.float32),
+                rewards.new_empty(rewards.shape, dtype=torch.float32))
 
     @torch.library.register_fake("rlhf_kernels::gae_packed")
     def _gae_packed_fake(rewards, values, cu_seqlens, last_values, mask, gamma, lam):
-        return torch.empty_like(rewards), torch.empty_like(rewards)
+        return (rewards.new_empty(rewards.shape, dtype=torch.float32),
+                rewards.new_empty(rewards.shape, dtype=torch.float32))
 
     @torch.library.register_fake("rlhf_kernels::masked_whiten")
     def _masked_whiten_fake(x, mask, shift_mean, unbiased, eps):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape, dtype=torch.float32)

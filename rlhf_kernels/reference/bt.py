@@ -3,8 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-BT_STATS = ("accuracy", "margin_mean")
-RANKING_STATS = ("accuracy",)
+from rlhf_kernels._layout import BT_STATS, RANKING_STATS  # noqa: F401 (re-exported)
 
 
 def bt_loss(chosen, rejected, margin=None, label_smoothing=0.0, center_coef=0.0):

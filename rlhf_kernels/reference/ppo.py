@@ -12,10 +12,7 @@ when there is none.
 
 import torch
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-POLICY_STATS = ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
-                "ratio_mean", "ratio_min", "ratio_max")
-VALUE_STATS = ("vf_clipfrac", "explained_var")
+from rlhf_kernels._layout import LOSS_AGGS, POLICY_STATS, VALUE_STATS  # noqa: F401 (re-exported)
 
 
 def aggregate(l, mask, loss_agg, num_tokens=None):

@@ -9,15 +9,22 @@ csrc/include/rlhf/bt.h:
     ranking: l = -logsigmoid(r_i - r_j) for valid i < j,  dl/dr_i = -sigmoid(r_j - r_i)
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from rlhf_kernels._layout import BT_STATS, RANKING_STATS
+from rlhf_kernels.triton import _common
+from rlhf_kernels.triton._op import DifferentiableOp, Op
+
+# the statistics' order (rlhf_kernels/_layout.py, csrc/include/rlhf/layout.h), as kernel constants
+S_ACCURACY = tl.constexpr(BT_STATS.index("accuracy"))
+S_MARGIN_MEAN = tl.constexpr(BT_STATS.index("margin_mean"))
+S_RANKING_ACCURACY = tl.constexpr(RANKING_STATS.index("accuracy"))
+
 
 def _cap():
-    return 256 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1024
+    return 256 if _common.INTERPRET else 1024
 
 
 @triton.jit
@@ -42,7 +49,7 @@ def _bt_fwd_kernel(
     rejected_ptr,  # [P] float32
     margin_ptr,    # [P] float32, read only when HAS_MARGIN
     loss_ptr,      # [] float32 out
-    stats_ptr,     # [2] float32 out: accuracy, margin_mean
+    stats_ptr,     # [len(BT_STATS)] float32 out
     P, eps, center_coef,
     HAS_MARGIN: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -69,8 +76,8 @@ def _bt_fwd_kernel(
     n = tl.maximum(P * 1.0, 1.0)
     loss = (tl.sum(s_l, 0) + center_coef * tl.sum(s_sq, 0)) / n
     tl.store(loss_ptr, loss.to(tl.float32))
-    tl.store(stats_ptr, (tl.sum(s_acc, 0) / n).to(tl.float32))
-    tl.store(stats_ptr + 1, (tl.sum(s_mar, 0) / n).to(tl.float32))
+    tl.store(stats_ptr + S_ACCURACY, (tl.sum(s_acc, 0) / n).to(tl.float32))
+    tl.store(stats_ptr + S_MARGIN_MEAN, (tl.sum(s_mar, 0) / n).to(tl.float32))
 
 
 @triton.jit
@@ -126,7 +133,7 @@ def _ranking_rows_kernel(
 def _ranking_combine_kernel(
     parts_ptr,  # [P, 3] float64 row partials
     loss_ptr,   # [] float32 out
-    stats_ptr,  # [1] float32 out: accuracy
+    stats_ptr,  # [len(RANKING_STATS)] float32 out
     scale_ptr,  # [P] float32 out: each prompt's weight 1 / (pairs * prompts with pairs)
     P,
     BLOCK: tl.constexpr,
@@ -153,7 +160,7 @@ def _ranking_combine_kernel(
         a_loss += w * tl.load(parts_ptr + i * 3, mask=inb, other=0.0)
         tl.store(scale_ptr + i, w.to(tl.float32), mask=inb)
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
-    tl.store(stats_ptr, tl.where(pairs > 0, tl.sum(a_correct, 0) / tl.maximum(pairs, 1.0), 0.0).to(tl.float32))
+    tl.store(stats_ptr + S_RANKING_ACCURACY, tl.where(pairs > 0, tl.sum(a_correct, 0) / tl.maximum(pairs, 1.0), 0.0).to(tl.float32))
 
 
 @triton.jit
@@ -181,16 +188,16 @@ def _ranking_bwd_kernel(
     tl.store(out_ptr + p * K + k, s * tl.sum(g, 1), mask=inb)
 
 
-def bt_forward(chosen, rejected, margin, eps, center_coef):
+def _bt_forward(chosen, rejected, margin, eps, center_coef):
     P = chosen.shape[0]
-    loss, stats = chosen.new_empty(()), chosen.new_empty((2,))
-    block = max(16, min(_cap(), triton.next_power_of_2(max(P, 1))))
+    loss, stats = chosen.new_empty(()), chosen.new_empty((len(BT_STATS),))
+    block = _common.block(P, 1024, 256, floor=16)
     _bt_fwd_kernel[(1,)](chosen, rejected, margin if margin is not None else chosen, loss, stats, P, eps,
                          center_coef, HAS_MARGIN=margin is not None, BLOCK=block)
     return loss, stats
 
 
-def bt_backward(grad, chosen, rejected, margin, eps, center_coef):
+def _bt_backward(grad, chosen, rejected, margin, eps, center_coef):
     P = chosen.shape[0]
     dc, dr = torch.empty_like(chosen), torch.empty_like(rejected)
     if P:
@@ -201,21 +208,22 @@ def bt_backward(grad, chosen, rejected, margin, eps, center_coef):
     return dc, dr
 
 
-def ranking_forward(rewards, valid):
+def _ranking_forward(rewards, valid):
     P, K = rewards.shape
-    loss, stats, scale = rewards.new_empty(()), rewards.new_empty((1,)), rewards.new_empty((P,))
+    loss, stats = rewards.new_empty(()), rewards.new_empty((len(RANKING_STATS),))
+    scale = rewards.new_empty((P,))
     parts = torch.empty((max(P, 1), 3), dtype=torch.float64, device=rewards.device)
     if P and K:
         _ranking_rows_kernel[(P,)](rewards, valid.view(torch.int8) if valid is not None else rewards, parts, K,
                                    HAS_VALID=valid is not None, KB=max(16, triton.next_power_of_2(K)))
     elif P:
         parts.zero_()
-    block = max(16, min(_cap(), triton.next_power_of_2(max(P, 1))))
+    block = _common.block(P, 1024, 256, floor=16)
     _ranking_combine_kernel[(1,)](parts, loss, stats, scale, P, BLOCK=block)
     return loss, stats, scale
 
 
-def ranking_backward(grad, rewards, valid, scale):
+def _ranking_backward(grad, rewards, valid, scale):
     P, K = rewards.shape
     out = torch.empty_like(rewards)
     if P and K:
@@ -224,35 +232,60 @@ def ranking_backward(grad, rewards, valid, scale):
     return out
 
 
-class BTLoss(torch.autograd.Function):
-    """(chosen, rejected, margin, eps, center_coef) -> (loss, stats [2]); gradients wrt chosen, rejected."""
+# ---- the ops (rlhf_kernels/triton/_op.py): float32 contiguous inputs and bool masks, checked and
+# converted by rlhf_kernels/ops/bt.py.
 
-    @staticmethod
-    def forward(ctx, chosen, rejected, margin, eps, center_coef):
-        loss, stats = bt_forward(chosen, rejected, margin, eps, center_coef)
-        ctx.save_for_backward(chosen, rejected, margin)
-        ctx.coefs = (eps, center_coef)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
-        chosen, rejected, margin = ctx.saved_tensors
-        dc, dr = bt_backward(grad_loss.float().contiguous(), chosen, rejected, margin, *ctx.coefs)
-        return dc, dr, None, None, None
+bt_backward = Op(
+    "bt_bwd",
+    "(Tensor grad, Tensor chosen, Tensor rejected, Tensor? margin, float label_smoothing, float center_coef) "
+    "-> (Tensor, Tensor)",
+    _bt_backward, lambda grad, c, r, *rest: (torch.empty_like(c), torch.empty_like(r)))
 
 
-class RankingLoss(torch.autograd.Function):
-    """(rewards [P, K], valid [P, K] bool or None) -> (loss, stats [1]); gradient wrt rewards."""
+def _bt_setup(ctx, inputs, output):
+    chosen, rejected, margin, eps, center_coef = inputs
+    ctx.save_for_backward(chosen, rejected, margin)
+    ctx.coefs = (eps, center_coef)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
-    @staticmethod
-    def forward(ctx, rewards, valid):
-        loss, stats, scale = ranking_forward(rewards, valid)
-        ctx.save_for_backward(rewards, valid, scale)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
-        rewards, valid, scale = ctx.saved_tensors
-        return ranking_backward(grad_loss.float().contiguous(), rewards, valid, scale), None
+def _bt_grad(ctx, grad_loss, grad_stats):
+    if grad_loss is None:
+        return (None,) * 5
+    chosen, rejected, margin = ctx.saved_tensors
+    dc, dr = bt_backward(grad_loss.float().contiguous(), chosen, rejected, margin, *ctx.coefs)
+    return dc, dr, None, None, None
+
+
+bt_forward = DifferentiableOp(
+    "bt_fwd",
+    "(Tensor chosen, Tensor rejected, Tensor? margin, float label_smoothing, float center_coef) -> (Tensor, Tensor)",
+    _bt_forward, lambda c, *rest: (c.new_empty(()), c.new_empty((len(BT_STATS),))), _bt_setup, _bt_grad)
+
+ranking_backward = Op(
+    "ranking_bwd",
+    "(Tensor grad, Tensor rewards, Tensor? valid, Tensor prompt_scale) -> Tensor",
+    _ranking_backward, lambda grad, rewards, *rest: torch.empty_like(rewards))
+
+
+def _ranking_setup(ctx, inputs, output):
+    rewards, valid = inputs
+    ctx.save_for_backward(rewards, valid, output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _ranking_grad(ctx, grad_loss, grad_stats, grad_scale):
+    if grad_loss is None:
+        return None, None
+    rewards, valid, scale = ctx.saved_tensors
+    return ranking_backward(grad_loss.float().contiguous(), rewards, valid, scale), None
+
+
+ranking_forward = DifferentiableOp(
+    "ranking_fwd",
+    "(Tensor rewards, Tensor? valid) -> (Tensor, Tensor, Tensor)",
+    _ranking_forward,
+    lambda r, valid: (r.new_empty(()), r.new_empty((len(RANKING_STATS),)), r.new_empty((r.shape[0],))),
+    _ranking_setup, _ranking_grad)

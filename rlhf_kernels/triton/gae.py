@@ -10,9 +10,14 @@ x -> m_{t+1} ? V_{t+1} : x. The advantage scan runs in float64, which keeps
 gamma*lam = 1 over 128k steps within 1e-6 of exact.
 """
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
+
+from rlhf_kernels.triton._common import INTERPRET
+from rlhf_kernels.triton._op import Op
 
 
 @triton.jit
@@ -28,7 +33,8 @@ def _gae_kernel(
     mask_ptr,         # [N] int8 (0/1); read only when HAS_MASK
     cu_seqlens_ptr,   # [B+1] int64 row offsets; read only when PACKED, else row b is [b*T, (b+1)*T)
     last_values_ptr,  # [B] float32, value after each row's last step; read only when HAS_LAST
-    coef_ptr,         # [2] float64: gamma, lam (a tensor, so they stay float64)
+    gamma_bits,       # int64: the bits of gamma as a float64 (a float argument would be float32)
+    lam_bits,         # int64: the bits of lam as a float64
     adv_ptr,          # [N] float32 out: advantages
     ret_ptr,          # [N] float32 out: returns
     T,
@@ -46,8 +52,8 @@ def _gae_kernel(
     else:
         carry_v = tl.zeros((), tl.float32)
     carry_a = tl.zeros((), tl.float64)
-    g = tl.load(coef_ptr)
-    gl = g * tl.load(coef_ptr + 1)
+    g = gamma_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    gl = g * lam_bits.to(tl.int64).to(tl.float64, bitcast=True)
     k = tl.arange(0, BLOCK)
     n_tiles = tl.cdiv(end - start, BLOCK)
     for i in range(0, n_tiles):
@@ -84,10 +90,13 @@ def _gae_kernel(
 
 
 def _block():
-    # the interpreter runs the scan element by element: small tiles keep tests quick
-    # and exercise the carry between tiles
-    import os
-    return 64 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1024
+    return 64 if INTERPRET else 1024  # small interpreter tiles exercise the carry between tiles
+
+
+def _bits(x):
+    # a float64 passed to the kernel as its int64 bit pattern: no tensor to copy to the device
+    # (a host-to-device copy would sync and could not be captured in a CUDA graph)
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def _launch(rewards, values, mask, cu_seqlens, last_values, gamma, lam, B, T):
@@ -101,7 +110,7 @@ def _launch(rewards, values, mask, cu_seqlens, last_values, gamma, lam, B, T):
         mask.view(torch.int8) if mask is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy,
         last_values if last_values is not None else dummy,
-        torch.tensor([gamma, lam], dtype=torch.float64, device=rewards.device),
+        _bits(gamma), _bits(lam),
         adv, ret, T,
         PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, HAS_LAST=last_values is not None,
         BLOCK=_block(), num_warps=4,
@@ -109,15 +118,25 @@ def _launch(rewards, values, mask, cu_seqlens, last_values, gamma, lam, B, T):
     return adv, ret
 
 
-def gae(rewards, values, mask, last_values, gamma, lam):
+def _gae(rewards, values, mask, last_values, gamma, lam):
     """rewards, values: [B, T] float32 contiguous; mask: [B, T] bool; last_values: [B] float32 or None."""
     B, T = rewards.shape
     return _launch(rewards, values, mask, None, last_values, gamma, lam, B, T)
 
 
-def gae_packed(rewards, values, cu_seqlens, last_values, mask, gamma, lam):
+def _gae_packed(rewards, values, cu_seqlens, last_values, mask, gamma, lam):
     """rewards, values: [N] float32; cu_seqlens: [B+1] int64 (validated); mask: [N] bool or None."""
     return _launch(rewards, values, mask, cu_seqlens, last_values, gamma, lam, cu_seqlens.numel() - 1, 0)
+
+
+def _two_like(x, *rest):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+gae = Op("gae", "(Tensor rewards, Tensor values, Tensor mask, Tensor? last_values, float gamma, float lam) "
+                "-> (Tensor, Tensor)", _gae, _two_like)
+gae_packed = Op("gae_packed", "(Tensor rewards, Tensor values, Tensor cu_seqlens, Tensor? last_values, Tensor? mask, "
+                              "float gamma, float lam) -> (Tensor, Tensor)", _gae_packed, _two_like)
 
 
 @triton.jit
@@ -182,7 +201,7 @@ def _whiten_apply_kernel(
     tl.store(out_ptr + idx, tl.where(m, y, 0.0).to(tl.float32), mask=inb)
 
 
-def masked_whiten(x, mask, shift_mean, unbiased, eps):
+def _masked_whiten(x, mask, shift_mean, unbiased, eps):
     """x: float32 contiguous; mask: bool, same shape."""
     out = torch.empty_like(x)
     n = x.numel()
@@ -195,3 +214,7 @@ def masked_whiten(x, mask, shift_mean, unbiased, eps):
     block = 1024
     _whiten_apply_kernel[(triton.cdiv(n, block),)](x, m8, stats, out, n, BLOCK=block)
     return out
+
+
+masked_whiten = Op("masked_whiten", "(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor",
+                   _masked_whiten, lambda x, *rest: torch.empty_like(x))

@@ -6,10 +6,10 @@ then draws a ticket from an int32 counter (_last_to_arrive); the program that dr
 last ticket combines all rows in a fixed order and writes the loss, the statistics and
 each row's weight w_b in the aggregated loss (loss = sum_b w_b * sum_t l_bt). Which
 program comes last varies between runs but the combine order does not, so the results
-are bitwise the same on every run (the only atomic is the integer ticket). The counter is
-a fresh torch.zeros per call, never shared between calls on different streams; on a CUDA
-tensor torch fills it with a small kernel (PyTorch has no async memset in Python), so a
-CUDA forward is that fill plus the one Triton launch (the compiled CUDA op uses a memset).
+are bitwise the same on every run (the only atomic is the integer ticket). On CUDA the
+counter is cached per (device, stream) and the last program sets it back to zero, so a
+forward is one launch and no fill (``_counter``); forwards on concurrent streams never
+share one.
 Memory ordering (the "last block" pattern): each program's stores of its partials are
 ordered before its ticket by a CTA barrier and the release half of the acq_rel atomic;
 the last program's acquire half orders its loads after every other program's ticket, and
@@ -20,19 +20,34 @@ Backward is elementwise: d_x[b, t] = grad * w_b * dl/dx[b, t]. The per-token mat
 csrc/include/rlhf/ppo.h.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-N_POLICY_PARTS = 9   # loss, count, clip_low, clip_high, dual, kl, ratio, ratio_min, ratio_max
-N_VALUE_PARTS = 7    # loss, count, clipped, mean_R, M2_R, mean_err, M2_err   (err = R - V)
+from rlhf_kernels._layout import POLICY_PARTS, POLICY_STATS, VALUE_PARTS, VALUE_STATS
+from rlhf_kernels.triton import _common
+from rlhf_kernels.triton._op import DifferentiableOp, Op
+
+
+def _index(names, name):
+    return tl.constexpr(names.index(name))
+
+
+# the layouts of rlhf_kernels/_layout.py (csrc/include/rlhf/layout.h), as kernel constants
+N_POLICY_PARTS = tl.constexpr(len(POLICY_PARTS))
+N_VALUE_PARTS = tl.constexpr(len(VALUE_PARTS))
+PP_LOSS, PP_COUNT, PP_LOW, PP_HIGH, PP_DUAL, PP_KL, PP_RATIO, PP_MIN, PP_MAX = (
+    _index(POLICY_PARTS, n) for n in ("loss", "count", "low", "high", "dual", "kl", "ratio", "ratio_min", "ratio_max"))
+VP_LOSS, VP_COUNT, VP_CLIPPED, VP_MEAN_R, VP_M2_R, VP_MEAN_E, VP_M2_E = (
+    _index(VALUE_PARTS, n) for n in ("loss", "count", "clipped", "mean_r", "m2_r", "mean_err", "m2_err"))
+S_CLIPFRAC, S_LOW, S_HIGH, S_DUAL, S_KL, S_RATIO, S_MIN, S_MAX = (
+    _index(POLICY_STATS, n) for n in ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
+                                      "ratio_mean", "ratio_min", "ratio_max"))
+S_VF_CLIPFRAC, S_EXPLAINED_VAR = (_index(VALUE_STATS, n) for n in ("vf_clipfrac", "explained_var"))
 
 
 def _block(n):
-    cap = 64 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1024
-    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+    return _common.block(n, 1024, 64, floor=16)
 
 
 @triton.jit
@@ -92,16 +107,16 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, mask_ptr, parts_ptr, row, T, clip_lo
         s_ratio += tl.where(valid, ratio, 0.0).to(tl.float64)
         r_min = tl.minimum(r_min, tl.where(valid, ratio, float("inf")))
         r_max = tl.maximum(r_max, tl.where(valid, ratio, -float("inf")))
-    out = parts_ptr + row * 9
-    tl.store(out + 0, tl.sum(s_loss, 0))
-    tl.store(out + 1, tl.sum(s_cnt, 0))
-    tl.store(out + 2, tl.sum(s_low, 0))
-    tl.store(out + 3, tl.sum(s_high, 0))
-    tl.store(out + 4, tl.sum(s_dual, 0))
-    tl.store(out + 5, tl.sum(s_kl, 0))
-    tl.store(out + 6, tl.sum(s_ratio, 0))
-    tl.store(out + 7, tl.min(r_min, 0).to(tl.float64))
-    tl.store(out + 8, tl.max(r_max, 0).to(tl.float64))
+    out = parts_ptr + row * N_POLICY_PARTS
+    tl.store(out + PP_LOSS, tl.sum(s_loss, 0))
+    tl.store(out + PP_COUNT, tl.sum(s_cnt, 0))
+    tl.store(out + PP_LOW, tl.sum(s_low, 0))
+    tl.store(out + PP_HIGH, tl.sum(s_high, 0))
+    tl.store(out + PP_DUAL, tl.sum(s_dual, 0))
+    tl.store(out + PP_KL, tl.sum(s_kl, 0))
+    tl.store(out + PP_RATIO, tl.sum(s_ratio, 0))
+    tl.store(out + PP_MIN, tl.min(r_min, 0).to(tl.float64))
+    tl.store(out + PP_MAX, tl.max(r_max, 0).to(tl.float64))
 
 
 @triton.jit
@@ -150,17 +165,17 @@ def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B
     for start in range(0, B, BLOCK):
         b = start + offs
         inb = b < B
-        p = parts_ptr + b * 9
-        cnt = tl.load(p + 1, mask=inb, other=0.0, cache_modifier=".cg")
+        p = parts_ptr + b * N_POLICY_PARTS
+        cnt = tl.load(p + PP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
         a_cnt += cnt
         a_rows += tl.where(cnt > 0, 1.0, 0.0)
-        a_low += tl.load(p + 2, mask=inb, other=0.0, cache_modifier=".cg")
-        a_high += tl.load(p + 3, mask=inb, other=0.0, cache_modifier=".cg")
-        a_dual += tl.load(p + 4, mask=inb, other=0.0, cache_modifier=".cg")
-        a_kl += tl.load(p + 5, mask=inb, other=0.0, cache_modifier=".cg")
-        a_ratio += tl.load(p + 6, mask=inb, other=0.0, cache_modifier=".cg")
-        a_min = tl.minimum(a_min, tl.load(p + 7, mask=inb, other=float("inf"), cache_modifier=".cg"))
-        a_max = tl.maximum(a_max, tl.load(p + 8, mask=inb, other=-float("inf"), cache_modifier=".cg"))
+        a_low += tl.load(p + PP_LOW, mask=inb, other=0.0, cache_modifier=".cg")
+        a_high += tl.load(p + PP_HIGH, mask=inb, other=0.0, cache_modifier=".cg")
+        a_dual += tl.load(p + PP_DUAL, mask=inb, other=0.0, cache_modifier=".cg")
+        a_kl += tl.load(p + PP_KL, mask=inb, other=0.0, cache_modifier=".cg")
+        a_ratio += tl.load(p + PP_RATIO, mask=inb, other=0.0, cache_modifier=".cg")
+        a_min = tl.minimum(a_min, tl.load(p + PP_MIN, mask=inb, other=float("inf"), cache_modifier=".cg"))
+        a_max = tl.maximum(a_max, tl.load(p + PP_MAX, mask=inb, other=-float("inf"), cache_modifier=".cg"))
     total = tl.sum(a_cnt, 0)
     rows_with = tl.sum(a_rows, 0)
     if HAS_NT:
@@ -171,22 +186,23 @@ def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B
     for start in range(0, B, BLOCK):
         b = start + offs
         inb = b < B
-        cnt = tl.load(parts_ptr + b * 9 + 1, mask=inb, other=0.0, cache_modifier=".cg")
+        p = parts_ptr + b * N_POLICY_PARTS
+        cnt = tl.load(p + PP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
         w = _row_weight(cnt, total, rows_with, numel, nt, AGG, HAS_NT)
-        a_loss += w * tl.load(parts_ptr + b * 9, mask=inb, other=0.0, cache_modifier=".cg")
+        a_loss += w * tl.load(p + PP_LOSS, mask=inb, other=0.0, cache_modifier=".cg")
         tl.store(scale_ptr + b, w.to(tl.float32), mask=inb)
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
     n = tl.maximum(total, 1.0)
     low = tl.sum(a_low, 0)
     high = tl.sum(a_high, 0)
-    tl.store(stats_ptr + 0, ((low + high) / n).to(tl.float32))
-    tl.store(stats_ptr + 1, (low / n).to(tl.float32))
-    tl.store(stats_ptr + 2, (high / n).to(tl.float32))
-    tl.store(stats_ptr + 3, (tl.sum(a_dual, 0) / n).to(tl.float32))
-    tl.store(stats_ptr + 4, (tl.sum(a_kl, 0) / n).to(tl.float32))
-    tl.store(stats_ptr + 5, (tl.sum(a_ratio, 0) / n).to(tl.float32))
-    tl.store(stats_ptr + 6, tl.where(total > 0, tl.min(a_min, 0), 0.0).to(tl.float32))
-    tl.store(stats_ptr + 7, tl.where(total > 0, tl.max(a_max, 0), 0.0).to(tl.float32))
+    tl.store(stats_ptr + S_CLIPFRAC, ((low + high) / n).to(tl.float32))
+    tl.store(stats_ptr + S_LOW, (low / n).to(tl.float32))
+    tl.store(stats_ptr + S_HIGH, (high / n).to(tl.float32))
+    tl.store(stats_ptr + S_DUAL, (tl.sum(a_dual, 0) / n).to(tl.float32))
+    tl.store(stats_ptr + S_KL, (tl.sum(a_kl, 0) / n).to(tl.float32))
+    tl.store(stats_ptr + S_RATIO, (tl.sum(a_ratio, 0) / n).to(tl.float32))
+    tl.store(stats_ptr + S_MIN, tl.where(total > 0, tl.min(a_min, 0), 0.0).to(tl.float32))
+    tl.store(stats_ptr + S_MAX, tl.where(total > 0, tl.max(a_max, 0), 0.0).to(tl.float32))
 
 
 @triton.jit
@@ -195,11 +211,12 @@ def _policy_fwd_kernel(
     old_ptr,         # [B, T] float32
     adv_ptr,         # [B, T] float32
     mask_ptr,        # [B, T] int8 (0/1)
-    parts_ptr,       # [max(B, 1), 9] float64 scratch: row partials (N_POLICY_PARTS)
-    counter_ptr,     # [] int32, zero at launch: tickets; reset to zero by the last program
+    parts_ptr,       # [max(B, 1), N_POLICY_PARTS] float64 scratch: row partials
+    counter_ptr,     # [] int32, zero at launch: tickets; reset to zero by the last program (so a
+                     # cached counter is zero again for the next call on its stream)
     num_tokens_ptr,  # [] float64, read only when HAS_NT
     loss_ptr,        # [] float32 out
-    stats_ptr,       # [8] float32 out (POLICY_STATS order)
+    stats_ptr,       # [len(POLICY_STATS)] float32 out
     scale_ptr,       # [B] float32 out: row weights
     B, T, numel, clip_low, clip_high, dual_clip,
     HAS_DUAL: tl.constexpr, AGG: tl.constexpr, HAS_NT: tl.constexpr,
@@ -298,14 +315,14 @@ def _value_row(v_ptr, old_ptr, ret_ptr, mask_ptr, parts_ptr, row, T, clip,
         de = (r - v) - mean_e
         q_r += tl.where(valid, dr * dr, 0.0)
         q_e += tl.where(valid, de * de, 0.0)
-    out = parts_ptr + row * 7
-    tl.store(out + 0, tl.sum(s_loss, 0))
-    tl.store(out + 1, n)
-    tl.store(out + 2, tl.sum(s_clip, 0))
-    tl.store(out + 3, mean_r)
-    tl.store(out + 4, tl.sum(q_r, 0))
-    tl.store(out + 5, mean_e)
-    tl.store(out + 6, tl.sum(q_e, 0))
+    out = parts_ptr + row * N_VALUE_PARTS
+    tl.store(out + VP_LOSS, tl.sum(s_loss, 0))
+    tl.store(out + VP_COUNT, n)
+    tl.store(out + VP_CLIPPED, tl.sum(s_clip, 0))
+    tl.store(out + VP_MEAN_R, mean_r)
+    tl.store(out + VP_M2_R, tl.sum(q_r, 0))
+    tl.store(out + VP_MEAN_E, mean_e)
+    tl.store(out + VP_M2_E, tl.sum(q_e, 0))
 
 
 @triton.jit
@@ -321,13 +338,13 @@ def _value_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B,
     for start in range(0, B, BLOCK):
         b = start + offs
         inb = b < B
-        p = parts_ptr + b * 7
-        cnt = tl.load(p + 1, mask=inb, other=0.0, cache_modifier=".cg")
+        p = parts_ptr + b * N_VALUE_PARTS
+        cnt = tl.load(p + VP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
         a_cnt += cnt
         a_rows += tl.where(cnt > 0, 1.0, 0.0)
-        a_clip += tl.load(p + 2, mask=inb, other=0.0, cache_modifier=".cg")
-        a_r += cnt * tl.load(p + 3, mask=inb, other=0.0, cache_modifier=".cg")
-        a_e += cnt * tl.load(p + 5, mask=inb, other=0.0, cache_modifier=".cg")
+        a_clip += tl.load(p + VP_CLIPPED, mask=inb, other=0.0, cache_modifier=".cg")
+        a_r += cnt * tl.load(p + VP_MEAN_R, mask=inb, other=0.0, cache_modifier=".cg")
+        a_e += cnt * tl.load(p + VP_MEAN_E, mask=inb, other=0.0, cache_modifier=".cg")
     total = tl.sum(a_cnt, 0)
     rows_with = tl.sum(a_rows, 0)
     n = tl.maximum(total, 1.0)
@@ -343,32 +360,32 @@ def _value_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B,
     for start in range(0, B, BLOCK):
         b = start + offs
         inb = b < B
-        p = parts_ptr + b * 7
-        cnt = tl.load(p + 1, mask=inb, other=0.0, cache_modifier=".cg")
+        p = parts_ptr + b * N_VALUE_PARTS
+        cnt = tl.load(p + VP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
         w = _row_weight(cnt, total, rows_with, numel, nt, AGG, HAS_NT)
-        a_loss += w * tl.load(p, mask=inb, other=0.0, cache_modifier=".cg")
+        a_loss += w * tl.load(p + VP_LOSS, mask=inb, other=0.0, cache_modifier=".cg")
         tl.store(scale_ptr + b, w.to(tl.float32), mask=inb)
         # total sum of squares = within rows + between rows (exact split)
-        dr = tl.load(p + 3, mask=inb, other=0.0, cache_modifier=".cg") - mean_r
-        de = tl.load(p + 5, mask=inb, other=0.0, cache_modifier=".cg") - mean_e
-        m2_r += tl.load(p + 4, mask=inb, other=0.0, cache_modifier=".cg") + cnt * dr * dr
-        m2_e += tl.load(p + 6, mask=inb, other=0.0, cache_modifier=".cg") + cnt * de * de
+        dr = tl.load(p + VP_MEAN_R, mask=inb, other=0.0, cache_modifier=".cg") - mean_r
+        de = tl.load(p + VP_MEAN_E, mask=inb, other=0.0, cache_modifier=".cg") - mean_e
+        m2_r += tl.load(p + VP_M2_R, mask=inb, other=0.0, cache_modifier=".cg") + cnt * dr * dr
+        m2_e += tl.load(p + VP_M2_E, mask=inb, other=0.0, cache_modifier=".cg") + cnt * de * de
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
-    tl.store(stats_ptr, (tl.sum(a_clip, 0) / n).to(tl.float32))
+    tl.store(stats_ptr + S_VF_CLIPFRAC, (tl.sum(a_clip, 0) / n).to(tl.float32))
     var_r = tl.sum(m2_r, 0)
     ev = tl.where(var_r > 0, 1.0 - tl.sum(m2_e, 0) / tl.where(var_r > 0, var_r, 1.0), 0.0)
-    tl.store(stats_ptr + 1, ev.to(tl.float32))
+    tl.store(stats_ptr + S_EXPLAINED_VAR, ev.to(tl.float32))
 
 
 @triton.jit
 def _value_fwd_kernel(
     v_ptr, old_ptr, ret_ptr,   # [B, T] float32
     mask_ptr,                  # [B, T] int8
-    parts_ptr,                 # [max(B, 1), 7] float64 scratch: row partials (N_VALUE_PARTS)
+    parts_ptr,                 # [max(B, 1), N_VALUE_PARTS] float64 scratch: row partials
     counter_ptr,               # [] int32, zero at launch: tickets; reset to zero by the last program
     num_tokens_ptr,            # [] float64, read only when HAS_NT
     loss_ptr,                  # [] float32 out
-    stats_ptr,                 # [2] float32 out: vf_clipfrac, explained_var
+    stats_ptr,                 # [len(VALUE_STATS)] float32 out
     scale_ptr,                 # [B] float32 out: row weights
     B, T, numel, clip,
     HAS_CLIP: tl.constexpr, AGG: tl.constexpr, HAS_NT: tl.constexpr,
@@ -406,10 +423,24 @@ def _value_bwd_kernel(
     tl.store(out_ptr + idx, tl.where(valid, s * dv, 0.0), mask=inb)
 
 
+_counters = {}  # (device index, raw stream) -> [] int32 counter, zero between calls
+
+
 def _counter(device):
-    # the forward's ticket counter, [] int32 zero: one per call, so forwards on concurrent
-    # streams never share one (on CUDA, torch.zeros runs a 4-byte fill kernel)
-    return torch.zeros((), dtype=torch.int32, device=device)
+    """The forward's ticket counter, [] int32 zero at launch. On CUDA one is cached per
+    (device, stream) and the kernel's last program sets it back to zero, so a call costs no
+    fill kernel, and forwards on concurrent streams never share one. A counter first needed
+    while a CUDA graph is being captured is made inside the graph (a captured fill) and not
+    cached: its memory belongs to the graph's pool. Under the interpreter: a fresh zero."""
+    if device.type != "cuda":
+        return torch.zeros((), dtype=torch.int32, device=device)
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    counter = _counters.get(key)
+    if counter is None:
+        counter = torch.zeros((), dtype=torch.int32, device=device)
+        if not torch.cuda.is_current_stream_capturing():
+            _counters[key] = counter
+    return counter
 
 
 def _outputs(x, n_stats):
@@ -417,14 +448,18 @@ def _outputs(x, n_stats):
     return x.new_empty(()), x.new_empty((n_stats,)), x.new_empty((B,))
 
 
-def policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_clip, agg):
+def _fake_outputs(x, n_stats):
+    f32 = dict(dtype=torch.float32)
+    return x.new_empty((), **f32), x.new_empty((n_stats,), **f32), x.new_empty((x.shape[0],), **f32)
+
+
+def _policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_clip, agg):
     """[B, T] float32 contiguous inputs, bool mask; num_tokens a 0-d float64 tensor or None.
-    Returns (loss [], stats [8], row_scale [B])."""
+    Returns (loss [], stats [len(POLICY_STATS)], row_scale [B])."""
     B, T = logp.shape
-    loss, stats, scale = _outputs(logp, 8)
-    parts = torch.empty((max(B, 1), N_POLICY_PARTS), dtype=torch.float64, device=logp.device)
-    counter = _counter(logp.device)
-    _policy_fwd_kernel[(max(B, 1),)](logp, old, adv, mask.view(torch.int8), parts, counter,
+    loss, stats, scale = _outputs(logp, len(POLICY_STATS))
+    parts = torch.empty((max(B, 1), len(POLICY_PARTS)), dtype=torch.float64, device=logp.device)
+    _policy_fwd_kernel[(max(B, 1),)](logp, old, adv, mask.view(torch.int8), parts, _counter(logp.device),
                                      num_tokens if num_tokens is not None else parts, loss, stats, scale, B, T,
                                      float(B * T), clip_low, clip_high, dual_clip or 0.0,
                                      HAS_DUAL=dual_clip is not None, AGG=agg, HAS_NT=num_tokens is not None,
@@ -432,7 +467,7 @@ def policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_c
     return loss, stats, scale
 
 
-def policy_backward(grad, logp, old, adv, mask, scale, clip_low, clip_high, dual_clip):
+def _policy_backward(grad, logp, old, adv, mask, scale, clip_low, clip_high, dual_clip):
     B, T = logp.shape
     out = torch.empty_like(logp)
     if logp.numel():
@@ -443,20 +478,19 @@ def policy_backward(grad, logp, old, adv, mask, scale, clip_low, clip_high, dual
     return out
 
 
-def value_forward(values, old, returns, mask, num_tokens, clip, agg):
-    """Returns (loss [], stats [2], row_scale [B])."""
+def _value_forward(values, old, returns, mask, num_tokens, clip, agg):
+    """Returns (loss [], stats [len(VALUE_STATS)], row_scale [B])."""
     B, T = values.shape
-    loss, stats, scale = _outputs(values, 2)
-    parts = torch.empty((max(B, 1), N_VALUE_PARTS), dtype=torch.float64, device=values.device)
-    counter = _counter(values.device)
-    _value_fwd_kernel[(max(B, 1),)](values, old, returns, mask.view(torch.int8), parts, counter,
+    loss, stats, scale = _outputs(values, len(VALUE_STATS))
+    parts = torch.empty((max(B, 1), len(VALUE_PARTS)), dtype=torch.float64, device=values.device)
+    _value_fwd_kernel[(max(B, 1),)](values, old, returns, mask.view(torch.int8), parts, _counter(values.device),
                                     num_tokens if num_tokens is not None else parts, loss, stats, scale, B, T,
                                     float(B * T), clip or 0.0, HAS_CLIP=clip is not None, AGG=agg,
                                     HAS_NT=num_tokens is not None, BLOCK=_block(T), COMBINE_BLOCK=_block(B))
     return loss, stats, scale
 
 
-def value_backward(grad, values, old, returns, mask, scale, clip):
+def _value_backward(grad, values, old, returns, mask, scale, clip):
     B, T = values.shape
     out = torch.empty_like(values)
     if values.numel():
@@ -466,39 +500,63 @@ def value_backward(grad, values, old, returns, mask, scale, clip):
     return out
 
 
-class PPOPolicyLoss(torch.autograd.Function):
-    """(logprobs, old_logprobs, advantages, mask, num_tokens, clip_low, clip_high, dual_clip, agg)
-    -> (loss, stats [8]); gradient wrt logprobs only."""
+# ---- the ops (rlhf_kernels/triton/_op.py): float32 contiguous [B, T] inputs and a bool mask,
+# checked and converted by rlhf_kernels/ops/ppo.py; the gradient flows to logprobs / values only.
 
-    @staticmethod
-    def forward(ctx, logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_clip, agg):
-        loss, stats, scale = policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_clip, agg)
-        ctx.save_for_backward(logp, old, adv, mask, scale)
-        ctx.clip = (clip_low, clip_high, dual_clip)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
-        logp, old, adv, mask, scale = ctx.saved_tensors
-        d = policy_backward(grad_loss.float().contiguous(), logp, old, adv, mask, scale, *ctx.clip)
-        return d, None, None, None, None, None, None, None, None
+policy_backward = Op(
+    "ppo_policy_bwd",
+    "(Tensor grad, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor row_scale, "
+    "float clip_low, float clip_high, float? dual_clip) -> Tensor",
+    _policy_backward, lambda grad, logp, *rest: torch.empty_like(logp))
 
 
-class PPOValueLoss(torch.autograd.Function):
-    """(values, old_values, returns, mask, num_tokens, clip, agg) -> (loss, stats [2]);
-    gradient wrt values only."""
+def _policy_setup(ctx, inputs, output):
+    logp, old, adv, mask, _, clip_low, clip_high, dual_clip, _ = inputs
+    ctx.save_for_backward(logp, old, adv, mask, output[2])
+    ctx.clip = (clip_low, clip_high, dual_clip)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
 
-    @staticmethod
-    def forward(ctx, values, old, returns, mask, num_tokens, clip, agg):
-        loss, stats, scale = value_forward(values, old, returns, mask, num_tokens, clip, agg)
-        ctx.save_for_backward(values, old, returns, mask, scale)
-        ctx.clip = clip
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
-        values, old, returns, mask, scale = ctx.saved_tensors
-        d = value_backward(grad_loss.float().contiguous(), values, old, returns, mask, scale, ctx.clip)
-        return d, None, None, None, None, None, None
+def _policy_grad(ctx, grad_loss, grad_stats, grad_scale):
+    if grad_loss is None:
+        return (None,) * 9
+    logp, old, adv, mask, scale = ctx.saved_tensors
+    d = policy_backward(grad_loss.float().contiguous(), logp, old, adv, mask, scale, *ctx.clip)
+    return (d,) + (None,) * 8
+
+
+policy_forward = DifferentiableOp(
+    "ppo_policy_fwd",
+    "(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? num_tokens, float clip_low, "
+    "float clip_high, float? dual_clip, int loss_agg) -> (Tensor, Tensor, Tensor)",
+    _policy_forward, lambda logp, *rest: _fake_outputs(logp, len(POLICY_STATS)), _policy_setup, _policy_grad)
+
+value_backward = Op(
+    "ppo_value_bwd",
+    "(Tensor grad, Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor row_scale, float? clip) "
+    "-> Tensor",
+    _value_backward, lambda grad, values, *rest: torch.empty_like(values))
+
+
+def _value_setup(ctx, inputs, output):
+    values, old, returns, mask, _, clip, _ = inputs
+    ctx.save_for_backward(values, old, returns, mask, output[2])
+    ctx.clip = clip
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _value_grad(ctx, grad_loss, grad_stats, grad_scale):
+    if grad_loss is None:
+        return (None,) * 7
+    values, old, returns, mask, scale = ctx.saved_tensors
+    d = value_backward(grad_loss.float().contiguous(), values, old, returns, mask, scale, ctx.clip)
+    return (d,) + (None,) * 6
+
+
+value_forward = DifferentiableOp(
+    "ppo_value_fwd",
+    "(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor? num_tokens, float? clip, "
+    "int loss_agg) -> (Tensor, Tensor, Tensor)",
+    _value_forward, lambda values, *rest: _fake_outputs(values, len(VALUE_STATS)), _value_setup, _value_grad)

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "rlhf/common.h"
+#include "rlhf/layout.h"
 
 // The per-token functions are always inlined on the host too, so that the CPU loops
 // (compiled for AVX2 and baseline, see cpu/ppo.cpp) see straight-line vector code.
@@ -175,9 +176,6 @@ RLHF_HD_TOKEN ValueTokenT<F> ppo_value_token(F v, F old_v, F ret, bool has_clip,
   t.dvalue = clip_wins ? zero : err;
   return t;
 }
-
-// loss_agg codes shared with rlhf_kernels/ops/ppo.py.
-enum LossAgg : int64_t { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
 
 // The weight of every token of a row in the aggregated loss (loss = sum_b w_b * sum_t l_bt).
 //   row_count: valid tokens of the row; total: of the batch; rows_with_tokens: rows with

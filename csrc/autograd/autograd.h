@@ -1,0 +1,38 @@
+// Shared pieces of the C++ autograd wiring (csrc/autograd/<family>.cpp).
+//
+// Each differentiable native op `<name>_fwd` gets an Autograd kernel: a
+// torch::autograd::Function whose forward calls the op itself below autograd (so the
+// dispatcher still picks the CPU or CUDA kernel, and torch.compile still records the op),
+// saves what the backward needs, and whose backward calls `<name>_bwd` through the
+// dispatcher. Forward and backward never re-enter Python.
+#pragma once
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace rlhf::autograd {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The typed dispatcher handle of rlhf_kernels::<name> (looked up once per call site).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> native_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// `n` undefined gradients: for the forward's arguments that get none.
+inline variable_list no_grads(size_t n) { return variable_list(n); }
+
+// Whether a forward must record a backward node: grad mode is on and one of the
+// differentiable inputs requires a gradient. When it need not, the Autograd kernel calls
+// the op straight below autograd and skips the node (its allocation and saved tensors),
+// as PyTorch's own ops do.
+inline bool records_grad(std::initializer_list<at::Tensor> differentiable) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor& t : differentiable)
+    if (t.requires_grad()) return true;
+  return false;
+}
+
+}  // namespace rlhf::autograd

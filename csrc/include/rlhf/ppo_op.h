@@ -1,0 +1,163 @@
+// The ppo ops' host side, written once for both devices: argument checks, conversion of the
+// inputs to what the kernels read (float32 and bool, contiguous: no copy when they already
+// are), allocation of the outputs, then one call into the device's launchers `Dev`
+// (csrc/cpu/ppo.cpp, csrc/cuda/ppo.cu), which see only the raw-pointer structs below.
+//
+// Dev provides:
+//   static void policy_forward(const PolicyArgs&, const Normalizer&, const LossOutputs&, const at::Tensor& like);
+//   static void policy_backward(const PolicyArgs&, const float* grad, const float* row_scale, float* out,
+//                               const at::Tensor& like);
+//   static void value_forward(const ValueArgs&, const Normalizer&, const LossOutputs&, const at::Tensor& like);
+//   static void value_backward(const ValueArgs&, const float* grad, const float* row_scale, float* out,
+//                              const at::Tensor& like);
+// `like` is a float32 input: the launcher takes its device (and stream) and allocates any
+// scratch it needs beside it. Pointers to device data (grad, num_tokens) are read by the
+// kernels, never by the host on a GPU, so no call syncs.
+//
+// The forward returns (loss [], stats [n_stats], row_scale [B]) where row_scale[b] is the
+// weight of every token of row b in the aggregated loss (loss = sum_b w_b sum_t l_bt); the
+// backward is then elementwise, d_x[b, t] = grad * w_b * dl/dx[b, t], in one pass.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+#include "rlhf/checks.h"
+#include "rlhf/layout.h"
+#include "rlhf/loss_op.h"
+
+namespace rlhf {
+
+struct PolicyArgs {
+  const float *logp, *old_logp, *adv;  // [B, T]
+  const bool* mask;                    // [B, T]
+  int64_t B, T;
+  float clip_low, clip_high, dual_clip;  // dual_clip 0: none
+};
+
+struct ValueArgs {
+  const float *values, *old_values, *returns;  // [B, T]
+  const bool* mask;                            // [B, T]
+  int64_t B, T;
+  bool has_clip;
+  float clip;
+};
+
+// How the per-token losses are aggregated: loss_agg code, and the global normalizer of
+// token-mean, either a float64 on the inputs' device (num_tokens) or a number (> 0), or neither.
+struct Normalizer {
+  int64_t agg;
+  const double* num_tokens;
+  double num_tokens_value;
+};
+
+namespace detail {
+
+inline Normalizer normalizer(int64_t loss_agg, const at::Tensor& num_tokens, c10::optional<double> number,
+                             const char* op) {
+  TORCH_CHECK_VALUE(loss_agg >= 0 && loss_agg < kNumLossAggs, op, ": loss_agg code must be 0..", kNumLossAggs - 1,
+                    ", got ", loss_agg);
+  return {loss_agg, num_tokens.defined() ? num_tokens.data_ptr<double>() : nullptr, number.value_or(0.0)};
+}
+
+struct PolicyCall {
+  PPOInputs in;
+  PolicyArgs args;
+};
+
+inline PolicyCall policy_call(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+                              const at::Tensor& mask, double clip_low, c10::optional<double> clip_high,
+                              c10::optional<double> dual_clip, const char* op) {
+  PPOInputs in = check_ppo_inputs(logprobs, old_logprobs, advantages, mask, {"logprobs", "old_logprobs", "advantages"},
+                                  op);
+  check_clip(clip_low, "clip_low", op);
+  const double ch = clip_high.value_or(clip_low);
+  check_clip(ch, "clip_high", op);
+  TORCH_CHECK_VALUE(!dual_clip.has_value() || *dual_clip > 1.0, op, ": `dual_clip` must be > 1 (or None), got ",
+                    dual_clip.value_or(0.0));
+  const PolicyArgs args{in.a.data_ptr<float>(), in.b.data_ptr<float>(), in.c.data_ptr<float>(),
+                        in.mask.data_ptr<bool>(), in.a.size(0), in.a.size(1), static_cast<float>(clip_low),
+                        static_cast<float>(ch), static_cast<float>(dual_clip.value_or(0.0))};
+  return {in, args};
+}
+
+struct ValueCall {
+  PPOInputs in;
+  ValueArgs args;
+};
+
+inline ValueCall value_call(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+                            const at::Tensor& mask, c10::optional<double> clip, const char* op) {
+  PPOInputs in = check_ppo_inputs(values, old_values, returns, mask, {"values", "old_values", "returns"}, op);
+  TORCH_CHECK_VALUE(!clip.has_value() || *clip > 0, op, ": `clip` must be > 0 (or None), got ", clip.value_or(0.0));
+  const ValueArgs args{in.a.data_ptr<float>(), in.b.data_ptr<float>(),  in.c.data_ptr<float>(),
+                       in.mask.data_ptr<bool>(), in.a.size(0),         in.a.size(1),
+                       clip.has_value(),         static_cast<float>(clip.value_or(0.0))};
+  return {in, args};
+}
+
+}  // namespace detail
+
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_forward(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
+    const c10::optional<at::Tensor>& num_tokens, c10::optional<double> num_tokens_value, double clip_low,
+    c10::optional<double> clip_high, c10::optional<double> dual_clip, int64_t loss_agg) {
+  const char* op = "ppo_policy_loss";
+  const detail::PolicyCall call =
+      detail::policy_call(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, op);
+  const at::Tensor nt = check_num_tokens(num_tokens, num_tokens_value, call.in.a, op);
+  const Normalizer norm = detail::normalizer(loss_agg, nt, num_tokens_value, op);
+  auto [loss, stats, row_scale] = loss_outputs(call.in.a, kNumPolicyStats);
+  Dev::policy_forward(call.args, norm, {loss.data_ptr<float>(), stats.data_ptr<float>(), row_scale.data_ptr<float>()},
+                      call.in.a);
+  return {loss, stats, row_scale};
+}
+
+template <typename Dev>
+at::Tensor ppo_policy_backward(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& old_logprobs,
+                               const at::Tensor& advantages, const at::Tensor& mask, const at::Tensor& row_scale,
+                               double clip_low, c10::optional<double> clip_high, c10::optional<double> dual_clip) {
+  const char* op = "ppo_policy_loss backward";
+  const detail::PolicyCall call =
+      detail::policy_call(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, op);
+  at::Tensor g;
+  const float* gp = checked_grad(grad, call.in.a, g, op);
+  const float* w = checked_row_scale(row_scale, call.in.a, "logprobs", op);
+  at::Tensor d = at::empty(call.in.a.sizes(), call.in.a.options());
+  if (d.numel() > 0) Dev::policy_backward(call.args, gp, w, d.data_ptr<float>(), call.in.a);
+  return d;
+}
+
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_value_forward(
+    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns, const at::Tensor& mask,
+    const c10::optional<at::Tensor>& num_tokens, c10::optional<double> num_tokens_value, c10::optional<double> clip,
+    int64_t loss_agg) {
+  const char* op = "ppo_value_loss";
+  const detail::ValueCall call = detail::value_call(values, old_values, returns, mask, clip, op);
+  const at::Tensor nt = check_num_tokens(num_tokens, num_tokens_value, call.in.a, op);
+  const Normalizer norm = detail::normalizer(loss_agg, nt, num_tokens_value, op);
+  auto [loss, stats, row_scale] = loss_outputs(call.in.a, kNumValueStats);
+  Dev::value_forward(call.args, norm, {loss.data_ptr<float>(), stats.data_ptr<float>(), row_scale.data_ptr<float>()},
+                     call.in.a);
+  return {loss, stats, row_scale};
+}
+
+template <typename Dev>
+at::Tensor ppo_value_backward(const at::Tensor& grad, const at::Tensor& values, const at::Tensor& old_values,
+                              const at::Tensor& returns, const at::Tensor& mask, const at::Tensor& row_scale,
+                              c10::optional<double> clip) {
+  const char* op = "ppo_value_loss backward";
+  const detail::ValueCall call = detail::value_call(values, old_values, returns, mask, clip, op);
+  at::Tensor g;
+  const float* gp = checked_grad(grad, call.in.a, g, op);
+  const float* w = checked_row_scale(row_scale, call.in.a, "values", op);
+  at::Tensor d = at::empty(call.in.a.sizes(), call.in.a.options());
+  if (d.numel() > 0) Dev::value_backward(call.args, gp, w, d.data_ptr<float>(), call.in.a);
+  return d;
+}
+
+}  // namespace rlhf

@@ -1,0 +1,124 @@
+"""Bad input gets the same answer on every backend: the same exception type, naming the
+argument. The native ops check in C++ (csrc/include/rlhf/checks.h), the torch and triton
+backends in Python (rlhf_kernels/ops/_validate.py); this file holds them to one contract:
+TypeError for a wrong type or dtype, ValueError for a wrong shape or value."""
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import _backend
+
+BACKENDS = _backend.available("cpu")
+
+
+def _bt(**kw):
+    return dict(chosen=torch.randn(5), rejected=torch.randn(5)) | kw
+
+
+def _ppo(**kw):
+    x = torch.randn(3, 8)
+    return dict(logprobs=x, old_logprobs=x + 0.1, advantages=torch.randn(3, 8),
+                mask=torch.rand(3, 8) < 0.7) | kw
+
+
+def _value(**kw):
+    x = torch.randn(3, 8)
+    return dict(values=x, old_values=x + 0.1, returns=torch.randn(3, 8), mask=torch.rand(3, 8) < 0.7) | kw
+
+
+def _gae(**kw):
+    return dict(rewards=torch.randn(2, 6), values=torch.randn(2, 6), mask=torch.rand(2, 6) < 0.7) | kw
+
+
+def _packed(**kw):
+    return dict(rewards=torch.randn(6), values=torch.randn(6), cu_seqlens=torch.tensor([0, 2, 6])) | kw
+
+
+def _logits(**kw):
+    return dict(logits=torch.randn(2, 3, 11), labels=torch.randint(0, 11, (2, 3))) | kw
+
+
+def _linear(**kw):
+    return dict(hidden=torch.randn(4, 8), weight=torch.randn(13, 8), labels=torch.randint(0, 13, (4,))) | kw
+
+
+# (id, op, keyword arguments, expected exception type, words the message must contain)
+CASES = [
+    ("ppo shape", rk.ppo_policy_loss, _ppo(old_logprobs=torch.randn(3, 7)), ValueError, "old_logprobs"),
+    ("ppo 1-d", rk.ppo_policy_loss, _ppo(logprobs=torch.randn(8), old_logprobs=torch.randn(8),
+                                         advantages=torch.randn(8), mask=torch.ones(8, dtype=torch.bool)),
+     ValueError, "logprobs"),
+    ("ppo int advantages", rk.ppo_policy_loss, _ppo(advantages=torch.ones(3, 8, dtype=torch.long)), TypeError,
+     "advantages"),
+    ("ppo float mask", rk.ppo_policy_loss, _ppo(mask=torch.ones(3, 8)), TypeError, "mask"),
+    ("ppo mask shape", rk.ppo_policy_loss, _ppo(mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, "mask"),
+    ("ppo mask list", rk.ppo_policy_loss, _ppo(mask=[[True] * 8] * 3), TypeError, "mask"),
+    ("ppo logprobs list", rk.ppo_policy_loss, _ppo(logprobs=[[0.0] * 8] * 3), TypeError, "logprobs"),
+    ("ppo loss_agg", rk.ppo_policy_loss, _ppo(loss_agg="seq-mean"), ValueError, "loss_agg"),
+    ("ppo dual_clip", rk.ppo_policy_loss, _ppo(dual_clip=1.0), ValueError, "dual_clip"),
+    ("ppo clip_low", rk.ppo_policy_loss, _ppo(clip_low=-0.1), ValueError, "clip_low"),
+    ("ppo clip_high", rk.ppo_policy_loss, _ppo(clip_high=-0.1), ValueError, "clip_high"),
+    ("ppo num_tokens 0", rk.ppo_policy_loss, _ppo(num_tokens=0), ValueError, "num_tokens"),
+    ("ppo num_tokens str", rk.ppo_policy_loss, _ppo(num_tokens="12"), TypeError, "num_tokens"),
+    ("ppo num_tokens shape", rk.ppo_policy_loss, _ppo(num_tokens=torch.ones(2)), ValueError, "num_tokens"),
+    ("value clip", rk.ppo_value_loss, _value(clip=0.0), ValueError, "clip"),
+    ("value returns shape", rk.ppo_value_loss, _value(returns=torch.randn(2, 8)), ValueError, "returns"),
+    ("value float mask", rk.ppo_value_loss, _value(mask=torch.ones(3, 8).double()), TypeError, "mask"),
+    ("gae float mask", rk.gae, _gae(mask=torch.ones(2, 6)), TypeError, "mask"),
+    ("gae gamma", rk.gae, _gae(gamma=1.5), ValueError, "gamma"),
+    ("gae lam nan", rk.gae, _gae(lam=float("nan")), ValueError, "lam"),
+    ("gae lam negative", rk.gae, _gae(lam=-0.5), ValueError, "lam"),
+    ("gae 1-d", rk.gae, _gae(rewards=torch.randn(6), values=torch.randn(6), mask=torch.ones(6, dtype=torch.bool)),
+     ValueError, "rewards"),
+    ("gae int rewards", rk.gae, _gae(rewards=torch.ones(2, 6, dtype=torch.int32)), TypeError, "rewards"),
+    ("gae last_values", rk.gae, _gae(last_values=torch.ones(3)), ValueError, "last_values"),
+    ("packed decreasing", rk.gae_packed, _packed(cu_seqlens=torch.tensor([0, 4, 2, 6])), ValueError, "cu_seqlens"),
+    ("packed end", rk.gae_packed, _packed(cu_seqlens=torch.tensor([0, 2, 5])), ValueError, "cu_seqlens"),
+    ("packed float cu", rk.gae_packed, _packed(cu_seqlens=torch.tensor([0.0, 6.0])), TypeError, "cu_seqlens"),
+    ("packed gamma", rk.gae_packed, _packed(gamma=-0.1), ValueError, "gamma"),
+    ("whiten shape", rk.masked_whiten, dict(x=torch.randn(3, 2), mask=torch.ones(2, 3, dtype=torch.bool)),
+     ValueError, "mask"),
+    ("whiten float mask", rk.masked_whiten, dict(x=torch.randn(3), mask=torch.ones(3)), TypeError, "mask"),
+    ("bt shape", rk.bt_loss, _bt(rejected=torch.randn(4)), ValueError, "rejected"),
+    ("bt label_smoothing", rk.bt_loss, _bt(label_smoothing=1.5), ValueError, "label_smoothing"),
+    ("bt center_coef", rk.bt_loss, _bt(center_coef=-1.0), ValueError, "center_coef"),
+    ("bt int rejected", rk.bt_loss, _bt(rejected=torch.ones(5, dtype=torch.long)), TypeError, "rejected"),
+    ("bt margin shape", rk.bt_loss, _bt(margin=torch.randn(3)), ValueError, "margin"),
+    ("ranking 1-d", rk.ranking_loss, dict(rewards=torch.randn(5)), ValueError, "rewards"),
+    ("ranking valid shape", rk.ranking_loss, dict(rewards=torch.randn(3, 4), valid=torch.ones(3, 5, dtype=torch.bool)),
+     ValueError, "valid"),
+    ("ranking float valid", rk.ranking_loss, dict(rewards=torch.randn(3, 4), valid=torch.ones(3, 4)), TypeError,
+     "valid"),
+    ("logprobs label range", rk.token_logprobs, _logits(labels=torch.full((2, 3), 11)), ValueError, "labels"),
+    ("logprobs negative label", rk.token_logprobs, _logits(labels=torch.full((2, 3), -3)), ValueError, "labels"),
+    ("logprobs labels shape", rk.token_logprobs, _logits(labels=torch.zeros(2, 4, dtype=torch.long)), ValueError,
+     "labels"),
+    ("logprobs float labels", rk.token_logprobs, _logits(labels=torch.zeros(2, 3)), TypeError, "labels"),
+    ("logprobs V=0", rk.token_logprobs, _logits(logits=torch.randn(2, 3, 0)), ValueError, "logits"),
+    ("logprobs temperature", rk.token_logprobs, _logits(temperature=0.0), ValueError, "temperature"),
+    ("entropy temperature", rk.token_entropy, dict(logits=torch.randn(2, 5), temperature=-1.0), ValueError,
+     "temperature"),
+    ("full_kl shape", rk.full_kl, dict(logits=torch.randn(2, 5), ref_logits=torch.randn(2, 6)), ValueError,
+     "ref_logits"),
+    ("full_kl dtype", rk.full_kl, dict(logits=torch.randn(2, 5), ref_logits=torch.randn(2, 5).half()), TypeError,
+     "ref_logits"),
+    ("kl_penalty kind", rk.kl_penalty, dict(logprobs=torch.randn(4), ref_logprobs=torch.randn(4), kind="k4"),
+     ValueError, "kind"),
+    ("kl_penalty shape", rk.kl_penalty, dict(logprobs=torch.randn(4), ref_logprobs=torch.randn(5)), ValueError,
+     "ref_logprobs"),
+    ("linear H", rk.linear_token_logprobs, _linear(weight=torch.randn(13, 7)), ValueError, "weight"),
+    ("linear label range", rk.linear_token_logprobs, _linear(labels=torch.full((4,), 13)), ValueError, "labels"),
+    ("linear bias shape", rk.linear_token_logprobs, _linear(bias=torch.randn(12)), ValueError, "bias"),
+    ("linear dtype", rk.linear_token_logprobs, _linear(weight=torch.randn(13, 8).half()), TypeError, "weight"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_same_exception_on_every_backend(case, backend):
+    _, op, kwargs, kind, words = case
+    with pytest.raises(kind) as info:
+        op(**kwargs, backend=backend)
+    assert words in str(info.value), str(info.value)
+    assert not isinstance(info.value, rk.BackendUnavailable)

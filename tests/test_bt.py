@@ -183,16 +183,17 @@ def test_opcheck(gen):
     torch.library.opcheck(ops.ranking_bwd, (torch.tensor(1.3), rewards, valid, scale))
 
 
-@needs_ext
-def test_compile_fullgraph(gen):
-    chosen, rejected = pairs(gen, 33, "cpu", 2.0)
-    rewards, valid = ranking_inputs(gen, 6, 4, "cpu", True)
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"])
+def test_compile_fullgraph(gen, device, backend):
+    chosen, rejected = pairs(gen, 33, device, 2.0)
+    rewards, valid = ranking_inputs(gen, 6, 4, device, True)
 
     def step(c, r, x):
-        bl, bs = rk.bt_loss(c, r, label_smoothing=0.1, center_coef=0.01, backend="cpu")
-        rl, rs = rk.ranking_loss(x, valid=valid, backend="cpu")
+        bl, bs = rk.bt_loss(c, r, label_smoothing=0.1, center_coef=0.01, backend=backend)
+        rl, rs = rk.ranking_loss(x, valid=valid, backend=backend)
         return bl + rl, bs["accuracy"], rs["accuracy"]
 
+    step(chosen, rejected, rewards)  # eager first: the backend's modules and ops are loaded
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
     results = []

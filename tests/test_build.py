@@ -91,24 +91,68 @@ def test_auto_resolution():
     assert _backend.resolve("auto", "cuda") == cuda_order[0]
 
 
-def test_env_var_replaces_auto(monkeypatch):
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "torch")
+def test_available_backends_answer_for_this_machine():
+    """Without a visible GPU no backend serves CUDA tensors but torch, whatever was compiled."""
+    cuda = rk.available_backends("cuda")
+    if torch.cuda.is_available():
+        assert ("cuda" in cuda) == _ext.cuda_built()
+    else:
+        assert cuda == ["torch"]
+        assert "no GPU is visible" in _backend.why_not("cuda" if _ext.cuda_built() else "triton", "cuda")
+
+
+@pytest.fixture
+def fresh_env(monkeypatch):
+    """The environment is read at import: re-read it after changing it, and after the test."""
+    yield monkeypatch
+    monkeypatch.undo()
+    _backend.refresh()
+
+
+def test_env_var_replaces_auto(fresh_env):
+    fresh_env.setenv("RLHF_KERNELS_BACKEND", "torch")
+    _backend.refresh()
     assert _backend.resolve("auto", "cpu") == "torch"
     assert _backend.resolve("cpu" if _ext.loaded() else "torch", "cpu") in ("cpu", "torch")  # explicit wins
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "cuda")
+    x = torch.ones(1, 2)
+    m = torch.ones(1, 2, dtype=torch.bool)
+    assert _backend.pick("auto", x, "gae") == "torch"
+    fresh_env.setenv("RLHF_KERNELS_BACKEND", "cuda")
+    _backend.refresh()
     with pytest.raises(rk.BackendUnavailable, match="cuda"):
-        rk.gae(torch.ones(1, 2), torch.ones(1, 2), torch.ones(1, 2))
+        rk.gae(x, x, m)
 
 
-def test_explicit_backend_errors_say_why(monkeypatch):
+def test_explicit_backend_errors_say_why(fresh_env):
     x, m = torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool)
     with pytest.raises(rk.BackendUnavailable, match="cuda backend takes CUDA tensors|built without CUDA|extension"):
         rk.gae(x, x, m, backend="cuda")
     with pytest.raises(rk.BackendUnavailable, match="unknown backend 'fast'"):
         rk.gae(x, x, m, backend="fast")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(TypeError, match="`backend` must be a string"):
+        rk.gae(x, x, m, backend=3)
+    fresh_env.setenv("TRITON_INTERPRET", "0")
+    _backend.refresh()
     with pytest.raises(rk.BackendUnavailable, match="triton"):
         rk.gae(x, x, m, backend="triton")
+
+
+def test_ops_never_ask_the_binary_per_call(monkeypatch):
+    """Build facts are read once at import: an op call makes no pybind11 call (that would cost
+    time on every call and stop torch.compile from tracing the op)."""
+    if not _ext.loaded():
+        pytest.skip("native extension not built")
+
+    def boom():
+        raise AssertionError("build_info() called during an op call")
+
+    monkeypatch.setattr(_ext.C, "build_info", boom)
+    _backend.refresh()  # forget cached backend choices, so that they are made again
+    x, m = torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    rk.gae(x, x, m)
+    rk.ppo_policy_loss(x, x, x, m)
+    rk.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
+    assert "cpu" in rk.available_backends("cpu")
 
 
 def test_registered_ops_exist():

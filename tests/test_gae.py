@@ -296,18 +296,241 @@ def test_opcheck(gen, device):
     torch.library.opcheck(ops.masked_whiten.default, (d(r), d(m), True, True, 1e-8))
 
 
-@pytest.mark.parametrize("device", _opcheck_devices())
-def test_torch_compile_fullgraph(gen, device):
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"])
+def test_torch_compile_fullgraph(gen, device, backend):
     B, T = 4, 33
     r, v, m = rand(gen, B, T).to(device), rand(gen, B, T).to(device), make_mask(gen, B, T).to(device)
-    backend = "cpu" if device == "cpu" else "cuda"
+    cu = torch.tensor([0, 40, 40, B * T], device=device)
 
     def step(r, v, m):
         adv, ret = rk.gae(r, v, m, gamma=0.99, lam=0.95, backend=backend)
-        return rk.masked_whiten(adv, m, backend=backend), ret
+        pa, _ = rk.gae_packed(r.reshape(-1), v.reshape(-1), cu, gamma=0.9, lam=1.0, backend=backend)
+        return rk.masked_whiten(adv, m, backend=backend), ret, pa
 
+    step(r, v, m)  # eager first: the backend's modules and ops are loaded
+    torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
-    w, ret = compiled(r, v, m)
-    ew, eret = step(r, v, m)
-    torch.testing.assert_close(w, ew, rtol=0, atol=0)
-    torch.testing.assert_close(ret, eret, rtol=0, atol=0)
+    for got, want in zip(compiled(r, v, m), step(r, v, m)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ---- CUDA kernels (csrc/cuda/gae.cu): one GAE kernel over tiles of 2048 steps with a look-back
+# between tiles, one cooperative whitening kernel. Called through torch.ops.rlhf_kernels (the
+# native CUDA ops themselves); inputs are made on the GPU.
+
+CUDA_TILE = 2048  # steps per tile (block) of the CUDA GAE kernel
+
+
+def _has_native_cuda():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("rlhf_kernels::gae", "CUDA")
+    except RuntimeError:
+        return False
+
+
+needs_native_cuda = pytest.mark.skipif(not _has_native_cuda(), reason="needs a CUDA GPU and the native CUDA ops")
+
+
+def _cuda_gen(gen):
+    """A CUDA generator seeded from the test's own generator."""
+    return torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+
+
+def _oracle_row(r, v, m, gamma, lam, last_value):
+    """Float64 GAE of one row by the masking rule of the reference (masked steps skipped, V_next =
+    value of the next unmasked step or last_value), as a scalar loop over the unmasked steps:
+    fast enough for rows of 200k steps. Anchored to ref.gae by test_cuda_oracle_matches_reference."""
+    idx = torch.nonzero(m.cpu()).flatten()
+    rv, vv = r.cpu().double()[idx], v.cpu().double()[idx]
+    next_v = torch.cat([vv[1:], torch.tensor([float(last_value)], dtype=torch.float64)])
+    delta = (rv + gamma * next_v - vv).tolist()
+    out, running, gl = [0.0] * len(delta), 0.0, gamma * lam
+    for i in range(len(delta) - 1, -1, -1):
+        running = delta[i] + gl * running
+        out[i] = running
+    adv = torch.zeros(len(m), dtype=torch.float64)
+    adv[idx] = torch.tensor(out, dtype=torch.float64)
+    ret = torch.where(m.cpu(), adv + v.cpu().double(), torch.zeros_like(adv))
+    return adv, ret
+
+
+def test_cuda_oracle_matches_reference(gen):
+    B, T = 4, 61
+    r, v, m, lv = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T), rand(gen, B)
+    ea, er = ref.gae(r.double(), v.double(), m, 0.97, 0.9, lv.double())
+    for b in range(B):
+        a, R = _oracle_row(r[b], v[b], m[b], 0.97, 0.9, lv[b].item())
+        torch.testing.assert_close(a, ea[b], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(R, er[b], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@needs_native_cuda
+@pytest.mark.parametrize("B,T", [(16, 32768), (3, 200003)])
+@pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (1.0, 1.0)])
+@pytest.mark.usefixtures("poison_empty")
+def test_cuda_gae_long_rows(gen, B, T, gamma, lam):
+    """Rows of many tiles, with fully masked tiles, a fully masked row, masked stretches across
+    tile boundaries and a row masked from the middle on (right padding)."""
+    g = _cuda_gen(gen)
+    r, v, lv = (torch.randn(B, T, generator=g, device="cuda"), torch.randn(B, T, generator=g, device="cuda"),
+                torch.randn(B, generator=g, device="cuda"))
+    m = torch.rand(B, T, generator=g, device="cuda") < 0.85
+    flat = m.view(-1)
+    flat[CUDA_TILE:2 * CUDA_TILE] = False                    # a whole tile (tiles are aligned to 2048 steps)
+    flat[5 * CUDA_TILE - 100:7 * CUDA_TILE + 100] = False    # two tiles and their neighbours' ends
+    m[1] = False                                             # a fully masked row
+    m[2, T // 2:] = False                                    # right padding
+    adv, ret = torch.ops.rlhf_kernels.gae(r, v, m, lv, gamma, lam)
+    for b in range(B):
+        ea, er = _oracle_row(r[b], v[b], m[b], gamma, lam, lv[b].item())
+        assert_close_scaled(adv[b], ea)
+        assert_close_scaled(ret[b], er)
+    assert (adv[~m] == 0).all() and (ret[~m] == 0).all()
+
+
+def _packed_case(gen, lengths, with_mask, with_last):
+    g = _cuda_gen(gen)
+    N = sum(lengths)
+    r, v = torch.randn(N, generator=g, device="cuda"), torch.randn(N, generator=g, device="cuda")
+    m = torch.rand(N, generator=g, device="cuda") < 0.8 if with_mask else None
+    lv = torch.randn(len(lengths), generator=g, device="cuda") if with_last else None
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0)
+    return r, v, m, lv, cu
+
+
+@pytest.mark.cuda
+@needs_native_cuda
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_last", [False, True])
+@pytest.mark.parametrize("order", ["as_listed", "shuffled"])
+def test_cuda_gae_packed_ragged(gen, with_mask, with_last, order):
+    C = CUDA_TILE
+    lengths = [0, 1, C - 1, C, C + 1, 5 * C + 3, 0, 7, 3 * C]
+    if order == "shuffled":
+        lengths = [lengths[i] for i in torch.randperm(len(lengths), generator=gen).tolist()]
+    r, v, m, lv, cu = _packed_case(gen, lengths, with_mask, with_last)
+    adv, ret = torch.ops.rlhf_kernels.gae_packed(r, v, cu, lv, m, 0.99, 0.95)
+    bounds = cu.tolist()
+    for b in range(len(lengths)):
+        s, e = bounds[b], bounds[b + 1]
+        mb = m[s:e] if m is not None else torch.ones(e - s, dtype=torch.bool, device="cuda")
+        ea, er = _oracle_row(r[s:e], v[s:e], mb, 0.99, 0.95, lv[b].item() if lv is not None else 0.0)
+        assert_close_scaled(adv[s:e], ea)
+        assert_close_scaled(ret[s:e], er)
+
+
+@pytest.mark.cuda
+@needs_native_cuda
+def test_cuda_gae_packed_many_short_rows(gen):
+    """More rows than a warp searches in one round, rows of length 0 and 1 inside tiles."""
+    lengths = torch.randint(0, 6, (5000,), generator=gen).tolist()
+    r, v, m, lv, cu = _packed_case(gen, lengths, True, True)
+    adv, ret = torch.ops.rlhf_kernels.gae_packed(r, v, cu, lv, m, 0.99, 0.95)
+    ea, er = ref.gae_packed(r.cpu().double(), v.cpu().double(), cu.cpu(), 0.99, 0.95, lv.cpu().double(), m.cpu())
+    assert_close_scaled(adv, ea)
+    assert_close_scaled(ret, er)
+
+
+@pytest.mark.cuda
+@needs_native_cuda
+def test_cuda_runs_are_bitwise_identical(gen):
+    """Five runs, the same bits: the look-back applies tile maps one by one in a fixed order,
+    whichever predecessor state it happens to find (gamma*lam near 1 so that carries matter)."""
+    g = _cuda_gen(gen)
+    B, T = 4, 100001
+    r, v = torch.randn(B, T, generator=g, device="cuda"), torch.randn(B, T, generator=g, device="cuda")
+    m = torch.rand(B, T, generator=g, device="cuda") < 0.9
+    lv = torch.randn(B, generator=g, device="cuda")
+    cu = torch.tensor([0, 7, 50000, 50000, 250001, B * T], device="cuda")
+    ops = torch.ops.rlhf_kernels
+    runs = []
+    for _ in range(5):
+        a, R = ops.gae(r, v, m, lv, 1.0, 0.9999)
+        pa, pR = ops.gae_packed(r.view(-1), v.view(-1), cu, lv[:1].repeat(5), m.view(-1), 1.0, 0.9999)
+        w = ops.masked_whiten(r, m, True, True, 1e-8)
+        runs.append((a, R, pa, pR, w))
+    for run in runs[1:]:
+        for x, y in zip(run, runs[0]):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+@needs_native_cuda
+@pytest.mark.parametrize("n", [1, 1000, 2**20 + 3])
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.usefixtures("poison_empty")
+def test_cuda_masked_whiten_sizes(gen, n, shift_mean, unbiased):
+    g = _cuda_gen(gen)
+    x = torch.randn(n, generator=g, device="cuda") * 3 + 2
+    m = torch.rand(n, generator=g, device="cuda") < 0.6
+    m[0] = True
+    out = torch.ops.rlhf_kernels.masked_whiten(x, m, shift_mean, unbiased, 1e-8)
+    exp = ref.masked_whiten(x.cpu().double(), m.cpu(), shift_mean, unbiased, 1e-8)
+    assert_close_scaled(out, exp)
+    # an unaligned view (the scalar load path) gives the same statistics
+    if n > 8:
+        out1 = torch.ops.rlhf_kernels.masked_whiten(x[1:], m[1:], shift_mean, unbiased, 1e-8)
+        assert_close_scaled(out1, ref.masked_whiten(x[1:].cpu().double(), m[1:].cpu(), shift_mean, unbiased, 1e-8))
+
+
+@pytest.mark.cuda
+@needs_native_cuda
+def test_cuda_graph_capture_replays_eager(gen):
+    """gae, gae_packed and masked_whiten (a cooperative launch) captured in one CUDA graph, then
+    replayed on new values copied into the static inputs: bitwise the eager results."""
+    g = _cuda_gen(gen)
+    B, T = 8, 5000
+    ops = torch.ops.rlhf_kernels
+    cu = torch.tensor([0, 1, 4097, 4097, 20000, B * T], device="cuda")
+
+    def make():
+        return (torch.randn(B, T, generator=g, device="cuda"), torch.randn(B, T, generator=g, device="cuda"),
+                torch.rand(B, T, generator=g, device="cuda") < 0.8, torch.randn(B, generator=g, device="cuda"))
+
+    def step(r, v, m, lv):
+        a, R = ops.gae(r, v, m, lv, 0.99, 0.95)
+        pa, pR = ops.gae_packed(r.view(-1), v.view(-1), cu, lv[:5], m.view(-1), 0.99, 0.95)
+        return a, R, pa, pR, ops.masked_whiten(a, m, True, True, 1e-8)
+
+    static = make()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture
+        step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(*static)
+    for _ in range(2):
+        fresh = make()
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        for o, e in zip(outs, step(*fresh)):
+            assert torch.equal(o, e)
+
+
+@pytest.mark.cuda
+@needs_native_cuda
+def test_cuda_no_host_sync(gen):
+    g = _cuda_gen(gen)
+    B, T = 4, 3000
+    r, v = torch.randn(B, T, generator=g, device="cuda"), torch.randn(B, T, generator=g, device="cuda")
+    m = torch.rand(B, T, generator=g, device="cuda") < 0.8
+    lv = torch.randn(B, generator=g, device="cuda")
+    cu = torch.tensor([0, 10, 5000, B * T], device="cuda")
+    ops = torch.ops.rlhf_kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        a, _ = ops.gae(r, v, m, lv, 0.99, 0.95)
+        ops.gae_packed(r.view(-1), v.view(-1), cu, lv[:3], None, 0.99, 0.95)
+        ops.masked_whiten(a, m, True, True, 1e-8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

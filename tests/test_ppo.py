@@ -390,20 +390,21 @@ def test_opcheck(gen):
     torch.library.opcheck(ops.ppo_value_bwd, (torch.tensor(0.5), values, old_v, returns, mask, scale, 0.2))
 
 
-@needs_ext
-def test_compile_fullgraph(gen):
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"])
+def test_compile_fullgraph(gen, device, backend):
     B, T = 4, 37
-    logp, old, adv, mask = policy_inputs(gen, B, T, "cpu")
-    values, old_v, returns, _ = value_inputs(gen, B, T, "cpu")
+    logp, old, adv, mask = policy_inputs(gen, B, T, device)
+    values, old_v, returns, _ = value_inputs(gen, B, T, device)
 
     def step(lp, v, num_tokens):
-        pl, ps = rk.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, num_tokens=num_tokens, backend="cpu")
-        vl, vs = rk.ppo_value_loss(v, old_v, returns, mask, num_tokens=num_tokens, backend="cpu")
+        pl, ps = rk.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, num_tokens=num_tokens, backend=backend)
+        vl, vs = rk.ppo_value_loss(v, old_v, returns, mask, num_tokens=num_tokens, backend=backend)
         return pl + 0.5 * vl, ps["clipfrac"], vs["explained_var"]
 
+    step(logp, values, None)  # eager first: the backend's modules and ops are loaded
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
-    nt = torch.tensor(100.0)
+    nt = torch.tensor(100.0, device=device)
     results = []
     for fn in (step, compiled):
         x, y = logp.clone().requires_grad_(), values.clone().requires_grad_()

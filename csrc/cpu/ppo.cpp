@@ -72,7 +72,13 @@ struct Tail {
   }
 };
 
-int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
+// f(b) for every row b of a [B, T] batch, rows in parallel (about 16k tokens a task).
+template <typename F>
+void for_rows(int64_t B, int64_t T, F f) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b);
+  });
+}
 
 // Row weights from the per-row valid counts, and the loss sum_b w_b * row_sum_b.
 double aggregate_rows(const std::vector<double>& row_sum, const std::vector<double>& row_count, int64_t agg,
@@ -329,11 +335,9 @@ struct CpuPPO {
   static void policy_forward(const PolicyArgs& p, const Normalizer& norm, const LossOutputs& out, const at::Tensor&) {
     const int64_t B = p.B, T = p.T;
     std::vector<PolicyRow> rows(B);
-    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        rows[b] = policy_row(p.logp + b * T, p.old_logp + b * T, p.adv + b * T,
-                             reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.clip_low, p.clip_high,
-                             p.dual_clip);
+    for_rows(B, T, [&](int64_t b) {
+      rows[b] = policy_row(p.logp + b * T, p.old_logp + b * T, p.adv + b * T,
+                           reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.clip_low, p.clip_high, p.dual_clip);
     });
     std::vector<double> row_sum(B), row_count(B);
     PolicyRow all;
@@ -369,21 +373,19 @@ struct CpuPPO {
                               const at::Tensor&) {
     const int64_t T = p.T;
     const float g = *grad;
-    at::parallel_for(0, p.B, row_grain(T), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        policy_grad_row(p.logp + b * T, p.old_logp + b * T, p.adv + b * T,
-                        reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.clip_low, p.clip_high, p.dual_clip,
-                        g * row_scale[b], out + b * T);
+    for_rows(p.B, T, [&](int64_t b) {
+      policy_grad_row(p.logp + b * T, p.old_logp + b * T, p.adv + b * T,
+                      reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.clip_low, p.clip_high, p.dual_clip,
+                      g * row_scale[b], out + b * T);
     });
   }
 
   static void value_forward(const ValueArgs& p, const Normalizer& norm, const LossOutputs& out, const at::Tensor&) {
     const int64_t B = p.B, T = p.T;
     std::vector<ValueRow> rows(B);
-    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        rows[b] = value_row(p.values + b * T, p.old_values + b * T, p.returns + b * T,
-                            reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.has_clip, p.clip);
+    for_rows(B, T, [&](int64_t b) {
+      rows[b] = value_row(p.values + b * T, p.old_values + b * T, p.returns + b * T,
+                          reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.has_clip, p.clip);
     });
     std::vector<double> row_sum(B), row_count(B);
     double clipped = 0;
@@ -405,11 +407,10 @@ struct CpuPPO {
                              const at::Tensor&) {
     const int64_t T = p.T;
     const float g = *grad;
-    at::parallel_for(0, p.B, row_grain(T), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        value_grad_row(p.values + b * T, p.old_values + b * T, p.returns + b * T,
-                       reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.has_clip, p.clip, g * row_scale[b],
-                       out + b * T);
+    for_rows(p.B, T, [&](int64_t b) {
+      value_grad_row(p.values + b * T, p.old_values + b * T, p.returns + b * T,
+                     reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.has_clip, p.clip, g * row_scale[b],
+                     out + b * T);
     });
   }
 };

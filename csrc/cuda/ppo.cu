@@ -11,14 +11,14 @@
 // bitwise the same on every run (the only atomic is the integer ticket). The counter is
 // zeroed per call with cudaMemsetAsync (a memset, not a kernel launch; a memset node in a
 // CUDA graph), never a static counter, so calls on concurrent streams do not share it.
+// The host side (checks, conversions, outputs) is rlhf/ppo_op.h; this file holds the kernels
+// and their launchers.
 // Backward, one elementwise launch: d_x[b, t] = grad * w_b * dl/dx[b, t].
 // Nothing is read back to the host: num_tokens and grad are read by the kernels, so the
 // forward and backward can be captured in a CUDA graph.
-// Status: this one-launch forward has been compiled (sm_80, sm_90) but not yet run on a
-// GPU. The Triton kernels (rlhf_kernels/triton/ppo.py) follow the same scheme and pass the
-// tests under the Triton interpreter, which runs programs one after another (logic, not
-// memory ordering). benchmarks/gpu_check.sh runs the CUDA tests and compute-sanitizer
-// (memcheck, racecheck) on ppo cases.
+// Status: run on an H200 at commit bb40230 (CUDA tests pass; compute-sanitizer memcheck and
+// racecheck clean, the one-launch path with 300 rows included). The launchers have since moved
+// onto the shared host wrapper; benchmarks/gpu_check.sh checks them again.
 // Only light ATen/c10 headers here: torch/extension.h would cost minutes of nvcc time.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -300,59 +300,51 @@ unsigned elementwise_blocks(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 65535)));
 }
 
-// The ticket counter of one forward call: [] int32 zeroed with cudaMemsetAsync on `stream`
-// (a memset, not a kernel launch; at::zeros would launch a fill kernel). One per call, so
-// forwards running concurrently on other streams never share a counter.
-at::Tensor zeroed_counter(const at::Tensor& like, cudaStream_t stream) {
-  at::Tensor counter = at::empty({}, like.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(counter.data_ptr<int>(), 0, sizeof(int), stream));
-  return counter;
+// One forward launch (policy_fwd_kernel or value_fwd_kernel) with grid max(B, 1). Its scratch
+// is one allocation: the rows' float64 partials [blocks, n_parts], then the int32 ticket
+// counter, zeroed by cudaMemsetAsync on the current stream (a memset, not a kernel; a memset
+// node in a CUDA graph). Per call, so forwards on concurrent streams never share a counter.
+template <typename Args, typename Kernel>
+void launch_forward(Kernel kernel, const Args& p, const Normalizer& norm, const LossOutputs& out,
+                    const at::Tensor& like, int n_parts, const char* op) {
+  TORCH_CHECK_VALUE(p.B <= 2147483647LL, op, ": too many rows for one launch: ", p.B);
+  const c10::cuda::CUDAGuard guard(like.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::max<int64_t>(p.B, 1);
+  at::Tensor scratch = at::empty({blocks * n_parts + 1}, like.options().dtype(at::kDouble));
+  double* parts = scratch.data_ptr<double>();
+  int* counter = reinterpret_cast<int*>(parts + blocks * n_parts);
+  C10_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(int), stream));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, norm, parts, counter, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-unsigned row_blocks(int64_t B, const char* op) {
-  TORCH_CHECK_VALUE(B <= 2147483647LL, op, ": too many rows for one launch: ", B);
-  return static_cast<unsigned>(std::max<int64_t>(B, 1));
+// One elementwise backward launch (policy_bwd_kernel or value_bwd_kernel).
+template <typename Args, typename Kernel>
+void launch_backward(Kernel kernel, const Args& p, const float* grad, const float* row_scale, float* out,
+                     const at::Tensor& like) {
+  const c10::cuda::CUDAGuard guard(like.device());
+  kernel<<<elementwise_blocks(p.B * p.T), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(p, grad, row_scale, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The device launchers of rlhf/ppo_op.h (which checks, converts and allocates).
 struct CudaPPO {
   static void policy_forward(const PolicyArgs& p, const Normalizer& norm, const LossOutputs& out,
                              const at::Tensor& like) {
-    const c10::cuda::CUDAGuard guard(like.device());
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    const unsigned blocks = row_blocks(p.B, "ppo_policy_loss");
-    at::Tensor parts = at::empty({blocks, kPolicyParts}, like.options().dtype(at::kDouble));
-    at::Tensor counter = zeroed_counter(like, stream);
-    policy_fwd_kernel<<<blocks, kThreads, 0, stream>>>(p, norm, parts.data_ptr<double>(), counter.data_ptr<int>(),
-                                                       out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_forward(policy_fwd_kernel, p, norm, out, like, kPolicyParts, "ppo_policy_loss");
   }
-
   static void policy_backward(const PolicyArgs& p, const float* grad, const float* row_scale, float* out,
                               const at::Tensor& like) {
-    const c10::cuda::CUDAGuard guard(like.device());
-    policy_bwd_kernel<<<elementwise_blocks(p.B * p.T), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(p, grad, row_scale,
-                                                                                                    out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_backward(policy_bwd_kernel, p, grad, row_scale, out, like);
   }
-
   static void value_forward(const ValueArgs& p, const Normalizer& norm, const LossOutputs& out,
                             const at::Tensor& like) {
-    const c10::cuda::CUDAGuard guard(like.device());
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    const unsigned blocks = row_blocks(p.B, "ppo_value_loss");
-    at::Tensor parts = at::empty({blocks, kValueParts}, like.options().dtype(at::kDouble));
-    at::Tensor counter = zeroed_counter(like, stream);
-    value_fwd_kernel<<<blocks, kThreads, 0, stream>>>(p, norm, parts.data_ptr<double>(), counter.data_ptr<int>(), out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_forward(value_fwd_kernel, p, norm, out, like, kValueParts, "ppo_value_loss");
   }
-
   static void value_backward(const ValueArgs& p, const float* grad, const float* row_scale, float* out,
                              const at::Tensor& like) {
-    const c10::cuda::CUDAGuard guard(like.device());
-    value_bwd_kernel<<<elementwise_blocks(p.B * p.T), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(p, grad, row_scale,
-                                                                                                   out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_backward(value_bwd_kernel, p, grad, row_scale, out, like);
   }
 };
 

@@ -39,6 +39,7 @@ if command -v compute-sanitizer >/dev/null; then
     "gae_matches_reference and 4-37 and 0.99 and cuda-cuda"
     "test_masked_whiten and shape1 and cuda-cuda"
     "packed and cuda-cuda"
+    "test_cuda_gae_packed_ragged or test_cuda_runs_are_bitwise_identical or test_cuda_masked_whiten_sizes"
     "test_token_logprobs_matches_float64 and float32 and cuda-cuda"
     "test_full_kl and float32 and cuda-cuda"
     "test_logprobs and test_inplace_backward and cuda-cuda"
@@ -49,9 +50,10 @@ if command -v compute-sanitizer >/dev/null; then
     "test_ppo and test_many_rows and cuda-cuda"
     "test_bt_matches_reference and moderate and cuda-cuda"
     "test_ranking_matches_reference and cuda-cuda"
+    "test_cuda_graphs and test_cuda_graph_capture and (ppo or bt_loss or token_logprobs)"
   )
   subset=$(printf " or (%s)" "${cases[@]}"); subset=${subset# or }
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest -q -x -p no:cacheprovider tests -k "$subset" \
       >"$RES/sanitizer_$tool.log" 2>&1
     status[sanitizer_$tool]=$?

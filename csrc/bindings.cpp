@@ -17,11 +17,17 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def("gae_packed(Tensor rewards, Tensor values, Tensor cu_seqlens, Tensor? last_values, Tensor? mask,"
         " float gamma, float lam) -> (Tensor, Tensor)");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
-  // logprobs family: logits [N, V] float32/float16/bfloat16 contiguous, labels [N] int64/int32;
-  // per-row outputs float32 [N]; saved softmax statistics float32 [N, 2] = (max, log sum exp(s - max))
-  // ([N, 4] with the reference's for full_kl); gradients in the logits' dtype.
-  m.def("token_logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index)"
-        " -> (Tensor logp, Tensor entropy, Tensor stats)");
+  // logprobs family: logits [..., V] float32/float16/bfloat16 (any strides: the ops read a
+  // contiguous copy when needed), labels [...] of any integer dtype (the kernels read int32/int64).
+  // Per-position outputs float32 [...]; saved softmax statistics float32 [N, 2] = (max, log sum
+  // exp(s - max)) over the N = numel / V rows ([N, 4] with the reference's for full_kl);
+  // gradients in the logits' dtype and shape. `validate`: raise for a label outside [0, V) other
+  // than ignore_index (one host sync on a GPU, skipped while a CUDA graph is captured); without
+  // it such a label gives NaN logp and entropy and a zero gradient row. `inplace_backward`: the
+  // autograd wrapper (csrc/autograd/logprobs.cpp) writes the gradient over the logits
+  // (logprobs_bwd_inplace). Autograd of the *_fwd ops: csrc/autograd/logprobs.cpp.
+  m.def("token_logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, bool validate,"
+        " bool inplace_backward) -> (Tensor logp, Tensor entropy, Tensor stats)");
   m.def("token_entropy_fwd(Tensor logits, float temperature) -> (Tensor entropy, Tensor stats)");
   m.def("logprobs_bwd(Tensor logits, Tensor? labels, Tensor? grad_logp, Tensor? grad_entropy, Tensor stats,"
         " Tensor entropy, float temperature, int ignore_index) -> Tensor");
@@ -30,12 +36,14 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def("full_kl_fwd(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor kl, Tensor stats)");
   m.def("full_kl_bwd(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor kl, Tensor stats,"
         " float temperature) -> Tensor");
-  // linear_logprobs family: hidden [N, H], weight [V, H], bias [V] of one dtype (float32/float16/
-  // bfloat16), contiguous; labels [N] int64/int32; `tile` = most logits elements held at once
-  // (0: the backend's default). Forward -> float32 (logp [N], entropy [N], stats [N, 2]);
-  // backward -> (d_hidden, d_weight, d_bias) in the input dtype, [0] where not asked for.
+  // linear_logprobs family: hidden [..., H], weight [V, H], bias [V] of one dtype (float32/
+  // float16/bfloat16), any strides; labels [...] of any integer dtype; `tile` = most logits
+  // elements held at once (0: the backend's default); `validate` as for token_logprobs.
+  // Forward -> float32 (logp [...], entropy [...], stats [N, 2]); backward -> (d_hidden [..., H],
+  // d_weight, d_bias) in the input dtype, [0] where not asked for. Autograd of the forward:
+  // csrc/autograd/linear_logprobs.cpp.
   m.def("linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature,"
-        " int ignore_index, int tile) -> (Tensor logp, Tensor entropy, Tensor stats)");
+        " int ignore_index, int tile, bool validate) -> (Tensor logp, Tensor entropy, Tensor stats)");
   m.def("linear_logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_logp,"
         " Tensor? grad_entropy, Tensor stats, Tensor entropy, float temperature, int ignore_index, int tile,"
         " bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");

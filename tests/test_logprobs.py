@@ -190,7 +190,7 @@ def test_full_kl(gen, device, backend, dtype, V):
     lead = (4, 2)
     x = _logits(gen, lead + (V,), dtype, device)
     noise = _logits(gen, lead + (V,), torch.float64, device, scale=1.0)
-    r64 = x.double() + noise * torch.tensor([0.01, 1.0, 5.0, 0.0], dtype=torch.float64).view(4, 1, 1)
+    r64 = x.double() + noise * torch.tensor([0.01, 1.0, 5.0, 0.0], dtype=torch.float64, device=device).view(4, 1, 1)
     r = r64.to(dtype)
     if V > 1:
         r[1, 1, : V // 2] = float("-inf")  # q = 0 where p > 0: KL = inf
@@ -250,6 +250,27 @@ def test_kl_penalty_bad_input():
         rk.kl_penalty(x, x, "k1", clamp=-1.0)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_kl_penalty_takes_a_backend(gen, device, backend):
+    """Like every op, kl_penalty takes ``backend``; every backend computes the same elementwise result."""
+    lp = -torch.rand(2, 5, generator=gen).to(device)
+    lr = lp + 0.3 * torch.randn(2, 5, generator=gen).to(device)
+    out = rk.kl_penalty(lp, lr, "k3", clamp=2.0, backend=backend)
+    torch.testing.assert_close(out, rk.kl_penalty(lp, lr, "k3", clamp=2.0), rtol=0, atol=0)
+
+
+def test_kl_penalty_checks_its_backend():
+    x = torch.zeros(3)
+    with pytest.raises(rk.BackendUnavailable, match="cuda"):
+        rk.kl_penalty(x, x, backend="cuda")  # CPU tensors: the cuda backend cannot serve them
+    with pytest.raises(rk.BackendUnavailable, match="unknown backend"):
+        rk.kl_penalty(x, x, backend="tpu")
+    with pytest.raises(TypeError, match="backend"):
+        rk.kl_penalty(x, x, backend=3)
+    with pytest.raises(TypeError, match="logprobs"):
+        rk.kl_penalty([0.0], x, backend="torch")
+
+
 # ---- memory, robustness, bad input ----
 
 @pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"])
@@ -273,23 +294,52 @@ def test_inplace_backward(gen, device, backend):
     assert torch.equal(h_in, g_in)  # with it, the logits buffer now holds the gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_nan_stays_in_its_row(gen, device, backend):
-    V = 200
-    x = _logits(gen, (4, V), torch.float32, device)
+def test_nan_stays_in_its_row(gen, device, backend, dtype):
+    """A NaN logit makes its row's logp, entropy, KL and gradient NaN (all of the row's
+    gradient, as PyTorch's), and leaves every other row clean."""
+    V = 200  # CPU: one chunk; several vector steps and a tail
+    x = _logits(gen, (4, V), dtype, device)
     x[1, 17] = float("nan")
     y = _labels(gen, (4,), V, device, ignore_frac=0.0)
+    y[1] = 3  # the NaN is not at the label
     xx = x.clone().requires_grad_(True)
     logp, ent = rk.token_logprobs(xx, y, return_entropy=True, backend=backend)
     (logp.sum() + ent.sum()).backward()
-    kl = rk.full_kl(x, x.flip(0), backend=backend)
-    clean = torch.tensor([0, 2, 3])
+    xk = x.clone().requires_grad_(True)
+    kl = rk.full_kl(xk, x.flip(0), backend=backend)
+    kl.sum().backward()
+    xh = x.clone().requires_grad_(True)
+    h = rk.token_entropy(xh, backend=backend)
+    h.sum().backward()
+    clean = torch.tensor([0, 2, 3], device=device)
     logp64, ent64 = ref.token_logprobs(x[clean].double(), y[clean], 1.0, IGNORE)
     _assert_close_f32(logp[clean], logp64)
     _assert_close_f32(ent[clean], ent64)
-    assert torch.isfinite(xx.grad[clean]).all()
-    assert torch.isnan(logp[1]) and torch.isnan(ent[1])
+    assert torch.isnan(logp[1]) and torch.isnan(ent[1]) and torch.isnan(h[1])
+    assert torch.isnan(xx.grad[1]).all() and torch.isnan(xh.grad[1]).all()
+    assert torch.isfinite(xx.grad[clean]).all() and torch.isfinite(xh.grad[clean]).all()
     assert torch.isfinite(kl[[0, 3]]).all() and torch.isnan(kl[[1, 2]]).all()  # row 2 is compared with row 1
+    assert torch.isnan(xk.grad[[1, 2]]).all() and torch.isfinite(xk.grad[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("V", [1, 9, 2048 + 5])  # 2048 + 5: a CPU chunk of its own for the NaN
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_nan_rows_of_any_shape(gen, device, backend, V):
+    """A row that is all NaN, or whose only NaNs fill a whole chunk, is NaN too (a chunk whose
+    max skips every entry must not be taken for an empty one)."""
+    if backend == "triton" and device == "cpu" and V > 1000:
+        pytest.skip("slow under the Triton interpreter")
+    x = _logits(gen, (3, V), torch.float32, device)
+    x[1] = float("nan")
+    x[2, -5:] = float("nan")
+    y = torch.zeros(3, dtype=torch.long, device=device)
+    xx = x.clone().requires_grad_(True)
+    logp, ent = rk.token_logprobs(xx, y, return_entropy=True, backend=backend)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isfinite(logp[0]) and torch.isfinite(ent[0]) and torch.isfinite(xx.grad[0]).all()
+    assert torch.isnan(logp[1:]).all() and torch.isnan(ent[1:]).all() and torch.isnan(xx.grad[1:]).all()
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -309,25 +359,104 @@ def test_bad_input(device, backend):
     for bad_value in (10, -1, 1 << 40):
         yb = y.clone()
         yb[1, 2] = bad_value
-        with pytest.raises((ValueError, RuntimeError), match="labels"):
+        with pytest.raises(ValueError, match=r"labels\[5\] \(flat index\) = %d" % bad_value):
             rk.token_logprobs(x, yb, backend=backend)
     with pytest.raises(ValueError, match="V = 0"):
         rk.token_logprobs(torch.randn(2, 0, device=device), torch.zeros(2, dtype=torch.long, device=device),
                           backend=backend)
     with pytest.raises(ValueError, match="V = 0"):
         rk.token_entropy(torch.randn(2, 0, device=device), backend=backend)
-    with pytest.raises(ValueError, match=r"labels.*\(2, 3\)"):
+    with pytest.raises(ValueError, match=r"labels.*\[2, 3\].*got \[2, 2\]"):
         rk.token_logprobs(x, y[:, :2], backend=backend)
     with pytest.raises(TypeError, match="labels"):
         rk.token_logprobs(x, y.float(), backend=backend)
-    with pytest.raises(ValueError, match="device"):
-        rk.token_logprobs(x, y.to("meta"), backend=backend)
+    with pytest.raises(TypeError, match="labels"):
+        rk.token_logprobs(x, y > 0, backend=backend)
+    with pytest.raises(TypeError, match="labels"):
+        rk.token_logprobs(x, y.tolist(), backend=backend)
+    with pytest.raises(TypeError, match="logits"):
+        rk.token_logprobs(x.tolist(), y, backend=backend)
     with pytest.raises(ValueError, match="temperature"):
         rk.token_logprobs(x, y, temperature=0.0, backend=backend)
+    with pytest.raises(ValueError, match="temperature"):
+        rk.token_entropy(x, temperature=float("inf"), backend=backend)
+    with pytest.raises(ValueError, match="temperature"):
+        rk.full_kl(x, x, temperature=-1.0, backend=backend)
     with pytest.raises(ValueError, match="ref_logits"):
         rk.full_kl(x, x[:, :2], backend=backend)
     with pytest.raises(TypeError, match="ref_logits"):
-        rk.full_kl(x, x.double(), backend=backend)
+        rk.full_kl(x, x.half(), backend=backend)
+    with pytest.raises(ValueError, match="0-d"):
+        rk.token_entropy(torch.tensor(1.0, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("backend", [p.values[1] for p in BACKENDS if p.values[0] == "cpu" and p.values[1] != "cpu"])
+def test_bad_device(backend):
+    # the native ops see mixed devices only between CPU and CUDA tensors (meta ones go to the fake kernel)
+    x, y = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
+    with pytest.raises(ValueError, match="device"):
+        rk.token_logprobs(x, y.to("meta"), backend=backend)
+    with pytest.raises(ValueError, match="device"):
+        rk.full_kl(x, x.to("meta"), backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_bad_device_cuda(backend):
+    if backend not in rk.available_backends("cuda"):
+        pytest.skip("%s backend not available" % backend)
+    x, y = torch.randn(2, 3, 10, device="cuda"), torch.randint(0, 10, (2, 3))
+    with pytest.raises(ValueError, match="device"):
+        rk.token_logprobs(x, y, backend=backend)
+    with pytest.raises(ValueError, match="device"):
+        rk.full_kl(x, x.cpu(), backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_unvalidated_bad_label_gives_nan_and_no_gradient(gen, device, backend):
+    """validate=False: a label outside [0, V) (not ignore_index) gives NaN logp and entropy at its
+    position and a zero gradient row, never an error or a read outside the row."""
+    V = 37
+    x = _logits(gen, (2, 3, V), torch.float32, device)
+    y = _labels(gen, (2, 3), V, device, ignore_frac=0.0)
+    y[0, 1], y[1, 0], y[1, 2] = V, -1, IGNORE
+    xx = x.clone().requires_grad_(True)
+    logp, ent = rk.token_logprobs(xx, y, return_entropy=True, validate=False, backend=backend)
+    (logp.sum() + ent.sum()).backward()
+    bad = torch.zeros(2, 3, dtype=torch.bool, device=device)
+    bad[0, 1] = bad[1, 0] = True
+    assert torch.isnan(logp[bad]).all() and torch.isnan(ent[bad]).all()
+    assert logp[1, 2] == 0 and ent[1, 2] == 0
+    good = ~bad & (y != IGNORE)
+    logp64, ent64 = ref.token_logprobs(x[good].double(), y[good], 1.0, IGNORE)
+    _assert_close_f32(logp[good], logp64)
+    _assert_close_f32(ent[good], ent64)
+    assert (xx.grad[bad] == 0).all() and (xx.grad[1, 2] == 0).all() and torch.isfinite(xx.grad).all()
+    with pytest.raises(ValueError, match="labels"):
+        rk.token_logprobs(x, y, backend=backend)  # validate=True (the default) raises
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_label_check_is_skipped_while_capturing(backend):
+    """During CUDA graph capture the label check (a host sync) is skipped even with validate=True:
+    a bad label then gives NaN, as with validate=False."""
+    if backend not in rk.available_backends("cuda"):
+        pytest.skip("%s backend not available" % backend)
+    x = torch.randn(4, 33, device="cuda")
+    y = torch.tensor([1, 2, 33, 5], device="cuda")
+    out = rk.token_logprobs(x, y, validate=False, backend=backend)  # warm up (compilation, caches)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        rk.token_logprobs(x, y, validate=False, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = rk.token_logprobs(x, y, backend=backend)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3]]).all()
 
 
 def test_explicit_backend_rejects_float64():
@@ -352,38 +481,85 @@ def test_opcheck_every_op(gen, device):
         x = _logits(gen, (N, V), dtype, device).requires_grad_(True)
         xr = _logits(gen, (N, V), dtype, device)
         y = _labels(gen, (N,), V, device, dtype=ldtype)
-        torch.library.opcheck(ops.token_logprobs_fwd, (x, y, 0.8, IGNORE))
+        torch.library.opcheck(ops.token_logprobs_fwd, (x, y, 0.8, IGNORE, True, False))
         torch.library.opcheck(ops.token_entropy_fwd, (x, 1.2))
         torch.library.opcheck(ops.full_kl_fwd, (x, xr, 0.8))
         xd = x.detach()
-        _, ent, stats = ops.token_logprobs_fwd(xd, y, 0.8, IGNORE)
+        _, ent, stats = ops.token_logprobs_fwd(xd, y, 0.8, IGNORE, True, False)
         gl, gh = torch.randn(N, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
         torch.library.opcheck(ops.logprobs_bwd, (xd, y, gl, gh, stats, ent, 0.8, IGNORE))
         torch.library.opcheck(ops.logprobs_bwd, (xd, None, None, gh, stats, ent, 0.8, IGNORE))
         torch.library.opcheck(ops.logprobs_bwd_inplace, (xd.clone(), y, gl, None, stats, ent, 0.8, IGNORE))
         kl, kstats = ops.full_kl_fwd(xd, xr, 0.8)
         torch.library.opcheck(ops.full_kl_bwd, (gl, xd, xr, kl, kstats, 0.8))
+    # the ops take [..., V] logits of any strides and integer labels of any width
+    big = _logits(gen, (2, 3, 2 * V), torch.float32, device)
+    x3 = big[..., ::2].requires_grad_(True)
+    y3 = _labels(gen, (2, 3), V, device, dtype=torch.int16)
+    torch.library.opcheck(ops.token_logprobs_fwd, (x3, y3, 1.0, IGNORE, False, False))
+    torch.library.opcheck(ops.token_entropy_fwd, (x3, 1.0))
+    torch.library.opcheck(ops.full_kl_fwd, (x3, big[..., 1::2], 1.0))
+    _, ent3, stats3 = ops.token_logprobs_fwd(x3.detach(), y3, 1.0, IGNORE, False, False)
+    g3 = torch.randn(3, 2, generator=gen).to(device).t()  # a non-contiguous upstream gradient
+    torch.library.opcheck(ops.logprobs_bwd, (x3.detach(), y3, g3, None, stats3, ent3, 1.0, IGNORE))
 
 
 @needs_native
-def test_torch_compile_fullgraph(gen):
+@pytest.mark.parametrize("device", NATIVE_DEVICES)
+def test_native_ops_check_their_arguments(device):
+    """Called directly, the registered ops raise the Python API's exception types."""
+    ops = torch.ops.rlhf_kernels
+    x = torch.randn(4, 7, device=device)
+    y = torch.randint(0, 7, (4,), device=device)
+    with pytest.raises(TypeError, match="logits"):
+        ops.token_logprobs_fwd(x.double(), y, 1.0, IGNORE, True, False)
+    with pytest.raises(ValueError, match=r"labels.*\[4\].*got \[3\]"):
+        ops.token_logprobs_fwd(x, y[:3], 1.0, IGNORE, True, False)
+    with pytest.raises(ValueError, match=r"labels\[2\]"):
+        ops.token_logprobs_fwd(x, torch.tensor([0, 1, 7, 2], device=device), 1.0, IGNORE, True, False)
+    _, ent, stats = ops.token_logprobs_fwd(x, y, 1.0, IGNORE, True, False)
+    with pytest.raises(ValueError, match="stats"):
+        ops.logprobs_bwd(x, y, None, ent, stats[:3], ent, 1.0, IGNORE)
+    with pytest.raises(ValueError, match="grad_logp"):
+        ops.logprobs_bwd(x, y, ent[:2], None, stats, ent, 1.0, IGNORE)
+    with pytest.raises(ValueError, match="grad_logp.*labels"):
+        ops.logprobs_bwd(x, None, ent, None, stats, ent, 1.0, IGNORE)
+    with pytest.raises(ValueError, match="kl"):
+        ops.full_kl_bwd(ent, x, x, ent[:1], stats, 1.0)
+
+
+def _compile_case(gen, backend):
     V = 97
     x = _logits(gen, (3, 4, V), torch.float32, "cpu")
     xr = _logits(gen, (3, 4, V), torch.float32, "cpu")
     y = _labels(gen, (3, 4), V, "cpu")
 
     def f(x, xr, y):
-        logp, ent = rk.token_logprobs(x, y, temperature=0.9, return_entropy=True, backend="cpu")
-        h = rk.token_entropy(x, backend="cpu")
-        kl = rk.full_kl(x, xr, backend="cpu")
-        k3 = rk.kl_penalty(logp, logp.detach() * 0.9, "k3")
+        # inplace_backward is ignored while torch.compile traces; validate costs no sync on the CPU
+        logp, ent = rk.token_logprobs(x, y, temperature=0.9, return_entropy=True, inplace_backward=True,
+                                      backend=backend)
+        h = rk.token_entropy(x, backend=backend)
+        kl = rk.full_kl(x, xr, backend=backend)
+        k3 = rk.kl_penalty(logp, logp.detach() * 0.9, "k3", backend=backend)
         return logp.sum() + ent.sum() + h.sum() + kl.sum() + k3.sum()
 
-    compiled = torch.compile(f, fullgraph=True)  # inductor: fake kernels, autograd, and codegen around the ops
     xe = x.clone().requires_grad_(True)
     xc = x.clone().requires_grad_(True)
-    out_e, out_c = f(xe, xr, y), compiled(xc, xr, y)
+    out_e = f(xe, xr, y)  # eager first (lazy imports, Triton compilation)
     out_e.backward()
+    compiled = torch.compile(f, fullgraph=True)  # inductor: fake kernels, autograd, and codegen around the ops
+    out_c = compiled(xc, xr, y)
     out_c.backward()
     assert torch.allclose(out_e, out_c, rtol=1e-6, atol=1e-5)
     assert torch.allclose(xe.grad, xc.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(xc, x)  # the compiled backward did not write over the logits
+
+
+@needs_native
+def test_torch_compile_fullgraph(gen):
+    _compile_case(gen, "cpu")
+
+
+@pytest.mark.skipif("triton" not in rk.available_backends("cpu"), reason="needs triton and TRITON_INTERPRET=1")
+def test_torch_compile_fullgraph_triton(gen):
+    _compile_case(gen, "triton")

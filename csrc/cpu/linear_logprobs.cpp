@@ -1,14 +1,14 @@
 // Fused LM head + token log-probabilities + entropy on the CPU.
 //
 // The tiling, the matmuls (MKL, float32: 16-bit inputs are upcast) and the gradient
-// accumulation are the shared host code of rlhf/linear_logprobs.h; this file holds the two
+// accumulation are the shared host code of rlhf/linear_logprobs_op.h; this file holds the two
 // epilogues it calls on each [nr, n] float32 tile of logits, rows in parallel
 // (at::parallel_for), each row's segment walked in L1-sized chunks (bias added, scaled by
 // 1/T) by the vector helpers of rlhf/cpu_softmax.h:
 //   fold: merge the segment's (m, d, w) into the row's running statistics and pick up the
 //         label's logit when it falls in the segment;
 //   grad: overwrite the segment with dlogits (rlhf/logprobs.h: logprob_entropy_grad plus
-//         the label's one-hot term), zero on ignored rows.
+//         the label's one-hot term), zero on ignored rows and rows whose label is outside [0, V).
 // A row's result does not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,7 +17,7 @@
 #include <cstdint>
 
 #include "rlhf/cpu_softmax.h"
-#include "rlhf/linear_logprobs.h"
+#include "rlhf/linear_logprobs_op.h"
 #include "rlhf/logprobs.h"
 
 namespace rlhf {
@@ -44,7 +44,7 @@ void fold_rows(const float* z, const float* bias, const L* labels, int64_t nr, i
       for (int64_t c = 0; c < n; c += kChunk) {
         const int64_t k = std::min(kChunk, n - c);
         load_biased(zr + c, bias ? bias + c : nullptr, k, inv_t, buf);
-        st = softmax_stats_merge(st, chunk_softmax_stats(buf, k));
+        st = softmax_stats_merge(st, chunk_softmax_stats(buf, k, 1.f));
       }
       run[0] = st.m;
       run[1] = st.d;
@@ -58,15 +58,15 @@ void fold_rows(const float* z, const float* bias, const L* labels, int64_t nr, i
 // dz may alias z: each chunk is read into the buffer before it is written.
 template <typename L>
 void grad_rows(const float* z, float* dz, const float* bias, const L* labels, int64_t nr, int64_t n, int64_t c0,
-               float inv_t, int64_t ignore_index, const float* stats, const float* entropy, const float* g_logp,
-               const float* g_entropy) {
+               int64_t V, float inv_t, int64_t ignore_index, const float* stats, const float* entropy,
+               const float* g_logp, const float* g_entropy) {
   at::parallel_for(0, nr, grain(n), [&](int64_t r0, int64_t r1) {
     alignas(64) float buf[kChunk];
     for (int64_t row = r0; row < r1; ++row) {
       const float* zr = z + row * n;
       float* gr = dz + row * n;
       const int64_t label = static_cast<int64_t>(labels[row]);
-      if (label == ignore_index) {
+      if (label == ignore_index || label < 0 || label >= V) {
         std::fill(gr, gr + n, 0.f);
         continue;
       }
@@ -75,7 +75,7 @@ void grad_rows(const float* z, float* dz, const float* bias, const L* labels, in
       for (int64_t c = 0; c < n; c += kChunk) {
         const int64_t k = std::min(kChunk, n - c);
         load_biased(zr + c, bias ? bias + c : nullptr, k, inv_t, buf);
-        chunk_logprob_grad(buf, k, stats[2 * row], stats[2 * row + 1], entropy[row], gl, gh, inv_t);
+        chunk_logprob_grad(buf, buf, k, 1.f, stats[2 * row], stats[2 * row + 1], entropy[row], gl, gh, inv_t);
         if (y >= c && y < c + k) buf[y - c] += gl * inv_t;
         std::copy(buf, buf + k, gr + c);
       }
@@ -91,19 +91,8 @@ struct CpuEpilogue {
   static void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
   static void addmm_f32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) { acc.addmm_(a, b); }
 
-  static void check_labels(const at::Tensor& labels, int64_t V, int64_t ignore_index, const char* op) {
-    BadLabel bad;
-    with_labels(labels, [&](auto* lab) {
-      for (int64_t i = 0; i < labels.numel(); ++i) {
-        const int64_t y = static_cast<int64_t>(lab[i]);
-        if (y != ignore_index && (y < 0 || y >= V)) {
-          bad.note(i, y);
-          break;
-        }
-      }
-    });
-    TORCH_CHECK(!bad.found.load(), op, ": `labels` must be in [0, V) = [0, ", V, ") or equal ignore_index = ",
-                ignore_index, ", but labels[", bad.row.load(), "] = ", bad.value.load());
+  static void check_label_range(const at::Tensor& labels, int64_t V, int64_t ignore_index, const char* op) {
+    rlhf::check_label_range(labels, V, ignore_index, op);  // labels in host memory: no sync
   }
 
   static void fold(const at::Tensor& logits, const float* bias, const at::Tensor& labels, int64_t c0, float inv_t,
@@ -115,38 +104,21 @@ struct CpuEpilogue {
   }
 
   static void grad(const at::Tensor& logits, at::Tensor& dlogits, const float* bias, const at::Tensor& labels,
-                   int64_t c0, float inv_t, int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy,
-                   const c10::optional<at::Tensor>& g_logp, const c10::optional<at::Tensor>& g_entropy) {
-    TORCH_CHECK(dlogits.scalar_type() == at::kFloat, "linear_token_logprobs: the CPU epilogue writes float32");
+                   int64_t c0, int64_t V, float inv_t, int64_t ignore_index, const at::Tensor& stats,
+                   const at::Tensor& entropy, const at::Tensor& g_logp, const at::Tensor& g_entropy) {
+    TORCH_INTERNAL_ASSERT(dlogits.scalar_type() == at::kFloat, "the CPU epilogue writes float32");
     with_labels(labels, [&](auto* lab) {
-      grad_rows(logits.data_ptr<float>(), dlogits.data_ptr<float>(), bias, lab, logits.size(0), logits.size(1), c0,
-                inv_t, ignore_index, stats.data_ptr<float>(), entropy.data_ptr<float>(), opt_ptr(g_logp),
-                opt_ptr(g_entropy));
+      grad_rows(logits.data_ptr<float>(), dlogits.data_ptr<float>(), bias, lab, logits.size(0), logits.size(1), c0, V,
+                inv_t, ignore_index, stats.data_ptr<float>(), entropy.data_ptr<float>(), ptr_or_null(g_logp),
+                ptr_or_null(g_entropy));
     });
   }
 };
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(const at::Tensor& hidden,
-                                                                       const at::Tensor& weight,
-                                                                       const c10::optional<at::Tensor>& bias,
-                                                                       const at::Tensor& labels, double temperature,
-                                                                       int64_t ignore_index, int64_t tile) {
-  return linear_logprobs_forward<CpuEpilogue>(hidden, weight, bias, labels, temperature, ignore_index, tile);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& labels, const c10::optional<at::Tensor>& grad_logp,
-    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& stats, const at::Tensor& entropy,
-    double temperature, int64_t ignore_index, int64_t tile, bool need_hidden, bool need_weight, bool need_bias) {
-  return linear_logprobs_backward<CpuEpilogue>(hidden, weight, bias, labels, grad_logp, grad_entropy, stats, entropy,
-                                               temperature, ignore_index, tile, need_hidden, need_weight, need_bias);
-}
 
 }  // namespace
 }  // namespace rlhf
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
-  m.impl("linear_logprobs_fwd", &rlhf::linear_logprobs_fwd_cpu);
-  m.impl("linear_logprobs_bwd", &rlhf::linear_logprobs_bwd_cpu);
+  m.impl("linear_logprobs_fwd", &rlhf::linear_logprobs_forward<rlhf::CpuEpilogue>);
+  m.impl("linear_logprobs_bwd", &rlhf::linear_logprobs_backward<rlhf::CpuEpilogue>);
 }

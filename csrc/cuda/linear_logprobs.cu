@@ -1,17 +1,17 @@
 // Fused LM head + token log-probabilities + entropy on CUDA.
 //
 // The tiling, the matmuls (cuBLAS through at::mm, float32 output, on the current stream) and
-// the gradient accumulation are the shared host code of rlhf/linear_logprobs.h; this file
+// the gradient accumulation are the shared host code of rlhf/linear_logprobs_op.h; this file
 // holds the matmul wrappers and the two epilogue kernels launched on each [nr, n] float32
 // tile of logits, one 256-thread block per row, with the load / merge helpers of the
 // logprobs kernels (rlhf/softmax.cuh):
 //   fold: the block's online-softmax statistics of the row segment, bias added (one read of
 //         the tile), merged by thread 0 into the row's running (m, d, w), plus the label's logit;
 //   grad: dlogits written in the operands' dtype (one read, one write; in place for float32),
-//         zero on ignored rows.
-// Labels outside [0, V) are rejected by the Python API before launch (one host sync), as
-// for token_logprobs; here such a label never matches a column (no wild read).
-#include <ATen/Dispatch.h>
+//         zero on ignored rows and rows whose label is outside [0, V).
+// A label outside [0, V) never matches a column (no wild read): the host code turns it into
+// NaN logp and entropy, unless the `validate` check (one host sync, skipped while a CUDA graph
+// is captured) raised first.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,7 +21,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "rlhf/linear_logprobs.h"
+#include "rlhf/linear_logprobs_op.h"
 #include "rlhf/logprobs.h"
 #include "rlhf/softmax.cuh"
 
@@ -72,14 +72,14 @@ __global__ void __launch_bounds__(kThreads)
 template <typename To, typename L, int K>
 __global__ void __launch_bounds__(kThreads)
     linear_grad_kernel(const float* z, To* dz, const float* __restrict__ bias, const L* __restrict__ labels,
-                       int64_t n, int64_t c0, float inv_t, int64_t ignore_index, const float* __restrict__ stats,
-                       const float* __restrict__ entropy, const float* __restrict__ g_logp,
-                       const float* __restrict__ g_entropy) {
+                       int64_t n, int64_t c0, int64_t V, float inv_t, int64_t ignore_index,
+                       const float* __restrict__ stats, const float* __restrict__ entropy,
+                       const float* __restrict__ g_logp, const float* __restrict__ g_entropy) {
   const int64_t row = blockIdx.x;
   const float* zr = z + row * n;
   To* gr = dz + row * n;
   const int64_t label = static_cast<int64_t>(labels[row]);
-  const bool keep = label != ignore_index;
+  const bool keep = label != ignore_index && label >= 0 && label < V;
   const int64_t y = label - c0;
   const float gl = g_logp ? g_logp[row] : 0.f, gh = g_entropy ? g_entropy[row] : 0.f;
   const float m = stats[2 * row], log_d = stats[2 * row + 1], h = entropy[row];
@@ -115,12 +115,15 @@ struct CudaEpilogue {
   static at::Tensor operand(const at::Tensor& t) { return t; }
   static void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { rlhf::mm_f32(out, a, b); }
   static void addmm_f32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) { rlhf::addmm_f32(acc, a, b); }
-  static void check_labels(const at::Tensor&, int64_t, int64_t, const char*) {}  // done by the Python API
+  static void check_label_range(const at::Tensor& labels, int64_t V, int64_t ignore_index, const char* op) {
+    checked_label_range(labels, V, ignore_index, op);  // rlhf/softmax.cuh: skipped while capturing
+  }
 
   static void fold(const at::Tensor& logits, const float* bias, const at::Tensor& labels, int64_t c0, float inv_t,
                    const at::Tensor& running) {
     const int64_t nr = logits.size(0), n = logits.size(1);
     check_rows(nr, "linear_token_logprobs");
+    const c10::cuda::CUDAGuard guard(logits.device());
     auto stream = c10::cuda::getCurrentCUDAStream();
     const float* z = logits.data_ptr<float>();
     with_labels(labels, [&](auto* lab) {
@@ -134,51 +137,44 @@ struct CudaEpilogue {
   }
 
   static void grad(const at::Tensor& logits, at::Tensor& dlogits, const float* bias, const at::Tensor& labels,
-                   int64_t c0, float inv_t, int64_t ignore_index, const at::Tensor& stats, const at::Tensor& entropy,
-                   const c10::optional<at::Tensor>& g_logp, const c10::optional<at::Tensor>& g_entropy) {
+                   int64_t c0, int64_t V, float inv_t, int64_t ignore_index, const at::Tensor& stats,
+                   const at::Tensor& entropy, const at::Tensor& g_logp, const at::Tensor& g_entropy) {
     const int64_t nr = logits.size(0), n = logits.size(1);
     check_rows(nr, "linear_token_logprobs backward");
+    const c10::cuda::CUDAGuard guard(logits.device());
     auto stream = c10::cuda::getCurrentCUDAStream();
     const float* z = logits.data_ptr<float>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dlogits.scalar_type(), "linear_logprobs_grad", [&] {
-      scalar_t* g = dlogits.data_ptr<scalar_t>();
+    const auto launch = [&](auto* g) {
+      using To = std::remove_pointer_t<decltype(g)>;
       with_labels(labels, [&](auto* lab) {
         using L = std::remove_cv_t<std::remove_pointer_t<decltype(lab)>>;
         // K = 4: float32 loads; stores of 4 entries (8 bytes for 16-bit types) need 4-entry alignment
         with_vector_width<float>(n, {z, bias, g}, [&](auto k) {
-          linear_grad_kernel<scalar_t, L, decltype(k)::value><<<static_cast<unsigned>(nr), kThreads, 0, stream>>>(
-              z, g, bias, lab, n, c0, inv_t, ignore_index, stats.data_ptr<float>(), entropy.data_ptr<float>(),
-              opt_ptr(g_logp), opt_ptr(g_entropy));
+          linear_grad_kernel<To, L, decltype(k)::value><<<static_cast<unsigned>(nr), kThreads, 0, stream>>>(
+              z, g, bias, lab, n, c0, V, inv_t, ignore_index, stats.data_ptr<float>(), entropy.data_ptr<float>(),
+              ptr_or_null(g_logp), ptr_or_null(g_entropy));
         });
       });
-    });
+    };
+    switch (dlogits.scalar_type()) {
+      case at::kFloat:
+        launch(dlogits.data_ptr<float>());
+        break;
+      case at::kHalf:
+        launch(dlogits.data_ptr<at::Half>());
+        break;
+      default:
+        TORCH_INTERNAL_ASSERT(dlogits.scalar_type() == at::kBFloat16, "unexpected dlogits dtype");
+        launch(dlogits.data_ptr<at::BFloat16>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cuda(const at::Tensor& hidden,
-                                                                        const at::Tensor& weight,
-                                                                        const c10::optional<at::Tensor>& bias,
-                                                                        const at::Tensor& labels, double temperature,
-                                                                        int64_t ignore_index, int64_t tile) {
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  return linear_logprobs_forward<CudaEpilogue>(hidden, weight, bias, labels, temperature, ignore_index, tile);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& labels, const c10::optional<at::Tensor>& grad_logp,
-    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& stats, const at::Tensor& entropy,
-    double temperature, int64_t ignore_index, int64_t tile, bool need_hidden, bool need_weight, bool need_bias) {
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  return linear_logprobs_backward<CudaEpilogue>(hidden, weight, bias, labels, grad_logp, grad_entropy, stats, entropy,
-                                                temperature, ignore_index, tile, need_hidden, need_weight, need_bias);
-}
 
 }  // namespace
 }  // namespace rlhf
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
-  m.impl("linear_logprobs_fwd", &rlhf::linear_logprobs_fwd_cuda);
-  m.impl("linear_logprobs_bwd", &rlhf::linear_logprobs_bwd_cuda);
+  m.impl("linear_logprobs_fwd", &rlhf::linear_logprobs_forward<rlhf::CudaEpilogue>);
+  m.impl("linear_logprobs_bwd", &rlhf::linear_logprobs_backward<rlhf::CudaEpilogue>);
 }

@@ -8,14 +8,15 @@
 // Backward: one read and one write per entry, in the logits' dtype; the output may alias
 // the logits (inplace), which is safe because every entry is read by the thread that
 // writes it, before it writes it (no __restrict__ on those two pointers).
-// Bad labels are rejected by the Python API before launch (one host sync); a bad label
-// that gets here anyway gives NaN (forward) and a zero gradient row, never a wild read.
+// Checks, allocation and dtype dispatch are the shared host code of rlhf/logprobs_op.h; this
+// file holds the kernels and their launchers (struct CudaLogprobs). A label outside [0, V)
+// other than ignore_index gives NaN (forward) and a zero gradient row, never a wild read;
+// the `validate` check that raises instead costs one host sync and is skipped while a CUDA
+// graph is being captured.
 // Only light ATen/c10 headers here: torch/extension.h would cost minutes of nvcc time.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -25,7 +26,7 @@
 #include <type_traits>
 
 #include "rlhf/logprobs.h"
-#include "rlhf/logprobs_checks.h"
+#include "rlhf/logprobs_op.h"
 #include "rlhf/softmax.cuh"
 
 namespace rlhf {
@@ -61,7 +62,7 @@ __global__ void __launch_bounds__(kThreads)
   if (y == ignore_index) {
     logp[row] = 0.f;
     entropy[row] = 0.f;
-  } else if (y < 0 || y >= V) {
+  } else if (y < 0 || y >= V) {  // not validated (validate=False, or a CUDA graph): NaN, no read
     logp[row] = NAN;
     entropy[row] = NAN;
   } else {
@@ -149,145 +150,70 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits,
-                                                                const c10::optional<at::Tensor>& labels,
-                                                                double temperature, int64_t ignore_index,
-                                                                const char* op) {
-  check_logits(logits, op);
-  if (labels.has_value()) check_labels(*labels, logits, op);
-  const float inv_t = inverse_temperature(temperature, op);
-  const int64_t N = logits.size(0), V = logits.size(1);
-  check_rows(N, op);
-  auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({labels.has_value() ? N : 0}, f32);
-  at::Tensor entropy = at::empty({N}, f32), stats = at::empty({N, 2}, f32);
-  if (N == 0) return {logp, entropy, stats};
-  const c10::cuda::CUDAGuard guard(logits.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_forward", [&] {
-    const scalar_t* z = logits.data_ptr<scalar_t>();
-    with_labels(labels, [&](auto* lab) {
-      using L = std::remove_cv_t<std::remove_pointer_t<decltype(lab)>>;
-      with_vector_width<scalar_t>(V, {z}, [&](auto k) {
-        logprobs_fwd_kernel<scalar_t, L, decltype(k)::value><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-            z, lab, V, inv_t, ignore_index, labels.has_value() ? logp.data_ptr<float>() : nullptr,
-            entropy.data_ptr<float>(), stats.data_ptr<float>());
-      });
+// The launchers of rlhf/logprobs_op.h: one block per row on the current stream of the
+// logits' device, 16-byte vector loads when every row of every pointer allows them.
+struct CudaLogprobs {
+  template <typename T, typename L>
+  static void logprobs_forward(const LogprobsFwdArgs<T, L>& a, const at::Tensor& like) {
+    check_rows(a.N, "token_logprobs");
+    const c10::cuda::CUDAGuard guard(like.device());
+    with_vector_width<T>(a.V, {a.z}, [&](auto k) {
+      logprobs_fwd_kernel<T, L, decltype(k)::value>
+          <<<static_cast<unsigned>(a.N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              a.z, a.labels, a.V, a.inv_t, a.ignore_index, a.logp, a.entropy, a.stats);
     });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {logp, entropy, stats};
-}
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(const at::Tensor& logits,
-                                                                       const at::Tensor& labels, double temperature,
-                                                                       int64_t ignore_index) {
-  return logprobs_forward(logits, labels, temperature, ignore_index, "token_logprobs");
-}
-
-std::tuple<at::Tensor, at::Tensor> token_entropy_fwd_cuda(const at::Tensor& logits, double temperature) {
-  auto [logp, entropy, stats] = logprobs_forward(logits, c10::nullopt, temperature, 0, "token_entropy");
-  return {entropy, stats};
-}
-
-void logprobs_backward_into(at::Tensor& grad, const at::Tensor& logits, const c10::optional<at::Tensor>& labels,
-                            const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
-                            const at::Tensor& stats, const at::Tensor& entropy, double temperature,
-                            int64_t ignore_index) {
-  const char* op = "token_logprobs backward";
-  check_logits(logits, op);
-  const float inv_t = check_logprobs_bwd_args(logits, labels, grad_logp, grad_entropy, stats, entropy, temperature, op);
-  const int64_t N = logits.size(0), V = logits.size(1);
-  check_rows(N, op);
-  if (N == 0) return;
-  const c10::cuda::CUDAGuard guard(logits.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_backward", [&] {
-    const scalar_t* z = logits.data_ptr<scalar_t>();
-    scalar_t* g = grad.data_ptr<scalar_t>();
-    with_labels(labels, [&](auto* lab) {
-      using L = std::remove_cv_t<std::remove_pointer_t<decltype(lab)>>;
-      with_vector_width<scalar_t>(V, {z, g}, [&](auto k) {
-        logprobs_bwd_kernel<scalar_t, L, decltype(k)::value><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-            z, lab, opt_ptr(grad_logp), opt_ptr(grad_entropy), stats.data_ptr<float>(), entropy.data_ptr<float>(),
-            V, inv_t, ignore_index, g);
-      });
+  template <typename T, typename L>
+  static void logprobs_backward(const LogprobsBwdArgs<T, L>& a, const at::Tensor& like) {
+    check_rows(a.N, "token_logprobs backward");
+    const c10::cuda::CUDAGuard guard(like.device());
+    with_vector_width<T>(a.V, {a.z, a.grad}, [&](auto k) {
+      logprobs_bwd_kernel<T, L, decltype(k)::value>
+          <<<static_cast<unsigned>(a.N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              a.z, a.labels, a.g_logp, a.g_entropy, a.stats, a.entropy, a.V, a.inv_t, a.ignore_index, a.grad);
     });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 
-at::Tensor logprobs_bwd_cuda(const at::Tensor& logits, const c10::optional<at::Tensor>& labels,
-                             const c10::optional<at::Tensor>& grad_logp,
-                             const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& stats,
-                             const at::Tensor& entropy, double temperature, int64_t ignore_index) {
-  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  logprobs_backward_into(grad, logits, labels, grad_logp, grad_entropy, stats, entropy, temperature, ignore_index);
-  return grad;
-}
-
-void logprobs_bwd_inplace_cuda(at::Tensor& logits, const c10::optional<at::Tensor>& labels,
-                               const c10::optional<at::Tensor>& grad_logp,
-                               const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& stats,
-                               const at::Tensor& entropy, double temperature, int64_t ignore_index) {
-  logprobs_backward_into(logits, logits, labels, grad_logp, grad_entropy, stats, entropy, temperature, ignore_index);
-}
-
-std::tuple<at::Tensor, at::Tensor> full_kl_fwd_cuda(const at::Tensor& logits, const at::Tensor& ref_logits,
-                                                    double temperature) {
-  const char* op = "full_kl";
-  check_kl_pair(logits, ref_logits, op);
-  const float inv_t = inverse_temperature(temperature, op);
-  const int64_t N = logits.size(0), V = logits.size(1);
-  check_rows(N, op);
-  auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty({N}, f32), stats = at::empty({N, 4}, f32);
-  if (N == 0) return {kl, stats};
-  const c10::cuda::CUDAGuard guard(logits.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "full_kl_forward", [&] {
-    const scalar_t* a = logits.data_ptr<scalar_t>();
-    const scalar_t* b = ref_logits.data_ptr<scalar_t>();
-    with_vector_width<scalar_t>(V, {a, b}, [&](auto k) {
-      full_kl_fwd_kernel<scalar_t, decltype(k)::value><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-          a, b, V, inv_t, kl.data_ptr<float>(), stats.data_ptr<float>());
+  template <typename T>
+  static void full_kl_forward(const FullKlFwdArgs<T>& a, const at::Tensor& like) {
+    check_rows(a.N, "full_kl");
+    const c10::cuda::CUDAGuard guard(like.device());
+    with_vector_width<T>(a.V, {a.z, a.zr}, [&](auto k) {
+      full_kl_fwd_kernel<T, decltype(k)::value>
+          <<<static_cast<unsigned>(a.N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a.z, a.zr, a.V, a.inv_t,
+                                                                                            a.kl, a.stats);
     });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {kl, stats};
-}
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 
-at::Tensor full_kl_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& logits, const at::Tensor& ref_logits,
-                            const at::Tensor& kl, const at::Tensor& stats, double temperature) {
-  const char* op = "full_kl backward";
-  const float inv_t = check_full_kl_bwd_args(grad_kl, logits, ref_logits, kl, stats, temperature, op);
-  const int64_t N = logits.size(0), V = logits.size(1);
-  check_rows(N, op);
-  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  if (N == 0) return grad;
-  const c10::cuda::CUDAGuard guard(logits.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "full_kl_backward", [&] {
-    const scalar_t* a = logits.data_ptr<scalar_t>();
-    const scalar_t* b = ref_logits.data_ptr<scalar_t>();
-    scalar_t* g = grad.data_ptr<scalar_t>();
-    with_vector_width<scalar_t>(V, {a, b, g}, [&](auto k) {
-      full_kl_bwd_kernel<scalar_t, decltype(k)::value><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-          a, b, grad_kl.data_ptr<float>(), kl.data_ptr<float>(), stats.data_ptr<float>(), V, inv_t, g);
+  template <typename T>
+  static void full_kl_backward(const FullKlBwdArgs<T>& a, const at::Tensor& like) {
+    check_rows(a.N, "full_kl backward");
+    const c10::cuda::CUDAGuard guard(like.device());
+    with_vector_width<T>(a.V, {a.z, a.zr, a.grad}, [&](auto k) {
+      full_kl_bwd_kernel<T, decltype(k)::value>
+          <<<static_cast<unsigned>(a.N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              a.z, a.zr, a.g, a.kl, a.stats, a.V, a.inv_t, a.grad);
     });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad;
-}
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  static void check_label_range(const at::Tensor& labels, int64_t V, int64_t ignore_index, const char* op) {
+    checked_label_range(labels, V, ignore_index, op);  // rlhf/softmax.cuh: skipped while capturing
+  }
+};
 
 }  // namespace
 }  // namespace rlhf
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
-  m.impl("token_logprobs_fwd", &rlhf::token_logprobs_fwd_cuda);
-  m.impl("token_entropy_fwd", &rlhf::token_entropy_fwd_cuda);
-  m.impl("logprobs_bwd", &rlhf::logprobs_bwd_cuda);
-  m.impl("logprobs_bwd_inplace", &rlhf::logprobs_bwd_inplace_cuda);
-  m.impl("full_kl_fwd", &rlhf::full_kl_fwd_cuda);
-  m.impl("full_kl_bwd", &rlhf::full_kl_bwd_cuda);
+  m.impl("token_logprobs_fwd", &rlhf::token_logprobs_forward<rlhf::CudaLogprobs>);
+  m.impl("token_entropy_fwd", &rlhf::token_entropy_forward<rlhf::CudaLogprobs>);
+  m.impl("logprobs_bwd", &rlhf::logprobs_backward<rlhf::CudaLogprobs>);
+  m.impl("logprobs_bwd_inplace", &rlhf::logprobs_backward_inplace<rlhf::CudaLogprobs>);
+  m.impl("full_kl_fwd", &rlhf::full_kl_forward<rlhf::CudaLogprobs>);
+  m.impl("full_kl_bwd", &rlhf::full_kl_backward<rlhf::CudaLogprobs>);
 }

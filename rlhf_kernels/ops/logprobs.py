@@ -13,13 +13,22 @@ in the backward read the logits once and write the gradient once, in the logits'
 The temperature is applied inside the kernels: the caller's logits are never modified,
 unless ``inplace_backward=True`` asks for the gradient to be written over them.
 
-Labels outside [0, V) (other than ``ignore_index``) raise. The ``cpu`` backend checks
-them inside the kernel; the ``cuda``, ``triton`` and ``torch`` backends check them here,
-which costs one host sync on a GPU (skipped while ``torch.compile`` traces).
-Non-contiguous logits are copied to a contiguous tensor first.
+The native backends (cpu, cuda) take the arguments as they come: checks, the contiguous
+copy of non-contiguous logits, the [..., V] -> [N, V] view and the autograd wiring are all
+in C++ (csrc/include/rlhf/logprobs_op.h, csrc/autograd/logprobs.cpp), so a call is one
+dispatcher call. The triton and torch backends check here (rlhf_kernels/ops/_validate.py
+raises the same exception types).
+
+Labels outside [0, V) (other than ``ignore_index``) raise a ValueError when ``validate``
+is true (the default). On a GPU that check reads the labels back: one host sync per call.
+``validate=False`` skips it, and so do CUDA graph capture and torch.compile graphs (but for
+the native CPU op, whose check is free); then such a label gives NaN logp and entropy for
+its position and a zero gradient row, never an out-of-bounds read. A NaN in a row of logits
+gives NaN outputs and gradient in that row only.
 """
 
 import math
+import numbers
 
 import torch
 
@@ -29,15 +38,11 @@ from rlhf_kernels.reference import logprobs as ref
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KL_KINDS = ("k1", "k2", "k3", "abs")
-
-
-def _has_native_ops():
-    return _ext.loaded() and hasattr(torch.ops.rlhf_kernels, "token_logprobs_fwd")
-
-
-def _resolve(op, backend, logits):
-    """The backend for this call: the kernels serve float32/float16/bfloat16 logits."""
-    return _backend.resolve_kernel(op, backend, logits, "logits", "token_logprobs_fwd", KERNEL_DTYPES)
+NATIVE = _backend.NATIVE
+if _ext.loaded():
+    _token_logprobs_fwd = torch.ops.rlhf_kernels.token_logprobs_fwd.default
+    _token_entropy_fwd = torch.ops.rlhf_kernels.token_entropy_fwd.default
+    _full_kl_fwd = torch.ops.rlhf_kernels.full_kl_fwd.default
 
 
 def _check_logits(op, name, logits):
@@ -46,27 +51,37 @@ def _check_logits(op, name, logits):
         raise ValueError("%s: `%s` must have shape [..., V], got a 0-d tensor" % (op, name))
     if logits.shape[-1] == 0:
         raise ValueError("%s: `%s` has V = 0 (shape %s); the vocabulary dimension must be >= 1"
-                         % (op, name, tuple(logits.shape)))
+                         % (op, name, list(logits.shape)))
 
 
 def _check_temperature(op, temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError("%s: `temperature` must be a number, got %r" % (op, temperature))
-    if not (temperature > 0 and math.isfinite(temperature)):
+    t = float(temperature)
+    if not (t > 0 and math.isfinite(t)):
         raise ValueError("%s: `temperature` must be a finite number > 0, got %r" % (op, temperature))
+    return t
 
 
-def _check_labels(op, logits, labels, ignore_index):
+def _check_ignore_index(op, ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError("%s: `ignore_index` must be an int, got %r" % (op, ignore_index))
+    return int(ignore_index)
+
+
+def _check_labels(op, ref_name, rows, labels, last):
+    """labels [...]: integers shaped like ``rows`` ([..., last]) without its last dimension."""
     v.tensor(op, "labels", labels, kind="int")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError("%s: `labels` must have shape %s (logits' shape %s without V), got %s"
-                         % (op, tuple(logits.shape[:-1]), tuple(logits.shape), tuple(labels.shape)))
-    v.same_device(op, "logits", logits, labels=labels)
+    if list(labels.shape) != list(rows.shape[:-1]):
+        raise ValueError("%s: `labels` must have shape %s (%s' shape %s without %s), got %s"
+                         % (op, list(rows.shape[:-1]), ref_name, list(rows.shape), last, list(labels.shape)))
+    v.same_device(op, ref_name, rows, labels=labels)
 
 
 def _check_label_range(op, labels, V, ignore_index):
-    """Host-side range check (one sync on a GPU); the cpu kernels check in the kernel."""
-    if torch.compiler.is_compiling() or labels.numel() == 0:
+    """Labels outside [0, V) other than ignore_index raise (the torch and triton backends'
+    ``validate``; the native ops check in C++). Reads the labels: one host sync on a GPU."""
+    if labels.numel() == 0 or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
     if bool(bad.any()):
@@ -75,9 +90,9 @@ def _check_label_range(op, labels, V, ignore_index):
                          "(flat index) = %d" % (op, V, ignore_index, i, int(labels.reshape(-1)[i])))
 
 
-def _rows(logits):
-    """[..., V] -> [N, V] contiguous (a view when already contiguous)."""
-    return logits.contiguous().reshape(-1, logits.shape[-1])
+def _rows(t):
+    """[..., X] -> [N, X] contiguous (a view when already contiguous)."""
+    return t.contiguous().reshape(-1, t.shape[-1])
 
 
 def _flat_labels(labels):
@@ -88,16 +103,24 @@ def _flat_labels(labels):
 
 
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   inplace_backward=False, backend="auto"):
+                   inplace_backward=False, validate=True, backend="auto"):
     """Log-probability of each label under softmax(logits / temperature), and optionally the entropy.
 
     Args:
-        logits: [..., V] float32, float16 or bfloat16 (other float dtypes use the torch backend).
-        labels: [...] int32 or int64; positions equal to ``ignore_index`` give 0 and get 0 gradient.
+        logits: [..., V] float32, float16 or bfloat16 (other float dtypes use the torch backend);
+            any strides.
+        labels: [...] integers; positions equal to ``ignore_index`` give 0 and get 0 gradient.
         temperature: > 0, applied inside the kernel (the logits are not modified).
         return_entropy: also return H = -sum_v p log p per position (0 at ignored positions).
-        inplace_backward: write the gradient over ``logits`` in the backward (saves one [N, V]
-            buffer; the logits are garbage afterwards). Kernel backends only, eager mode only.
+        inplace_backward: write the gradient over ``logits`` in the backward (saves one [..., V]
+            buffer; the logits hold the gradient afterwards). Kernel backends only, eager mode
+            only (ignored while torch.compile traces).
+        validate: raise a ValueError for a label outside [0, V) other than ``ignore_index``.
+            On a GPU the check reads the labels back: one host sync per call. It is skipped
+            while a CUDA graph is being captured, and inside torch.compile graphs (except by
+            the native CPU op, where it costs nothing). With ``validate=False`` (or where it is
+            skipped) such a label gives NaN logp and entropy at its position and a zero gradient
+            row, never an out-of-bounds read.
         backend: "auto", "cuda", "triton", "cpu" or "torch".
 
     Returns:
@@ -105,25 +128,30 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
         Differentiable wrt ``logits``: dlogits = g_logp (onehot(y) - p) / T - g_H p (log p + H) / T.
     """
     op = "token_logprobs"
+    name = _backend.pick_kernel(op, backend, logits, "logits", KERNEL_DTYPES)
+    if torch.compiler.is_compiling():
+        inplace_backward = False  # a traced backward must not write over an input
+        validate = validate and not logits.is_cuda  # no host sync inside a compiled graph
+    if name in NATIVE:
+        try:
+            logp, entropy, _ = _token_logprobs_fwd(logits, labels, temperature, ignore_index, validate,
+                                                   inplace_backward)
+        except RuntimeError as e:
+            raise v.schema_error(op, e) from None
+        return (logp, entropy) if return_entropy else logp
     _check_logits(op, "logits", logits)
-    _check_labels(op, logits, labels, ignore_index)
-    _check_temperature(op, temperature)
-    ignore_index = int(ignore_index)
-    name = _resolve(op, backend, logits)
-    lead, V = logits.shape[:-1], logits.shape[-1]
-    if name != "cpu":
-        _check_label_range(op, labels, V, ignore_index)
+    _check_labels(op, "logits", logits, labels, "V")
+    temperature = _check_temperature(op, temperature)
+    ignore_index = _check_ignore_index(op, ignore_index)
+    if validate and not torch.compiler.is_compiling():
+        _check_label_range(op, labels, logits.shape[-1], ignore_index)
     if name == "torch":
-        logp, entropy = ref.token_logprobs(logits.float(), labels, float(temperature), ignore_index)
+        logp, entropy = ref.token_logprobs(logits.float(), labels, temperature, ignore_index)
     else:
-        z, y = _rows(logits), _flat_labels(labels)
-        if name == "triton":
-            from rlhf_kernels.triton import logprobs as tri
-            logp, entropy = tri.token_logprobs(z, y, float(temperature), ignore_index, bool(inplace_backward))
-        elif inplace_backward and torch.is_grad_enabled() and z.requires_grad:
-            logp, entropy = _NativeInplace.apply(z, y, float(temperature), ignore_index)
-        else:
-            logp, entropy, _ = torch.ops.rlhf_kernels.token_logprobs_fwd(z, y, float(temperature), ignore_index)
+        from rlhf_kernels.triton import logprobs as tri
+        logp, entropy, _ = tri.token_logprobs(_rows(logits), _flat_labels(labels), temperature, ignore_index,
+                                              bool(inplace_backward))
+        lead = logits.shape[:-1]
         logp, entropy = logp.reshape(lead), entropy.reshape(lead)
     return (logp, entropy) if return_entropy else logp
 
@@ -132,32 +160,31 @@ def token_entropy(logits, *, temperature=1.0, backend="auto"):
     """Entropy of softmax(logits / temperature) per position.
 
     Args:
-        logits: [..., V] float32, float16 or bfloat16.
+        logits: [..., V] float32, float16 or bfloat16; any strides.
     Returns:
         H [...] float32 = logsumexp(s) - sum_v p_v s_v, s = logits / T. Differentiable wrt
         ``logits``: dH/dz_v = -p_v (log p_v + H) / T.
     """
     op = "token_entropy"
+    name = _backend.pick_kernel(op, backend, logits, "logits", KERNEL_DTYPES)
+    if name in NATIVE:
+        try:
+            return _token_entropy_fwd(logits, temperature)[0]
+        except RuntimeError as e:
+            raise v.schema_error(op, e) from None
     _check_logits(op, "logits", logits)
-    _check_temperature(op, temperature)
-    name = _resolve(op, backend, logits)
-    lead = logits.shape[:-1]
+    temperature = _check_temperature(op, temperature)
     if name == "torch":
-        return ref.token_entropy(logits.float(), float(temperature))
-    z = _rows(logits)
-    if name == "triton":
-        from rlhf_kernels.triton import logprobs as tri
-        entropy = tri.token_entropy(z, float(temperature))
-    else:
-        entropy, _ = torch.ops.rlhf_kernels.token_entropy_fwd(z, float(temperature))
-    return entropy.reshape(lead)
+        return ref.token_entropy(logits.float(), temperature)
+    from rlhf_kernels.triton import logprobs as tri
+    return tri.token_entropy(_rows(logits), temperature)[0].reshape(logits.shape[:-1])
 
 
 def full_kl(logits, ref_logits, *, temperature=1.0, backend="auto"):
     """KL(pi || pi_ref) over the whole vocabulary per position, in one pass over both tensors.
 
     Args:
-        logits: [..., V] float32, float16 or bfloat16, the policy.
+        logits: [..., V] float32, float16 or bfloat16, the policy; any strides.
         ref_logits: [..., V], same shape, dtype and device: the reference policy (treated as a
             constant: no gradient flows to it).
     Returns:
@@ -166,29 +193,28 @@ def full_kl(logits, ref_logits, *, temperature=1.0, backend="auto"):
         dKL/dz_v = p_v (log p_v - log q_v - KL) / T.
     """
     op = "full_kl"
+    name = _backend.pick_kernel(op, backend, logits, "logits", KERNEL_DTYPES)
+    if name in NATIVE:
+        try:
+            return _full_kl_fwd(logits, ref_logits, temperature)[0]
+        except RuntimeError as e:
+            raise v.schema_error(op, e) from None
     _check_logits(op, "logits", logits)
     v.tensor(op, "ref_logits", ref_logits, kind="float")
-    v.same_shape(op, "logits", logits, "ref_logits", ref_logits)
-    v.same_device(op, "logits", logits, ref_logits=ref_logits)
     if ref_logits.dtype != logits.dtype:
         raise TypeError("full_kl: `ref_logits` must have the dtype of `logits` (%s), got %s"
                         % (logits.dtype, ref_logits.dtype))
-    _check_temperature(op, temperature)
-    name = _resolve(op, backend, logits)
-    lead = logits.shape[:-1]
+    v.same_shape(op, "logits", logits, "ref_logits", ref_logits)
+    v.same_device(op, "logits", logits, ref_logits=ref_logits)
+    temperature = _check_temperature(op, temperature)
     ref_logits = ref_logits.detach()
     if name == "torch":
-        return ref.full_kl(logits.float(), ref_logits.float(), float(temperature))
-    z, zr = _rows(logits), _rows(ref_logits)
-    if name == "triton":
-        from rlhf_kernels.triton import logprobs as tri
-        kl = tri.full_kl(z, zr, float(temperature))
-    else:
-        kl, _ = torch.ops.rlhf_kernels.full_kl_fwd(z, zr, float(temperature))
-    return kl.reshape(lead)
+        return ref.full_kl(logits.float(), ref_logits.float(), temperature)
+    from rlhf_kernels.triton import logprobs as tri
+    return tri.full_kl(_rows(logits), _rows(ref_logits), temperature)[0].reshape(logits.shape[:-1])
 
 
-def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None):
+def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None, backend="auto"):
     """Per-token KL estimate from the log-probabilities of sampled tokens (elementwise).
 
     With log_r = logprobs - ref_logprobs (samples drawn from the policy):
@@ -197,10 +223,14 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None):
 
     Args:
         logprobs, ref_logprobs: float tensors of one shape, on one device.
+        backend: "auto", "cuda", "triton", "cpu" or "torch". The op is a few elementwise
+            torch ops, the same on every backend; the argument is checked like every op's
+            (an explicit backend that cannot serve the tensors raises BackendUnavailable).
     Returns:
         float32 tensor of that shape, differentiable wrt both inputs.
     """
     op = "kl_penalty"
+    _backend.pick(backend, logprobs, op, "logprobs")
     v.tensor(op, "logprobs", logprobs, kind="float")
     v.tensor(op, "ref_logprobs", ref_logprobs, kind="float")
     v.same_shape(op, "logprobs", logprobs, "ref_logprobs", ref_logprobs)
@@ -223,45 +253,30 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None):
     return out
 
 
-class _NativeInplace(torch.autograd.Function):
-    """token_logprobs on the native ops with the gradient written over the logits (eager only)."""
+# ---- fake kernels of the native ops (torch.compile, opcheck); their autograd is in C++ ----
 
-    @staticmethod
-    def forward(ctx, z, y, temperature, ignore_index):
-        logp, entropy, stats = torch.ops.rlhf_kernels.token_logprobs_fwd(z, y, temperature, ignore_index)
-        ctx.save_for_backward(z, y, stats, entropy)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy):
-        z, y, stats, entropy = ctx.saved_tensors
-        torch.ops.rlhf_kernels.logprobs_bwd_inplace(z, y, _grad(g_logp), _grad(g_entropy), stats, entropy,
-                                                   ctx.temperature, ctx.ignore_index)
-        return z, None, None, None
-
-
-def _grad(g):
-    return None if g is None else g.float().contiguous()
-
-
-# ---- torch.library registrations of the native ops: fake kernels and autograd ----
-
-if _has_native_ops():
+if _ext.loaded():
     def _rows_f32(logits, *cols):
-        return logits.new_empty((logits.shape[0],) + cols, dtype=torch.float32)
+        """float32 [N, *cols] for the N = numel / V rows of ``logits``."""
+        n = 1
+        for d in logits.shape[:-1]:
+            n = n * d
+        return logits.new_empty((n,) + cols, dtype=torch.float32)
+
+    def _lead_f32(logits):
+        return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
 
     @torch.library.register_fake("rlhf_kernels::token_logprobs_fwd")
-    def _token_logprobs_fwd_fake(logits, labels, temperature, ignore_index):
-        return _rows_f32(logits), _rows_f32(logits), _rows_f32(logits, 2)
+    def _token_logprobs_fwd_fake(logits, labels, temperature, ignore_index, validate, inplace_backward):
+        return _lead_f32(logits), _lead_f32(logits), _rows_f32(logits, 2)
 
     @torch.library.register_fake("rlhf_kernels::token_entropy_fwd")
     def _token_entropy_fwd_fake(logits, temperature):
-        return _rows_f32(logits), _rows_f32(logits, 2)
+        return _lead_f32(logits), _rows_f32(logits, 2)
 
     @torch.library.register_fake("rlhf_kernels::logprobs_bwd")
     def _logprobs_bwd_fake(logits, labels, grad_logp, grad_entropy, stats, entropy, temperature, ignore_index):
-        return torch.empty_like(logits)
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("rlhf_kernels::logprobs_bwd_inplace")
     def _logprobs_bwd_inplace_fake(logits, labels, grad_logp, grad_entropy, stats, entropy, temperature,
@@ -270,58 +285,8 @@ if _has_native_ops():
 
     @torch.library.register_fake("rlhf_kernels::full_kl_fwd")
     def _full_kl_fwd_fake(logits, ref_logits, temperature):
-        return _rows_f32(logits), _rows_f32(logits, 4)
+        return _lead_f32(logits), _rows_f32(logits, 4)
 
     @torch.library.register_fake("rlhf_kernels::full_kl_bwd")
     def _full_kl_bwd_fake(grad_kl, logits, ref_logits, kl, stats, temperature):
-        return torch.empty_like(logits)
-
-    # Saved between forward and backward: the logits (the caller's tensor, no copy), the
-    # per-row statistics [N, 2] = (max, log sum exp(s - max)) and the entropy output.
-    def _token_logprobs_setup(ctx, inputs, output):
-        logits, labels, temperature, ignore_index = inputs
-        _, entropy, stats = output
-        ctx.save_for_backward(logits, labels, stats, entropy)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
-        ctx.mark_non_differentiable(stats)
-
-    def _token_logprobs_backward(ctx, g_logp, g_entropy, _g_stats):
-        logits, labels, stats, entropy = ctx.saved_tensors
-        grad = torch.ops.rlhf_kernels.logprobs_bwd(logits, labels, _grad(g_logp), _grad(g_entropy), stats, entropy,
-                                                   ctx.temperature, ctx.ignore_index)
-        return grad, None, None, None
-
-    torch.library.register_autograd("rlhf_kernels::token_logprobs_fwd", _token_logprobs_backward,
-                                    setup_context=_token_logprobs_setup)
-
-    def _token_entropy_setup(ctx, inputs, output):
-        logits, temperature = inputs
-        entropy, stats = output
-        ctx.save_for_backward(logits, stats, entropy)
-        ctx.temperature = temperature
-        ctx.mark_non_differentiable(stats)
-
-    def _token_entropy_backward(ctx, g_entropy, _g_stats):
-        logits, stats, entropy = ctx.saved_tensors
-        grad = torch.ops.rlhf_kernels.logprobs_bwd(logits, None, None, _grad(g_entropy), stats, entropy,
-                                                   ctx.temperature, 0)
-        return grad, None
-
-    torch.library.register_autograd("rlhf_kernels::token_entropy_fwd", _token_entropy_backward,
-                                    setup_context=_token_entropy_setup)
-
-    def _full_kl_setup(ctx, inputs, output):
-        logits, ref_logits, temperature = inputs
-        kl, stats = output
-        ctx.save_for_backward(logits, ref_logits, kl, stats)
-        ctx.temperature = temperature
-        ctx.mark_non_differentiable(stats)
-
-    def _full_kl_backward(ctx, g_kl, _g_stats):
-        logits, ref_logits, kl, stats = ctx.saved_tensors
-        if g_kl is None:
-            return torch.zeros_like(logits), None, None
-        grad = torch.ops.rlhf_kernels.full_kl_bwd(_grad(g_kl), logits, ref_logits, kl, stats, ctx.temperature)
-        return grad, None, None
-
-    torch.library.register_autograd("rlhf_kernels::full_kl_fwd", _full_kl_backward, setup_context=_full_kl_setup)
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)

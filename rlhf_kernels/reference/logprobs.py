@@ -4,7 +4,9 @@ With ``s = logits / temperature`` over the last dimension (the vocabulary, size 
     logp_t    = log_softmax(s_t)[y_t]
     entropy_t = -sum_v p_tv * log p_tv,              p_t = softmax(s_t)
     full_kl_t = sum_v p_tv * (log p_tv - log q_tv),  q_t = softmax(ref_logits_t / temperature)
-Positions whose label equals ``ignore_index`` give 0 (logp and entropy).
+Positions whose label equals ``ignore_index`` give 0 (logp and entropy); a label outside
+[0, V) other than ``ignore_index`` gives NaN (logp and entropy) and no gradient (the public
+ops raise for one first, unless called with ``validate=False``).
 They compute in the dtype they are given: tests call them on float64 inputs.
 """
 
@@ -16,10 +18,12 @@ def token_logprobs(logits, labels, temperature=1.0, ignore_index=-100):
     s = logits / temperature
     logp_all = torch.log_softmax(s, dim=-1)
     ignored = labels == ignore_index
-    safe = torch.where(ignored, torch.zeros_like(labels), labels).long()
+    outside = ~ignored & ((labels < 0) | (labels >= logits.shape[-1]))
+    safe = torch.where(ignored | outside, torch.zeros_like(labels), labels).long()
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     entropy = _entropy_from_logp(logp_all)
-    zero = torch.zeros_like(logp)
+    zero, nan = torch.zeros_like(logp), torch.full_like(logp, float("nan"))
+    logp, entropy = torch.where(outside, nan, logp), torch.where(outside, nan, entropy)
     return torch.where(ignored, zero, logp), torch.where(ignored, zero, entropy)
 
 

@@ -8,19 +8,21 @@ at once, bias added, into running float32 statistics of s = logits / T
 (rlhf_kernels/triton/logprobs.py has the same online softmax):
     m = max s,  d = sum exp(s - m),  w = sum exp(s - m) (s - m),  s_y = the label's s.
 Then logp = (s_y - m) - log d and H = log d - w / d. Saved for the backward: (m, log d) and H.
+A label outside [0, V) other than ignore_index never sets s_y: NaN logp and entropy.
 The backward recomputes each tile's logits, a second epilogue overwrites them with
-    dlogits = [g_l (onehot(y) - p) - g_H p (log p + H)] / T   (0 on ignored rows)
+    dlogits = [g_l (onehot(y) - p) - g_H p (log p + H)] / T
+    (0 on ignored rows and rows whose label is outside [0, V))
 in the operands' dtype, and torch matmuls accumulate d_hidden (float32), d_weight and d_bias
 tile by tile.
 The [N, V] logits never exist; at most one tile of them does.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from rlhf_kernels.triton import _common
+from rlhf_kernels.triton._op import DifferentiableOp, Op
 from rlhf_kernels.triton.logprobs import logprob_grad, row_grad_inputs
 
 # Bytes of one float32 logits tile (the native CUDA op uses the same budget).
@@ -83,7 +85,7 @@ def _grad_kernel(
     gent_ptr,     # [nr] float32 upstream gradient of the entropy; read only when HAS_GENT
     stats_ptr,    # [nr, 2] float32 saved (m, log d)
     ent_ptr,      # [nr] float32 saved entropy
-    n, c0, inv_t, ignore_index,
+    n, c0, V, inv_t, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -91,7 +93,7 @@ def _grad_kernel(
     out = dz_ptr + row * n
     cols = tl.arange(0, BLOCK)
     label = tl.load(labels_ptr + row).to(tl.int64)
-    keep = label != ignore_index
+    keep = (label != ignore_index) & (label >= 0) & (label < V)  # no gradient for a label outside [0, V)
     y = label - c0
     gl, gh, m, log_d, h = row_grad_inputs(row, glogp_ptr, gent_ptr, stats_ptr, ent_ptr, HAS_GLOGP, HAS_GENT)
     for start in range(0, n, BLOCK):
@@ -115,12 +117,7 @@ def tiles(N, V, budget):
 
 def _block(n):
     # the interpreter runs a program's chunk loop in numpy: small chunks exercise the merge
-    limit = 128 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4096
-    return min(triton.next_power_of_2(max(n, 1)), limit)
-
-
-def _warps(block):
-    return 8 if block >= 2048 else 4
+    return _common.block(n, 4096, 128)
 
 
 def _operand(t):
@@ -150,6 +147,7 @@ def _forward(hidden, weight, bias, y, temperature, ignore_index, tile):
     f32 = dict(dtype=torch.float32, device=hidden.device)
     running = torch.zeros(N, 4, **f32)
     running[:, 0] = float("-inf")
+    running[:, 3] = float("nan")  # s_y: a label outside [0, V) never sets it
     vc, nt = _tiling(hidden, weight, tile)
     inv_t = 1.0 / temperature
     h, b = _operand(hidden), _bias_f32(bias)
@@ -162,19 +160,20 @@ def _forward(hidden, weight, bias, y, temperature, ignore_index, tile):
             logits = _mm_f32(h[r0:r0 + nr], w_t)
             _fold_kernel[(nr,)](logits, b[c0:c0 + n] if b is not None else logits, y[r0:r0 + nr],
                                 running[r0:r0 + nr], n, c0, inv_t,
-                                HAS_BIAS=b is not None, BLOCK=block, num_warps=_warps(block))
+                                HAS_BIAS=b is not None, BLOCK=block, num_warps=_common.warps(block))
             del logits
     m, d = running[:, 0], running[:, 1]
     log_d = torch.log(d)
     ignored = y == ignore_index
+    in_vocab = (y >= 0) & (y < V)
     logp = torch.where(ignored, 0.0, (running[:, 3] - m) - log_d)
-    entropy = torch.where(ignored, 0.0, log_d - running[:, 2] / d)
+    entropy = torch.where(ignored, 0.0, torch.where(in_vocab, log_d - running[:, 2] / d, float("nan")))
     return logp, entropy, torch.stack((m, log_d), 1)
 
 
 def _backward(hidden, weight, bias, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index, tile,
-              need):
-    need_h, need_w, need_b = need
+              need_h, need_w, need_b):
+    """-> (d_hidden, d_weight, d_bias) in the inputs' dtype; an empty [0] tensor for each not asked for."""
     N, H = hidden.shape
     V = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -204,9 +203,9 @@ def _backward(hidden, weight, bias, y, g_logp, g_entropy, stats, entropy, temper
                     logits, dz, b[c0:c0 + n] if b is not None else logits, y[r0:r0 + nr],
                     g_logp[r0:r0 + nr] if g_logp is not None else entropy,
                     g_entropy[r0:r0 + nr] if g_entropy is not None else entropy,
-                    stats[r0:r0 + nr], entropy[r0:r0 + nr], n, c0, inv_t, ignore_index,
+                    stats[r0:r0 + nr], entropy[r0:r0 + nr], n, c0, V, inv_t, ignore_index,
                     HAS_BIAS=b is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_entropy is not None,
-                    BLOCK=block, num_warps=_warps(block))
+                    BLOCK=block, num_warps=_common.warps(block))
                 del logits
                 if need_h:
                     d_hidden[r0:r0 + nr] += _mm_f32(dz, w)
@@ -221,33 +220,67 @@ def _backward(hidden, weight, bias, y, g_logp, g_entropy, stats, entropy, temper
             if acc_w:
                 d_weight[c0:c0 + n] = dw
     dt = hidden.dtype
-    return (d_hidden.to(dt) if need_h else None, d_weight, d_bias.to(dt) if need_b else None)
+    none = lambda: hidden.new_empty((0,))  # noqa: E731  (outputs must not alias one another)
+    return (d_hidden.to(dt) if need_h else none(), d_weight if need_w else none(),
+            d_bias.to(dt) if need_b else none())
 
 
 def _f32(g):
     return None if g is None else g.float().contiguous()
 
 
-class _LinearTokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, y, temperature, ignore_index, tile):
-        logp, entropy, stats = _forward(hidden, weight, bias, y, temperature, ignore_index, tile)
-        ctx.save_for_backward(hidden, weight, bias, y, stats, entropy)
-        ctx.args = (temperature, ignore_index, tile)
-        return logp, entropy
+# ---- the ops (rlhf_kernels/triton/_op.py). Inputs as rlhf_kernels/ops/linear_logprobs.py passes
+# them: hidden [N, H], weight [V, H], bias [V] or None (one dtype, contiguous), y [N] int32/int64.
+# Saved between forward and backward: the caller's hidden, weight and bias (no copies), the
+# labels, the per-row statistics [N, 2] = (max, log sum exp(s - max)) and the entropy.
 
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy):
-        hidden, weight, bias, y, stats, entropy = ctx.saved_tensors
-        temperature, ignore_index, tile = ctx.args
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        d_hidden, d_weight, d_bias = _backward(hidden, weight, bias, y, _f32(g_logp), _f32(g_entropy), stats,
-                                               entropy, temperature, ignore_index, tile, need)
-        return d_hidden, d_weight, d_bias, None, None, None, None
+def _backward_fake(hidden, weight, bias, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index, tile,
+                   need_h, need_w, need_b):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty((0,)),
+            torch.empty_like(weight) if need_w else hidden.new_empty((0,)),
+            hidden.new_empty((weight.shape[0],)) if need_b else hidden.new_empty((0,)))
 
 
-def linear_token_logprobs(hidden, weight, bias, y, temperature, ignore_index, tile=0):
-    """hidden [N, H], weight [V, H], bias [V] or None (one dtype, contiguous); y [N] int32/int64
-    (range already checked). Returns float32 (logp [N], entropy [N]), differentiable wrt
-    hidden, weight and bias. ``tile``: logits elements per tile (0: TILE_BYTES worth)."""
-    return _LinearTokenLogprobs.apply(hidden, weight, bias, y, temperature, ignore_index, tile)
+linear_backward = Op(
+    "linear_logprobs_bwd",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_logp, Tensor? grad_entropy, "
+    "Tensor stats, Tensor entropy, float temperature, int ignore_index, int tile, bool need_hidden, "
+    "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)",
+    _backward, _backward_fake)
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, bias, y, temperature, ignore_index, tile = inputs
+    _, entropy, stats = output
+    ctx.save_for_backward(hidden, weight, bias, y, stats, entropy)
+    ctx.args = (temperature, ignore_index, tile)
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
+
+
+def _grad(ctx, g_logp, g_entropy, _g_stats):
+    hidden, weight, bias, y, stats, entropy = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    if (g_logp is None and g_entropy is None) or not (need_h or need_w or need_b):
+        return (None,) * 7
+    d_hidden, d_weight, d_bias = linear_backward(hidden, weight, bias, y, _f32(g_logp), _f32(g_entropy), stats,
+                                                 entropy, *ctx.args, need_h, need_w, need_b)
+    return (d_hidden if need_h else None, d_weight if need_w else None, d_bias if need_b else None,
+            None, None, None, None)
+
+
+def _forward_fake(hidden, weight, bias, y, temperature, ignore_index, tile):
+    N = hidden.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return hidden.new_empty((N,), **f32), hidden.new_empty((N,), **f32), hidden.new_empty((N, 2), **f32)
+
+
+# (hidden, weight, bias, y, temperature, ignore_index, tile) -> float32 (logp [N], entropy [N],
+# stats [N, 2]), differentiable wrt hidden, weight and bias. ``tile``: logits elements per tile
+# (0: TILE_BYTES worth).
+linear_token_logprobs = DifferentiableOp(
+    "linear_logprobs",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature, int ignore_index, int tile) "
+    "-> (Tensor, Tensor, Tensor)",
+    _forward, _forward_fake, _setup, _grad)

@@ -13,14 +13,21 @@ Backward, with lp = log p and p = exp(lp):
     dz = [g_l ([j == y] - p) - g_H p (lp + H)] / T         (token_logprobs / token_entropy)
     dz = g p (lp - lq - KL) / T,  lq = (r - m_r) - log d_r  (full_kl)
 Only per-row float32 statistics are saved between forward and backward. The math is
-the same as csrc/include/rlhf/logprobs.h.
-"""
+the same as csrc/include/rlhf/logprobs.h. A NaN in a row makes that row's outputs and
+gradient NaN (the gradient's select tests p != 0, not p > 0); a label outside [0, V) other
+than ignore_index gives NaN logp and entropy and a zero gradient row, never a wild read.
 
-import os
+The ops are registered with torch.library (rlhf_kernels/triton/_op.py): torch.compile sees
+``torch.ops.rlhf_kernels.triton_token_logprobs`` and the rest; eager calls go straight to
+the Python functions. ``inplace_backward`` (eager only) writes the gradient over the logits.
+"""
 
 import torch
 import triton
 import triton.language as tl
+
+from rlhf_kernels.triton import _common
+from rlhf_kernels.triton._op import DifferentiableOp, Op
 
 
 @triton.jit
@@ -48,7 +55,9 @@ def logprob_grad(s, idx, y, m, log_d, h, gl, gh, inv_t, keep):
     # dz of g_l * logp_y + g_H * H at the scaled logits s of columns idx; 0 unless keep
     lp = (s - m) - log_d
     p = tl.exp(lp)
-    ds = tl.where(p > 0, -p * (gl + gh * (lp + h)), 0.0) + tl.where(idx == y, gl, 0.0)
+    # 0 where p == 0 (a -inf logit: p * lp would be 0 * -inf); p != 0 rather than p > 0 so that
+    # a NaN row (NaN lp and p) keeps a NaN gradient, as PyTorch's
+    ds = tl.where(p != 0, -p * (gl + gh * (lp + h)), 0.0) + tl.where(idx == y, gl, 0.0)
     return tl.where(keep, ds * inv_t, 0.0)
 
 
@@ -85,7 +94,7 @@ def _logprobs_fwd_kernel(
     if HAS_LABELS:
         y = tl.load(labels_ptr + row).to(tl.int64)
         valid = y != ignore_index
-        # the Python API rejects bad labels; one that gets here anyway gives NaN, never a wild read
+        # a label outside [0, V) (validate=False, or a CUDA graph) gives NaN, never a wild read
         in_range = (y >= 0) & (y < V)
         s_y = tl.load(base + y, mask=valid & in_range, other=0.0).to(tl.float32) * inv_t
         logp = tl.where(in_range, (s_y - m) - log_d, float("nan"))
@@ -193,19 +202,18 @@ def _full_kl_bwd_kernel(
         r = tl.load(zr_ptr + row * V + idx, mask=inb, other=0.0).to(tl.float32) * inv_t
         lp = (s - m) - log_d
         p = tl.exp(lp)
-        ds = tl.where(p > 0, g * p * (lp - ((r - mr) - log_dr) - kl), 0.0) * inv_t
+        ds = tl.where(p != 0, g * p * (lp - ((r - mr) - log_dr) - kl), 0.0) * inv_t  # p != 0: NaN stays NaN
         tl.store(grad_ptr + row * V + idx, ds.to(grad_ptr.dtype.element_ty), mask=inb)
 
 
 def _block(V):
-    # the interpreter runs a program's chunk loop in numpy: small chunks exercise the
-    # online merge across chunks at test sizes; on a GPU, 4096 entries per chunk
-    limit = 128 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4096
-    return min(triton.next_power_of_2(max(V, 1)), limit)
+    # the interpreter runs a program's chunk loop in numpy: small chunks exercise the online
+    # merge across chunks at test sizes; on a GPU, 4096 entries per chunk
+    return _common.block(V, 4096, 128)
 
 
-def _warps(block):
-    return 8 if block >= 2048 else 4
+def _f32(g):
+    return None if g is None else g.float().contiguous()
 
 
 def _forward(z, y, temperature, ignore_index):
@@ -219,98 +227,170 @@ def _forward(z, y, temperature, ignore_index):
         _logprobs_fwd_kernel[(N,)](
             z, y if y is not None else z, logp if y is not None else entropy, entropy, stats,
             V, 1.0 / temperature, ignore_index,
-            HAS_LABELS=y is not None, BLOCK=block, num_warps=_warps(block),
+            HAS_LABELS=y is not None, BLOCK=block, num_warps=_common.warps(block),
         )
     return logp, entropy, stats
 
 
-def _backward(z, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index, grad):
+def _backward_into(grad, z, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index):
+    """The gradient into ``grad`` ([N, V], z's dtype; may be z itself)."""
     N, V = z.shape
-    if N == 0:
-        return grad
-    block = _block(V)
-    g_logp = None if g_logp is None else g_logp.float().contiguous()
-    g_entropy = None if g_entropy is None else g_entropy.float().contiguous()
-    _logprobs_bwd_kernel[(N,)](
-        z, y if y is not None else entropy, g_logp if g_logp is not None else entropy,
-        g_entropy if g_entropy is not None else entropy, stats, entropy, grad,
-        V, 1.0 / temperature, ignore_index,
-        HAS_LABELS=y is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_entropy is not None,
-        BLOCK=block, num_warps=_warps(block),
-    )
+    if N > 0:
+        block = _block(V)
+        _logprobs_bwd_kernel[(N,)](
+            z, y if y is not None else entropy, g_logp if g_logp is not None else entropy,
+            g_entropy if g_entropy is not None else entropy, stats, entropy, grad,
+            V, 1.0 / temperature, ignore_index,
+            HAS_LABELS=y is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_entropy is not None,
+            BLOCK=block, num_warps=_common.warps(block),
+        )
     return grad
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, y, temperature, ignore_index, inplace_backward):
-        logp, entropy, stats = _forward(z, y, temperature, ignore_index)
-        ctx.save_for_backward(z, y, stats, entropy)
-        ctx.args = (temperature, ignore_index, inplace_backward)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy):
-        z, y, stats, entropy = ctx.saved_tensors
-        temperature, ignore_index, inplace = ctx.args
-        grad = z if inplace else torch.empty_like(z)
-        _backward(z, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index, grad)
-        return grad, None, None, None, None
+def _backward(z, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index):
+    return _backward_into(torch.empty_like(z), z, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index)
 
 
-class _TokenEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, temperature):
-        _, entropy, stats = _forward(z, None, temperature, 0)
-        ctx.save_for_backward(z, stats, entropy)
-        ctx.temperature = temperature
-        return entropy
-
-    @staticmethod
-    def backward(ctx, g_entropy):
-        z, stats, entropy = ctx.saved_tensors
-        grad = torch.empty_like(z)
-        _backward(z, None, None, g_entropy, stats, entropy, ctx.temperature, 0, grad)
-        return grad, None
+def _full_kl_forward(z, zr, temperature):
+    N, V = z.shape
+    f32 = dict(dtype=torch.float32, device=z.device)
+    kl, stats = torch.empty(N, **f32), torch.empty(N, 4, **f32)
+    if N > 0:
+        block = _block(V)
+        _full_kl_fwd_kernel[(N,)](z, zr, kl, stats, V, 1.0 / temperature, BLOCK=block,
+                                  num_warps=_common.warps(block))
+    return kl, stats
 
 
-class _FullKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, zr, temperature):
-        N, V = z.shape
-        f32 = dict(dtype=torch.float32, device=z.device)
-        kl, stats = torch.empty(N, **f32), torch.empty(N, 4, **f32)
-        if N > 0:
-            block = _block(V)
-            _full_kl_fwd_kernel[(N,)](z, zr, kl, stats, V, 1.0 / temperature, BLOCK=block,
-                                      num_warps=_warps(block))
-        ctx.save_for_backward(z, zr, kl, stats)
-        ctx.temperature = temperature
-        return kl
-
-    @staticmethod
-    def backward(ctx, g_kl):
-        z, zr, kl, stats = ctx.saved_tensors
-        N, V = z.shape
-        grad = torch.empty_like(z)
-        if N > 0:
-            block = _block(V)
-            _full_kl_bwd_kernel[(N,)](z, zr, g_kl.float().contiguous(), kl, stats, grad, V,
-                                      1.0 / ctx.temperature, BLOCK=block, num_warps=_warps(block))
-        return grad, None, None
+def _full_kl_backward(g_kl, z, zr, kl, stats, temperature):
+    N, V = z.shape
+    grad = torch.empty_like(z)
+    if N > 0:
+        block = _block(V)
+        _full_kl_bwd_kernel[(N,)](z, zr, g_kl, kl, stats, grad, V, 1.0 / temperature, BLOCK=block,
+                                  num_warps=_common.warps(block))
+    return grad
 
 
-def token_logprobs(z, y, temperature, ignore_index, inplace_backward):
-    """z: [N, V] contiguous float32/float16/bfloat16; y: [N] int32/int64 (range already checked).
-    Returns (logp [N], entropy [N]) float32."""
-    return _TokenLogprobs.apply(z, y, temperature, ignore_index, inplace_backward)
+# ---- the ops (rlhf_kernels/triton/_op.py). Inputs as rlhf_kernels/ops/logprobs.py passes them:
+# z, zr [N, V] contiguous float32/float16/bfloat16, y [N] int32/int64, upstream gradients
+# float32 contiguous. Saved between forward and backward: the logits (no copy), the per-row
+# statistics [N, 2] ([N, 4] for full_kl) and the entropy (or KL). Outputs float32 [N] and the
+# statistics; gradients in the logits' dtype.
+
+def _rows_f32(z, *cols):
+    return z.new_empty((z.shape[0],) + cols, dtype=torch.float32)
 
 
-def token_entropy(z, temperature):
-    """z: [N, V] contiguous. Returns entropy [N] float32."""
-    return _TokenEntropy.apply(z, temperature)
+def _backward_fake(z, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index):
+    return torch.empty_like(z)
 
 
-def full_kl(z, zr, temperature):
-    """z, zr: [N, V] contiguous, same dtype. Returns KL(p || q) [N] float32, differentiable wrt z."""
-    return _FullKL.apply(z, zr, temperature)
+logprobs_backward = Op(
+    "logprobs_bwd",
+    "(Tensor logits, Tensor? labels, Tensor? grad_logp, Tensor? grad_entropy, Tensor stats, Tensor entropy, "
+    "float temperature, int ignore_index) -> Tensor",
+    _backward, _backward_fake)
+
+
+def _token_logprobs_setup(ctx, inputs, output):
+    z, y, temperature, ignore_index, inplace_backward = inputs
+    _, entropy, stats = output
+    ctx.save_for_backward(z, y, stats, entropy)
+    ctx.args = (temperature, ignore_index, inplace_backward)
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
+
+
+def _token_logprobs_grad(ctx, g_logp, g_entropy, _g_stats):
+    if g_logp is None and g_entropy is None:
+        return (None,) * 5
+    z, y, stats, entropy = ctx.saved_tensors
+    temperature, ignore_index, inplace_backward = ctx.args
+    args = (z, y, _f32(g_logp), _f32(g_entropy), stats, entropy, temperature, ignore_index)
+    if inplace_backward:  # eager only: the public API passes False while torch.compile traces
+        grad = _backward_into(z, *args)
+    else:
+        grad = logprobs_backward(*args)
+    return grad, None, None, None, None
+
+
+def _token_logprobs(z, y, temperature, ignore_index, inplace_backward):
+    return _forward(z, y, temperature, ignore_index)
+
+
+def _token_logprobs_fake(z, y, temperature, ignore_index, inplace_backward):
+    return _rows_f32(z), _rows_f32(z), _rows_f32(z, 2)
+
+
+token_logprobs = DifferentiableOp(
+    "token_logprobs",
+    "(Tensor logits, Tensor labels, float temperature, int ignore_index, bool inplace_backward) "
+    "-> (Tensor, Tensor, Tensor)",
+    _token_logprobs, _token_logprobs_fake, _token_logprobs_setup, _token_logprobs_grad)
+
+
+def _token_entropy_setup(ctx, inputs, output):
+    z, temperature = inputs
+    entropy, stats = output
+    ctx.save_for_backward(z, stats, entropy)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
+
+
+def _token_entropy_grad(ctx, g_entropy, _g_stats):
+    if g_entropy is None:
+        return None, None
+    z, stats, entropy = ctx.saved_tensors
+    return logprobs_backward(z, None, None, _f32(g_entropy), stats, entropy, ctx.temperature, 0), None
+
+
+def _token_entropy(z, temperature):
+    _, entropy, stats = _forward(z, None, temperature, 0)
+    return entropy, stats
+
+
+def _token_entropy_fake(z, temperature):
+    return _rows_f32(z), _rows_f32(z, 2)
+
+
+token_entropy = DifferentiableOp(
+    "token_entropy",
+    "(Tensor logits, float temperature) -> (Tensor, Tensor)",
+    _token_entropy, _token_entropy_fake, _token_entropy_setup, _token_entropy_grad)
+
+def _full_kl_backward_fake(g_kl, z, zr, kl, stats, temperature):
+    return torch.empty_like(z)
+
+
+full_kl_backward = Op(
+    "full_kl_bwd",
+    "(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor kl, Tensor stats, float temperature) -> Tensor",
+    _full_kl_backward, _full_kl_backward_fake)
+
+
+def _full_kl_setup(ctx, inputs, output):
+    z, zr, temperature = inputs
+    kl, stats = output
+    ctx.save_for_backward(z, zr, kl, stats)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
+
+
+def _full_kl_grad(ctx, g_kl, _g_stats):
+    if g_kl is None:
+        return None, None, None
+    z, zr, kl, stats = ctx.saved_tensors
+    return full_kl_backward(_f32(g_kl), z, zr, kl, stats, ctx.temperature), None, None
+
+
+def _full_kl_fake(z, zr, temperature):
+    return _rows_f32(z), _rows_f32(z, 4)
+
+
+full_kl = DifferentiableOp(
+    "full_kl",
+    "(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor, Tensor)",
+    _full_kl_forward, _full_kl_fake, _full_kl_setup, _full_kl_grad)

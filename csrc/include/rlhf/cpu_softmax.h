@@ -10,7 +10,6 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -18,7 +17,6 @@
 #include <type_traits>
 
 #include "rlhf/cpu_vec.h"
-#include "rlhf/label_dispatch.h"
 #include "rlhf/logprobs.h"
 
 
@@ -70,10 +68,26 @@ __attribute__((always_inline)) inline VecF load8(const float* p) {
   return v;
 }
 __attribute__((always_inline)) inline void store8(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
-__attribute__((always_inline)) inline float lane_sum(VecF v) {  // fixed order: deterministic
-  float s = 0.f;
-  for (int k = 0; k < kW; ++k) s += v[k];
-  return s;
+// Lane reductions as a fixed tree (halves, then pairs): deterministic, and three dependent
+// steps instead of eight, which matters for short rows (V of a few dozen).
+typedef float VecF4 __attribute__((vector_size(16)));
+__attribute__((always_inline)) inline void halves(VecF v, VecF4& lo, VecF4& hi) {
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+}
+__attribute__((always_inline)) inline float lane_sum(VecF v) {
+  VecF4 lo, hi;
+  halves(v, lo, hi);
+  const VecF4 s = lo + hi;
+  return (s[0] + s[2]) + (s[1] + s[3]);
+}
+// The max of the lanes (of max_of's running maxima, which never hold a NaN).
+__attribute__((always_inline)) inline float lane_max(VecF v) {
+  VecF4 lo, hi;
+  halves(v, lo, hi);
+  const VecF4 s = hi > lo ? hi : lo;
+  const float a = s[2] > s[0] ? s[2] : s[0], b = s[3] > s[1] ? s[3] : s[1];
+  return b > a ? b : a;
 }
 
 template <typename T>
@@ -86,6 +100,23 @@ void store(const float* in, int64_t n, T* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(in[i]);
 }
 
+// The helpers below read a chunk as s_j = src_j * scale. float32 logits are read in place
+// (src = the logits, scale = 1/T); other dtypes are converted into the chunk buffer first
+// (scaled_chunk). Reading float32 in place also avoids a store-forwarding stall: the 8-lane
+// loads of a buffer written a moment before by narrower stores wait for those stores, which
+// costs more than the whole chunk when rows are short (V of a few dozen).
+template <typename T>
+const float* scaled_chunk(const T* z, int64_t n, float inv_t, float* buf, float& scale) {
+  if constexpr (std::is_same_v<T, float>) {
+    scale = inv_t;
+    return z;
+  } else {
+    load_scaled(z, n, inv_t, buf);
+    scale = 1.f;
+    return buf;
+  }
+}
+
 RLHF_CPU_CLONES float max_of(const float* s, int64_t n) {
   VecF m8 = splat<VecF>(-INFINITY);
   int64_t i = 0;
@@ -93,61 +124,57 @@ RLHF_CPU_CLONES float max_of(const float* s, int64_t n) {
     const VecF x = load8(s + i);
     m8 = x > m8 ? x : m8;
   }
-  float m = -INFINITY;
-  for (int k = 0; k < kW; ++k) m = m8[k] > m ? m8[k] : m;
+  float m = lane_max(m8);
   for (; i < n; ++i) m = s[i] > m ? s[i] : m;
   return m;
 }
 
-// Chunk statistics relative to the chunk's max m: d = sum e, w = sum e (s - m)
-// (softmax_stats_add of rlhf/logprobs.h, eight lanes at a time).
-RLHF_CPU_CLONES SoftmaxStats chunk_softmax_stats(const float* s, int64_t n) {
-  const float m = max_of(s, n);
-  if (m == -INFINITY) return softmax_stats_empty();  // all -inf: contributes nothing
-  const VecF mv = splat<VecF>(m), zero = splat<VecF>(0.f);
+// Chunk statistics of s = src * scale (scale > 0) relative to the chunk's max m: d = sum e,
+// w = sum e (s - m) (softmax_stats_add of rlhf/logprobs.h, eight lanes at a time).
+// max(src) * scale is max(s) exactly (rounding is monotonic). max_of skips NaN, so a NaN
+// entry shows up as a NaN e, hence a NaN d. A chunk with no finite entry (m = -inf) is
+// measured against 0 instead: its exps are 0 (d = 0, "nothing seen" to the merge), or NaN
+// when it holds a NaN, which must not be lost.
+RLHF_CPU_CLONES SoftmaxStats chunk_softmax_stats(const float* src, int64_t n, float scale) {
+  const float m = max_of(src, n) * scale;
+  const float ms = m == -INFINITY ? 0.f : m;
+  const VecF mv = splat<VecF>(ms), sc = splat<VecF>(scale), zero = splat<VecF>(0.f);
   VecF d = zero, w = zero;
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    const VecF x = load8(s + i) - mv, e = exp_nonpos(x);
+    const VecF x = load8(src + i) * sc - mv, e = exp_nonpos(x);
     d += e;
     w += e > zero ? e * x : zero;
   }
-  SoftmaxStats st = {m, lane_sum(d), lane_sum(w)};
-  for (; i < n; ++i) softmax_stats_add(st, s[i], exp_nonpos(s[i] - m));
+  SoftmaxStats st = {ms, lane_sum(d), lane_sum(w)};
+  for (; i < n; ++i) {
+    const float s = src[i] * scale;
+    softmax_stats_add(st, s, exp_nonpos(s - ms));
+  }
+  st.m = m;  // d is 0 or NaN when m is -inf: nothing to rebase
   return st;
 }
 
-
-// In place: s_j -> dz_j = ds_j / T without the label's one-hot term
-// (logprob_entropy_grad of rlhf/logprobs.h, eight lanes at a time).
-RLHF_CPU_CLONES void chunk_logprob_grad(float* s, int64_t n, float m, float log_d, float entropy, float g_logp,
-                                        float g_entropy, float inv_t) {
+// out_j = dz_j = ds_j / T of s = src * scale, without the label's one-hot term
+// (logprob_entropy_grad of rlhf/logprobs.h, eight lanes at a time). out may be src.
+RLHF_CPU_CLONES void chunk_logprob_grad(const float* src, float* out, int64_t n, float scale, float m, float log_d,
+                                        float entropy, float g_logp, float g_entropy, float inv_t) {
   const VecF mv = splat<VecF>(m), ldv = splat<VecF>(log_d), hv = splat<VecF>(entropy), zero = splat<VecF>(0.f);
   const VecF glv = splat<VecF>(g_logp), ghv = splat<VecF>(g_entropy), itv = splat<VecF>(inv_t);
+  const VecF sc = splat<VecF>(scale);
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    const VecF lp = (load8(s + i) - mv) - ldv, p = exp_nonpos(lp);
-    const VecF g = p > zero ? -p * (glv + ghv * (lp + hv)) : zero;
-    store8(s + i, g * itv);
+    const VecF lp = (load8(src + i) * sc - mv) - ldv, p = exp_nonpos(lp);
+    const VecF g = p != zero ? -p * (glv + ghv * (lp + hv)) : zero;  // p != 0: NaN stays NaN
+    store8(out + i, g * itv);
   }
   for (; i < n; ++i) {
-    const float lp = log_prob(s[i], m, log_d);
-    s[i] = logprob_entropy_grad(lp, exp_nonpos(lp), g_logp, g_entropy, entropy) * inv_t;
+    const float lp = log_prob(src[i] * scale, m, log_d);
+    out[i] = logprob_entropy_grad(lp, exp_nonpos(lp), g_logp, g_entropy, entropy) * inv_t;
   }
 }
 
 int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
-
-// Labels outside [0, V) other than ignore_index: the first one found is reported.
-struct BadLabel {
-  std::atomic<bool> found{false};
-  std::atomic<int64_t> row{0}, value{0};
-  void note(int64_t r, int64_t v) {
-    bool expected = false;
-    if (found.compare_exchange_strong(expected, true)) { row = r; value = v; }
-  }
-};
-
 
 }  // namespace
 }  // namespace rlhf

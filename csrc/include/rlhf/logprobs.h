@@ -8,7 +8,8 @@
 //   lse = m + log d,   logp_y = (s_y - m) - log d,   H = log d - w / d
 // Keeping w relative to the running max (not sum p*s) makes H exact even for
 // logits near 1e4, where lse - E[s] would cancel. A term with exp(.) == 0 counts 0
-// (a -inf logit has p = 0 and p*log p = 0).
+// (a -inf logit has p = 0 and p*log p = 0). A NaN entry makes its exp NaN, hence d and every
+// output and gradient of its row NaN (and nothing outside its row).
 //
 // Full KL(p || q), q = softmax(r), r_j = ref_z_j / T:
 //   KL = sum_j p_j ((s_j - lse) - (r_j - lse_r)) = w_kl / d - lse + lse_r,
@@ -104,15 +105,20 @@ RLHF_HD float kl_value(KlStats st) {
 // log p_j from the saved statistics (m, log d).
 RLHF_HD float log_prob(float s, float m, float log_d) { return (s - m) - log_d; }
 
+// The gradients below are 0 where p_j == 0 (a -inf logit: lp = -inf, and p * lp would be
+// 0 * -inf). The select tests p != 0, not p > 0: in a row holding a NaN, lp and p are NaN
+// and the gradient must stay NaN, as PyTorch's is (p > 0 would turn it into 0 and leave
+// only the label's one-hot term, a finite gradient for a NaN row).
+
 // ds_j of g_l * logp_y + g_H * H, leaving out the label's one-hot term g_l * [j == y];
 // lp = log p_j and p = exp(lp).
 RLHF_HD float logprob_entropy_grad(float lp, float p, float g_logp, float g_entropy, float entropy) {
-  return p > 0.f ? -p * (g_logp + g_entropy * (lp + entropy)) : 0.f;
+  return p != 0.f ? -p * (g_logp + g_entropy * (lp + entropy)) : 0.f;
 }
 
 // ds_j of g * KL; lp = log p_j, lq = log q_j, p = exp(lp).
 RLHF_HD float full_kl_grad(float lp, float lq, float p, float g, float kl) {
-  return p > 0.f ? g * p * (lp - lq - kl) : 0.f;
+  return p != 0.f ? g * p * (lp - lq - kl) : 0.f;
 }
 
 }  // namespace rlhf

@@ -2,11 +2,13 @@
 // rows of logits) and csrc/cuda/linear_logprobs.cu (row segments of a logits tile):
 // vector loads and stores, the NaN-keeping max, the fixed-order block merge of online-softmax
 // statistics (warp shuffles, then across warps: deterministic, no atomics), and launcher
-// helpers. Everything is in an anonymous namespace: each including file gets its own copy.
+// helpers (vector width, row count, the capture-aware label check). Everything is in an
+// anonymous namespace: each including file gets its own copy.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Optional.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -126,7 +128,17 @@ void with_vector_width(int64_t V, std::initializer_list<const void*> ptrs, F f) 
 }
 
 void check_rows(int64_t N, const char* op) {
-  TORCH_CHECK(N <= 2147483647LL, op, ": too many rows for one launch: ", N);
+  TORCH_CHECK_VALUE(N <= 2147483647LL, op, ": too many rows for one launch: ", N);
+}
+
+// check_label_range (rlhf/label_dispatch.h: one host sync), except while the current stream
+// is being captured into a CUDA graph, where a sync is not allowed: there a bad label gives
+// NaN and a zero gradient row, as with validate=False.
+void checked_label_range(const at::Tensor& labels, int64_t V, int64_t ignore_index, const char* op) {
+  if (labels.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(labels.device());
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+  check_label_range(labels, V, ignore_index, op);
 }
 
 }  // namespace

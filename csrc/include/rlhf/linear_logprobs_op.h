@@ -1,16 +1,23 @@
-// Fused LM head + token log-probabilities + entropy: the host-side tiling shared by the
-// CPU (csrc/cpu/linear_logprobs.cpp) and CUDA (csrc/cuda/linear_logprobs.cu) ops.
+// Fused LM head + token log-probabilities + entropy: the host side of the linear_logprobs
+// ops, written once for both devices (argument checks, tiling, matmuls, gradient
+// accumulation), templated on the device epilogue E of the CPU (csrc/cpu/linear_logprobs.cpp)
+// and CUDA (csrc/cuda/linear_logprobs.cu) ops.
 //
-// logits = hidden @ weight^T (+ bias), s = logits / T, never held as [N, V]. The vocabulary
-// is walked in tiles of vc columns (and the tokens in tiles of nt rows only when N * 128
-// exceeds the tile budget). Each tile's logits [nt, vc] come from one matmul with float32
-// output (MKL on float32 operands on the CPU; cuBLAS with float32 accumulation and output on
-// CUDA, so bf16/fp16 logits are never rounded to 16 bits) into one reused buffer, and a
-// device epilogue E folds them at once, bias added, into per-row statistics (rlhf/logprobs.h):
+// logits = hidden @ weight^T (+ bias), s = logits / T, never held as [N, V]. hidden may have
+// any leading shape [..., H] (N = its numel / H rows; labels and the per-position outputs have
+// the leading shape). The vocabulary is walked in tiles of vc columns (and the tokens in tiles
+// of nt rows only when N * 128 exceeds the tile budget). Each tile's logits [nt, vc] come from
+// one matmul with float32 output (MKL on float32 operands on the CPU; cuBLAS with float32
+// accumulation and output on CUDA, so bf16/fp16 logits are never rounded to 16 bits) into one
+// reused buffer, and a device epilogue E folds them at once, bias added, into per-row
+// statistics (rlhf/logprobs.h):
 //   forward:  running (m, d, w, s_y) per row, merged tile by tile; at the end
 //             logp = (s_y - m) - log d, H = log d - w / d; saved: stats (m, log d), H.
+//             A label outside [0, V) other than ignore_index never matches a column: its s_y
+//             stays NaN, and logp and H are NaN (when `validate` did not raise first).
 //   backward: per tile, recompute the logits; E turns them into
-//             dlogits = [g_l (onehot(y) - p) - g_H p (log p + H)] / T  (0 on ignored rows)
+//             dlogits = [g_l (onehot(y) - p) - g_H p (log p + H)] / T  (0 on ignored rows and
+//             rows whose label is outside [0, V))
 //             in the operands' dtype; then d_hidden[rows] += dlogits @ W_tile (float32),
 //             d_weight[tile] (+)= dlogits^T @ hidden[rows], d_bias[tile] += column sums.
 // Extra memory: the float32 tile (at most `tile` elements, by default E::kDefaultTileBytes),
@@ -24,13 +31,15 @@
 //   static at::Tensor operand(t);               matmul operand: t itself, or a float32 copy
 //   static void mm_f32(out, a, b);              out (float32) = a @ b
 //   static void addmm_f32(acc, a, b);           acc (float32) += a @ b
-//   static void check_labels(labels, V, ignore_index, op);   (CPU: in C++; CUDA: the Python API)
+//   static void check_label_range(labels, V, ignore_index, op);   the `validate` check
+//                                               (rlhf/label_dispatch.h; CUDA: skipped while capturing)
 //   static void fold(logits [nr, n] f32, bias + c0 or nullptr, labels [nr], c0, inv_t, running [nr, 4]);
 //   static void grad(logits [nr, n] f32, dlogits out [nr, n] (may alias logits), bias + c0 or
-//                    nullptr, labels [nr], c0, inv_t, ignore_index, stats [nr, 2], entropy [nr],
-//                    g_logp [nr]?, g_entropy [nr]?);
-// Every tensor E gets is contiguous. E::fold treats a label in [c0, c0 + n) as its own; the
-// running s_y of an ignored row is never read.
+//                    nullptr, labels [nr], c0, V, inv_t, ignore_index, stats [nr, 2], entropy [nr],
+//                    g_logp [nr] or undefined, g_entropy [nr] or undefined);
+// Every tensor E gets is contiguous, and so are the matmul operands (hidden and weight are
+// made contiguous first: a copy only when they are not). E::fold treats a label in
+// [c0, c0 + n) as its own; the running s_y of an ignored row is never read.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -49,7 +58,8 @@
 #include <cstdint>
 #include <tuple>
 
-#include "rlhf/logprobs_checks.h"
+#include "rlhf/checks.h"
+#include "rlhf/label_dispatch.h"
 
 namespace rlhf {
 
@@ -71,33 +81,6 @@ inline LinearTiles linear_tiles(int64_t N, int64_t V, int64_t budget) {
   return {vc, nt};
 }
 
-inline void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                              const at::Tensor& labels, const char* op) {
-  TORCH_CHECK(hidden.dim() == 2, op, ": `hidden` must be [N, H], got ", hidden.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), op, ": `weight` must be [V, H] with H = ",
-              hidden.size(1), " (hidden ", hidden.sizes(), "), got ", weight.sizes());
-  TORCH_CHECK(weight.size(0) > 0, op, ": `weight` has V = 0 rows; the vocabulary must have at least one entry");
-  const auto dt = hidden.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": `hidden` must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(weight.scalar_type() == dt, op, ": `weight` must have the dtype of `hidden` (", dt, "), got ",
-              weight.scalar_type());
-  TORCH_CHECK(weight.device() == hidden.device(), op, ": `weight` is on ", weight.device(), " but `hidden` is on ",
-              hidden.device());
-  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous(), op,
-              ": `hidden` and `weight` must be contiguous (the Python API makes them so)");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": `bias` must be [V] = [", weight.size(0),
-                "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == dt, op, ": `bias` must have the dtype of `hidden` (", dt, "), got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->device() == hidden.device(), op, ": `bias` is on ", bias->device(), " but `hidden` is on ",
-                hidden.device());
-    TORCH_CHECK(bias->is_contiguous(), op, ": `bias` must be contiguous");
-  }
-  check_labels(labels, hidden, op, "hidden");
-}
-
 inline int64_t linear_tile_budget(int64_t tile, int64_t default_bytes) {
   return tile > 0 ? tile : default_bytes / static_cast<int64_t>(sizeof(float));
 }
@@ -116,45 +99,53 @@ inline const float* linear_bias_ptr(const at::Tensor& bias_f32, int64_t c0) {
   return bias_f32.defined() ? bias_f32.data_ptr<float>() + c0 : nullptr;
 }
 
-// -> (logp [N], entropy [N], stats [N, 2] = (m, log d)), float32.
+// -> (logp [...], entropy [...], stats [N, 2] = (m, log d)), float32.
 template <typename E>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forward(const at::Tensor& hidden,
                                                                        const at::Tensor& weight,
                                                                        const c10::optional<at::Tensor>& bias,
                                                                        const at::Tensor& labels, double temperature,
-                                                                       int64_t ignore_index, int64_t tile) {
+                                                                       int64_t ignore_index, int64_t tile,
+                                                                       bool validate) {
   const char* op = "linear_token_logprobs";
-  check_linear_args(hidden, weight, bias, labels, op);
+  const auto hv = check_linear(hidden, weight, bias, op);
+  const int64_t H = hv.first, V = hv.second;
+  const at::Tensor y = check_labels(labels, hidden, "hidden", "H", op).reshape({-1});
   const float inv_t = inverse_temperature(temperature, op);
-  const int64_t N = hidden.size(0), V = weight.size(0);
+  const int64_t N = y.numel();
+  const at::IntArrayRef lead = lead_shape(hidden);
   const auto f32 = hidden.options().dtype(at::kFloat);
-  if (N == 0) return {at::empty({0}, f32), at::empty({0}, f32), at::empty({0, 2}, f32)};
-  E::check_labels(labels, V, ignore_index, op);
+  if (N == 0) return {at::empty(lead, f32), at::empty(lead, f32), at::empty({0, 2}, f32)};
+  if (validate) E::check_label_range(y, V, ignore_index, op);
   const LinearTiles tl = linear_tiles(N, V, linear_tile_budget(tile, E::kDefaultTileBytes));
-  const at::Tensor h = E::operand(hidden);
-  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
-  // running (m, d, w, s_y): m starts at -inf, the rest at 0
+  const at::Tensor h = E::operand(hidden.reshape({N, H}).contiguous());
+  const at::Tensor weight_c = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? as_f32(*bias) : at::Tensor();
+  // running (m, d, w, s_y): m starts at -inf, d and w at 0, s_y at NaN (a label outside the
+  // vocabulary never sets it)
   at::Tensor running = at::zeros({N, 4}, f32);
   running.select(1, 0).fill_(-INFINITY);
+  running.select(1, 3).fill_(NAN);
   at::Tensor buf = at::empty({tl.nt * tl.vc}, f32);
   for (int64_t c0 = 0; c0 < V; c0 += tl.vc) {
     const int64_t n = std::min(tl.vc, V - c0);
-    const at::Tensor w = E::operand(weight.narrow(0, c0, n));
+    const at::Tensor w = E::operand(weight_c.narrow(0, c0, n));
     for (int64_t r0 = 0; r0 < N; r0 += tl.nt) {
       const int64_t nr = std::min(tl.nt, N - r0);
       const at::Tensor logits = linear_tile_logits<E>(buf, h, w, r0, nr);
-      E::fold(logits, linear_bias_ptr(b, c0), labels.narrow(0, r0, nr), c0, inv_t, running.narrow(0, r0, nr));
+      E::fold(logits, linear_bias_ptr(b, c0), y.narrow(0, r0, nr), c0, inv_t, running.narrow(0, r0, nr));
     }
   }
   const at::Tensor m = running.select(1, 0), log_d = at::log(running.select(1, 1));
-  const at::Tensor ignored = labels.eq(ignore_index);
-  const at::Tensor zero = at::zeros({}, f32);
-  const at::Tensor logp = at::where(ignored, zero, running.select(1, 3).sub(m).sub(log_d));
-  const at::Tensor entropy = at::where(ignored, zero, log_d.sub(running.select(1, 2).div(running.select(1, 1))));
-  return {logp, entropy, at::stack({m, log_d}, 1)};
+  const at::Tensor ignored = y.eq(ignore_index);
+  const at::Tensor in_vocab = y.ge(0).logical_and_(y.lt(V));
+  const at::Tensor logp = at::where(ignored, 0.0, running.select(1, 3).sub(m).sub(log_d));
+  const at::Tensor h_row = log_d.sub(running.select(1, 2).div(running.select(1, 1)));
+  const at::Tensor entropy = at::where(ignored, 0.0, at::where(in_vocab, h_row, NAN));
+  return {logp.reshape(lead), entropy.reshape(lead), at::stack({m, log_d}, 1)};
 }
 
-// -> (d_hidden [N, H] or [0], d_weight [V, H] or [0], d_bias [V] or [0]) in the input dtype.
+// -> (d_hidden [..., H] or [0], d_weight [V, H] or [0], d_bias [V] or [0]) in the input dtype.
 template <typename E>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -162,11 +153,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
     const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& stats, const at::Tensor& entropy,
     double temperature, int64_t ignore_index, int64_t tile, bool need_hidden, bool need_weight, bool need_bias) {
   const char* op = "linear_token_logprobs backward";
-  check_linear_args(hidden, weight, bias, labels, op);
-  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  const float inv_t = check_logprobs_bwd_args(hidden, labels, grad_logp, grad_entropy, stats, entropy, temperature, op,
-                                              "hidden");
-  TORCH_CHECK(!need_bias || bias.has_value(), op, ": a bias gradient was asked for without a `bias`");
+  const auto hv = check_linear(hidden, weight, bias, op);
+  const int64_t H = hv.first, V = hv.second;
+  const at::Tensor y = check_labels(labels, hidden, "hidden", "H", op).reshape({-1});
+  const int64_t N = y.numel();
+  at::Tensor gl = opt_per_position(grad_logp, hidden, "grad_logp", "hidden", op);
+  at::Tensor gh = opt_per_position(grad_entropy, hidden, "grad_entropy", "hidden", op);
+  const at::Tensor ent = check_per_position(entropy, hidden, "entropy", "hidden", op).reshape({-1});
+  if (gl.defined()) gl = gl.reshape({-1});
+  if (gh.defined()) gh = gh.reshape({-1});
+  check_rows_f32(stats, N, 2, "stats", hidden, "hidden", op);
+  const float inv_t = inverse_temperature(temperature, op);
+  TORCH_CHECK_VALUE(!need_bias || bias.has_value(), op, ": a bias gradient was asked for without a `bias`");
   const auto dt = hidden.scalar_type();
   const auto f32 = hidden.options().dtype(at::kFloat);
   // an output that was not asked for is a fresh [0] tensor (outputs must not alias)
@@ -176,33 +174,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   at::Tensor d_hidden = need_hidden ? at::zeros({N, H}, f32) : none;
   at::Tensor d_weight = need_weight ? at::empty({V, H}, hidden.options()) : none;
   at::Tensor d_bias = need_bias ? at::zeros({V}, f32) : none;
+  const auto outputs = [&] {
+    return std::make_tuple(need_hidden ? d_hidden.to(dt).reshape(hidden.sizes()) : none_like(),
+                           need_weight ? d_weight : none_like(), need_bias ? d_bias.to(dt) : none_like());
+  };
   if (N == 0 || !(need_hidden || need_weight || need_bias)) {
     if (need_weight) d_weight.zero_();
-    return {need_hidden ? d_hidden.to(dt) : none_like(), need_weight ? d_weight : none_like(),
-            need_bias ? d_bias.to(dt) : none_like()};
+    return outputs();
   }
   const LinearTiles tl = linear_tiles(N, V, linear_tile_budget(tile, E::kDefaultTileBytes));
   const bool token_tiled = tl.nt < N;
-  const at::Tensor h = E::operand(hidden);
-  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
+  const at::Tensor h = E::operand(hidden.reshape({N, H}).contiguous());
+  const at::Tensor weight_c = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? as_f32(*bias) : at::Tensor();
   at::Tensor buf = at::empty({tl.nt * tl.vc}, f32);
   // dlogits in the matmul operands' dtype: in place over the float32 tile when that is float32
   const bool in_place = h.scalar_type() == at::kFloat;
   at::Tensor gbuf = in_place ? buf : at::empty({tl.nt * tl.vc}, h.options());
   at::Tensor dw_acc = need_weight && token_tiled ? at::empty({tl.vc, H}, f32) : none;
+  const auto rows = [](const at::Tensor& t, int64_t r0, int64_t nr) {
+    return t.defined() ? t.narrow(0, r0, nr) : at::Tensor();
+  };
   for (int64_t c0 = 0; c0 < V; c0 += tl.vc) {
     const int64_t n = std::min(tl.vc, V - c0);
-    const at::Tensor w = E::operand(weight.narrow(0, c0, n));
+    const at::Tensor w = E::operand(weight_c.narrow(0, c0, n));
     at::Tensor dw = need_weight ? d_weight.narrow(0, c0, n) : none;
     at::Tensor dw_f32 = token_tiled && need_weight ? dw_acc.narrow(0, 0, n) : none;
     for (int64_t r0 = 0; r0 < N; r0 += tl.nt) {
       const int64_t nr = std::min(tl.nt, N - r0);
       const at::Tensor logits = linear_tile_logits<E>(buf, h, w, r0, nr);
       at::Tensor dz = in_place ? logits : gbuf.narrow(0, 0, nr * n).view({nr, n});
-      E::grad(logits, dz, linear_bias_ptr(b, c0), labels.narrow(0, r0, nr), c0, inv_t, ignore_index,
-              stats.narrow(0, r0, nr), entropy.narrow(0, r0, nr),
-              grad_logp ? c10::optional<at::Tensor>(grad_logp->narrow(0, r0, nr)) : c10::nullopt,
-              grad_entropy ? c10::optional<at::Tensor>(grad_entropy->narrow(0, r0, nr)) : c10::nullopt);
+      E::grad(logits, dz, linear_bias_ptr(b, c0), y.narrow(0, r0, nr), c0, V, inv_t, ignore_index,
+              stats.narrow(0, r0, nr), ent.narrow(0, r0, nr), rows(gl, r0, nr), rows(gh, r0, nr));
       const at::Tensor hr = h.narrow(0, r0, nr);
       if (need_hidden) {
         at::Tensor acc = d_hidden.narrow(0, r0, nr);
@@ -226,8 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
     }
     if (token_tiled && need_weight) dw.copy_(dw_f32);
   }
-  return {need_hidden ? d_hidden.to(dt) : none_like(), need_weight ? d_weight : none_like(),
-          need_bias ? d_bias.to(dt) : none_like()};
+  return outputs();
 }
 
 }  // namespace rlhf

@@ -290,13 +290,19 @@ def gpu_table(device):
         rows.append([case, provider, fmt_time(wall), fmt_time(gpu), "%.1f" % kernels, syncs, verdict])
         records.append(_record(provider=provider, op=case, mode="gpu", device=device, median_s=wall, gpu_s=gpu,
                                kernels=kernels, syncs=syncs, verdict=verdict))
-    # the triton walls against the cuda ones (target: within 1.5x)
+    # the triton walls against the cuda ones (target: within 1.5x), and the PPO step against
+    # torch.compile of the reference (target: at least 3x faster)
     walls = {(r["op"], r["provider"]): r["median_s"] for r in records}
     for case in sorted({r["op"] for r in records}):
         if (case, "cuda") in walls and (case, "triton") in walls:
             ratio = walls[(case, "triton")] / walls[(case, "cuda")]
             rows.append([case, "triton / cuda wall", "%.2fx" % ratio, "", "", "",
                          "met (<= 1.5x)" if ratio <= 1.5 else "MISSED (<= 1.5x)"])
+    ppo = "ppo 64x4096 fp32 fwd+bwd"
+    if (ppo, "cuda") in walls:
+        speedup = walls[(ppo, "torch.compile")] / walls[(ppo, "cuda")]
+        rows.append([ppo, "torch.compile / cuda wall", "%.2fx" % speedup, "", "", "",
+                     "met (>= 3x)" if speedup >= 3 else "MISSED (>= 3x)"])
     print_table("GPU steps on %s: wall per call back to back, GPU time and kernels per call (torch.profiler), "
                 "host syncs per call" % torch.cuda.get_device_name(0),
                 ["case", "provider", "wall", "GPU time", "kernels", "syncs", "targets"], rows)

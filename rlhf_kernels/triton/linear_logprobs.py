@@ -1,6 +1,6 @@
 """Fused LM head + token log-probabilities + entropy: torch matmuls, Triton epilogues.
 
-The same tiling as the native ops (csrc/include/rlhf/linear_logprobs.h): the vocabulary in
+The same tiling as the native ops (csrc/include/rlhf/linear_logprobs_op.h): the vocabulary in
 tiles of ``vc`` columns (tokens in tiles of ``nt`` rows only when N * 128 exceeds the tile
 budget); each tile's float32 logits [nt, vc] come from one matmul (cuBLAS through torch,
 float32 output from 16-bit inputs) and a Triton epilogue, one program per row, folds them

@@ -6,7 +6,7 @@
 // every backend: a wrong dtype is a TypeError (TORCH_CHECK_TYPE), a wrong shape, device or
 // value a ValueError (TORCH_CHECK_VALUE). tests/test_bad_inputs.py holds every backend to that.
 //
-// Host code only (used by the host wrappers in rlhf/*_op.h and rlhf/linear_logprobs.h).
+// Host code only (used by the host wrappers in rlhf/*_op.h).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

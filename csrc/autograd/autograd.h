@@ -7,6 +7,9 @@
 // dispatcher. Forward and backward never re-enter Python.
 #pragma once
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#include <tuple>
+#include <utility>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -33,6 +36,23 @@ inline bool records_grad(std::initializer_list<at::Tensor> differentiable) {
   for (const at::Tensor& t : differentiable)
     if (t.requires_grad()) return true;
   return false;
+}
+
+namespace detail {
+template <typename Tuple, size_t... I>
+Tuple as_tuple(const variable_list& v, std::index_sequence<I...>) {
+  return Tuple{v[I]...};
+}
+}  // namespace detail
+
+// The Autograd kernel of a forward op, given its Function F (whose static run() calls the op
+// below autograd): F::run when `record` is false (see records_grad), F::apply otherwise, with
+// the outputs as the op's tuple either way.
+template <typename F, typename... Args>
+auto autograd_forward(bool record, const Args&... args) -> decltype(F::run(args...)) {
+  using Out = decltype(F::run(args...));
+  if (!record) return F::run(args...);
+  return detail::as_tuple<Out>(F::apply(args...), std::make_index_sequence<std::tuple_size_v<Out>>{});
 }
 
 }  // namespace rlhf::autograd

@@ -83,16 +83,13 @@ struct RankingLoss : public torch::autograd::Function<RankingLoss> {
 std::tuple<at::Tensor, at::Tensor> bt_fwd(const at::Tensor& chosen, const at::Tensor& rejected,
                                           const std::optional<at::Tensor>& margin, double label_smoothing,
                                           double center_coef) {
-  if (!records_grad({chosen, rejected})) return BTLoss::run(chosen, rejected, margin, label_smoothing, center_coef);
-  auto r = BTLoss::apply(chosen, rejected, margin, label_smoothing, center_coef);
-  return {r[0], r[1]};
+  return autograd_forward<BTLoss>(records_grad({chosen, rejected}), chosen, rejected, margin, label_smoothing,
+                                  center_coef);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ranking_fwd(const at::Tensor& rewards,
                                                            const std::optional<at::Tensor>& valid) {
-  if (!records_grad({rewards})) return RankingLoss::run(rewards, valid);
-  auto r = RankingLoss::apply(rewards, valid);
-  return {r[0], r[1], r[2]};
+  return autograd_forward<RankingLoss>(records_grad({rewards}), rewards, valid);
 }
 
 }  // namespace

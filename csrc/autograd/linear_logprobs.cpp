@@ -64,10 +64,8 @@ struct LinearLogprobs : public torch::autograd::Function<LinearLogprobs> {
 Fwd linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight, const OptT& bias,
                         const at::Tensor& labels, double temperature, int64_t ignore_index, int64_t tile,
                         bool validate) {
-  if (!records_grad({hidden, weight, bias.value_or(at::Tensor())}))
-    return LinearLogprobs::run(hidden, weight, bias, labels, temperature, ignore_index, tile, validate);
-  auto r = LinearLogprobs::apply(hidden, weight, bias, labels, temperature, ignore_index, tile, validate);
-  return {r[0], r[1], r[2]};
+  return autograd_forward<LinearLogprobs>(records_grad({hidden, weight, bias.value_or(at::Tensor())}), hidden,
+                                          weight, bias, labels, temperature, ignore_index, tile, validate);
 }
 
 }  // namespace

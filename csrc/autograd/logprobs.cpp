@@ -123,23 +123,17 @@ struct FullKL : public torch::autograd::Function<FullKL> {
 
 Fwd3 token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t ignore_index,
                         bool validate, bool inplace_backward) {
-  if (!records_grad({logits}))
-    return TokenLogprobs::run(logits, labels, temperature, ignore_index, validate, inplace_backward);
-  auto r = TokenLogprobs::apply(logits, labels, temperature, ignore_index, validate, inplace_backward);
-  return {r[0], r[1], r[2]};
+  return autograd_forward<TokenLogprobs>(records_grad({logits}), logits, labels, temperature, ignore_index,
+                                         validate, inplace_backward);
 }
 
 Fwd2 token_entropy_fwd(const at::Tensor& logits, double temperature) {
-  if (!records_grad({logits})) return TokenEntropy::run(logits, temperature);
-  auto r = TokenEntropy::apply(logits, temperature);
-  return {r[0], r[1]};
+  return autograd_forward<TokenEntropy>(records_grad({logits}), logits, temperature);
 }
 
 // ref_logits is a constant: it never records a node, even when it requires a gradient.
 Fwd2 full_kl_fwd(const at::Tensor& logits, const at::Tensor& ref_logits, double temperature) {
-  if (!records_grad({logits})) return FullKL::run(logits, ref_logits, temperature);
-  auto r = FullKL::apply(logits, ref_logits, temperature);
-  return {r[0], r[1]};
+  return autograd_forward<FullKL>(records_grad({logits}), logits, ref_logits, temperature);
 }
 
 }  // namespace

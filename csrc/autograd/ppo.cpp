@@ -68,7 +68,8 @@ struct ValueLoss : public torch::autograd::Function<ValueLoss> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& old_values,
                                const at::Tensor& returns, const at::Tensor& mask, const OptT& num_tokens,
                                OptD num_tokens_value, OptD clip, int64_t loss_agg) {
-    auto [loss, stats, row_scale] = run(values, old_values, returns, mask, num_tokens, num_tokens_value, clip, loss_agg);
+    auto [loss, stats, row_scale] =
+        run(values, old_values, returns, mask, num_tokens, num_tokens_value, clip, loss_agg);
     ctx->save_for_backward({values, old_values, returns, mask, row_scale});
     ctx->saved_data["clip"] = clip;
     ctx->mark_non_differentiable({stats, row_scale});
@@ -91,20 +92,14 @@ struct ValueLoss : public torch::autograd::Function<ValueLoss> {
 Fwd policy_fwd(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
                const at::Tensor& mask, const OptT& num_tokens, OptD num_tokens_value, double clip_low, OptD clip_high,
                OptD dual_clip, int64_t loss_agg) {
-  if (!records_grad({logprobs}))
-    return PolicyLoss::run(logprobs, old_logprobs, advantages, mask, num_tokens, num_tokens_value, clip_low,
-                           clip_high, dual_clip, loss_agg);
-  auto r = PolicyLoss::apply(logprobs, old_logprobs, advantages, mask, num_tokens, num_tokens_value, clip_low,
-                             clip_high, dual_clip, loss_agg);
-  return {r[0], r[1], r[2]};
+  return autograd_forward<PolicyLoss>(records_grad({logprobs}), logprobs, old_logprobs, advantages, mask,
+                                      num_tokens, num_tokens_value, clip_low, clip_high, dual_clip, loss_agg);
 }
 
 Fwd value_fwd(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
               const at::Tensor& mask, const OptT& num_tokens, OptD num_tokens_value, OptD clip, int64_t loss_agg) {
-  if (!records_grad({values}))
-    return ValueLoss::run(values, old_values, returns, mask, num_tokens, num_tokens_value, clip, loss_agg);
-  auto r = ValueLoss::apply(values, old_values, returns, mask, num_tokens, num_tokens_value, clip, loss_agg);
-  return {r[0], r[1], r[2]};
+  return autograd_forward<ValueLoss>(records_grad({values}), values, old_values, returns, mask, num_tokens,
+                                     num_tokens_value, clip, loss_agg);
 }
 
 }  // namespace

@@ -160,7 +160,8 @@ def _ranking_combine_kernel(
         a_loss += w * tl.load(parts_ptr + i * 3, mask=inb, other=0.0)
         tl.store(scale_ptr + i, w.to(tl.float32), mask=inb)
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
-    tl.store(stats_ptr + S_RANKING_ACCURACY, tl.where(pairs > 0, tl.sum(a_correct, 0) / tl.maximum(pairs, 1.0), 0.0).to(tl.float32))
+    accuracy = tl.where(pairs > 0, tl.sum(a_correct, 0) / tl.maximum(pairs, 1.0), 0.0)
+    tl.store(stats_ptr + S_RANKING_ACCURACY, accuracy.to(tl.float32))
 
 
 @triton.jit

@@ -9,7 +9,10 @@ Switches (environment variables):
   CUDA_HOME                 CUDA toolkit root (default: found from nvcc's real location)
 
 Install with ``pip install --no-build-isolation -e .`` after torch is installed: this file
-imports torch, and build isolation would compile against a different torch.
+imports torch, and build isolation would compile against a different torch (so torch is not
+a build requirement: an isolated build stops at once, saying so). A build with the extension
+is versioned for the torch it was compiled against (``0.1.0+torch2.14cu130``) and requires
+that torch minor version; a pure-Python build (RLHF_KERNELS_NO_EXT=1) takes any torch >= 2.4.
 """
 
 import glob
@@ -23,6 +26,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 BUILD_INFO = os.path.join(ROOT, "rlhf_kernels", "_build_info.json")
 
@@ -62,9 +66,25 @@ def _cuda_home_from_nvcc():
     return os.path.dirname(os.path.dirname(real))
 
 
+def _torch():
+    """The installed torch, which the extension is compiled against; stop at once when the
+    build cannot see it (an isolated build environment: pip's default without
+    --no-build-isolation), rather than compile against another torch."""
+    how = ("install torch first, then build against it with `pip install --no-build-isolation .` "
+           "(or `-e .`, or `python -m build --wheel --no-isolation`); `make install` does both")
+    try:
+        import torch
+    except ImportError:
+        sys.exit("setup.py: torch is not importable here: " + how)
+    if "pip-build-env" in (torch.__file__ or ""):
+        sys.exit("setup.py: this is an isolated build environment with its own torch (%s), not the one you will "
+                 "run: %s" % (torch.__version__, how))
+    return torch
+
+
 def _decide_cuda():
     """(build_cuda, cuda_home, reason)."""
-    import torch
+    torch = _torch()
 
     want = _flag("RLHF_KERNELS_CUDA")
     if want is False:
@@ -101,9 +121,10 @@ def _nvidia_wheel_dirs():
 
 
 def _extensions():
+    """(ext_modules, cmdclass, version, torch requirement)."""
     if _flag("RLHF_KERNELS_NO_EXT"):
         _write_build_info({"extension": False, "reason": "RLHF_KERNELS_NO_EXT=1"})
-        return [], {}
+        return [], {}, VERSION, "torch>=2.4"
 
     build_cuda, cuda_home, reason = _decide_cuda()
     if build_cuda:
@@ -147,7 +168,10 @@ def _extensions():
         "cuda_home": cuda_home,
         "cuda_archs": [a for a in re.split(r"[;\s]+", archs) if a],
     })
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    flavour = "cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu"
+    return ([ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+            "%s+torch%s.%s%s" % (VERSION, major, minor, flavour), "torch==%s.%s.*" % (major, minor))
 
 
 def _write_build_info(info):
@@ -155,9 +179,11 @@ def _write_build_info(info):
         json.dump(info, f, indent=1, sort_keys=True)
 
 
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass, version, torch_requirement = _extensions()
 
 setup(
+    version=version,
+    install_requires=[torch_requirement, "numpy"],
     packages=find_packages(include=["rlhf_kernels", "rlhf_kernels.*"]) + ["rlhf_trainer"],
     package_dir={"rlhf_trainer": "python/rlhf_trainer"},
     package_data={"rlhf_kernels": ["_build_info.json"]},

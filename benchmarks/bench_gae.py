@@ -9,7 +9,10 @@ Providers:
   torch         rlhf_kernels' reference backend (also a loop over time, float64)
   cpu           compiled C++ kernel (CPU tensors)
   triton, cuda  GPU kernels (CUDA tensors)
-Times are medians; the speedup column is against python-loop measured in the same run.
+Times are medians; the speedup column is against python-loop measured in the same run. The two
+loops take thousands of launches per call on a GPU (seconds at the longest rows), so there they
+run at the first shape only, with 3 repeats. Inputs are made on the device by a seeded generator
+there.
 On a GPU the floor is one pass over the bytes (read rewards, values, mask; write two outputs)
 at the device-to-device copy bandwidth measured in the same run.
 """
@@ -69,15 +72,15 @@ def main(argv=None):
     if on_gpu:  # benchmarks/run.py passes the bandwidth it measured in the same run
         bw = float(os.environ.get("RLHF_BENCH_COPY_BPS", 0)) or copy_bandwidth(device)
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     rows, records, summary = [], [], []
-    for B, T in shapes:
-        r = torch.randn(B, T, generator=gen).to(device)
-        v = torch.randn(B, T, generator=gen).to(device)
-        lengths = torch.randint(T // 2, T + 1, (B,), generator=gen)
-        m = (torch.arange(T)[None, :] < lengths[:, None]).to(device)   # right-padded responses
+    for i, (B, T) in enumerate(shapes):
+        r = torch.randn(B, T, generator=gen, device=device)
+        v = torch.randn(B, T, generator=gen, device=device)
+        lengths = torch.randint(T // 2, T + 1, (B,), generator=gen, device=device)
+        m = torch.arange(T, device=device)[None, :] < lengths[:, None]   # right-padded responses
         providers = []
-        if not args.no_loop:
+        if not args.no_loop and (i == 0 or not on_gpu):
             providers.append(("python-loop", lambda: python_loop_gae(r, v, m, gamma, lam)))
             providers.append(("torch", lambda: rk.gae(r, v, m, gamma=gamma, lam=lam, backend="torch")))
         for name in rk.available_backends(device):
@@ -87,8 +90,8 @@ def main(argv=None):
         times, counts = {}, {}
         for name, fn in providers:
             # the loops take thousands of launches per call on a GPU: fewer repeats there
-            counts[name] = min(repeats, 10) if name in ("python-loop", "torch") else repeats
-            times[name] = median_time(fn, device=device, warmup=2, repeats=counts[name])
+            counts[name] = (3 if on_gpu else min(repeats, 10)) if name in ("python-loop", "torch") else repeats
+            times[name] = median_time(fn, device=device, warmup=1 if counts[name] <= 3 else 2, repeats=counts[name])
         base = times.get("python-loop")
         for name, _ in providers:
             t = times[name]

@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import fmt_time, median_time, peak_extra_bytes, print_table, run_child  # noqa: E402
+from common import fmt_time, measure_here, median_time, peak_extra_bytes, print_table, run_child  # noqa: E402
 
 PROVIDERS = ["unfused", "eager", "chunked", "cce", "liger", "cpu", "triton", "cuda"]
 MODES = ["fwd", "fwd+bwd"]
@@ -98,10 +98,10 @@ def unavailable(name, device):
 
 def measure(provider, mode, device, dtype, N, H, V, repeats):
     dtype = getattr(torch, dtype)
-    gen = torch.Generator().manual_seed(0)
-    h = torch.randn(N, H, generator=gen).to(dtype).to(device)
-    w = (torch.randn(V, H, generator=gen) * (3 / H ** 0.5)).to(dtype).to(device)
-    y = torch.randint(0, V, (N,), generator=gen).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)  # inputs made on the device, never copied over
+    h = torch.randn(N, H, generator=gen, device=device, dtype=dtype)
+    w = torch.randn(V, H, generator=gen, device=device, dtype=dtype) * (3 / H ** 0.5)
+    y = torch.randint(0, V, (N,), generator=gen, device=device)
     fn = make_provider(provider)
     if mode == "fwd+bwd":
         h.requires_grad_(True)
@@ -126,6 +126,8 @@ def measure(provider, mode, device, dtype, N, H, V, repeats):
 # ---- the driver ----
 
 def run_one(provider, mode, args):
+    if args.device == "cuda":  # CUDA's allocator statistics isolate each provider's peak: one process
+        return measure_here(measure, provider, mode, args.device, args.dtype, args.N, args.H, args.V, args.repeats)
     return run_child(os.path.abspath(__file__), provider, mode, dict(device=args.device, dtype=args.dtype, N=args.N,
                                                                    H=args.H, V=args.V, repeats=args.repeats))
 

@@ -9,7 +9,9 @@ Providers:
   cpu / triton / cuda   rlhf_kernels.token_logprobs(..., return_entropy=True, backend=...)
 Modes: fwd (no autograd) and fwd+bwd (backward of logp.sum() + entropy.sum() to the logits).
 
-Every (provider, mode) runs in a fresh subprocess: peak memory is then that provider's own.
+Inputs are made on the device by a seeded generator there (never drawn on the CPU and copied).
+On the CPU every (provider, mode) runs in a fresh subprocess, so that peak memory is that
+provider's own; on a GPU they all run in this process (CUDA's allocator statistics isolate them).
 Peak extra memory: on CUDA, torch.cuda.max_memory_allocated() over the inputs; on the CPU,
 the peak resident set size (VmHWM, reset through /proc/self/clear_refs) over the resident
 size before the measured call. "beyond grad" subtracts the [N, V] gradient that fwd+bwd must
@@ -33,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import fmt_time, median_time, peak_extra_bytes, print_table, run_child  # noqa: E402
+from common import fmt_time, measure_here, median_time, peak_extra_bytes, print_table, run_child  # noqa: E402
 
 PROVIDERS = ["eager", "compile", "row_loop", "liger", "cpu", "triton", "cuda"]
 MODES = ["fwd", "fwd+bwd"]
@@ -102,9 +104,9 @@ def unavailable(name, device):
 
 def measure(provider, mode, device, dtype, N, V, repeats):
     dtype = getattr(torch, dtype)
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(N, V, generator=gen) * 3).to(dtype).to(device)
-    y = torch.randint(0, V, (N,), generator=gen).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(N, V, generator=gen, device=device, dtype=dtype) * 3
+    y = torch.randint(0, V, (N,), generator=gen, device=device)
     fn = make_provider(provider)
     if mode == "fwd+bwd":
         x.requires_grad_(True)
@@ -131,6 +133,8 @@ def measure(provider, mode, device, dtype, N, V, repeats):
 # ---- the driver ----
 
 def run_one(provider, mode, args):
+    if args.device == "cuda":
+        return measure_here(measure, provider, mode, args.device, args.dtype, args.N, args.V, args.repeats)
     return run_child(os.path.abspath(__file__), provider, mode, dict(device=args.device, dtype=args.dtype, N=args.N,
                                                                    V=args.V, repeats=args.repeats))
 

@@ -75,6 +75,21 @@ def run_child(script, provider, mode, options):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measure_here(measure, provider, mode, *args):
+    """``measure(provider, mode, *args)`` in this process (on a GPU, where the allocator's
+    statistics isolate each provider's peak memory), as ``run_child`` reports it: the result,
+    or {"error": why}; the provider's memory is released before the next one."""
+    try:
+        return measure(provider, mode, *args)
+    except Exception as e:  # a provider that fails is reported in its row, the others still run
+        return {"error": ("%s: %s" % (type(e).__name__, e))[:120]}
+    finally:
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def fmt_time(seconds):
     if seconds >= 1:
         return "%.3f s" % seconds

@@ -1,7 +1,9 @@
 """Loads the native extension ``rlhf_kernels._C`` and its build facts, once, at import.
 
 A missing extension is normal (``RLHF_KERNELS_NO_EXT=1`` installs); an extension that
-fails to load (built for another torch, say) degrades to a warning, never a crash.
+fails to load degrades to a warning, never a crash. A binary built for another torch version
+(a wheel installed beside another torch, say) is not even loaded: its C++ ABI would not match.
+The warning says so, and the triton and torch backends serve every call.
 The facts are plain Python values read here once: no op ever calls into pybind11 to ask
 (that would cost time on every call and stop torch.compile from tracing the op).
 """
@@ -27,8 +29,10 @@ except (OSError, ValueError):
     BUILD = {}
 
 
-def _base(version):
-    return str(version).split("+")[0]
+def _minor(version):
+    """'2.14.1+cu130' -> '2.14': a build serves the torch minor version it was built against
+    (what its wheel requires)."""
+    return ".".join(str(version).split("+")[0].split(".")[:2])
 
 
 def _load():
@@ -36,22 +40,25 @@ def _load():
     if BUILD.get("extension") is False:
         LOAD_ERROR = "not built (%s)" % BUILD.get("reason", "pure-Python install")
         return
+    built = BUILD.get("torch")
+    if built and _minor(built) != _minor(torch.__version__):
+        LOAD_ERROR = "built against torch %s, but torch %s is running" % (built, torch.__version__)
+        warnings.warn("rlhf_kernels: the native extension was %s; it is not loaded. Install the rlhf-kernels "
+                      "build for this torch, or rebuild it (pip install --no-build-isolation -e .). Only the "
+                      "torch and triton backends are usable." % LOAD_ERROR, RuntimeWarning, stacklevel=3)
+        return
     try:
         from rlhf_kernels import _C as module  # registers torch.ops.rlhf_kernels.*
     except ImportError as e:
         LOAD_ERROR = "failed to load: %s" % e
-        built = BUILD.get("torch")
-        hint = ""
-        if built and _base(built) != _base(torch.__version__):
-            hint = " It was built against torch %s but torch %s is running: rebuild it." % (built, torch.__version__)
         if BUILD:
-            warnings.warn("rlhf_kernels: the native extension %s.%s Only the torch and triton backends are usable."
-                          % (LOAD_ERROR, hint), RuntimeWarning, stacklevel=3)
+            warnings.warn("rlhf_kernels: the native extension %s. Only the torch and triton backends are usable."
+                          % LOAD_ERROR, RuntimeWarning, stacklevel=3)
         return
     C = module
     BINARY = dict(module.build_info())
     CUDA_BUILT = bool(BINARY["cuda"])
-    if _base(BINARY["torch"]) != _base(torch.__version__):
+    if _minor(BINARY["torch"]) != _minor(torch.__version__):
         warnings.warn("rlhf_kernels: the native extension was built against torch %s but torch %s is running; "
                       "rebuild it (pip install --no-build-isolation -e .)" % (BINARY["torch"], torch.__version__),
                       RuntimeWarning, stacklevel=3)

@@ -78,7 +78,7 @@ def main():
     for b, reason in r["why_not"].items():
         lines.append("  not %s: %s" % (b, reason))
     built = r["built_for_torch"]
-    if built and built.split("+")[0] != r["torch"].split("+")[0]:
+    if built and _ext._minor(built) != _ext._minor(r["torch"]):
         lines.append("WARNING: the extension was built against torch %s but torch %s is running: rebuild it"
                      % (built, r["torch"]))
     print("\n".join(lines))

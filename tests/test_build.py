@@ -51,6 +51,27 @@ def test_import_without_extension_falls_back_to_torch():
     assert lines[1].startswith("ERR gae: backend 'cpu' cannot serve this call: the native extension is")
 
 
+def test_binary_for_another_torch_is_not_loaded():
+    """A build for another torch minor version (a wheel beside the wrong torch) is refused
+    before its binary is loaded: a warning, then the torch (and triton) backends serve."""
+    if not _ext.loaded():
+        pytest.skip("native extension not built")
+    p = run_python(
+        "import sys, warnings, torch\n"
+        "torch.__version__ = '2.99.0'\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import rlhf_kernels as rk\n"
+        "x = torch.randn(2, 5); m = torch.ones(2, 5, dtype=torch.bool)\n"
+        "rk.gae(x, x, m)\n"
+        "print('rlhf_kernels._C' in sys.modules, rk.available_backends('cpu'))\n"
+        "print([str(i.message) for i in w if 'native extension' in str(i.message)][0])\n")
+    assert p.returncode == 0, p.stderr
+    first, warning = p.stdout.strip().splitlines()
+    assert first.startswith("False") and "'cpu'" not in first and "'torch'" in first
+    assert "but torch 2.99.0 is running; it is not loaded" in warning
+
+
 def test_info_reports_the_build():
     p = run_python("import runpy; runpy.run_module('rlhf_kernels.info', run_name='__main__')")
     assert p.returncode == 0, p.stderr

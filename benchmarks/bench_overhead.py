@@ -71,6 +71,7 @@ def cpu_cases(gen):
     old_v, ret = randn(B, T), randn(B, T)
     chosen, rejected = randn(2 * T), randn(2 * T)
     rank = randn(B, T)
+    seq_rewards, group_ids = randn(4 * B), torch.randint(0, 5, (4 * B,), generator=gen)
 
     def grad_of(fn, *xs):
         """fwd+bwd: the op, then torch.autograd.grad of its (summed) output."""
@@ -113,6 +114,8 @@ def cpu_cases(gen):
         ("bt_loss", "fwd+bwd", grad_of(rk.bt_loss, chosen, rejected)),
         ("ranking_loss", "fwd", lambda: rk.ranking_loss(rank)),
         ("ranking_loss", "fwd+bwd", grad_of(rk.ranking_loss, rank)),
+        ("group_advantages", "fwd", lambda: rk.group_advantages(seq_rewards, group_size=4)),
+        ("group_advantages ragged", "fwd", lambda: rk.group_advantages(seq_rewards, group_ids, mode="rloo")),
     ]
 
 

@@ -64,6 +64,12 @@ def run_all(backend, dtype, device="cuda"):
     c, rj = randn(4099, dt=dtype).requires_grad_(), randn(4099, dt=dtype).requires_grad_()
     loss, _ = rk.bt_loss(c, rj, margin=randn(4099, dt=dtype), label_smoothing=0.1, center_coef=0.01, backend=backend)
     loss.backward()
+    rewards = randn(4099, dt=dtype)
+    for mode in ("grpo", "rloo", "reinforce++"):
+        rk.group_advantages(rewards[:4096], group_size=16, mode=mode, backend=backend)
+        ids = torch.randint(0, 600, (4099,), generator=gen, device=device)
+        rk.group_advantages(rewards, ids, mode=mode, mask=torch.rand(4099, 9, generator=gen, device=device) < 0.7,
+                            backend=backend)
     rank = randn(33, 7, dt=dtype).requires_grad_()
     loss, _ = rk.ranking_loss(rank, valid=torch.rand(33, 7, generator=gen, device=device) < 0.8, backend=backend)
     loss.backward()

@@ -71,6 +71,15 @@ TORCH_LIBRARY(rlhf_kernels, m) {
         " float center_coef) -> (Tensor, Tensor)");
   m.def("ranking_fwd(Tensor rewards, Tensor? valid) -> (Tensor, Tensor, Tensor)");
   m.def("ranking_bwd(Tensor grad, Tensor rewards, Tensor? valid, Tensor prompt_scale) -> Tensor");
+  // group_advantages family (no gradients): rewards [B] of any float dtype and strides; groups
+  // given by exactly one of group_index ([B], any integer dtype: ids need not be sorted or
+  // contiguous) and group_size (must divide B). mode: "grpo", "dr_grpo", "rloo" or
+  // "reinforce++" (parsed in rlhf/group_advantages_op.h: no code crosses languages); eps other
+  // than 1e-6 only with grpo and reinforce++. -> adv [B] float32; the _masked op also returns
+  // adv where mask [B, T] (bool or integer) is nonzero, else 0, as float32 [B, T].
+  m.def("group_advantages(Tensor rewards, Tensor? group_index, int? group_size, str mode, float eps) -> Tensor");
+  m.def("group_advantages_masked(Tensor rewards, Tensor? group_index, int? group_size, str mode, float eps,"
+        " Tensor mask) -> (Tensor, Tensor)");
 }
 
 namespace {

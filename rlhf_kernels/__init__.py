@@ -13,6 +13,7 @@ from rlhf_kernels.ops.logprobs import full_kl, kl_penalty, token_entropy, token_
 from rlhf_kernels.ops.linear_logprobs import linear_token_logprobs
 from rlhf_kernels.ops.ppo import ppo_policy_loss, ppo_value_loss
 from rlhf_kernels.ops.bt import bt_loss, ranking_loss
+from rlhf_kernels.ops.group_advantages import group_advantages
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "available_backends",
@@ -21,4 +22,5 @@ __all__ = [
     "linear_token_logprobs",
     "ppo_policy_loss", "ppo_value_loss",
     "bt_loss", "ranking_loss",
+    "group_advantages",
 ]

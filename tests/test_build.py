@@ -179,5 +179,7 @@ def test_ops_never_ask_the_binary_per_call(monkeypatch):
 def test_registered_ops_exist():
     if not _ext.loaded():
         pytest.skip("native extension not built")
-    for name in ("gae", "gae_packed", "masked_whiten"):
-        assert hasattr(torch.ops.rlhf_kernels, name)
+    for name in ("gae", "gae_packed", "masked_whiten", "token_logprobs_fwd", "token_entropy_fwd", "logprobs_bwd",
+                 "full_kl_fwd", "linear_logprobs_fwd", "ppo_policy_fwd", "ppo_value_fwd", "bt_fwd", "ranking_fwd",
+                 "group_advantages", "group_advantages_masked"):
+        assert hasattr(torch.ops.rlhf_kernels, name), name

@@ -6,6 +6,8 @@ Providers: the eager PyTorch reference (rlhf_kernels/reference, run on the float
 inputs as a trainer would), torch.compile of that reference, and the rlhf_kernels
 backends usable on the device (cpu; triton and cuda on a GPU). Workloads:
   ppo   policy + value loss, forward + backward, B x T = 64 x 4096 fp32, right-padded rows
+  ppo options  the same with the policy loss's options: GSPO's sequence ratio with a geometric
+        truncated correction (rollout log-probabilities), and CISPO with a token-level mask
   bt    Bradley-Terry loss with margin and smoothing, P = 4096 pairs, forward + backward
   rank  all-pairs ranking loss, P = 512 prompts x K = 8 (ragged), forward + backward
 Prints markdown tables and the CPU target (cpu >= 3x eager on the ppo workload).
@@ -40,9 +42,27 @@ def ppo_inputs(B, T, device, gen):
     return [t.to(device) for t in (logp, old, adv, values, old_values, returns, mask)]
 
 
-def ppo_step_fn(provider, inputs):
+# the policy loss's options benchmarked (ppo_step_fn's `options`): name -> keyword arguments
+# (rollout_logprobs added by ppo_step_fn)
+PPO_OPTIONS = {
+    "gspo+tis-geometric": dict(clip_low=3e-4, clip_high=4e-4, ratio_level="sequence", is_correction="tis",
+                               is_level="geometric"),
+    "cispo+mis-token": dict(clip_low=0.2, clip_high=0.28, objective="cispo", is_correction="mis", is_cap=2.0),
+}
+
+
+def rollout_logprobs(old):
+    """The rollout engine's log-probabilities: the old ones off by a little (own generator, so
+    that the other workloads' inputs stay as they were)."""
+    g = torch.Generator().manual_seed(1)
+    return (old.cpu() + 0.05 * torch.randn(old.shape, generator=g)).to(old.device)
+
+
+def ppo_step_fn(provider, inputs, options=None):
     logp, old, adv, values, old_values, returns, mask = inputs
     kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    if options is not None:
+        kw = dict(PPO_OPTIONS[options], rollout_logprobs=rollout_logprobs(old))
 
     def reference(lp, v):
         pl, ps = ref_ppo.ppo_policy_loss(lp, old, adv, mask, num_tokens=None, **kw)
@@ -131,6 +151,20 @@ def run(device, repeats, records):
                         "speedup_vs_compile": results["compile"] / t, "threads": torch.get_num_threads()})
     print_table("ppo: policy + value loss, forward + backward (%s, %d threads)"
                 % (device, torch.get_num_threads()), ["provider", "B x T", "dtype", "median", "vs eager"], rows)
+
+    rows = []
+    for options in PPO_OPTIONS:
+        times = {name: median_time(ppo_step_fn(name, inputs, options), device=device, warmup=3, repeats=repeats,
+                                   min_time=0.2) for name in providers(device)}
+        for name, t in times.items():
+            rows.append([options, name, fmt_time(t), "%.2fx" % (times["eager"] / t),
+                         "%.2fx" % (t / results[name])])
+            records.append({"family": "ppo", "op": "ppo_policy+value fwd+bwd, %s" % options, "provider": name,
+                            "shape": "%dx%d" % (B, T), "dtype": "float32", "median_s": t,
+                            "speedup_vs_eager": times["eager"] / t, "speedup_vs_compile": times["compile"] / t,
+                            "threads": torch.get_num_threads()})
+    print_table("ppo options: policy (with options) + value loss, forward + backward, %dx%d fp32 (%s)"
+                % (B, T, device), ["options", "provider", "median", "vs eager", "vs plain ppo"], rows)
 
     for title, make in (("bt: Bradley-Terry loss, forward + backward", bt_step_fn),
                         ("ranking: all-pairs loss, forward + backward", ranking_step_fn)):

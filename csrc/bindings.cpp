@@ -54,11 +54,20 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // clip_high None means clip_low; dual_clip None means none. Forward -> (loss [], stats
   // [n_stats], row_scale [B]: each row's weight in the loss, used by the backward);
   // backward -> d logprobs / d values [B, T] float32. Autograd: csrc/autograd/ppo.cpp.
+  // The policy loss's options take ppo_policy_options_fwd, the plain loss keeps ppo_policy_fwd
+  // (every schema argument costs host time on every call); both share ppo_policy_bwd. `options`
+  // packs ratio_level, objective, is_correction and is_level (bit layout: rlhf/layout.h; 0 = the
+  // plain loss); rollout_logprobs [B, T] float goes with a correction, is_cap (None: 2) too. Then
+  // row_scale [B] is each row's weight times its factor in the gradient (rlhf/ppo.h, row_grad_factor).
   m.def("ppo_policy_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? num_tokens,"
         " float? num_tokens_value, float clip_low, float? clip_high, float? dual_clip, int loss_agg)"
         " -> (Tensor, Tensor, Tensor)");
+  m.def("ppo_policy_options_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask,"
+        " Tensor? num_tokens, float? num_tokens_value, float clip_low, float? clip_high, float? dual_clip,"
+        " int loss_agg, Tensor? rollout_logprobs, int options, float? is_cap) -> (Tensor, Tensor, Tensor)");
   m.def("ppo_policy_bwd(Tensor grad, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask,"
-        " Tensor row_scale, float clip_low, float? clip_high, float? dual_clip) -> Tensor");
+        " Tensor row_scale, float clip_low, float? clip_high, float? dual_clip, Tensor? rollout_logprobs=None,"
+        " int options=0, float? is_cap=None) -> Tensor");
   m.def("ppo_value_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor? num_tokens,"
         " float? num_tokens_value, float? clip, int loss_agg) -> (Tensor, Tensor, Tensor)");
   m.def("ppo_value_bwd(Tensor grad, Tensor values, Tensor old_values, Tensor returns, Tensor mask,"
@@ -106,6 +115,13 @@ pybind11::tuple names(const char* const (&a)[N]) {
 pybind11::dict layout() {
   pybind11::dict d;
   d["loss_aggs"] = names(rlhf::kLossAggNames);
+  d["option_bits"] = pybind11::make_tuple(rlhf::kOptionBits);
+  const pybind11::tuple codes[rlhf::kNumOptionFields] = {names(rlhf::kRatioLevelNames), names(rlhf::kObjectiveNames),
+                                                         names(rlhf::kIsCorrectionNames), names(rlhf::kIsLevelNames)};
+  pybind11::tuple options(static_cast<size_t>(rlhf::kNumOptionFields));
+  for (int f = 0; f < rlhf::kNumOptionFields; ++f)
+    options[f] = pybind11::make_tuple(rlhf::kOptionFieldNames[f], codes[f]);
+  d["policy_options"] = options;
   d["policy_stats"] = names(rlhf::kPolicyStatNames);
   d["value_stats"] = names(rlhf::kValueStatNames);
   d["bt_stats"] = names(rlhf::kBTStatNames);

@@ -34,6 +34,7 @@ def _inputs(device):
         "chosen": randn(500), "rejected": randn(500), "rank": randn(40, 5),
     }
     x["old_lp"] = x["lp"] + 0.2 * randn(B, T)
+    x["roll_lp"] = x["old_lp"] + 0.3 * randn(B, T)
     x["labels"][0, 0] = -100
     x["cu"] = torch.tensor([0, 100, 100, 1000, B * T], device=device)
     return x
@@ -55,6 +56,12 @@ OPS = {
                               ("hidden", "weight")),
     "ppo_policy_loss": (lambda x, b: _loss(rk.ppo_policy_loss(x["lp"], x["old_lp"], x["adv"], x["mask"],
                                                               dual_clip=3.0, backend=b)), ("lp",)),
+    "ppo_policy_loss_gspo_tis": (lambda x, b: _loss(rk.ppo_policy_loss(
+        x["lp"], x["old_lp"], x["adv"], x["mask"], ratio_level="sequence", rollout_logprobs=x["roll_lp"],
+        is_correction="tis", is_level="geometric", loss_agg="token-sum", backend=b)), ("lp",)),
+    "ppo_policy_loss_cispo_mis": (lambda x, b: _loss(rk.ppo_policy_loss(
+        x["lp"], x["old_lp"], x["adv"], x["mask"], objective="cispo", rollout_logprobs=x["roll_lp"],
+        is_correction="mis", is_level="sequence", backend=b)), ("lp",)),
     "ppo_value_loss": (lambda x, b: _loss(rk.ppo_value_loss(x["v"], x["r"], x["adv"], x["mask"], backend=b)),
                        ("v",)),
     "bt_loss": (lambda x, b: _loss(rk.bt_loss(x["chosen"], x["rejected"], label_smoothing=0.1, backend=b)),

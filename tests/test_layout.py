@@ -24,8 +24,44 @@ def test_triton_kernels_use_the_python_layout():
     from rlhf_kernels.triton import ppo as tri_ppo
     assert tri_ppo.N_POLICY_PARTS.value == len(_layout.POLICY_PARTS)
     assert tri_ppo.N_VALUE_PARTS.value == len(_layout.VALUE_PARTS)
-    assert [tri_ppo.S_CLIPFRAC.value, tri_ppo.S_MAX.value] == [0, len(_layout.POLICY_STATS) - 1]
+    # every index the policy kernels use, by its name in the layout
+    parts = dict(LOSS="loss", COUNT="count", LOW="low", HIGH="high", DUAL="dual", KL="kl", RATIO="ratio",
+                 MIN="ratio_min", MAX="ratio_max", ROW_GRAD="row_grad", IS_WEIGHT="is_weight", IS_CAPPED="is_capped")
+    assert {getattr(tri_ppo, "PP_" + k).value for k in parts} == set(range(len(_layout.POLICY_PARTS)))
+    for k, name in parts.items():
+        assert getattr(tri_ppo, "PP_" + k).value == _layout.POLICY_PARTS.index(name), k
+    stats = dict(CLIPFRAC="clipfrac", LOW="clipfrac_low", HIGH="clipfrac_high", DUAL="dual_clipfrac", KL="approx_kl",
+                 RATIO="ratio_mean", MIN="ratio_min", MAX="ratio_max", SEQ_CLIPFRAC="seq_clipfrac",
+                 IS_WEIGHT_MEAN="is_weight_mean", IS_CAPPED_FRAC="is_capped_frac")
+    assert {getattr(tri_ppo, "S_" + k).value for k in stats} == set(range(len(_layout.POLICY_STATS)))
+    for k, name in stats.items():
+        assert getattr(tri_ppo, "S_" + k).value == _layout.POLICY_STATS.index(name), k
     assert tri_bt.S_MARGIN_MEAN.value == _layout.BT_STATS.index("margin_mean")
+
+
+def test_existing_codes_and_stats_keep_their_place():
+    """New loss_agg codes and statistics are appended: what callers already index never moves."""
+    assert _layout.LOSS_AGGS[:4] == ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                     "seq-mean-token-sum-norm")
+    assert _layout.LOSS_AGG_CODES["token-sum"] == 4
+    assert _layout.POLICY_STATS[:8] == ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
+                                        "ratio_mean", "ratio_min", "ratio_max")
+
+
+def test_policy_options_bit_layout():
+    """`options` packs one field per OPTION_BITS bits, in POLICY_OPTIONS order; code 0 of each is
+    the default (None where the name is "none"), so the plain loss is options = 0."""
+    bits = _layout.OPTION_BITS
+    assert all(len(names) <= 1 << bits for _, names in _layout.POLICY_OPTIONS)
+    for f, (field, names) in enumerate(_layout.POLICY_OPTIONS):
+        codes = _layout.option_codes(field)
+        assert sorted(codes.values()) == list(range(len(names)))
+        for value, code in codes.items():
+            assert _layout.pack_options(**{field: code}) == code << (bits * f)
+    assert _layout.option_codes("is_correction")[None] == 0 and _layout.option_codes("is_level")[None] == 0
+    assert [names[0] for _, names in _layout.POLICY_OPTIONS][:2] == ["token", "ppo"]
+    assert _layout.pack_options(ratio_level=1, objective=1, is_correction=2, is_level=3) == \
+        1 | 1 << bits | 2 << 2 * bits | 3 << 3 * bits
 
 
 @pytest.mark.parametrize("backend", rk.available_backends("cpu"))

@@ -436,3 +436,384 @@ def test_thread_count_invariance(gen):
         torch.set_num_threads(threads)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+# ---- the policy loss's options: ratio_level, objective, loss_agg="token-sum", the rollout correction
+
+IS_SETTINGS = [(None, None)] + [(c, lvl) for c in ("tis", "mis") for lvl in ("token", "sequence", "geometric")]
+OPTION_SETS = [dict(ratio_level=rl, objective=obj, is_correction=c, is_level=lvl)
+               for rl in ("token", "sequence") for obj in ("ppo", "cispo") for c, lvl in IS_SETTINGS]
+
+
+def option_id(o):
+    return "-".join(str(v) for v in o.values() if v is not None)
+
+
+def option_inputs(gen, B, T, device, extreme=False):
+    """policy_inputs with each row's log-ratios shifted (so that sequence ratios get clipped) and
+    rollout log-probabilities. extreme: |logp - old| and |old - rollout| up to 30, every token
+    of a row on one side (row means up to 30 in size, row sums far beyond exp's range)."""
+    logp, old, adv, mask = (t.cpu() for t in policy_inputs(gen, B, T, "cpu"))
+    side = torch.tensor([1.0, -1.0])[torch.arange(B) % 2][:, None]
+    if extreme:
+        old = logp - side * 30 * torch.rand(B, T, generator=gen)
+        rollout = old + side * 30 * torch.rand(B, T, generator=gen)
+    else:
+        old = old - side * (0.3 + 0.3 * torch.rand(B, 1, generator=gen))  # s outside [0.8, 1.28]
+        rollout = old + 0.4 * torch.randn(B, T, generator=gen)
+    return [t.to(device) for t in (logp, old, adv, mask, rollout)]
+
+
+def option_kwargs(o, rollout, loss_agg="token-mean", **extra):
+    """The keyword arguments of ppo_policy_loss for option set `o` (None entries left out)."""
+    kw = dict(clip_low=0.2, clip_high=0.28, loss_agg=loss_agg, ratio_level=o["ratio_level"], objective=o["objective"])
+    if o["objective"] == "ppo":
+        kw["dual_clip"] = 3.0
+    if o["is_correction"] is not None:
+        kw.update(rollout_logprobs=rollout, is_correction=o["is_correction"], is_level=o["is_level"])
+        if o["is_correction"] == "tis":
+            kw["is_cap"] = 1.5  # "mis" keeps the default cap, 2
+    kw.update(extra)
+    return kw
+
+
+def options_reference(logp, old, adv, mask, **kw):
+    """(loss, stats, d logprobs, loss bound, gradient bound) of the float64 reference. The
+    bounds are the scales of rounding errors: the loss's, |l_t| <= c_t |A_t| (r_t + 2)(|logp_t| + 1)
+    aggregated like the loss; the gradient's, |expected| per token, and for the PPO loss with
+    the sequence ratio each row's w_b (s_b / n_b) sum_t c_t |A_t| (a sum that can cancel)."""
+    kw = dict(kw)
+    if kw.get("rollout_logprobs") is not None:
+        kw["rollout_logprobs"] = kw["rollout_logprobs"].cpu().double()
+    logp, old, adv, mask = logp.cpu().double(), old.cpu().double(), adv.cpu().double(), mask.cpu()
+    x = logp.clone().requires_grad_()
+    loss, stats = ref.ppo_policy_loss(x, old, adv, mask, **kw)
+    loss.backward()
+    agg, nt = kw.get("loss_agg", "token-mean"), kw.get("num_tokens")
+    log_ratio = logp - old
+    ratio = torch.exp(log_ratio)
+    if kw.get("ratio_level") == "sequence":
+        ratio = torch.exp(ref._row_mean(log_ratio, mask)).expand_as(ratio)
+    c = torch.ones_like(ratio)
+    if kw.get("is_correction") is not None:
+        c, _ = ref.is_weights(old, kw["rollout_logprobs"], mask, kw["is_correction"], kw.get("is_level", "token"),
+                              kw.get("is_cap", 2.0))
+    bound = ref.aggregate(c * adv.abs() * (ratio + 2) * (logp.abs() + 1), mask, agg, nt)
+    grad_bound = x.grad.abs()
+    if kw.get("ratio_level") == "sequence" and kw.get("objective", "ppo") == "ppo":
+        z = torch.zeros_like(logp, requires_grad=True)
+        (w,) = torch.autograd.grad(ref.aggregate(z, mask, agg, nt), z)
+        n = mask.sum(-1, keepdim=True).clamp(min=1)
+        row = (torch.where(mask, c * adv.abs(), torch.zeros_like(adv))).sum(-1, keepdim=True) * ratio / n
+        grad_bound = torch.maximum(grad_bound, torch.where(mask, w * row, torch.zeros_like(row)))
+    return loss.detach(), stats, x.grad, bound, grad_bound
+
+
+def assert_grad_bounded(actual, expected, bound):
+    """|actual - expected| <= GRAD_RTOL * bound + GRAD_ATOL_FRAC * max |expected|, per token."""
+    assert actual.dtype == torch.float32
+    err = (actual.double().cpu() - expected).abs()
+    tol = GRAD_RTOL * bound + GRAD_ATOL_FRAC * expected.abs().max() + 1e-30
+    assert (err <= tol).all(), (err - tol).max().item()
+
+
+def run_policy(logp, old, adv, mask, backend, **kw):
+    x = logp.clone().requires_grad_()
+    loss, stats = rk.ppo_policy_loss(x, old, adv, mask, backend=backend, **kw)
+    loss.backward()
+    return loss, stats, x.grad
+
+
+# the Triton interpreter's numpy warns where a sequence weight overflows (as it should: then it is capped)
+overflow_ok = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
+@overflow_ok
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("extreme", [False, True], ids=["moderate", "extreme"])
+@pytest.mark.parametrize("i,o", list(enumerate(OPTION_SETS)), ids=[option_id(o) for o in OPTION_SETS])
+def test_policy_options_match_reference(device, backend, i, o, extreme, gen):
+    """Every combination of ratio_level x objective x is_correction x is_level against the
+    float64 reference (loss_agg cycles through every mode), with moderate inputs and with
+    log-ratios and behaviour log-weights up to 30 in size: values, statistics and gradients."""
+    B, T = shape_for(backend)
+    logp, old, adv, mask, rollout = option_inputs(gen, B, T, device, extreme)
+    kw = option_kwargs(o, rollout, AGGS[i % len(AGGS)])
+    loss, stats, grad = run_policy(logp, old, adv, mask, backend, **kw)
+    ref_loss, ref_stats, ref_grad, bound, grad_bound = options_reference(logp, old, adv, mask, **kw)
+    assert_loss(loss.cpu(), ref_loss, bound)
+    assert_stats(stats, ref_stats)
+    assert_grad_bounded(grad, ref_grad, grad_bound)
+    assert torch.isfinite(loss) and torch.isfinite(stats.packed).all() and torch.isfinite(grad).all()
+    assert (grad[~mask] == 0).all()
+    assert ref_stats["clipfrac"] > 0 and ref_stats["seq_clipfrac"] > 0
+    if o["is_correction"] == "tis" and o["is_level"] == "token":
+        assert 0 < ref_stats["is_capped_frac"] < 1
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", AGGS)
+@pytest.mark.parametrize("o", [OPTION_SETS[9], OPTION_SETS[24]], ids=option_id)
+def test_policy_options_every_loss_agg(device, backend, loss_agg, o, gen):
+    """GSPO with a sequence-level truncation and CISPO with a token-level mask, under every
+    loss_agg, with and without a global num_tokens."""
+    B, T = shape_for(backend)
+    logp, old, adv, mask, rollout = option_inputs(gen, B, T, device)
+    for extra in (dict(), dict(num_tokens=torch.tensor(1000.0, device=device))):
+        kw = option_kwargs(o, rollout, loss_agg, **extra)
+        loss, stats, grad = run_policy(logp, old, adv, mask, backend, **kw)
+        ref_loss, ref_stats, ref_grad, bound, grad_bound = options_reference(logp, old, adv, mask, **kw)
+        assert_loss(loss.cpu(), ref_loss, bound)
+        assert_stats(stats, ref_stats)
+        assert_grad_bounded(grad, ref_grad, grad_bound)
+
+
+def test_token_sum_is_the_sum(gen):
+    """loss_agg="token-sum" on the reference: the plain sum of the valid tokens' losses."""
+    logp, old, adv, mask = policy_inputs(gen, 5, 17, "cpu")
+    total, _ = ref.ppo_policy_loss(logp.double(), old.double(), adv.double(), mask, loss_agg="token-sum")
+    mean, _ = ref.ppo_policy_loss(logp.double(), old.double(), adv.double(), mask, loss_agg="token-mean")
+    torch.testing.assert_close(total, mean * mask.sum(), rtol=1e-12, atol=0)
+
+
+@overflow_ok
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_sequence_weights_beyond_exp_range(device, backend, gen):
+    """Sequence-level behaviour weights whose log is a sum far beyond float32's exp range (and
+    float64's): w overflows to inf or underflows to 0, the cap still applies and the loss, the
+    statistics and the gradient stay finite and right."""
+    B, T = shape_for(backend)
+    logp, old, adv, mask, _ = option_inputs(gen, B, T, device)
+    rollout = old - torch.tensor([40.0, 3.0, 0.001, -40.0] + [0.0] * (B - 4), device=device)[:, None]
+    for correction in ("tis", "mis"):
+        kw = dict(ratio_level="sequence", rollout_logprobs=rollout, is_correction=correction, is_level="sequence")
+        loss, stats, grad = run_policy(logp, old, adv, mask, backend, **kw)
+        ref_loss, ref_stats, ref_grad, bound, grad_bound = options_reference(logp, old, adv, mask, **kw)
+        assert torch.isfinite(loss) and torch.isfinite(stats.packed).all() and torch.isfinite(grad).all()
+        assert_loss(loss.cpu(), ref_loss, bound)
+        assert_stats(stats, ref_stats)
+        assert_grad_bounded(grad, ref_grad, grad_bound)
+        assert ref_stats["is_capped_frac"] > 0
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_policy_options_defaults_are_the_plain_loss(device, backend, gen):
+    """The defaults spelled out give bitwise the plain loss, and so do options that reduce to
+    it: a correction whose weight is exactly 1 (rollout = old, so w = exp(0))."""
+    B, T = shape_for(backend)
+    logp, old, adv, mask = policy_inputs(gen, B, T, device)
+    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, loss_agg="seq-mean-token-mean")
+    plain = run_policy(logp, old, adv, mask, backend, **kw)
+    spelled = run_policy(logp, old, adv, mask, backend, ratio_level="token", objective="ppo", rollout_logprobs=None,
+                         is_correction=None, is_level=None, is_cap=None, **kw)
+    for a, b in zip(plain, spelled):
+        assert torch.equal(torch.as_tensor(a.packed if hasattr(a, "packed") else a),
+                           torch.as_tensor(b.packed if hasattr(b, "packed") else b))
+    exact = device == "cpu"  # a GPU's exp(0) is 1 too, but no test should rest on a fast-math intrinsic
+    for level in ("token", "sequence", "geometric"):
+        loss, stats, grad = run_policy(logp, old, adv, mask, backend, rollout_logprobs=old, is_correction="tis",
+                                       is_level=level, **kw)
+        for a, b in ((loss, plain[0]), (stats.packed, plain[1].packed), (grad, plain[2])):
+            torch.testing.assert_close(a, b, rtol=0 if exact else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_policy_options_gradient_reaches_logprobs_only(device, backend, gen):
+    B, T = shape_for(backend)
+    logp, old, adv, mask, rollout = option_inputs(gen, B, T, device)
+    leaves = [t.clone().requires_grad_() for t in (logp, old, adv, rollout)]
+    loss, _ = rk.ppo_policy_loss(leaves[0], leaves[1], leaves[2], mask, ratio_level="sequence", objective="cispo",
+                                 rollout_logprobs=leaves[3], is_correction="mis", backend=backend)
+    loss.backward()
+    assert leaves[0].grad is not None and leaves[0].grad.abs().sum() > 0
+    assert all(t.grad is None for t in leaves[1:])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", ["token-mean", "token-sum"])
+def test_policy_options_microbatch_invariance(device, backend, loss_agg, gen):
+    """The options are per row (sequence ratio, sequence weights), so micro-batches of rows with
+    the global num_tokens (token-mean) or none (token-sum) sum to the full batch."""
+    B, T = shape_for(backend)
+    logp, old, adv, mask, rollout = option_inputs(gen, B, T, device)
+    kw = dict(ratio_level="sequence", rollout_logprobs=rollout, is_correction="tis", is_level="geometric",
+              loss_agg=loss_agg)
+    if loss_agg == "token-mean":
+        kw["num_tokens"] = int(mask.sum())
+    full, _, full_grad = run_policy(logp, old, adv, mask, backend, **kw)
+    y = logp.clone().requires_grad_()
+    total = 0
+    for part in (slice(0, B // 2), slice(B // 2, B)):
+        loss, _ = rk.ppo_policy_loss(y[part], old[part], adv[part], mask[part], backend=backend,
+                                     **dict(kw, rollout_logprobs=rollout[part]))
+        total = total + loss
+    total.backward()
+    ref_loss, _, ref_grad, bound, grad_bound = options_reference(logp, old, adv, mask, **kw)
+    for loss, grad in ((full, full_grad), (total, y.grad)):
+        assert_loss(loss.cpu(), ref_loss, bound)
+        assert_grad_bounded(grad, ref_grad, grad_bound)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_policy_options_deterministic_and_masked_tokens_ignored(device, backend, gen):
+    """Bitwise the same on every run, and NaN / inf at masked tokens (of every input, the
+    rollout log-probabilities too) change nothing."""
+    B, T = shape_for(backend)
+    logp, old, adv, mask, rollout = option_inputs(gen, B, T, device)
+    junk = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device)
+    idx = torch.randint(0, 3, (B, T), generator=gen).to(device)
+    for o in (OPTION_SETS[9], OPTION_SETS[13], OPTION_SETS[24]):
+        def run(poison):
+            args = [logp, old, adv, rollout]
+            if poison:
+                args = [torch.where(mask, a, junk[(idx + k) % 3]) for k, a in enumerate(args)]
+            loss, stats, grad = run_policy(args[0], args[1], args[2], mask, backend, **option_kwargs(o, args[3]))
+            return [loss, stats.packed, grad]
+
+        clean = run(False)
+        for a, b in zip(clean, run(False)):
+            assert torch.equal(a, b)
+        if backend == "torch":
+            continue  # the eager reference's gradient is NaN there (0 * exp(NaN) in autograd), within its row
+        for a, b in zip(clean, run(True)):
+            assert torch.equal(a, b)
+
+
+def test_policy_options_empty_batch():
+    for backend in _backend.available("cpu"):
+        x = torch.empty(0, 5, requires_grad=True)
+        loss, stats = rk.ppo_policy_loss(x, x.detach(), x.detach(), torch.zeros(0, 5, dtype=torch.bool),
+                                         ratio_level="sequence", rollout_logprobs=x.detach(), is_correction="mis",
+                                         is_level="geometric", loss_agg="token-sum", backend=backend)
+        loss.backward()
+        assert loss.item() == 0 and x.grad.shape == (0, 5)
+        assert all(s.item() == 0 for s in stats.values())
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_policy_options_all_masked(device, backend, gen):
+    B, T = shape_for(backend)
+    logp, old, adv, _, rollout = option_inputs(gen, B, T, device)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    for o in (OPTION_SETS[9], OPTION_SETS[24]):
+        loss, stats, grad = run_policy(logp, old, adv, mask, backend, **option_kwargs(o, rollout, "token-sum"))
+        assert loss.item() == 0 and all(s.item() == 0 for s in stats.values())
+        assert (grad == 0).all()
+
+
+@needs_ext
+def test_policy_options_thread_count_invariance(gen):
+    B, T = 37, 1031
+    logp, old, adv, mask, rollout = option_inputs(gen, B, T, "cpu")
+    threads = torch.get_num_threads()
+    outs = {}
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            outs[n] = [run_policy(logp, old, adv, mask, "cpu", **option_kwargs(o, rollout, "seq-mean-token-mean"))
+                       for o in (OPTION_SETS[9], OPTION_SETS[13], OPTION_SETS[24])]
+    finally:
+        torch.set_num_threads(threads)
+    a, b = outs.values()
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra, rb):
+            assert torch.equal(x.packed if hasattr(x, "packed") else x, y.packed if hasattr(y, "packed") else y)
+
+
+@needs_ext
+def test_policy_options_opcheck(gen):
+    from rlhf_kernels._layout import pack_options
+    B, T = 4, 23
+    logp, old, adv, mask, rollout = option_inputs(gen, B, T, "cpu")
+    ops = torch.ops.rlhf_kernels
+    x = logp.clone().requires_grad_()
+    gspo_tis = pack_options(ratio_level=1, is_correction=1, is_level=3)
+    cispo_mis = pack_options(objective=1, is_correction=2, is_level=1)
+    seq_cispo = pack_options(ratio_level=1, objective=1)
+    cases = [(x, old, adv, mask, None, None, 0.2, 0.28, 3.0, 4, rollout, gspo_tis, 1.5),
+             (x, old, adv, mask, None, 50.0, 0.2, None, None, 0, rollout, cispo_mis, None),
+             (x, old, adv, mask.long(), None, None, 0.2, 0.2, None, 1, None, seq_cispo, None)]
+    for args in cases:
+        torch.library.opcheck(ops.ppo_policy_options_fwd, args)
+        _, _, scale = ops.ppo_policy_options_fwd(*((logp,) + args[1:]))
+        bwd_args = (torch.tensor(1.5), logp, old, adv, mask, scale) + args[6:9] + args[10:]
+        torch.library.opcheck(ops.ppo_policy_bwd, bwd_args)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"])
+def test_policy_options_compile_fullgraph(gen, device, backend):
+    B, T = 4, 37
+    logp, old, adv, mask, rollout = option_inputs(gen, B, T, device)
+
+    def step(lp, num_tokens):
+        a, sa = rk.ppo_policy_loss(lp, old, adv, mask, ratio_level="sequence", rollout_logprobs=rollout,
+                                   is_correction="tis", is_level="geometric", num_tokens=num_tokens, backend=backend)
+        b, sb = rk.ppo_policy_loss(lp, old, adv, mask, objective="cispo", rollout_logprobs=rollout,
+                                   is_correction="mis", loss_agg="token-sum", backend=backend)
+        return a + 0.01 * b, sa["seq_clipfrac"], sb["is_capped_frac"]
+
+    step(logp, None)  # eager first: the backend's modules and ops are loaded
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    nt = torch.tensor(100.0, device=device)
+    results = []
+    for fn in (step, compiled):
+        x = logp.clone().requires_grad_()
+        loss, seq_clip, capped = fn(x, nt)
+        loss.backward()
+        results.append((loss, seq_clip, capped, x.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _bad(**kw):
+    x = torch.randn(3, 8)
+    return dict(logprobs=x, old_logprobs=x + 0.1, advantages=torch.randn(3, 8), mask=torch.rand(3, 8) < 0.7) | kw
+
+
+ROLLOUT = torch.randn(3, 8)
+# (id, keyword arguments, exception type, words the message must contain); test_bad_inputs.py style
+OPTION_CASES = [
+    ("is_correction without rollout", _bad(is_correction="tis"), ValueError, "rollout_logprobs"),
+    ("rollout without is_correction", _bad(rollout_logprobs=ROLLOUT), ValueError, "is_correction"),
+    ("is_level without is_correction", _bad(is_level="sequence"), ValueError, "is_level"),
+    ("is_cap without is_correction", _bad(is_cap=3.0), ValueError, "is_cap"),
+    ("dual_clip with cispo", _bad(objective="cispo", dual_clip=2.0), ValueError, "dual_clip"),
+    ("unknown objective", _bad(objective="grpo"), ValueError, "objective"),
+    ("unknown ratio_level", _bad(ratio_level="seq"), ValueError, "ratio_level"),
+    ("unknown is_correction", _bad(rollout_logprobs=ROLLOUT, is_correction="is"), ValueError, "is_correction"),
+    ("unknown is_level", _bad(rollout_logprobs=ROLLOUT, is_correction="tis", is_level="row"), ValueError, "is_level"),
+    ("is_cap 1", _bad(rollout_logprobs=ROLLOUT, is_correction="tis", is_cap=1.0), ValueError, "is_cap"),
+    ("is_cap inf", _bad(rollout_logprobs=ROLLOUT, is_correction="mis", is_cap=float("inf")), ValueError, "is_cap"),
+    ("is_cap str", _bad(rollout_logprobs=ROLLOUT, is_correction="tis", is_cap="2"), TypeError, "is_cap"),
+    ("rollout shape", _bad(rollout_logprobs=torch.randn(3, 7), is_correction="tis"), ValueError, "rollout_logprobs"),
+    ("rollout int", _bad(rollout_logprobs=torch.ones(3, 8, dtype=torch.long), is_correction="tis"), TypeError,
+     "rollout_logprobs"),
+    ("rollout list", _bad(rollout_logprobs=[[0.0] * 8] * 3, is_correction="tis"), TypeError, "rollout_logprobs"),
+]
+
+
+@pytest.mark.parametrize("backend", _backend.available("cpu"))
+@pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
+def test_policy_options_bad_inputs(case, backend):
+    _, kwargs, kind, words = case
+    with pytest.raises(kind) as info:
+        rk.ppo_policy_loss(**kwargs, backend=backend)
+    assert words in str(info.value), str(info.value)
+    assert not isinstance(info.value, rk.BackendUnavailable)
+
+
+@needs_ext
+def test_native_options_codes_are_checked():
+    """The native op (ppo_policy_options_fwd) reads `options` with the layout's bit fields: a
+    code beyond a field's names is refused naming that field, and bits beyond the fields are."""
+    from rlhf_kernels._layout import OPTION_BITS, POLICY_OPTIONS
+    x = torch.randn(2, 5)
+    m = torch.ones(2, 5, dtype=torch.bool)
+    for f, (field, names) in enumerate(POLICY_OPTIONS):
+        with pytest.raises(ValueError, match="`%s` code must be" % field):
+            torch.ops.rlhf_kernels.ppo_policy_options_fwd(x, x, x, m, None, None, 0.2, None, None, 0, None,
+                                                          len(names) << (OPTION_BITS * f), None)
+    with pytest.raises(ValueError, match="`options`"):
+        torch.ops.rlhf_kernels.ppo_policy_options_fwd(x, x, x, m, None, None, 0.2, None, None, 0, None,
+                                                      1 << (OPTION_BITS * len(POLICY_OPTIONS)), None)

@@ -3,6 +3,10 @@
 // are combined in row order afterwards, so results do not depend on the thread count.
 // The forward also returns each row's weight in the aggregated loss (row_scale [B]);
 // the backward is then elementwise: d_x[b, t] = grad * row_scale[b] * dl/dx[b, t].
+// The policy loss's options (rlhf/ppo.h) run in a second instantiation of the same loops
+// (PolicyOptions read at run time); the plain loss (options = 0) runs DefaultOptions, whose
+// constant fields leave exactly the code of the plain loss. Options that need a row's sums
+// (the sequence ratio, a sequence-level IS weight) take a float64 pass over the row first.
 //
 // Every loop runs on 8-token vectors (GCC vector extensions; an AVX2 clone picked at load
 // time, the baseline clone uses SSE pairs) through the per-token math of rlhf/ppo.h; the
@@ -20,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "rlhf/cpu_vec.h"  // before ppo.h: silences -Wpsabi for its vector templates too
@@ -80,9 +85,10 @@ void for_rows(int64_t B, int64_t T, F f) {
   });
 }
 
-// Row weights from the per-row valid counts, and the loss sum_b w_b * row_sum_b.
+// Row weights from the per-row valid counts, and the loss sum_b w_b * row_sum_b. row_scale[b] =
+// w_b * row_grad[b] (row_grad: each row's factor in the gradient, rlhf/ppo.h; null: 1).
 double aggregate_rows(const std::vector<double>& row_sum, const std::vector<double>& row_count, int64_t agg,
-                      double numel, double num_tokens, float* row_scale) {
+                      double numel, double num_tokens, float* row_scale, const double* row_grad = nullptr) {
   double total = 0, rows_with = 0;
   for (size_t b = 0; b < row_count.size(); ++b) {
     total += row_count[b];
@@ -91,7 +97,7 @@ double aggregate_rows(const std::vector<double>& row_sum, const std::vector<doub
   double loss = 0;
   for (size_t b = 0; b < row_count.size(); ++b) {
     const double w = ppo_row_weight(agg, row_count[b], total, rows_with, numel, num_tokens);
-    row_scale[b] = static_cast<float>(w);
+    row_scale[b] = static_cast<float>(row_grad ? w * row_grad[b] : w);
     loss += w * row_sum[b];
   }
   return loss;
@@ -133,19 +139,37 @@ RLHF_INLINE int64_t for_blocks(LaneSums<N>& s, int64_t T, Add& add) {
   return t0;
 }
 
+double lane_total(const VecD4 (&x)[2]) {  // fixed order
+  double s = 0;
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 4; ++j) s += x[h][j];
+  return s;
+}
+
 struct PolicyRow {
   double loss = 0, count = 0, low = 0, high = 0, dual = 0, kl = 0, ratio = 0;
   float rmin = std::numeric_limits<float>::infinity(), rmax = -std::numeric_limits<float>::infinity();
+  double row_grad = 1, is_weight = 0, is_capped = 0;  // the plain loss: 1, count, 0
 };
 
 enum { kLoss, kCount, kLow, kHigh, kDual, kKl, kRatio, kPolicySums };
+// the options' extra sums: the applied IS weight and the capped tokens (the sequence-level PPO
+// gradient's sum of dl/ds goes straight into float64 lanes: it may cancel between signs)
+enum { kIsWeight = kPolicySums, kIsCapped, kOptionSums };
 
+template <typename O>
+constexpr bool is_plain = std::is_same_v<O, DefaultOptions>;
+
+template <typename O>
 struct PolicyAcc {
-  LaneSums<kPolicySums> s;
+  LaneSums<is_plain<O> ? static_cast<int>(kPolicySums) : static_cast<int>(kOptionSums)> s;
   VecF rmin = splat<VecF>(std::numeric_limits<float>::infinity());
   VecF rmax = splat<VecF>(-std::numeric_limits<float>::infinity());
-  RLHF_INLINE void add(VecF lp, VecF olp, VecF adv, VecI valid, float cl, float ch, float dc) {
-    const PolicyTokenT<VecF> t = ppo_policy_token(lp, olp, adv, cl, ch, dc);
+  VecD4 grad[2] = {};  // the sequence-level PPO loss's sum of d(c*l)/ds
+  // row_ratio, row_log_w: the row's s and log w in every lane (read only by the options using them)
+  RLHF_INLINE void add(VecF lp, VecF olp, VecF adv, VecF roll, VecI valid, VecF row_ratio, VecF row_log_w, float cl,
+                       float ch, float dc, const O& o) {
+    const PolicyTokenT<VecF> t = policy_token(lp, olp, adv, roll, row_ratio, row_log_w, cl, ch, dc, o);
     const VecF zero = splat<VecF>(0.f), inf = splat<VecF>(std::numeric_limits<float>::infinity());
     s.f[kLoss] += valid ? t.loss : zero;
     s.f[kCount] += valid ? splat<VecF>(1.f) : zero;
@@ -156,21 +180,75 @@ struct PolicyAcc {
     s.f[kRatio] += valid ? t.ratio : zero;
     rmin = min_f32(rmin, valid ? t.ratio : inf);
     rmax = max_f32(rmax, valid ? t.ratio : -inf);
+    if constexpr (!is_plain<O>) {
+      s.f[kIsWeight] += valid ? t.is_weight : zero;
+      s.f[kIsCapped] += valid ? t.is_capped : zero;
+      if (o.seq_ratio && !o.cispo) {
+        const VecF d = valid ? t.dlogp : zero;
+        grad[0] += __builtin_convertvector(__builtin_shufflevector(d, d, 0, 1, 2, 3), VecD4);
+        grad[1] += __builtin_convertvector(__builtin_shufflevector(d, d, 4, 5, 6, 7), VecD4);
+      }
+    }
   }
 };
 
-// One row of T tokens: float64 partial sums over the valid ones.
-RLHF_CPU_CLONES PolicyRow policy_row(const float* lp, const float* olp, const float* adv, const uint8_t* m,
-                                     int64_t T, float cl, float ch, float dc) {
-  PolicyAcc a;
+// A row's float64 sums over its valid tokens of logp - old_logp and of old_logp - rollout
+// (each difference exact in float64), 4 tokens a step, then the rest, in a fixed order.
+struct RowSums {
+  double log_ratio = 0, log_w = 0, count = 0;
+};
+
+RLHF_CPU_CLONES RowSums row_sums(const float* lp, const float* olp, const float* roll, const uint8_t* m, int64_t T) {
+  VecD4 lr = {}, lw = {}, n = {};
+  const VecD4 zero = {}, one = {1, 1, 1, 1};
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) {
+    const VecD4 a = __builtin_convertvector(load<VecF4>(lp + t), VecD4);
+    const VecD4 b = __builtin_convertvector(load<VecF4>(olp + t), VecD4);
+    const VecD4 c = __builtin_convertvector(load<VecF4>(roll + t), VecD4);
+    const VecL4 valid = __builtin_convertvector(load<VecM4>(m + t), VecL4) != 0;
+    lr += valid ? a - b : zero;
+    lw += valid ? b - c : zero;
+    n += valid ? one : zero;
+  }
+  RowSums r;
+  for (int j = 0; j < 4; ++j) {
+    r.log_ratio += lr[j];
+    r.log_w += lw[j];
+    r.count += n[j];
+  }
+  for (; t < T; ++t) {
+    if (!m[t]) continue;
+    r.log_ratio += static_cast<double>(lp[t]) - olp[t];
+    r.log_w += static_cast<double>(olp[t]) - roll[t];
+    r.count += 1;
+  }
+  return r;
+}
+
+// One row of T tokens: float64 partial sums over the valid ones. roll: the row's rollout
+// log-probabilities (any readable row when there is no correction: then never used).
+template <typename O>
+RLHF_CPU_CLONES PolicyRow policy_row(const float* lp, const float* olp, const float* adv, const float* roll,
+                                     const uint8_t* m, int64_t T, float cl, float ch, float dc, const O& o) {
+  float ratio_s = 1.f, log_w = 0.f;
+  if (needs_row_sums(o)) {
+    const RowSums pre = row_sums(lp, olp, roll, m, T);
+    if (o.seq_ratio) ratio_s = sequence_ratio(pre.log_ratio, pre.count);
+    if (has_row_is(o)) log_w = row_log_weight(pre.log_w, pre.count, o);
+  }
+  const VecF rr = splat<VecF>(ratio_s), rlw = splat<VecF>(log_w), zero = splat<VecF>(0.f);
+  PolicyAcc<O> a;
   auto add = [&](int64_t t) RLHF_INLINE_LAMBDA {
-    a.add(load<VecF>(lp + t), load<VecF>(olp + t), load<VecF>(adv + t), load_mask(m + t), cl, ch, dc);
+    a.add(load<VecF>(lp + t), load<VecF>(olp + t), load<VecF>(adv + t), is_plain<O> ? zero : load<VecF>(roll + t),
+          load_mask(m + t), rr, rlw, cl, ch, dc, o);
   };
   const int64_t t0 = for_blocks(a.s, T, add);
   if (t0 < T) {
-    const float* src[3] = {lp, olp, adv};
-    const Tail<3> tail(src, m, t0, T - t0);
-    a.add(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]), load_mask(tail.m), cl, ch, dc);
+    const float* src[4] = {lp, olp, adv, roll};
+    const Tail<is_plain<O> ? 3 : 4> tail(src, m, t0, T - t0);
+    a.add(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]),
+          is_plain<O> ? zero : load<VecF>(tail.x[is_plain<O> ? 0 : 3]), load_mask(tail.m), rr, rlw, cl, ch, dc, o);
   }
   a.s.flush();
   PolicyRow r;
@@ -185,28 +263,52 @@ RLHF_CPU_CLONES PolicyRow policy_row(const float* lp, const float* olp, const fl
     r.rmin = min_f32(r.rmin, a.rmin[j]);
     r.rmax = max_f32(r.rmax, a.rmax[j]);
   }
+  if constexpr (is_plain<O>) {
+    r.is_weight = r.count;
+  } else {
+    r.is_weight = a.s.total(kIsWeight);
+    r.is_capped = a.s.total(kIsCapped);
+    const float row_weight = has_row_is(o) ? is_weight(log_w, o.is_correction, o.is_cap).weight : 1.f;
+    r.row_grad = row_grad_factor(o, lane_total(a.grad), r.count, ratio_s, row_weight, cl, ch);
+  }
   return r;
 }
 
-RLHF_INLINE VecF policy_grad(VecF lp, VecF olp, VecF adv, VecI valid, float cl, float ch, float dc, float scale) {
-  const VecF d = ppo_policy_token(lp, olp, adv, cl, ch, dc).dlogp;
+template <typename O>
+RLHF_INLINE VecF policy_grad(VecF lp, VecF olp, VecF adv, VecF roll, VecI valid, float cl, float ch, float dc,
+                             float scale, const O& o) {
+  const VecF d = policy_grad_token(lp, olp, adv, roll, cl, ch, dc, o);
   return valid ? scale * d : splat<VecF>(0.f);
 }
 
-RLHF_CPU_CLONES void policy_grad_row(const float* lp, const float* olp, const float* adv, const uint8_t* m,
-                                     int64_t T, float cl, float ch, float dc, float scale, float* out) {
+template <typename O>
+RLHF_CPU_CLONES void policy_grad_row(const float* lp, const float* olp, const float* adv, const float* roll,
+                                     const uint8_t* m, int64_t T, float cl, float ch, float dc, float scale,
+                                     const O& o, float* out) {
+  const VecF zero = splat<VecF>(0.f);
   int64_t t0 = 0;
   for (; t0 + kW <= T; t0 += kW) {
     const VecF d = policy_grad(load<VecF>(lp + t0), load<VecF>(olp + t0), load<VecF>(adv + t0),
-                               load_mask(m + t0), cl, ch, dc, scale);
+                               is_plain<O> ? zero : load<VecF>(roll + t0), load_mask(m + t0), cl, ch, dc, scale, o);
     std::memcpy(out + t0, &d, sizeof d);
   }
   if (t0 < T) {
-    const float* src[3] = {lp, olp, adv};
-    const Tail<3> tail(src, m, t0, T - t0);
+    const float* src[4] = {lp, olp, adv, roll};
+    const Tail<is_plain<O> ? 3 : 4> tail(src, m, t0, T - t0);
     const VecF d = policy_grad(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]),
-                               load_mask(tail.m), cl, ch, dc, scale);
+                               is_plain<O> ? zero : load<VecF>(tail.x[is_plain<O> ? 0 : 3]), load_mask(tail.m), cl,
+                               ch, dc, scale, o);
     std::memcpy(out + t0, &d, (T - t0) * sizeof(float));
+  }
+}
+
+// f(DefaultOptions{}) for the plain loss, f(p.opt) under options.
+template <typename F>
+void with_options(const PolicyArgs& p, F f) {
+  if (p.plain) {
+    f(DefaultOptions{});
+  } else {
+    f(p.opt);
   }
 }
 
@@ -251,13 +353,6 @@ struct ValueAcc {
     err[1] += __builtin_convertvector(__builtin_shufflevector(e, e, 4, 5, 6, 7), VecD4);
   }
 };
-
-double lane_total(const VecD4 (&x)[2]) {  // fixed order
-  double s = 0;
-  for (int h = 0; h < 2; ++h)
-    for (int j = 0; j < 4; ++j) s += x[h][j];
-  return s;
-}
 
 // Sums of squared float64 deviations of R and of R - V from their means, 4 tokens a step.
 struct DeviationAcc {
@@ -335,16 +430,22 @@ struct CpuPPO {
   static void policy_forward(const PolicyArgs& p, const Normalizer& norm, const LossOutputs& out, const at::Tensor&) {
     const int64_t B = p.B, T = p.T;
     std::vector<PolicyRow> rows(B);
-    for_rows(B, T, [&](int64_t b) {
-      rows[b] = policy_row(p.logp + b * T, p.old_logp + b * T, p.adv + b * T,
-                           reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.clip_low, p.clip_high, p.dual_clip);
+    with_options(p, [&](const auto& o) {
+      for_rows(B, T, [&](int64_t b) {
+        const int64_t i = b * T;
+        rows[b] = policy_row(p.logp + i, p.old_logp + i, p.adv + i, (p.rollout ? p.rollout : p.old_logp) + i,
+                             reinterpret_cast<const uint8_t*>(p.mask) + i, T, p.clip_low, p.clip_high, p.dual_clip,
+                             o);
+      });
     });
-    std::vector<double> row_sum(B), row_count(B);
+    std::vector<double> row_sum(B), row_count(B), row_grad(p.plain ? 0 : B);  // plain: every g_b = 1
     PolicyRow all;
+    double rows_with = 0, rows_clipped = 0;
     for (int64_t b = 0; b < B; ++b) {
       const PolicyRow& r = rows[b];
       row_sum[b] = r.loss;
       row_count[b] = r.count;
+      if (!p.plain) row_grad[b] = r.row_grad;
       all.count += r.count;
       all.low += r.low;
       all.high += r.high;
@@ -353,9 +454,14 @@ struct CpuPPO {
       all.ratio += r.ratio;
       all.rmin = std::min(all.rmin, r.rmin);
       all.rmax = std::max(all.rmax, r.rmax);
+      all.is_weight += r.is_weight;
+      all.is_capped += r.is_capped;
+      rows_with += r.count > 0 ? 1 : 0;
+      rows_clipped += r.low + r.high > 0 ? 1 : 0;
     }
-    *out.loss = static_cast<float>(
-        aggregate_rows(row_sum, row_count, norm.agg, static_cast<double>(B * T), num_tokens(norm), out.row_scale));
+    *out.loss = static_cast<float>(aggregate_rows(row_sum, row_count, norm.agg, static_cast<double>(B * T),
+                                                  num_tokens(norm), out.row_scale,
+                                                  p.plain ? nullptr : row_grad.data()));
     const double n = std::max(all.count, 1.0);
     const bool any = all.count > 0;
     float* s = out.stats;
@@ -367,16 +473,22 @@ struct CpuPPO {
     s[kRatioMean] = static_cast<float>(all.ratio / n);
     s[kRatioMin] = any ? all.rmin : 0.f;
     s[kRatioMax] = any ? all.rmax : 0.f;
+    s[kSeqClipfrac] = static_cast<float>(rows_clipped / std::max(rows_with, 1.0));
+    s[kIsWeightMean] = static_cast<float>(all.is_weight / n);
+    s[kIsCappedFrac] = static_cast<float>(all.is_capped / n);
   }
 
   static void policy_backward(const PolicyArgs& p, const float* grad, const float* row_scale, float* out,
                               const at::Tensor&) {
     const int64_t T = p.T;
     const float g = *grad;
-    for_rows(p.B, T, [&](int64_t b) {
-      policy_grad_row(p.logp + b * T, p.old_logp + b * T, p.adv + b * T,
-                      reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.clip_low, p.clip_high, p.dual_clip,
-                      g * row_scale[b], out + b * T);
+    with_options(p, [&](const auto& o) {
+      for_rows(p.B, T, [&](int64_t b) {
+        const int64_t i = b * T;
+        policy_grad_row(p.logp + i, p.old_logp + i, p.adv + i, (p.rollout ? p.rollout : p.old_logp) + i,
+                        reinterpret_cast<const uint8_t*>(p.mask) + i, T, p.clip_low, p.clip_high, p.dual_clip,
+                        g * row_scale[b], o, out + i);
+      });
     });
   }
 
@@ -419,7 +531,8 @@ struct CpuPPO {
 }  // namespace rlhf
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
-  m.impl("ppo_policy_fwd", &rlhf::ppo_policy_forward<rlhf::CpuPPO>);
+  m.impl("ppo_policy_fwd", &rlhf::ppo_policy_forward_plain<rlhf::CpuPPO>);
+  m.impl("ppo_policy_options_fwd", &rlhf::ppo_policy_forward<rlhf::CpuPPO>);
   m.impl("ppo_policy_bwd", &rlhf::ppo_policy_backward<rlhf::CpuPPO>);
   m.impl("ppo_value_fwd", &rlhf::ppo_value_forward<rlhf::CpuPPO>);
   m.impl("ppo_value_bwd", &rlhf::ppo_value_backward<rlhf::CpuPPO>);

@@ -2,7 +2,8 @@
 //
 // Forward, one kernel launch per loss, with max(B, 1) blocks of kThreads threads:
 //   1. block b reduces row b to float64 partials (fixed-order block reductions) and
-//      stores them in `parts`;
+//      stores them in `parts` (the policy loss's options that need a row's sums, the
+//      sequence ratio and a sequence-level IS weight, take one more pass over the row first);
 //   2. it then draws a ticket from an int32 counter (last_block_to_arrive); the block that
 //      draws the last ticket combines all rows in a fixed order and writes the loss, the
 //      statistics and each row's weight w_b (loss = sum_b w_b * sum_t l_bt).
@@ -13,7 +14,10 @@
 // CUDA graph), never a static counter, so calls on concurrent streams do not share it.
 // The host side (checks, conversions, outputs) is rlhf/ppo_op.h; this file holds the kernels
 // and their launchers.
-// Backward, one elementwise launch: d_x[b, t] = grad * w_b * dl/dx[b, t].
+// Backward, one elementwise launch: d_x[b, t] = grad * w_b * dl/dx[b, t] (under the policy
+// loss's options, row_scale carries w_b * g_b, see rlhf/ppo.h).
+// The policy kernels are templates over the options type: DefaultOptions for the plain loss
+// (options = 0, the code it had before the options existed), PolicyOptions otherwise.
 // Nothing is read back to the host: num_tokens and grad are read by the kernels, so the
 // forward and backward can be captured in a CUDA graph.
 // Status: run on an H200 at commit bb40230 (CUDA tests pass; compute-sanitizer memcheck and
@@ -28,6 +32,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "rlhf/block_reduce.cuh"
 #include "rlhf/ppo.h"
@@ -70,15 +75,46 @@ __device__ bool last_block_to_arrive(int* counter) {
 // Partials written by other blocks of this launch: read from L2 (see last_block_to_arrive).
 __device__ __forceinline__ double part(const double* p) { return __ldcg(p); }
 
-// out: [kPolicyParts] float64, row `row`'s partials (written by thread 0)
-__device__ void policy_row(const PolicyArgs& p, int64_t row, double* buf, double* __restrict__ out) {
+// Row `row`'s float64 sums over its valid tokens of logp - old_logp and of old_logp - rollout
+// (rollout read only with a row-level correction), and their count; in every thread.
+template <typename O>
+__device__ void row_sums(const PolicyArgs& p, const O& o, int64_t row, double* buf, double& log_ratio,
+                         double& log_w, double& count) {
   const int64_t base = row * p.T;
+  double lr = 0, lw = 0, n = 0;
+  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
+    const int64_t i = base + t;
+    if (!p.mask[i]) continue;
+    lr += static_cast<double>(p.logp[i]) - p.old_logp[i];
+    if (has_row_is(o)) lw += static_cast<double>(p.old_logp[i]) - p.rollout[i];
+    n += 1;
+  }
+  log_ratio = block_sum(lr, buf);
+  log_w = block_sum(lw, buf);
+  count = block_sum(n, buf);
+}
+
+// out: [kPolicyParts] float64, row `row`'s partials (written by thread 0). O: DefaultOptions for
+// the plain loss, PolicyOptions (p.opt) under options (rlhf/ppo.h).
+template <typename O>
+__device__ void policy_row(const PolicyArgs& p, const O& o, int64_t row, double* buf, double* __restrict__ out) {
+  const int64_t base = row * p.T;
+  float row_ratio = 1.f, row_log_w = 0.f;
+  if (needs_row_sums(o)) {
+    double lr, lw, n;
+    row_sums(p, o, row, buf, lr, lw, n);
+    if (o.seq_ratio) row_ratio = sequence_ratio(lr, n);
+    if (has_row_is(o)) row_log_w = row_log_weight(lw, n, o);
+  }
+  const bool token_is = o.is_correction != kIsNone && o.is_token;
   double loss = 0, count = 0, low = 0, high = 0, dual = 0, kl = 0, ratio = 0;
+  double is_w = 0, capped = 0, grad = 0;
   double rmin = INFINITY, rmax = -INFINITY;
   for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
     const int64_t i = base + t;
     if (!p.mask[i]) continue;
-    const PolicyToken tok = ppo_policy_token(p.logp[i], p.old_logp[i], p.adv[i], p.clip_low, p.clip_high, p.dual_clip);
+    const PolicyToken tok = policy_token(p.logp[i], p.old_logp[i], p.adv[i], token_is ? p.rollout[i] : 0.f, row_ratio,
+                                         row_log_w, p.clip_low, p.clip_high, p.dual_clip, o);
     loss += tok.loss;
     count += 1;
     low += tok.is_low;
@@ -88,12 +124,25 @@ __device__ void policy_row(const PolicyArgs& p, int64_t row, double* buf, double
     ratio += tok.ratio;
     rmin = fmin(rmin, static_cast<double>(tok.ratio));
     rmax = fmax(rmax, static_cast<double>(tok.ratio));
+    if constexpr (!std::is_same_v<O, DefaultOptions>) {
+      is_w += tok.is_weight;
+      capped += tok.is_capped;
+      grad += tok.dlogp;
+    }
   }
   const double r_loss = block_sum(loss, buf), r_count = block_sum(count, buf), r_low = block_sum(low, buf);
   const double r_high = block_sum(high, buf), r_dual = block_sum(dual, buf), r_kl = block_sum(kl, buf);
   const double r_ratio = block_sum(ratio, buf);
   const double r_min = block_reduce(rmin, INFINITY, MinOp(), buf);
   const double r_max = block_reduce(rmax, -INFINITY, MaxOp(), buf);
+  // the plain loss: g_b = 1, every applied weight 1, nothing capped
+  double r_grad = 1, r_is_w = r_count, r_capped = 0;
+  if constexpr (!std::is_same_v<O, DefaultOptions>) {
+    const float row_weight = has_row_is(o) ? is_weight(row_log_w, o.is_correction, o.is_cap).weight : 1.f;
+    r_grad = row_grad_factor(o, block_sum(grad, buf), r_count, row_ratio, row_weight, p.clip_low, p.clip_high);
+    r_is_w = block_sum(is_w, buf);
+    r_capped = block_sum(capped, buf);
+  }
   if (threadIdx.x == 0) {
     out[kPartLoss] = r_loss;
     out[kPartCount] = r_count;
@@ -104,6 +153,9 @@ __device__ void policy_row(const PolicyArgs& p, int64_t row, double* buf, double
     out[kPartRatio] = r_ratio;
     out[kPartRatioMin] = r_min;
     out[kPartRatioMax] = r_max;
+    out[kPartRowGrad] = r_grad;
+    out[kPartIsWeight] = r_is_w;
+    out[kPartIsCapped] = r_capped;
   }
 }
 
@@ -132,13 +184,18 @@ __device__ void policy_combine(const double* parts, int64_t B, double numel, con
   count_rows(parts, kPolicyParts, B, buf, total, rows_with);
   const double nt = num_tokens(norm);
   double loss = 0, low = 0, high = 0, dual = 0, kl = 0, ratio = 0, rmin = INFINITY, rmax = -INFINITY;
+  double rows_clipped = 0, is_w = 0, capped = 0;
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     const double* p = parts + b * kPolicyParts;
     const double w = ppo_row_weight(norm.agg, part(p + kPartCount), total, rows_with, numel, nt);
-    out.row_scale[b] = static_cast<float>(w);
+    out.row_scale[b] = static_cast<float>(w * part(p + kPartRowGrad));  // w_b * g_b (g_b = 1: plain loss)
     loss += w * part(p + kPartLoss);
-    low += part(p + kPartLow);
-    high += part(p + kPartHigh);
+    const double row_low = part(p + kPartLow), row_high = part(p + kPartHigh);
+    low += row_low;
+    high += row_high;
+    rows_clipped += row_low + row_high > 0 ? 1 : 0;
+    is_w += part(p + kPartIsWeight);
+    capped += part(p + kPartIsCapped);
     dual += part(p + kPartDual);
     kl += part(p + kPartKl);
     ratio += part(p + kPartRatio);
@@ -153,6 +210,9 @@ __device__ void policy_combine(const double* parts, int64_t B, double numel, con
   ratio = block_sum(ratio, buf);
   rmin = block_reduce(rmin, INFINITY, MinOp(), buf);
   rmax = block_reduce(rmax, -INFINITY, MaxOp(), buf);
+  rows_clipped = block_sum(rows_clipped, buf);
+  is_w = block_sum(is_w, buf);
+  capped = block_sum(capped, buf);
   if (threadIdx.x == 0) {
     const double n = total > 0 ? total : 1.0;
     float* s = out.stats;
@@ -165,31 +225,38 @@ __device__ void policy_combine(const double* parts, int64_t B, double numel, con
     s[kRatioMean] = static_cast<float>(ratio / n);
     s[kRatioMin] = total > 0 ? static_cast<float>(rmin) : 0.f;
     s[kRatioMax] = total > 0 ? static_cast<float>(rmax) : 0.f;
+    s[kSeqClipfrac] = static_cast<float>(rows_clipped / (rows_with > 0 ? rows_with : 1.0));
+    s[kIsWeightMean] = static_cast<float>(is_w / n);
+    s[kIsCappedFrac] = static_cast<float>(capped / n);
   }
 }
 
 // One launch, grid max(B, 1) (B == 0: one block that only combines, writing the loss 0).
 // parts: [max(B, 1), kPolicyParts] float64 scratch; counter: [] int32, zero at launch
+template <typename O>
 __global__ void __launch_bounds__(kThreads) policy_fwd_kernel(const PolicyArgs p, const Normalizer norm, double* parts,
                                                               int* counter, const LossOutputs out) {
   __shared__ double buf[33];
   const int64_t row = blockIdx.x;
-  if (row < p.B) policy_row(p, row, buf, parts + row * kPolicyParts);
+  if (row < p.B) policy_row(p, options_as<O>(p.opt), row, buf, parts + row * kPolicyParts);
   if (!last_block_to_arrive(counter)) return;
   policy_combine(parts, p.B, static_cast<double>(p.B * p.T), norm, buf, out);
   if (threadIdx.x == 0) *counter = 0;
 }
 
 // grad: [] float32 (read here: no host sync); row_scale: [B]; out: [B, T] d logprobs
+template <typename O>
 __global__ void policy_bwd_kernel(const PolicyArgs p, const float* __restrict__ grad,
                                   const float* __restrict__ row_scale, float* __restrict__ out) {
+  const O o = options_as<O>(p.opt);
+  const bool token_is = o.is_correction != kIsNone && o.is_token;
   const float g = *grad;
   const int64_t n = p.B * p.T;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     out[i] = p.mask[i] ? g * row_scale[i / p.T] *
-                             ppo_policy_token(p.logp[i], p.old_logp[i], p.adv[i], p.clip_low, p.clip_high, p.dual_clip)
-                                 .dlogp
+                             policy_grad_token(p.logp[i], p.old_logp[i], p.adv[i], token_is ? p.rollout[i] : 0.f,
+                                               p.clip_low, p.clip_high, p.dual_clip, o)
                        : 0.f;
   }
 }
@@ -330,13 +397,16 @@ void launch_backward(Kernel kernel, const Args& p, const float* grad, const floa
 
 // The device launchers of rlhf/ppo_op.h (which checks, converts and allocates).
 struct CudaPPO {
+  // the plain loss (options = 0) runs the DefaultOptions instantiation of each kernel
   static void policy_forward(const PolicyArgs& p, const Normalizer& norm, const LossOutputs& out,
                              const at::Tensor& like) {
-    launch_forward(policy_fwd_kernel, p, norm, out, like, kPolicyParts, "ppo_policy_loss");
+    launch_forward(p.plain ? policy_fwd_kernel<DefaultOptions> : policy_fwd_kernel<PolicyOptions>, p, norm, out,
+                   like, kPolicyParts, "ppo_policy_loss");
   }
   static void policy_backward(const PolicyArgs& p, const float* grad, const float* row_scale, float* out,
                               const at::Tensor& like) {
-    launch_backward(policy_bwd_kernel, p, grad, row_scale, out, like);
+    launch_backward(p.plain ? policy_bwd_kernel<DefaultOptions> : policy_bwd_kernel<PolicyOptions>, p, grad,
+                    row_scale, out, like);
   }
   static void value_forward(const ValueArgs& p, const Normalizer& norm, const LossOutputs& out,
                             const at::Tensor& like) {
@@ -352,7 +422,8 @@ struct CudaPPO {
 }  // namespace rlhf
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
-  m.impl("ppo_policy_fwd", &rlhf::ppo_policy_forward<rlhf::CudaPPO>);
+  m.impl("ppo_policy_fwd", &rlhf::ppo_policy_forward_plain<rlhf::CudaPPO>);
+  m.impl("ppo_policy_options_fwd", &rlhf::ppo_policy_forward<rlhf::CudaPPO>);
   m.impl("ppo_policy_bwd", &rlhf::ppo_policy_backward<rlhf::CudaPPO>);
   m.impl("ppo_value_fwd", &rlhf::ppo_value_forward<rlhf::CudaPPO>);
   m.impl("ppo_value_bwd", &rlhf::ppo_value_backward<rlhf::CudaPPO>);

@@ -5,11 +5,14 @@ Per token, over [B, T] inputs:
     policy  l = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
             with dual_clip=c (> 1), tokens with A < 0 take min(l, -A * c)
     value   l = 0.5 * max((V - R)^2, (clamp(V, V_old - clip, V_old + clip) - R)^2)
+The policy loss's options (GSPO's sequence ratio, CISPO, the rollout correction): see
+``ppo_policy_loss``.
 Aggregation (``loss_agg``) over valid tokens (mask true):
     "token-mean"               sum(l) / (num_tokens if given, else the number of valid tokens)
     "seq-mean-token-mean"      mean over rows of (row sum of l / row's valid count)
     "seq-mean-token-sum"       mean over rows of the row sum of l
     "seq-mean-token-sum-norm"  sum(l) / (B * T)   (Dr. GRPO)
+    "token-sum"                sum(l)
 The per-row means skip rows with no valid token; a batch with no valid token gives loss 0
 and zero gradient. ``num_tokens`` (a number or a 0-d tensor) is the *global* number of
 valid tokens across micro-batches, so that summing the micro-batch losses equals the
@@ -18,21 +21,31 @@ the kernels and the statistics stay on the device.
 
 On the native backends the whole call is one dispatcher call: the C++ op checks and
 converts its arguments (csrc/include/rlhf/ppo_op.h) and its autograd is wired in C++
-(csrc/autograd/ppo.cpp), so neither the forward nor the backward re-enters Python.
+(csrc/autograd/ppo.cpp), so neither the forward nor the backward re-enters Python. The
+policy loss's options go to the op ppo_policy_options_fwd, packed into one int
+(rlhf_kernels/_layout.py); the plain loss keeps ppo_policy_fwd, whose shorter schema costs
+less host time per call.
 """
+
+import math
 
 import torch
 
 from rlhf_kernels import _backend, _ext
-from rlhf_kernels._layout import LOSS_AGG_CODES, LOSS_AGGS, POLICY_STATS, VALUE_STATS
+from rlhf_kernels._layout import (LOSS_AGG_CODES, LOSS_AGGS, POLICY_OPTIONS, POLICY_STATS, VALUE_STATS,
+                                  option_codes, pack_options)
 from rlhf_kernels._stats import stats as _stats
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.reference import ppo as ref
 
 NATIVE = _backend.NATIVE
 if _ext.loaded():
-    _policy_fwd = torch.ops.rlhf_kernels.ppo_policy_fwd.default
+    _policy_fwd = torch.ops.rlhf_kernels.ppo_policy_fwd.default                  # the plain loss
+    _policy_fwd_options = torch.ops.rlhf_kernels.ppo_policy_options_fwd.default  # under options
     _value_fwd = torch.ops.rlhf_kernels.ppo_value_fwd.default
+
+
+_LOSS_AGG_CODE = LOSS_AGG_CODES.get
 
 
 def _loss_agg_code(op, loss_agg):
@@ -40,6 +53,51 @@ def _loss_agg_code(op, loss_agg):
     if code is None:
         raise ValueError("%s: `loss_agg` must be one of %s, got %r" % (op, ", ".join(LOSS_AGGS), loss_agg))
     return code
+
+
+_OPTION_CODES = {field: option_codes(field) for field, _ in POLICY_OPTIONS}
+
+
+def _option_code(op, field, value):
+    codes = _OPTION_CODES[field]
+    code = codes.get(value) if value is None or isinstance(value, str) else None
+    if code is None:
+        raise ValueError("%s: `%s` must be one of %s, got %r" % (op, field, ", ".join(map(repr, codes)), value))
+    return code
+
+
+def _policy_options(op, ratio_level, objective, is_correction, is_level):
+    """The native ops' `options` int (bit layout: rlhf_kernels/_layout.py); unknown values raise."""
+    return pack_options(ratio_level=_option_code(op, "ratio_level", ratio_level),
+                        objective=_option_code(op, "objective", objective),
+                        is_correction=_option_code(op, "is_correction", is_correction),
+                        is_level=_option_code(op, "is_level", is_level))
+
+
+def _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap, dual_clip, objective, logprobs):
+    """The Python backends' checks of the options' arguments, as check_policy_options in
+    csrc/include/rlhf/ppo_op.h. Returns (rollout_logprobs as float32 or None, is_cap)."""
+    if is_correction is not None and rollout_logprobs is None:
+        raise ValueError("%s: `is_correction` needs `rollout_logprobs` (the rollout engine's log-probabilities)" % op)
+    if is_correction is None and rollout_logprobs is not None:
+        raise ValueError('%s: `rollout_logprobs` given without `is_correction` ("tis" or "mis"); it would be ignored'
+                         % op)
+    if is_correction is None and is_level is not None:
+        raise ValueError("%s: `is_level` given without `is_correction`; it would be ignored" % op)
+    if is_correction is None and is_cap is not None:
+        raise ValueError("%s: `is_cap` given without `is_correction`; it would be ignored" % op)
+    is_cap = v.number(op, "is_cap", is_cap, lo=1.0, lo_open=True, allow_none=True)
+    if is_cap is not None and math.isinf(is_cap):
+        raise ValueError("%s: `is_cap` must be a finite number > 1, got %r" % (op, is_cap))
+    if objective == "cispo" and dual_clip is not None:
+        raise ValueError('%s: `dual_clip` cannot be used with objective "cispo" (its loss has no clipped branch to cap)'
+                         % op)
+    if rollout_logprobs is None:
+        return None, 2.0
+    v.tensor(op, "rollout_logprobs", rollout_logprobs, kind="float")
+    v.same_shape(op, "logprobs", logprobs, "rollout_logprobs", rollout_logprobs)
+    v.same_device(op, "logprobs", logprobs, rollout_logprobs=rollout_logprobs)
+    return v.as_f32(rollout_logprobs.detach()), 2.0 if is_cap is None else is_cap
 
 
 def _num_tokens(op, num_tokens):
@@ -78,8 +136,17 @@ def _check_inputs(op, names, tensors, mask):
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
-                    loss_agg="token-mean", num_tokens=None, backend="auto"):
-    """Clipped PPO policy loss with asymmetric and dual clipping.
+                    loss_agg="token-mean", num_tokens=None, ratio_level="token", objective="ppo",
+                    rollout_logprobs=None, is_correction=None, is_level=None, is_cap=None, backend="auto"):
+    """Clipped PPO policy loss with asymmetric and dual clipping, GSPO's sequence-level ratio,
+    CISPO, and the truncated or masked correction for a rollout engine's log-probabilities.
+
+    Per token, ratio = exp(logp - old_logp), or the row's sequence ratio (``ratio_level``);
+    objective "ppo": l = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)),
+    dual_clip=c caps tokens with A < 0 at -A * c; objective "cispo":
+    l = -sg(clip(ratio, 1 - clip_low, 1 + clip_high)) * A * logp (sg: no gradient through it);
+    with ``is_correction`` each l is multiplied by a constant behaviour weight. The per-token
+    losses are then aggregated by ``loss_agg``.
 
     Args:
         logprobs: [B, T] float (fp32/bf16/fp16), log pi(y_t) of the current policy; the
@@ -89,27 +156,58 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
         mask: [B, T] bool or integer (nonzero = the token counts). Float masks are refused.
         clip_low, clip_high: ratio clipped to [1 - clip_low, 1 + clip_high]; clip_high=None
             means clip_low.
-        dual_clip: None, or c > 1: tokens with A < 0 have their loss capped at -A * c.
-        loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or
-            "seq-mean-token-sum-norm" (see the module docstring).
+        dual_clip: None, or c > 1: tokens with A < 0 have their loss capped at -A * c (not
+            with objective "cispo").
+        loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+            "seq-mean-token-sum-norm" or "token-sum" (see the module docstring).
         num_tokens: None, a number > 0, or a 0-d tensor on the inputs' device: the global
             normalizer of "token-mean" (ignored by the other modes).
+        ratio_level: "token", or "sequence" (GSPO): every valid token of a row uses
+            s = exp(mean over the row's valid tokens of logp - old_logp), whose gradient
+            reaches each of them (ds/dlogp_t = s / n).
+        objective: "ppo" or "cispo".
+        rollout_logprobs: None, or [B, T] float: the rollout engine's log-probabilities of
+            the sampled tokens (a constant), for ``is_correction``.
+        is_correction: None, "tis" or "mis": each token's loss is multiplied by
+            min(w, is_cap) ("tis"), or by w where w <= is_cap and 0 above ("mis": such tokens
+            still count in the normalizer), w = exp(old_logp - rollout_logprobs) per token.
+        is_level: (with is_correction; default "token") "token", or one w per row:
+            exp(sum over its valid tokens of old_logp - rollout_logprobs) ("sequence") or
+            exp of their mean ("geometric"). A w that overflows is above the cap.
+        is_cap: (with is_correction; default 2.0) a finite number > 1.
         backend: "auto", "cuda", "triton", "cpu" or "torch".
 
     Returns:
         (loss, stats): loss a 0-d float32 tensor; stats a read-only mapping of 0-d float32
-        tensors over the valid tokens (0 when there is none): clipfrac, clipfrac_low,
-        clipfrac_high, dual_clipfrac, approx_kl (mean of (ratio - 1) - log ratio),
-        ratio_mean, ratio_min, ratio_max; ``stats.packed`` holds all of them in one tensor.
+        tensors over the valid tokens (0 when there is none): clipfrac = clipfrac_low +
+        clipfrac_high, the fraction of tokens clipped below / above the range (objective
+        "ppo": the clipped term strictly larger than the unclipped one; "cispo": the ratio
+        outside the range), dual_clipfrac, approx_kl (mean of (r - 1) - log r of each
+        token's own ratio r), ratio_mean, ratio_min, ratio_max (of the ratio the loss uses),
+        seq_clipfrac (the fraction of rows with a valid token that have a clipped one),
+        is_weight_mean (the applied weight's mean, 1 without correction) and is_capped_frac
+        (the fraction of tokens with w > is_cap, truncated or masked); ``stats.packed`` holds
+        all of them in one tensor.
     """
     op = "ppo_policy_loss"
     name = _backend.pick(backend, logprobs, op, "logprobs")
-    agg = _loss_agg_code(op, loss_agg)
+    # host time per call is budgeted (benchmarks/bench_overhead.py): the common cases inline
+    agg = _LOSS_AGG_CODE(loss_agg) if loss_agg.__class__ is str else None
+    if agg is None:
+        agg = _loss_agg_code(op, loss_agg)
+    plain = (rollout_logprobs is None and is_correction is None and is_level is None and is_cap is None
+             and ratio_level == "token" and objective == "ppo")
+    options = 0 if plain else _policy_options(op, ratio_level, objective, is_correction, is_level)
     if name in NATIVE:
-        nt, nt_value = _num_tokens(op, num_tokens)
+        nt, nt_value = (None, None) if num_tokens is None else _num_tokens(op, num_tokens)
         try:
-            loss, packed, _ = _policy_fwd(logprobs, old_logprobs, advantages, mask, nt, nt_value, clip_low,
-                                          clip_high, dual_clip, agg)
+            if plain:
+                loss, packed, _ = _policy_fwd(logprobs, old_logprobs, advantages, mask, nt, nt_value, clip_low,
+                                              clip_high, dual_clip, agg)
+            else:
+                loss, packed, _ = _policy_fwd_options(logprobs, old_logprobs, advantages, mask, nt, nt_value,
+                                                      clip_low, clip_high, dual_clip, agg, rollout_logprobs, options,
+                                                      is_cap)
         except RuntimeError as e:
             raise v.schema_error(op, e) from None
         return loss, _stats(POLICY_STATS, packed)
@@ -117,14 +215,20 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     clip_low = v.number(op, "clip_low", clip_low, lo=0.0)
     clip_high = clip_low if clip_high is None else v.number(op, "clip_high", clip_high, lo=0.0)
     dual_clip = v.number(op, "dual_clip", dual_clip, lo=1.0, lo_open=True, allow_none=True)
+    roll, cap = _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap, dual_clip, objective,
+                                      logprobs)
     nt = _check_num_tokens(op, num_tokens, logprobs.device)
     lp, olp, adv, m = v.as_f32(logprobs), v.as_f32(old_logprobs), v.as_f32(advantages), v.as_mask(mask)
     if name == "torch":
+        kw = {} if plain else dict(ratio_level=ratio_level, objective=objective, is_correction=is_correction,
+                                   rollout_logprobs=None if roll is None else roll.double(),
+                                   is_level=is_level or "token", is_cap=cap)
         loss, stats = ref.ppo_policy_loss(lp.double(), olp.detach().double(), adv.detach().double(), m,
-                                          clip_low, clip_high, dual_clip, loss_agg, nt)
+                                          clip_low, clip_high, dual_clip, loss_agg, nt, **kw)
         return loss.float(), _stats(POLICY_STATS, torch.stack([stats[k] for k in POLICY_STATS]).float())
     from rlhf_kernels.triton import ppo as tri
-    loss, packed, _ = tri.policy_forward(lp, olp.detach(), adv.detach(), m, nt, clip_low, clip_high, dual_clip, agg)
+    loss, packed, _ = tri.policy_forward(lp, olp.detach(), adv.detach(), m, nt, clip_low, clip_high, dual_clip, agg,
+                                         roll, options, cap)
     return loss, _stats(POLICY_STATS, packed)
 
 
@@ -176,8 +280,15 @@ if _ext.loaded():
         return (logprobs.new_empty((), **f32), logprobs.new_empty((len(POLICY_STATS),), **f32),
                 logprobs.new_empty((logprobs.shape[0],), **f32))
 
+    @torch.library.register_fake("rlhf_kernels::ppo_policy_options_fwd")
+    def _policy_fwd_options_fake(logprobs, old_logprobs, advantages, mask, num_tokens, num_tokens_value, clip_low,
+                                 clip_high, dual_clip, loss_agg, rollout_logprobs, options, is_cap):
+        return _policy_fwd_fake(logprobs, old_logprobs, advantages, mask, num_tokens, num_tokens_value, clip_low,
+                                clip_high, dual_clip, loss_agg)
+
     @torch.library.register_fake("rlhf_kernels::ppo_policy_bwd")
-    def _policy_bwd_fake(grad, logprobs, old_logprobs, advantages, mask, row_scale, clip_low, clip_high, dual_clip):
+    def _policy_bwd_fake(grad, logprobs, old_logprobs, advantages, mask, row_scale, clip_low, clip_high, dual_clip,
+                         rollout_logprobs=None, options=0, is_cap=None):
         return logprobs.new_empty(logprobs.shape, dtype=torch.float32)
 
     @torch.library.register_fake("rlhf_kernels::ppo_value_fwd")

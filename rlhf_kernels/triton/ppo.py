@@ -17,14 +17,17 @@ it loads the partials with the .cg modifier (from L2, not the incoherent L1). Th
 interpreter (TRITON_INTERPRET=1, used by the tests) runs programs one after another, so
 it checks the logic, not the ordering; the ordering is checked on a GPU.
 Backward is elementwise: d_x[b, t] = grad * w_b * dl/dx[b, t]. The per-token math mirrors
-csrc/include/rlhf/ppo.h.
+csrc/include/rlhf/ppo.h, the policy loss's options too: they are constexpr flags (_policy_flags),
+so the plain loss (options = 0) compiles to the code it had before them; options that need a
+row's sums (the sequence ratio, a sequence-level IS weight) take a float64 pass over the row
+first, and the row's factor in the gradient g_b (row_grad) makes row_scale = w_b * g_b.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels._layout import POLICY_PARTS, POLICY_STATS, VALUE_PARTS, VALUE_STATS
+from rlhf_kernels._layout import OPTION_BITS, POLICY_OPTIONS, POLICY_PARTS, POLICY_STATS, VALUE_PARTS, VALUE_STATS
 from rlhf_kernels.triton import _common
 from rlhf_kernels.triton._op import DifferentiableOp, Op
 
@@ -38,11 +41,16 @@ N_POLICY_PARTS = tl.constexpr(len(POLICY_PARTS))
 N_VALUE_PARTS = tl.constexpr(len(VALUE_PARTS))
 PP_LOSS, PP_COUNT, PP_LOW, PP_HIGH, PP_DUAL, PP_KL, PP_RATIO, PP_MIN, PP_MAX = (
     _index(POLICY_PARTS, n) for n in ("loss", "count", "low", "high", "dual", "kl", "ratio", "ratio_min", "ratio_max"))
+PP_ROW_GRAD, PP_IS_WEIGHT, PP_IS_CAPPED = (_index(POLICY_PARTS, n) for n in ("row_grad", "is_weight", "is_capped"))
 VP_LOSS, VP_COUNT, VP_CLIPPED, VP_MEAN_R, VP_M2_R, VP_MEAN_E, VP_M2_E = (
     _index(VALUE_PARTS, n) for n in ("loss", "count", "clipped", "mean_r", "m2_r", "mean_err", "m2_err"))
 S_CLIPFRAC, S_LOW, S_HIGH, S_DUAL, S_KL, S_RATIO, S_MIN, S_MAX = (
     _index(POLICY_STATS, n) for n in ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
                                       "ratio_mean", "ratio_min", "ratio_max"))
+S_SEQ_CLIPFRAC, S_IS_WEIGHT_MEAN, S_IS_CAPPED_FRAC = (
+    _index(POLICY_STATS, n) for n in ("seq_clipfrac", "is_weight_mean", "is_capped_frac"))
+# the fields of `options` and their codes, by name
+_OPT_FIELDS = {field: (i, names) for i, (field, names) in enumerate(POLICY_OPTIONS)}
 S_VF_CLIPFRAC, S_EXPLAINED_VAR = (_index(VALUE_STATS, n) for n in ("vf_clipfrac", "explained_var"))
 
 
@@ -50,16 +58,45 @@ def _block(n):
     return _common.block(n, 1024, 64, floor=16)
 
 
+def _option(options, field):
+    """The name of field `field`'s code in `options`."""
+    i, names = _OPT_FIELDS[field]
+    return names[(options >> (OPTION_BITS * i)) & ((1 << OPTION_BITS) - 1)]
+
+
+_flags_cache = {}
+
+
+def _policy_flags(options):
+    """The kernels' constexpr flags for `options` (checked by rlhf_kernels/ops/ppo.py)."""
+    flags = _flags_cache.get(options)
+    if flags is None:
+        is_mode = ("none", "tis", "mis").index(_option(options, "is_correction"))
+        is_token = _option(options, "is_level") in ("none", "token")
+        seq_ratio = _option(options, "ratio_level") == "sequence"
+        cispo = _option(options, "objective") == "cispo"
+        flags = dict(SEQ_RATIO=seq_ratio,                # every token uses its row's ratio s
+                     SEQ_GRAD=seq_ratio and not cispo,   # the gradient is the row's (row_grad)
+                     CISPO=cispo,
+                     IS_MODE=is_mode,                    # 0 none, 1 tis, 2 mis
+                     TOKEN_IS=is_mode != 0 and is_token,      # a weight per token
+                     ROW_IS=is_mode != 0 and not is_token,    # one weight per row
+                     IS_GEOMETRIC=_option(options, "is_level") == "geometric",
+                     ROW_SUMS=seq_ratio or (is_mode != 0 and not is_token),
+                     PLAIN=options == 0)
+        _flags_cache[options] = flags
+    return flags
+
+
 @triton.jit
-def _policy_token(logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.constexpr):
-    log_ratio = logp - old_logp
-    ratio = tl.exp(log_ratio)
+def _ppo_clip(ratio, dratio, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.constexpr):
+    # PPO's clipped loss at `ratio` and dl/dx for dratio = d ratio / dx (ppo_clip in rlhf/ppo.h)
     lo = 1.0 - clip_low
     hi = 1.0 + clip_high
     unclipped = -adv * ratio
     clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
     l = tl.maximum(unclipped, clipped)
-    dlogp = tl.where(unclipped >= clipped, -adv * ratio, 0.0)
+    dx = tl.where(unclipped >= clipped, -adv * dratio, 0.0)
     clip_wins = clipped > unclipped
     is_low = clip_wins & (ratio < lo)
     is_high = clip_wins & (ratio > hi)
@@ -67,17 +104,101 @@ def _policy_token(logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL:
         cap = -adv * dual_clip
         is_dual = (adv < 0.0) & (cap < l)
         l = tl.where(is_dual, cap, l)
-        dlogp = tl.where(is_dual, 0.0, dlogp)
+        dx = tl.where(is_dual, 0.0, dx)
     else:
         is_dual = adv != adv  # all false
-    kl = (ratio - 1.0) - log_ratio
-    return l, dlogp, ratio, kl, is_low, is_high, is_dual
+    return l, dx, is_low, is_high, is_dual
 
 
 @triton.jit
-def _policy_row(logp_ptr, old_ptr, adv_ptr, mask_ptr, parts_ptr, row, T, clip_low, clip_high, dual_clip,
-                HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _cispo_clip(logp, ratio, adv, clip_low, clip_high):
+    # l = -sg(clip(ratio)) * A * logp, dl/dlogp = -clip(ratio) * A (cispo_clip in rlhf/ppo.h)
+    lo = 1.0 - clip_low
+    hi = 1.0 + clip_high
+    dlogp = -tl.minimum(tl.maximum(ratio, lo), hi) * adv
+    return dlogp * logp, dlogp, ratio < lo, ratio > hi
+
+
+@triton.jit
+def _is_weight(log_w, is_cap, IS_MODE: tl.constexpr):
+    # (applied weight, w > cap) of w = exp(log_w): min(w, cap) (IS_MODE 1), w or 0 above cap (2)
+    w = tl.exp(log_w)
+    over = w > is_cap
+    if IS_MODE == 2:
+        c = tl.where(over, 0.0, w)
+    else:
+        c = tl.where(over, is_cap, w)
+    return c, over
+
+
+@triton.jit
+def _policy_token(logp, old_logp, adv, rollout, row_ratio, row_log_w, clip_low, clip_high, dual_clip, is_cap,
+                  HAS_DUAL: tl.constexpr, SEQ_RATIO: tl.constexpr, CISPO: tl.constexpr, IS_MODE: tl.constexpr,
+                  TOKEN_IS: tl.constexpr):
+    # policy_token in rlhf/ppo.h: (c*l, d(c*l)/dlogp (d/ds for the PPO loss with SEQ_RATIO), the ratio
+    # used, k3 of the token's own ratio, is_low, is_high, is_dual, applied weight c, capped)
+    log_ratio = logp - old_logp
+    own = tl.exp(log_ratio)
+    if SEQ_RATIO:
+        ratio = row_ratio + tl.zeros_like(own)
+        dratio = 1.0
+    else:
+        ratio = own
+        dratio = own
+    if CISPO:
+        l, dlogp, is_low, is_high = _cispo_clip(logp, ratio, adv, clip_low, clip_high)
+        is_dual = adv != adv  # all false
+    else:
+        l, dlogp, is_low, is_high, is_dual = _ppo_clip(ratio, dratio, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
+    kl = (own - 1.0) - log_ratio
+    if IS_MODE != 0:
+        if TOKEN_IS:
+            c, capped = _is_weight(old_logp - rollout, is_cap, IS_MODE)
+        else:
+            c, capped = _is_weight(row_log_w + tl.zeros_like(own), is_cap, IS_MODE)
+        l = c * l
+        dlogp = c * dlogp
+    else:
+        c = tl.full(own.shape, 1.0, tl.float32)
+        capped = adv != adv
+    return l, dlogp, ratio, kl, is_low, is_high, is_dual, c, capped
+
+
+@triton.jit
+def _row_sums(logp_ptr, old_ptr, roll_ptr, mask_ptr, row, T, ROW_IS: tl.constexpr, BLOCK: tl.constexpr):
+    # float64 sums over row `row`'s valid tokens of logp - old_logp and of old_logp - rollout, and their count
+    offs = tl.arange(0, BLOCK)
+    a_lr = tl.zeros((BLOCK,), tl.float64)
+    a_lw = tl.zeros((BLOCK,), tl.float64)
+    a_n = tl.zeros((BLOCK,), tl.float64)
+    for start in range(0, T, BLOCK):
+        t = start + offs
+        inb = t < T
+        idx = row * T + t
+        valid = inb & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+        old = tl.load(old_ptr + idx, mask=valid, other=0.0).to(tl.float64)
+        a_lr += tl.where(valid, tl.load(logp_ptr + idx, mask=valid, other=0.0).to(tl.float64) - old, 0.0)
+        if ROW_IS:
+            a_lw += tl.where(valid, old - tl.load(roll_ptr + idx, mask=valid, other=0.0).to(tl.float64), 0.0)
+        a_n += tl.where(valid, 1.0, 0.0).to(tl.float64)
+    return tl.sum(a_lr, 0), tl.sum(a_lw, 0), tl.sum(a_n, 0)
+
+
+@triton.jit
+def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, T, clip_low, clip_high, dual_clip,
+                is_cap, HAS_DUAL: tl.constexpr, SEQ_RATIO: tl.constexpr, SEQ_GRAD: tl.constexpr, CISPO: tl.constexpr,
+                IS_MODE: tl.constexpr, TOKEN_IS: tl.constexpr, ROW_IS: tl.constexpr, IS_GEOMETRIC: tl.constexpr,
+                ROW_SUMS: tl.constexpr, PLAIN: tl.constexpr, BLOCK: tl.constexpr):
     # stores row `row`'s partials in parts_ptr[row, :] (arguments as _policy_fwd_kernel)
+    row_ratio = 1.0
+    row_log_w = 0.0
+    if ROW_SUMS:
+        sum_lr, sum_lw, n = _row_sums(logp_ptr, old_ptr, roll_ptr, mask_ptr, row, T, ROW_IS, BLOCK)
+        row_ratio = tl.exp((sum_lr / tl.maximum(n, 1.0)).to(tl.float32))
+        if IS_GEOMETRIC:
+            row_log_w = (sum_lw / tl.maximum(n, 1.0)).to(tl.float32)
+        else:
+            row_log_w = sum_lw.to(tl.float32)
     offs = tl.arange(0, BLOCK)
     s_loss = tl.zeros((BLOCK,), tl.float64)
     s_cnt = tl.zeros((BLOCK,), tl.float64)
@@ -86,6 +207,9 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, mask_ptr, parts_ptr, row, T, clip_lo
     s_dual = tl.zeros((BLOCK,), tl.float64)
     s_kl = tl.zeros((BLOCK,), tl.float64)
     s_ratio = tl.zeros((BLOCK,), tl.float64)
+    s_isw = tl.zeros((BLOCK,), tl.float64)
+    s_capped = tl.zeros((BLOCK,), tl.float64)
+    s_grad = tl.zeros((BLOCK,), tl.float64)
     r_min = tl.full((BLOCK,), float("inf"), tl.float32)
     r_max = tl.full((BLOCK,), -float("inf"), tl.float32)
     for start in range(0, T, BLOCK):
@@ -96,8 +220,13 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, mask_ptr, parts_ptr, row, T, clip_lo
         logp = tl.load(logp_ptr + idx, mask=valid, other=0.0)
         old = tl.load(old_ptr + idx, mask=valid, other=0.0)
         adv = tl.load(adv_ptr + idx, mask=valid, other=0.0)
-        l, _, ratio, kl, is_low, is_high, is_dual = _policy_token(logp, old, adv, clip_low, clip_high, dual_clip,
-                                                                  HAS_DUAL)
+        if TOKEN_IS:
+            roll = tl.load(roll_ptr + idx, mask=valid, other=0.0)
+        else:
+            roll = old
+        l, dlogp, ratio, kl, is_low, is_high, is_dual, c, capped = _policy_token(
+            logp, old, adv, roll, row_ratio, row_log_w, clip_low, clip_high, dual_clip, is_cap, HAS_DUAL, SEQ_RATIO,
+            CISPO, IS_MODE, TOKEN_IS)
         s_loss += tl.where(valid, l, 0.0).to(tl.float64)
         s_cnt += tl.where(valid, 1.0, 0.0).to(tl.float64)
         s_low += tl.where(valid & is_low, 1.0, 0.0).to(tl.float64)
@@ -107,9 +236,16 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, mask_ptr, parts_ptr, row, T, clip_lo
         s_ratio += tl.where(valid, ratio, 0.0).to(tl.float64)
         r_min = tl.minimum(r_min, tl.where(valid, ratio, float("inf")))
         r_max = tl.maximum(r_max, tl.where(valid, ratio, -float("inf")))
+        if PLAIN:
+            pass
+        else:
+            s_isw += tl.where(valid, c, 0.0).to(tl.float64)
+            s_capped += tl.where(valid & capped, 1.0, 0.0).to(tl.float64)
+            s_grad += tl.where(valid, dlogp, 0.0).to(tl.float64)
+    count = tl.sum(s_cnt, 0)
     out = parts_ptr + row * N_POLICY_PARTS
     tl.store(out + PP_LOSS, tl.sum(s_loss, 0))
-    tl.store(out + PP_COUNT, tl.sum(s_cnt, 0))
+    tl.store(out + PP_COUNT, count)
     tl.store(out + PP_LOW, tl.sum(s_low, 0))
     tl.store(out + PP_HIGH, tl.sum(s_high, 0))
     tl.store(out + PP_DUAL, tl.sum(s_dual, 0))
@@ -117,6 +253,24 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, mask_ptr, parts_ptr, row, T, clip_lo
     tl.store(out + PP_RATIO, tl.sum(s_ratio, 0))
     tl.store(out + PP_MIN, tl.min(r_min, 0).to(tl.float64))
     tl.store(out + PP_MAX, tl.max(r_max, 0).to(tl.float64))
+    if PLAIN:
+        tl.store(out + PP_ROW_GRAD, count * 0.0 + 1.0)
+        tl.store(out + PP_IS_WEIGHT, count)
+        tl.store(out + PP_IS_CAPPED, count * 0.0)
+    else:
+        # row_grad_factor in rlhf/ppo.h
+        if SEQ_GRAD:
+            g = row_ratio.to(tl.float64) / tl.maximum(count, 1.0) * tl.sum(s_grad, 0)
+        else:
+            g = count * 0.0 + 1.0
+            if ROW_IS:
+                c_row, _ = _is_weight(row_log_w, is_cap, IS_MODE)
+                g = c_row.to(tl.float64) + count * 0.0
+            if SEQ_RATIO:
+                g *= tl.minimum(tl.maximum(row_ratio, 1.0 - clip_low), 1.0 + clip_high).to(tl.float64)
+        tl.store(out + PP_ROW_GRAD, g)
+        tl.store(out + PP_IS_WEIGHT, tl.sum(s_isw, 0))
+        tl.store(out + PP_IS_CAPPED, tl.sum(s_capped, 0))
 
 
 @triton.jit
@@ -131,8 +285,10 @@ def _row_weight(count, total, rows_with, numel, num_tokens, AGG: tl.constexpr, H
         denom = count * rows_with
     elif AGG == 2:
         denom = rows_with + count * 0.0
-    else:
+    elif AGG == 3:
         denom = numel + count * 0.0
+    else:  # token-sum
+        denom = count * 0.0 + 1.0
     return tl.where(count > 0, 1.0 / tl.where(count > 0, denom, 1.0), 0.0)
 
 
@@ -162,6 +318,9 @@ def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B
     a_ratio = tl.zeros((BLOCK,), tl.float64)
     a_min = tl.full((BLOCK,), float("inf"), tl.float64)
     a_max = tl.full((BLOCK,), -float("inf"), tl.float64)
+    a_seq_clip = tl.zeros((BLOCK,), tl.float64)
+    a_isw = tl.zeros((BLOCK,), tl.float64)
+    a_capped = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, B, BLOCK):
         b = start + offs
         inb = b < B
@@ -169,8 +328,13 @@ def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B
         cnt = tl.load(p + PP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
         a_cnt += cnt
         a_rows += tl.where(cnt > 0, 1.0, 0.0)
-        a_low += tl.load(p + PP_LOW, mask=inb, other=0.0, cache_modifier=".cg")
-        a_high += tl.load(p + PP_HIGH, mask=inb, other=0.0, cache_modifier=".cg")
+        low = tl.load(p + PP_LOW, mask=inb, other=0.0, cache_modifier=".cg")
+        high = tl.load(p + PP_HIGH, mask=inb, other=0.0, cache_modifier=".cg")
+        a_low += low
+        a_high += high
+        a_seq_clip += tl.where(low + high > 0, 1.0, 0.0)
+        a_isw += tl.load(p + PP_IS_WEIGHT, mask=inb, other=0.0, cache_modifier=".cg")
+        a_capped += tl.load(p + PP_IS_CAPPED, mask=inb, other=0.0, cache_modifier=".cg")
         a_dual += tl.load(p + PP_DUAL, mask=inb, other=0.0, cache_modifier=".cg")
         a_kl += tl.load(p + PP_KL, mask=inb, other=0.0, cache_modifier=".cg")
         a_ratio += tl.load(p + PP_RATIO, mask=inb, other=0.0, cache_modifier=".cg")
@@ -190,7 +354,8 @@ def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B
         cnt = tl.load(p + PP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
         w = _row_weight(cnt, total, rows_with, numel, nt, AGG, HAS_NT)
         a_loss += w * tl.load(p + PP_LOSS, mask=inb, other=0.0, cache_modifier=".cg")
-        tl.store(scale_ptr + b, w.to(tl.float32), mask=inb)
+        g = tl.load(p + PP_ROW_GRAD, mask=inb, other=0.0, cache_modifier=".cg")
+        tl.store(scale_ptr + b, (w * g).to(tl.float32), mask=inb)
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
     n = tl.maximum(total, 1.0)
     low = tl.sum(a_low, 0)
@@ -203,6 +368,9 @@ def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B
     tl.store(stats_ptr + S_RATIO, (tl.sum(a_ratio, 0) / n).to(tl.float32))
     tl.store(stats_ptr + S_MIN, tl.where(total > 0, tl.min(a_min, 0), 0.0).to(tl.float32))
     tl.store(stats_ptr + S_MAX, tl.where(total > 0, tl.max(a_max, 0), 0.0).to(tl.float32))
+    tl.store(stats_ptr + S_SEQ_CLIPFRAC, (tl.sum(a_seq_clip, 0) / tl.maximum(rows_with, 1.0)).to(tl.float32))
+    tl.store(stats_ptr + S_IS_WEIGHT_MEAN, (tl.sum(a_isw, 0) / n).to(tl.float32))
+    tl.store(stats_ptr + S_IS_CAPPED_FRAC, (tl.sum(a_capped, 0) / n).to(tl.float32))
 
 
 @triton.jit
@@ -210,6 +378,7 @@ def _policy_fwd_kernel(
     logp_ptr,        # [B, T] float32
     old_ptr,         # [B, T] float32
     adv_ptr,         # [B, T] float32
+    roll_ptr,        # [B, T] float32 rollout log-probabilities, read only with a correction
     mask_ptr,        # [B, T] int8 (0/1)
     parts_ptr,       # [max(B, 1), N_POLICY_PARTS] float64 scratch: row partials
     counter_ptr,     # [] int32, zero at launch: tickets; reset to zero by the last program (so a
@@ -217,17 +386,21 @@ def _policy_fwd_kernel(
     num_tokens_ptr,  # [] float64, read only when HAS_NT
     loss_ptr,        # [] float32 out
     stats_ptr,       # [len(POLICY_STATS)] float32 out
-    scale_ptr,       # [B] float32 out: row weights
-    B, T, numel, clip_low, clip_high, dual_clip,
+    scale_ptr,       # [B] float32 out: row weights times the rows' factors in the gradient
+    B, T, numel, clip_low, clip_high, dual_clip, is_cap,
     HAS_DUAL: tl.constexpr, AGG: tl.constexpr, HAS_NT: tl.constexpr,
+    SEQ_RATIO: tl.constexpr, SEQ_GRAD: tl.constexpr, CISPO: tl.constexpr, IS_MODE: tl.constexpr,  # _policy_flags
+    TOKEN_IS: tl.constexpr, ROW_IS: tl.constexpr, IS_GEOMETRIC: tl.constexpr, ROW_SUMS: tl.constexpr,
+    PLAIN: tl.constexpr,
     BLOCK: tl.constexpr,          # tile over T in the row pass
     COMBINE_BLOCK: tl.constexpr,  # tile over B in the combine
 ):
     # grid (max(B, 1),): with B == 0 the one program only combines (loss 0, stats 0)
     row = tl.program_id(0).to(tl.int64)
     if row < B:
-        _policy_row(logp_ptr, old_ptr, adv_ptr, mask_ptr, parts_ptr, row, T, clip_low, clip_high, dual_clip,
-                    HAS_DUAL, BLOCK)
+        _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, T, clip_low, clip_high,
+                    dual_clip, is_cap, HAS_DUAL, SEQ_RATIO, SEQ_GRAD, CISPO, IS_MODE, TOKEN_IS, ROW_IS,
+                    IS_GEOMETRIC, ROW_SUMS, PLAIN, BLOCK)
     if _last_to_arrive(counter_ptr):
         _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel, AGG, HAS_NT,
                         COMBINE_BLOCK)
@@ -238,21 +411,37 @@ def _policy_fwd_kernel(
 def _policy_bwd_kernel(
     grad_ptr,      # [] float32: d loss
     logp_ptr, old_ptr, adv_ptr,  # [B, T] float32
+    roll_ptr,      # [B, T] float32, read only with a token-level correction
     mask_ptr,      # [B, T] int8
-    scale_ptr,     # [B] float32 row weights
+    scale_ptr,     # [B] float32 row weights times the rows' factors in the gradient
     out_ptr,       # [B, T] float32 out: d logprobs
-    T, clip_low, clip_high, dual_clip,
-    HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr,
+    T, clip_low, clip_high, dual_clip, is_cap,
+    HAS_DUAL: tl.constexpr, SEQ_RATIO: tl.constexpr, SEQ_GRAD: tl.constexpr, CISPO: tl.constexpr,
+    IS_MODE: tl.constexpr, TOKEN_IS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # d logp = grad * row_scale * the per-token factor (policy_grad_token in rlhf/ppo.h)
     row = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inb = t < T
     idx = row * T + t
     valid = inb & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
-    logp = tl.load(logp_ptr + idx, mask=valid, other=0.0)
-    old = tl.load(old_ptr + idx, mask=valid, other=0.0)
-    adv = tl.load(adv_ptr + idx, mask=valid, other=0.0)
-    _, dlogp, _, _, _, _, _ = _policy_token(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
+    if SEQ_GRAD:
+        dlogp = tl.full((BLOCK,), 1.0, tl.float32)
+    else:
+        logp = tl.load(logp_ptr + idx, mask=valid, other=0.0)
+        old = tl.load(old_ptr + idx, mask=valid, other=0.0)
+        adv = tl.load(adv_ptr + idx, mask=valid, other=0.0)
+        if CISPO:
+            if SEQ_RATIO:
+                dlogp = -adv
+            else:
+                _, dlogp, _, _ = _cispo_clip(logp, tl.exp(logp - old), adv, clip_low, clip_high)
+        else:
+            _, dlogp, _, _, _, _, _, _, _ = _policy_token(logp, old, adv, old, 1.0, 0.0, clip_low, clip_high,
+                                                          dual_clip, is_cap, HAS_DUAL, False, False, 0, False)
+        if TOKEN_IS:
+            c, _ = _is_weight(old - tl.load(roll_ptr + idx, mask=valid, other=0.0), is_cap, IS_MODE)
+            dlogp = c * dlogp
     s = tl.load(grad_ptr) * tl.load(scale_ptr + row)
     tl.store(out_ptr + idx, tl.where(valid, s * dlogp, 0.0), mask=inb)
 
@@ -453,28 +642,31 @@ def _fake_outputs(x, n_stats):
     return x.new_empty((), **f32), x.new_empty((n_stats,), **f32), x.new_empty((x.shape[0],), **f32)
 
 
-def _policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_clip, agg):
-    """[B, T] float32 contiguous inputs, bool mask; num_tokens a 0-d float64 tensor or None.
+def _policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_clip, agg, rollout, options, is_cap):
+    """[B, T] float32 contiguous inputs, bool mask; num_tokens a 0-d float64 tensor or None;
+    rollout [B, T] float32 or None; options the packed options (rlhf_kernels/_layout.py).
     Returns (loss [], stats [len(POLICY_STATS)], row_scale [B])."""
     B, T = logp.shape
     loss, stats, scale = _outputs(logp, len(POLICY_STATS))
     parts = torch.empty((max(B, 1), len(POLICY_PARTS)), dtype=torch.float64, device=logp.device)
-    _policy_fwd_kernel[(max(B, 1),)](logp, old, adv, mask.view(torch.int8), parts, _counter(logp.device),
-                                     num_tokens if num_tokens is not None else parts, loss, stats, scale, B, T,
-                                     float(B * T), clip_low, clip_high, dual_clip or 0.0,
-                                     HAS_DUAL=dual_clip is not None, AGG=agg, HAS_NT=num_tokens is not None,
-                                     BLOCK=_block(T), COMBINE_BLOCK=_block(B))
+    _policy_fwd_kernel[(max(B, 1),)](logp, old, adv, rollout if rollout is not None else logp, mask.view(torch.int8),
+                                     parts, _counter(logp.device), num_tokens if num_tokens is not None else parts,
+                                     loss, stats, scale, B, T, float(B * T), clip_low, clip_high, dual_clip or 0.0,
+                                     is_cap, HAS_DUAL=dual_clip is not None, AGG=agg, HAS_NT=num_tokens is not None,
+                                     **_policy_flags(options), BLOCK=_block(T), COMBINE_BLOCK=_block(B))
     return loss, stats, scale
 
 
-def _policy_backward(grad, logp, old, adv, mask, scale, clip_low, clip_high, dual_clip):
+def _policy_backward(grad, logp, old, adv, mask, scale, clip_low, clip_high, dual_clip, rollout, options, is_cap):
     B, T = logp.shape
     out = torch.empty_like(logp)
     if logp.numel():
         block = _block(T)
-        _policy_bwd_kernel[(B, triton.cdiv(T, block))](grad, logp, old, adv, mask.view(torch.int8), scale, out, T,
-                                                       clip_low, clip_high, dual_clip or 0.0,
-                                                       HAS_DUAL=dual_clip is not None, BLOCK=block)
+        f = _policy_flags(options)
+        _policy_bwd_kernel[(B, triton.cdiv(T, block))](
+            grad, logp, old, adv, rollout if rollout is not None else logp, mask.view(torch.int8), scale, out, T,
+            clip_low, clip_high, dual_clip or 0.0, is_cap, HAS_DUAL=dual_clip is not None, SEQ_RATIO=f["SEQ_RATIO"],
+            SEQ_GRAD=f["SEQ_GRAD"], CISPO=f["CISPO"], IS_MODE=f["IS_MODE"], TOKEN_IS=f["TOKEN_IS"], BLOCK=block)
     return out
 
 
@@ -506,30 +698,33 @@ def _value_backward(grad, values, old, returns, mask, scale, clip):
 policy_backward = Op(
     "ppo_policy_bwd",
     "(Tensor grad, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor row_scale, "
-    "float clip_low, float clip_high, float? dual_clip) -> Tensor",
+    "float clip_low, float clip_high, float? dual_clip, Tensor? rollout_logprobs, int options, float is_cap) -> Tensor",
     _policy_backward, lambda grad, logp, *rest: torch.empty_like(logp))
 
 
 def _policy_setup(ctx, inputs, output):
-    logp, old, adv, mask, _, clip_low, clip_high, dual_clip, _ = inputs
-    ctx.save_for_backward(logp, old, adv, mask, output[2])
-    ctx.clip = (clip_low, clip_high, dual_clip)
+    logp, old, adv, mask, _, clip_low, clip_high, dual_clip, _, rollout, options, is_cap = inputs
+    ctx.save_for_backward(logp, old, adv, mask, output[2], rollout)
+    ctx.args = (clip_low, clip_high, dual_clip)
+    ctx.options = (options, is_cap)
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)
 
 
 def _policy_grad(ctx, grad_loss, grad_stats, grad_scale):
     if grad_loss is None:
-        return (None,) * 9
-    logp, old, adv, mask, scale = ctx.saved_tensors
-    d = policy_backward(grad_loss.float().contiguous(), logp, old, adv, mask, scale, *ctx.clip)
-    return (d,) + (None,) * 8
+        return (None,) * 12
+    logp, old, adv, mask, scale, rollout = ctx.saved_tensors
+    d = policy_backward(grad_loss.float().contiguous(), logp, old, adv, mask, scale, *ctx.args, rollout,
+                        *ctx.options)
+    return (d,) + (None,) * 11
 
 
 policy_forward = DifferentiableOp(
     "ppo_policy_fwd",
     "(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? num_tokens, float clip_low, "
-    "float clip_high, float? dual_clip, int loss_agg) -> (Tensor, Tensor, Tensor)",
+    "float clip_high, float? dual_clip, int loss_agg, Tensor? rollout_logprobs, int options, float is_cap) "
+    "-> (Tensor, Tensor, Tensor)",
     _policy_forward, lambda logp, *rest: _fake_outputs(logp, len(POLICY_STATS)), _policy_setup, _policy_grad)
 
 value_backward = Op(

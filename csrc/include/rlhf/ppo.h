@@ -4,6 +4,13 @@
 // Policy:  ratio = exp(logp - old_logp)
 //          l = max(-A*ratio, -A*clip(ratio, 1-clip_low, 1+clip_high))
 //          dual clip c (> 1): tokens with A < 0 take min(l, -A*c)
+//   options (layout.h; policy_token):
+//          ratio_level sequence: every valid token of a row uses the row's ratio
+//            s = exp(mean over its valid tokens of logp - old_logp) in place of its own
+//          objective cispo: l = -sg(clip(ratio, 1-clip_low, 1+clip_high)) * A * logp
+//          is_correction: l times a constant weight c from w = exp(log w), log w = old_logp -
+//            rollout (token), its row sum (sequence) or row mean (geometric); tis c = min(w, cap),
+//            mis c = w where w <= cap, else 0
 // Value:   l = 0.5*max((V-R)^2, (clamp(V, V_old-c, V_old+c) - R)^2)
 //
 // Gradients follow PyTorch's conventions on the reference (max/min/clamp), which
@@ -34,13 +41,15 @@ namespace rlhf {
 
 template <typename F>
 struct PolicyTokenT {
-  F loss;   // l
-  F ratio;  // exp(logp - old_logp)
-  F kl;     // (ratio - 1) - log(ratio), the k3 estimator
-  F dlogp;  // dl/dlogp
+  F loss;   // l (times the IS weight under a correction)
+  F ratio;  // the ratio the loss uses: the token's own, or its row's (ratio_level sequence)
+  F kl;     // (r - 1) - log(r) of the token's own ratio r: the k3 estimator
+  F dlogp;  // dl/dlogp (see policy_token for the sequence-level ratio)
   // 1 where the token counts towards clipfrac_low / clipfrac_high / dual_clipfrac, else 0
   // (0/1 floats: summed directly by the kernels)
   F is_low, is_high, is_dual;
+  F is_weight;  // the applied IS weight c (1 without correction)
+  F is_capped;  // 1 where the correction truncated or masked w (w > cap), else 0
 };
 using PolicyToken = PolicyTokenT<float>;
 
@@ -122,33 +131,184 @@ RLHF_HD_TOKEN F exp_f32(F x) {
 #endif
 }
 
-// dual_clip <= 0 means no dual clip.
+// The policy loss's options (layout.h), decoded once per call (rlhf/ppo_op.h). The kernels
+// take them as a type: PolicyOptions, read at run time, or DefaultOptions, the same fields as
+// compile-time constants of the plain PPO loss (options = 0), for which every kernel then
+// compiles to the code it had before the options existed.
+struct PolicyOptions {
+  bool seq_ratio;     // ratio_level sequence
+  bool cispo;         // objective cispo
+  int is_correction;  // kIsNone, kIsTruncate or kIsMask
+  bool is_token;      // the IS weight per token (else one per row: sequence or geometric)
+  bool is_geometric;  // the row's log w is the mean of old_logp - rollout (else the sum)
+  float is_cap;       // > 1
+};
+
+struct DefaultOptions {
+  static constexpr bool seq_ratio = false, cispo = false;
+  static constexpr int is_correction = kIsNone;
+  static constexpr bool is_token = true, is_geometric = false;
+  static constexpr float is_cap = 2.f;
+};
+
+// The options a kernel instantiated for O runs with: the call's (PolicyOptions) or the constants.
+template <typename O>
+RLHF_HD O options_as(const PolicyOptions& o) {
+  if constexpr (std::is_same_v<O, PolicyOptions>) {
+    return o;
+  } else {
+    return O{};
+  }
+}
+
+// Whether the options need each row's sums over its valid tokens before its per-token losses.
+template <typename O>
+RLHF_HD bool has_row_is(const O& o) {
+  return o.is_correction != kIsNone && !o.is_token;
+}
+template <typename O>
+RLHF_HD bool needs_row_sums(const O& o) {
+  return o.seq_ratio || has_row_is(o);
+}
+
+// PPO's clipped loss at `ratio`, and dl/dx where dratio = d ratio / dx (the ratio itself for
+// x = logp; 1 for x = the ratio). dual_clip <= 0 means no dual clip.
 template <typename F>
-RLHF_HD_TOKEN PolicyTokenT<F> ppo_policy_token(F logp, F old_logp, F adv, float clip_low, float clip_high,
-                                               float dual_clip) {
+RLHF_HD_TOKEN PolicyTokenT<F> ppo_clip(F ratio, F dratio, F adv, float clip_low, float clip_high, float dual_clip) {
   PolicyTokenT<F> t;
   const F zero = splat<F>(0.f), one = splat<F>(1.f);
-  const F log_ratio = logp - old_logp;
-  const F ratio = exp_f32(log_ratio);
   const F lo = splat<F>(1.f - clip_low), hi = splat<F>(1.f + clip_high);
   const F unclipped = -adv * ratio;
   const F clipped = -adv * min_f32(max_f32(ratio, lo), hi);
   const auto clip_wins = clipped > unclipped;
   const F l = clip_wins ? clipped : unclipped;
-  // d(unclipped)/dlogp = -A*ratio; the clipped branch is constant where it wins strictly
-  const F dlogp = clip_wins ? zero : -adv * ratio;
+  // d(unclipped)/dx = -A*dratio; the clipped branch is constant where it wins strictly
+  const F dx = clip_wins ? zero : -adv * dratio;
   const F cap = -adv * dual_clip;
   const auto dual = (adv < zero) & (cap < l) & (dual_clip > 0.f ? -1 : 0);  // all lanes off without dual clip
   t.loss = dual ? cap : l;
-  t.dlogp = dual ? zero : dlogp;
+  t.dlogp = dual ? zero : dx;
   t.ratio = ratio;
-  t.kl = (ratio - 1.f) - log_ratio;
   // clipping can only win strictly outside [lo, hi], so a win is either low or high
   const F wins = clip_wins ? one : zero;
   t.is_low = ratio < lo ? wins : zero;
   t.is_high = wins - t.is_low;
   t.is_dual = dual ? one : zero;
+  t.is_weight = one;
+  t.is_capped = zero;
   return t;
+}
+
+// CISPO at `ratio`: l = -sg(clip(ratio, 1-clip_low, 1+clip_high)) * A * logp, so dl/dlogp =
+// -clip(ratio) * A. A token counts as clipped low / high where its ratio is outside the range.
+template <typename F>
+RLHF_HD_TOKEN PolicyTokenT<F> cispo_clip(F logp, F ratio, F adv, float clip_low, float clip_high) {
+  PolicyTokenT<F> t;
+  const F zero = splat<F>(0.f), one = splat<F>(1.f);
+  const F lo = splat<F>(1.f - clip_low), hi = splat<F>(1.f + clip_high);
+  t.dlogp = -min_f32(max_f32(ratio, lo), hi) * adv;
+  t.loss = t.dlogp * logp;
+  t.ratio = ratio;
+  t.is_low = ratio < lo ? one : zero;
+  t.is_high = ratio > hi ? one : zero;
+  t.is_dual = zero;
+  t.is_weight = one;
+  t.is_capped = zero;
+  return t;
+}
+
+template <typename F>
+struct IsWeightT {
+  F weight;  // the applied weight c
+  F capped;  // 1 where w > cap, else 0
+};
+
+// The behaviour weight w = exp(log_w), applied as min(w, cap) (truncate) or as w where
+// w <= cap and 0 above (mask). An overflowing w (inf) is above any cap, so c stays finite.
+template <typename F>
+RLHF_HD_TOKEN IsWeightT<F> is_weight(F log_w, int correction, float cap) {
+  const F w = exp_f32(log_w);
+  const auto over = w > cap;
+  const F above = splat<F>(correction == kIsMask ? 0.f : cap);
+  return {over ? above : w, over ? splat<F>(1.f) : splat<F>(0.f)};
+}
+
+// One token of the policy loss under options `o`. row_ratio (s) and row_log_w are the row's
+// (sequence_ratio, row_log_weight below), read only when the options use them; rollout only
+// for a token-level correction. dlogp is d(c*l)/dlogp, except for the PPO loss with the
+// sequence ratio, where it is d(c*l)/ds: every valid token of the row then gets the same
+// gradient, (s / n) * sum_t d(c*l_t)/ds (row_grad_factor).
+template <typename F, typename O>
+RLHF_HD_TOKEN PolicyTokenT<F> policy_token(F logp, F old_logp, F adv, F rollout, F row_ratio, F row_log_w,
+                                           float clip_low, float clip_high, float dual_clip, const O& o) {
+  const F log_ratio = logp - old_logp;
+  const F own = exp_f32(log_ratio);
+  const F ratio = o.seq_ratio ? row_ratio : own;
+  PolicyTokenT<F> t = o.cispo ? cispo_clip(logp, ratio, adv, clip_low, clip_high)
+                              : ppo_clip(ratio, o.seq_ratio ? splat<F>(1.f) : ratio, adv, clip_low, clip_high,
+                                         dual_clip);
+  t.kl = (own - 1.f) - log_ratio;
+  if (o.is_correction != kIsNone) {
+    const IsWeightT<F> w = is_weight(o.is_token ? old_logp - rollout : row_log_w, o.is_correction, o.is_cap);
+    t.loss = w.weight * t.loss;
+    t.dlogp = w.weight * t.dlogp;
+    t.is_weight = w.weight;
+    t.is_capped = w.capped;
+  }
+  return t;
+}
+
+// The plain PPO token (options = 0).
+template <typename F>
+RLHF_HD_TOKEN PolicyTokenT<F> ppo_policy_token(F logp, F old_logp, F adv, float clip_low, float clip_high,
+                                               float dual_clip) {
+  const F zero = splat<F>(0.f);
+  return policy_token(logp, old_logp, adv, zero, zero, zero, clip_low, clip_high, dual_clip, DefaultOptions{});
+}
+
+// The row's sequence ratio s = exp(mean of logp - old_logp over its valid tokens), from the
+// float64 sum; 1 for a row without valid tokens. Finite for mean log-ratios up to 88.
+RLHF_HD float sequence_ratio(double sum_log_ratio, double count) {
+  return exp_f32(static_cast<float>(count > 0 ? sum_log_ratio / count : 0.0));
+}
+
+// The row's log w for a sequence-level correction: the float64 sum over its valid tokens of
+// old_logp - rollout (sequence), or their mean (geometric). The sum may be far beyond exp's
+// range: w then overflows to inf (or 0), which is_weight caps.
+template <typename O>
+RLHF_HD float row_log_weight(double sum_log_w, double count, const O& o) {
+  return static_cast<float>(o.is_geometric ? (count > 0 ? sum_log_w / count : 0.0) : sum_log_w);
+}
+
+// g_b, the row's factor in the gradient beside its weight w_b in the loss: the backward
+// gives d loss / d logp_t = grad * (w_b * g_b) * policy_grad_token(t). grad_sum is the row's
+// float64 sum of policy_token's dlogp, row_weight the row's applied IS weight (is_weight of
+// row_log_w; 1 without a row-level correction).
+//   PPO, sequence ratio:   (s / n) * grad_sum  (ds/dlogp_t = s / n for every valid t)
+//   otherwise:             row_weight, times clip(s) for CISPO with the sequence ratio
+template <typename O>
+RLHF_HD double row_grad_factor(const O& o, double grad_sum, double count, float row_ratio, float row_weight,
+                               float clip_low, float clip_high) {
+  if (o.seq_ratio && !o.cispo) return count > 0 ? static_cast<double>(row_ratio) / count * grad_sum : 0.0;
+  double g = has_row_is(o) ? static_cast<double>(row_weight) : 1.0;
+  if (o.seq_ratio) g *= min_f32(max_f32(row_ratio, 1.f - clip_low), 1.f + clip_high);  // as in cispo_clip
+  return g;
+}
+
+// The backward's per-token factor (see row_grad_factor): what of d(c*l_t)/dlogp_t varies
+// within the row.
+template <typename F, typename O>
+RLHF_HD_TOKEN F policy_grad_token(F logp, F old_logp, F adv, F rollout, float clip_low, float clip_high,
+                                  float dual_clip, const O& o) {
+  if (o.seq_ratio && !o.cispo) return splat<F>(1.f);
+  F d;
+  if (!o.cispo) {
+    d = ppo_policy_token(logp, old_logp, adv, clip_low, clip_high, dual_clip).dlogp;
+  } else {
+    d = o.seq_ratio ? -adv : cispo_clip(logp, exp_f32(logp - old_logp), adv, clip_low, clip_high).dlogp;
+  }
+  if (o.is_correction != kIsNone && o.is_token) d = is_weight(old_logp - rollout, o.is_correction, o.is_cap).weight * d;
+  return d;
 }
 
 template <typename F>
@@ -187,7 +347,8 @@ RLHF_HD double ppo_row_weight(int64_t agg, double row_count, double total, doubl
     case kTokenMean: return 1.0 / (num_tokens > 0 ? num_tokens : total);
     case kSeqMeanTokenMean: return 1.0 / (row_count * rows_with_tokens);
     case kSeqMeanTokenSum: return 1.0 / rows_with_tokens;
-    default: return 1.0 / numel;
+    case kSeqMeanTokenSumNorm: return 1.0 / numel;
+    default: return 1.0;  // kTokenSum
   }
 }
 

@@ -14,9 +14,15 @@
 // scratch it needs beside it. Pointers to device data (grad, num_tokens) are read by the
 // kernels, never by the host on a GPU, so no call syncs.
 //
+// The policy loss has two forward ops over one wrapper: ppo_policy_fwd (the plain loss, the
+// schema it always had) and ppo_policy_options_fwd (rollout_logprobs, options, is_cap too);
+// fewer schema arguments cost less host time per call.
 // The forward returns (loss [], stats [n_stats], row_scale [B]) where row_scale[b] is the
 // weight of every token of row b in the aggregated loss (loss = sum_b w_b sum_t l_bt); the
-// backward is then elementwise, d_x[b, t] = grad * w_b * dl/dx[b, t], in one pass.
+// backward is then elementwise, d_x[b, t] = grad * w_b * dl/dx[b, t], in one pass. Under the
+// policy loss's options row_scale[b] = w_b * g_b, where g_b holds what of the gradient is the
+// row's (its sequence ratio, its IS weight: row_grad_factor in rlhf/ppo.h), and the backward
+// multiplies by the rest, per token (policy_grad_token).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,6 +33,7 @@
 #include "rlhf/checks.h"
 #include "rlhf/layout.h"
 #include "rlhf/loss_op.h"
+#include "rlhf/ppo.h"
 
 namespace rlhf {
 
@@ -35,6 +42,9 @@ struct PolicyArgs {
   const bool* mask;                    // [B, T]
   int64_t B, T;
   float clip_low, clip_high, dual_clip;  // dual_clip 0: none
+  const float* rollout;  // [B, T] rollout_logprobs, or nullptr (no correction)
+  PolicyOptions opt;     // decoded `options`
+  bool plain;            // options = 0: the kernels run their DefaultOptions code
 };
 
 struct ValueArgs {
@@ -62,14 +72,59 @@ inline Normalizer normalizer(int64_t loss_agg, const at::Tensor& num_tokens, c10
   return {loss_agg, num_tokens.defined() ? num_tokens.data_ptr<double>() : nullptr, number.value_or(0.0)};
 }
 
+// ppo_policy_loss's `options` (the fields of rlhf/layout.h) and the arguments that go with them:
+// every field's code in range and no bits beyond the fields; a correction (is_correction) needs
+// rollout_logprobs, a float tensor of `logprobs`' shape and device, and rollout_logprobs needs a
+// correction; is_level and is_cap only with a correction, is_cap a finite number > 1; no dual
+// clip with CISPO. Returns rollout_logprobs as float32 (undefined when absent).
+inline at::Tensor check_policy_options(int64_t options, const c10::optional<at::Tensor>& rollout,
+                                       c10::optional<double> is_cap, bool has_dual_clip, const at::Tensor& logprobs,
+                                       const char* op) {
+  TORCH_CHECK_VALUE(options >= 0 && (options >> (kOptionBits * kNumOptionFields)) == 0, op, ": `options` must pack ",
+                    static_cast<int>(kNumOptionFields), " fields of ", kOptionBits, " bits (rlhf/layout.h), got ",
+                    options);
+  constexpr int counts[kNumOptionFields] = {kNumRatioLevels, kNumObjectives, kNumIsCorrections, kNumIsLevels};
+  for (int f = 0; f < kNumOptionFields; ++f)
+    TORCH_CHECK_VALUE(option_field(options, f) < counts[f], op, ": `", kOptionFieldNames[f], "` code must be 0..",
+                      counts[f] - 1, ", got ", option_field(options, f));
+  if (options == 0 && !rollout.has_value() && !is_cap.has_value()) return at::Tensor();  // the plain loss
+  const bool correct = option_field(options, kOptIsCorrection) != kIsNone;
+  TORCH_CHECK_VALUE(!correct || rollout.has_value(), op,
+                    ": `is_correction` needs `rollout_logprobs` (the rollout engine's log-probabilities)");
+  TORCH_CHECK_VALUE(correct || !rollout.has_value(), op,
+                    ": `rollout_logprobs` given without `is_correction` (\"tis\" or \"mis\"); it would be ignored");
+  TORCH_CHECK_VALUE(correct || option_field(options, kOptIsLevel) == kIsLevelUnset, op,
+                    ": `is_level` given without `is_correction`; it would be ignored");
+  TORCH_CHECK_VALUE(correct || !is_cap.has_value(), op,
+                    ": `is_cap` given without `is_correction`; it would be ignored");
+  TORCH_CHECK_VALUE(!is_cap.has_value() || (*is_cap > 1 && std::isfinite(*is_cap)), op,
+                    ": `is_cap` must be a finite number > 1, got ", is_cap.value_or(0.0));
+  TORCH_CHECK_VALUE(option_field(options, kOptObjective) != kObjectiveCISPO || !has_dual_clip, op,
+                    ": `dual_clip` cannot be used with objective \"cispo\" (its loss has no clipped branch to cap)");
+  return opt_f32_like(rollout, "rollout_logprobs", logprobs, "logprobs", op);
+}
+
+// `options` as the kernels read them (checked by check_policy_options).
+inline PolicyOptions decode_policy_options(int64_t options, c10::optional<double> is_cap) {
+  const int level = option_field(options, kOptIsLevel);
+  return {option_field(options, kOptRatioLevel) == kRatioSequence,
+          option_field(options, kOptObjective) == kObjectiveCISPO,
+          option_field(options, kOptIsCorrection),
+          level == kIsLevelUnset || level == kIsLevelToken,
+          level == kIsLevelGeometric,
+          static_cast<float>(is_cap.value_or(2.0))};
+}
+
 struct PolicyCall {
   PPOInputs in;
+  at::Tensor rollout;  // float32, or undefined
   PolicyArgs args;
 };
 
 inline PolicyCall policy_call(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
                               const at::Tensor& mask, double clip_low, c10::optional<double> clip_high,
-                              c10::optional<double> dual_clip, const char* op) {
+                              c10::optional<double> dual_clip, const c10::optional<at::Tensor>& rollout_logprobs,
+                              int64_t options, c10::optional<double> is_cap, const char* op) {
   PPOInputs in = check_ppo_inputs(logprobs, old_logprobs, advantages, mask, {"logprobs", "old_logprobs", "advantages"},
                                   op);
   check_clip(clip_low, "clip_low", op);
@@ -77,10 +132,20 @@ inline PolicyCall policy_call(const at::Tensor& logprobs, const at::Tensor& old_
   check_clip(ch, "clip_high", op);
   TORCH_CHECK_VALUE(!dual_clip.has_value() || *dual_clip > 1.0, op, ": `dual_clip` must be > 1 (or None), got ",
                     dual_clip.value_or(0.0));
-  const PolicyArgs args{in.a.data_ptr<float>(), in.b.data_ptr<float>(), in.c.data_ptr<float>(),
-                        in.mask.data_ptr<bool>(), in.a.size(0), in.a.size(1), static_cast<float>(clip_low),
-                        static_cast<float>(ch), static_cast<float>(dual_clip.value_or(0.0))};
-  return {in, args};
+  at::Tensor rollout = check_policy_options(options, rollout_logprobs, is_cap, dual_clip.has_value(), logprobs, op);
+  const PolicyArgs args{in.a.data_ptr<float>(),
+                        in.b.data_ptr<float>(),
+                        in.c.data_ptr<float>(),
+                        in.mask.data_ptr<bool>(),
+                        in.a.size(0),
+                        in.a.size(1),
+                        static_cast<float>(clip_low),
+                        static_cast<float>(ch),
+                        static_cast<float>(dual_clip.value_or(0.0)),
+                        ptr_or_null(rollout),
+                        decode_policy_options(options, is_cap),
+                        options == 0};
+  return {in, rollout, args};
 }
 
 struct ValueCall {
@@ -104,10 +169,11 @@ template <typename Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_forward(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
     const c10::optional<at::Tensor>& num_tokens, c10::optional<double> num_tokens_value, double clip_low,
-    c10::optional<double> clip_high, c10::optional<double> dual_clip, int64_t loss_agg) {
+    c10::optional<double> clip_high, c10::optional<double> dual_clip, int64_t loss_agg,
+    const c10::optional<at::Tensor>& rollout_logprobs, int64_t options, c10::optional<double> is_cap) {
   const char* op = "ppo_policy_loss";
-  const detail::PolicyCall call =
-      detail::policy_call(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, op);
+  const detail::PolicyCall call = detail::policy_call(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
+                                                      dual_clip, rollout_logprobs, options, is_cap, op);
   const at::Tensor nt = check_num_tokens(num_tokens, num_tokens_value, call.in.a, op);
   const Normalizer norm = detail::normalizer(loss_agg, nt, num_tokens_value, op);
   auto [loss, stats, row_scale] = loss_outputs(call.in.a, kNumPolicyStats);
@@ -116,13 +182,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_forward(
   return {loss, stats, row_scale};
 }
 
+// The plain loss (options = 0): ppo_policy_fwd, whose schema has no option arguments
+// (ppo_policy_options_fwd is ppo_policy_forward itself).
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_forward_plain(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
+    const c10::optional<at::Tensor>& num_tokens, c10::optional<double> num_tokens_value, double clip_low,
+    c10::optional<double> clip_high, c10::optional<double> dual_clip, int64_t loss_agg) {
+  return ppo_policy_forward<Dev>(logprobs, old_logprobs, advantages, mask, num_tokens, num_tokens_value, clip_low,
+                                 clip_high, dual_clip, loss_agg, c10::nullopt, 0, c10::nullopt);
+}
+
 template <typename Dev>
 at::Tensor ppo_policy_backward(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& old_logprobs,
                                const at::Tensor& advantages, const at::Tensor& mask, const at::Tensor& row_scale,
-                               double clip_low, c10::optional<double> clip_high, c10::optional<double> dual_clip) {
+                               double clip_low, c10::optional<double> clip_high, c10::optional<double> dual_clip,
+                               const c10::optional<at::Tensor>& rollout_logprobs, int64_t options,
+                               c10::optional<double> is_cap) {
   const char* op = "ppo_policy_loss backward";
-  const detail::PolicyCall call =
-      detail::policy_call(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, op);
+  const detail::PolicyCall call = detail::policy_call(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
+                                                      dual_clip, rollout_logprobs, options, is_cap, op);
   at::Tensor g;
   const float* gp = checked_grad(grad, call.in.a, g, op);
   const float* w = checked_row_scale(row_scale, call.in.a, "logprobs", op);

@@ -75,7 +75,8 @@ def test_response_mask_stops_after_eos():
 
 
 def test_reward_lands_on_last_real_token():
-    d = small_cfg(beta=0.0).to_dict()
+    d = small_cfg().to_dict()
+    d["beta"] = 0.0
     d["task"]["stop_at_eos"] = True
     cfg = Config.from_dict(d)
     task = ToyTask(cfg.task)

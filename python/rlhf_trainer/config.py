@@ -2,7 +2,14 @@
 
 Sizes are checked up front (a trainer that dies at step 300 because a minibatch does
 not divide the rollout batch wastes an afternoon), and the batch accounting is printed
-so a reader sees what one PPO step does.
+so a reader sees what one step does.
+
+One key, ``algo``, picks the algorithm; each algorithm has its own section holding exactly
+the options that act on it (``ppo:``, ``grpo:``, ``rloo:``, ``reinforce_pp:``, ``best_of_n:``,
+``expert_iteration:``), with that algorithm's tuned defaults. A section, or a top-level
+option, that would have no effect on the chosen algorithm is refused, not ignored.
+``beta``, the KL coefficient of the objective J = E[r] - beta KL(pi || pi_ref), is
+top-level: every algorithm is evaluated on the same J.
 """
 
 import dataclasses
@@ -13,6 +20,13 @@ import yaml
 
 class ConfigError(ValueError):
     """An inconsistent configuration."""
+
+
+ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp", "best_of_n", "expert_iteration")
+# the critic-free algorithms and the rk.group_advantages mode each uses
+GROUP_MODES = {"grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce++"}
+POLICY_GRADIENT = ("ppo",) + tuple(GROUP_MODES)
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 @dataclass
@@ -74,7 +88,7 @@ class RewardModelConfig:
     label_smoothing: float = 0.0
     center_coef: float = 0.0
 
-    def check(self):
+    def check(self, algo):
         if self.loss not in ("bt", "ranking"):
             raise ConfigError("reward_model.loss must be 'bt' or 'ranking', got %r" % self.loss)
         if self.loss == "ranking" and self.k < 2:
@@ -84,23 +98,19 @@ class RewardModelConfig:
 
 
 @dataclass
-class PPOConfig:
+class PolicyGradientConfig:
+    """Options every policy-gradient algorithm (ppo, grpo, rloo, reinforce_pp) acts on.
+    The KL coefficient is the top-level ``beta`` (the initial one when adaptive)."""
     steps: int = 100
-    rollout_batch: int = 256          # responses generated per PPO step
+    rollout_batch: int = 256          # responses generated per step
     minibatch: int = 64               # responses per optimizer step
     micro_batch: int = 32             # responses per forward/backward (gradient accumulation)
     epochs: int = 2                   # passes over each rollout batch
     lr: float = 2e-3
-    value_lr: float = 2e-3
     clip_low: float = 0.2
     clip_high: float = None
     dual_clip: float = None
-    value_clip: float = 0.2
     loss_agg: str = "token-mean"
-    gamma: float = 1.0
-    lam: float = 0.95
-    beta: float = 0.1                 # KL coefficient (initial, when adaptive), in reward-model score units
-    kl_estimator: str = "k1"
     adaptive_kl: bool = False
     kl_target: float = 6.0            # per-sequence KL sum the adaptive controller aims for
     kl_horizon: int = 10000
@@ -109,29 +119,27 @@ class PPOConfig:
     temperature: float = 1.0
     fused_lm_head: bool = True        # log-probabilities from hidden states with linear_token_logprobs
     missing_eos_penalty: float = None  # added to the score of responses without EOS (stop_at_eos only)
-    whiten_advantages: bool = True
     approx_kl_warn: float = 0.5       # warn when a step's approx_kl exceeds this
     kl_warn: float = 50.0             # warn when the per-sequence KL exceeds this
 
-    def check(self):
+    def check(self, algo):
+        s = algo
         for name in ("steps", "rollout_batch", "minibatch", "micro_batch", "epochs"):
             if getattr(self, name) < 1:
-                raise ConfigError("ppo.%s must be >= 1, got %d" % (name, getattr(self, name)))
+                raise ConfigError("%s.%s must be >= 1, got %d" % (s, name, getattr(self, name)))
         if self.rollout_batch % self.minibatch:
-            raise ConfigError("ppo.rollout_batch=%d is not divisible by ppo.minibatch=%d"
-                              % (self.rollout_batch, self.minibatch))
+            raise ConfigError("%s.rollout_batch=%d is not divisible by %s.minibatch=%d"
+                              % (s, self.rollout_batch, s, self.minibatch))
         if self.minibatch % self.micro_batch:
-            raise ConfigError("ppo.minibatch=%d is not divisible by ppo.micro_batch=%d"
-                              % (self.minibatch, self.micro_batch))
-        if self.kl_estimator not in ("k1", "k2", "k3", "abs"):
-            raise ConfigError("ppo.kl_estimator must be k1, k2, k3 or abs, got %r" % self.kl_estimator)
-        if self.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                 "seq-mean-token-sum-norm"):
-            raise ConfigError("ppo.loss_agg %r is not one of the four modes" % self.loss_agg)
-        if self.beta < 0:
-            raise ConfigError("ppo.beta must be >= 0, got %g" % self.beta)
+            raise ConfigError("%s.minibatch=%d is not divisible by %s.micro_batch=%d"
+                              % (s, self.minibatch, s, self.micro_batch))
+        if self.loss_agg not in LOSS_AGGS:
+            raise ConfigError("%s.loss_agg %r is not one of the four modes (%s)" % (s, self.loss_agg,
+                                                                                   ", ".join(LOSS_AGGS)))
         if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ConfigError("ppo.dual_clip must be > 1, got %g" % self.dual_clip)
+            raise ConfigError("%s.dual_clip must be > 1, got %g" % (s, self.dual_clip))
+        if self.lr <= 0:
+            raise ConfigError("%s.lr must be > 0, got %g" % (s, self.lr))
 
     def accounting(self):
         mbs = self.rollout_batch // self.minibatch
@@ -143,25 +151,186 @@ class PPOConfig:
 
 
 @dataclass
+class PPOConfig(PolicyGradientConfig):
+    """PPO with a value model, GAE and a per-token KL penalty in the reward."""
+    value_lr: float = 2e-3
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_estimator: str = "k1"
+    whiten_advantages: bool = True
+
+    def check(self, algo):
+        super().check(algo)
+        if self.kl_estimator not in ("k1", "k2", "k3", "abs"):
+            raise ConfigError("ppo.kl_estimator must be k1, k2, k3 or abs, got %r" % self.kl_estimator)
+
+
+@dataclass
+class GroupConfig(PolicyGradientConfig):
+    """A critic-free algorithm: ``group_size`` responses per prompt, advantages from
+    ``rk.group_advantages`` over each group, no value model. The KL penalty is the
+    sequence-level k1 estimate in the reward, so there is no kl_estimator option."""
+    group_size: int = 8
+
+    def check(self, algo):
+        super().check(algo)
+        if self.group_size < 2:
+            why = ("the group baseline needs at least two responses per prompt" if algo != "reinforce_pp" else
+                   "REINFORCE++ here is its group-baseline form: rk.group_advantages gives a group of one advantage 0")
+            raise ConfigError("%s.group_size must be >= 2 (%s), got %d" % (algo, why, self.group_size))
+        if self.rollout_batch % self.group_size:
+            raise ConfigError("%s.rollout_batch=%d is not divisible by %s.group_size=%d"
+                              % (algo, self.rollout_batch, algo, self.group_size))
+
+    def accounting(self):
+        return ("%d prompts x %d responses each; " % (self.rollout_batch // self.group_size, self.group_size)
+                + super().accounting().replace("PPO step", "step"))
+
+
+# Tuned defaults of the critic-free algorithms (docs/algorithms.md says what was tried): twice
+# PPO's rollout batch (64 prompts x 8) and half its learning rate. Group-normalized advantages
+# do not shrink as the policy nears the optimum, so the step size sets a noise floor.
+@dataclass
+class _TunedGroupConfig(GroupConfig):
+    steps: int = 150
+    rollout_batch: int = 512
+    minibatch: int = 128
+    lr: float = 1e-3
+
+
+@dataclass
+class GRPOConfig(_TunedGroupConfig):
+    loss_agg: str = "seq-mean-token-mean"   # DeepSeekMath's 1/|o_i| sum_t, then the mean over the group
+
+
+@dataclass
+class RLOOConfig(_TunedGroupConfig):
+    loss_agg: str = "seq-mean-token-sum"    # REINFORCE on the sequence's log-probability
+
+
+@dataclass
+class ReinforcePPConfig(_TunedGroupConfig):
+    loss_agg: str = "token-mean"            # as OpenRLHF's REINFORCE++
+
+
+@dataclass
+class BestOfNConfig:
+    """A decoding policy, not a training run: n samples from pi_ref, the reward model's best."""
+    n: int = 2048                     # the n of largest exact J on the toy task (the curve in docs/compare.md)
+    sample_queries: int = 128         # prompts actually served by sampling, to check the exact figures (0: none)
+
+    def check(self, algo):
+        if self.n < 1:
+            raise ConfigError("best_of_n.n must be >= 1, got %d" % self.n)
+        if self.sample_queries < 0:
+            raise ConfigError("best_of_n.sample_queries must be >= 0, got %d" % self.sample_queries)
+
+    def accounting(self):
+        return ("best-of-%d from the reference: %d samples per query, no training" % (self.n, self.n))
+
+
+@dataclass
+class ExpertIterationConfig:
+    """Rounds of best-of-n sampling from the current policy, then supervised fine-tuning
+    (cross-entropy) of the policy on the winners."""
+    rounds: int = 20
+    prompts_per_round: int = 1024     # best-of-n queries per round
+    n: int = 4                        # samples per query
+    epochs: int = 2                   # SFT passes over the round's winners
+    minibatch: int = 64
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0
+    fused_lm_head: bool = True
+
+    def check(self, algo):
+        for name in ("rounds", "prompts_per_round", "n", "epochs", "minibatch"):
+            if getattr(self, name) < 1:
+                raise ConfigError("expert_iteration.%s must be >= 1, got %d" % (name, getattr(self, name)))
+        if self.prompts_per_round % self.minibatch:
+            raise ConfigError("expert_iteration.prompts_per_round=%d is not divisible by "
+                              "expert_iteration.minibatch=%d" % (self.prompts_per_round, self.minibatch))
+        if self.lr <= 0:
+            raise ConfigError("expert_iteration.lr must be > 0, got %g" % self.lr)
+
+    def accounting(self):
+        return ("expert iteration: %d rounds x %d prompts x best-of-%d = %d samples per round; SFT on the %d "
+                "winners, %d epochs of %d minibatches of %d"
+                % (self.rounds, self.prompts_per_round, self.n, self.prompts_per_round * self.n,
+                   self.prompts_per_round, self.epochs, self.prompts_per_round // self.minibatch, self.minibatch))
+
+
+SECTIONS = {"ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce_pp": ReinforcePPConfig,
+            "best_of_n": BestOfNConfig, "expert_iteration": ExpertIterationConfig}
+COMMON = {"model": ModelConfig, "task": TaskConfig, "reward_model": RewardModelConfig}
+# top-level options and the algorithms they act on (the others act on all)
+TOP_LEVEL_FOR = {"checkpoint_every": POLICY_GRADIENT + ("expert_iteration",), "eval_every": POLICY_GRADIENT}
+
+
+@dataclass
 class Config:
+    algo: str = "ppo"                 # ppo | grpo | rloo | reinforce_pp | best_of_n | expert_iteration
+    beta: float = 0.1                 # KL coefficient of J = E[r] - beta KL(pi || pi_ref), in reward-model units
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    # the section of the chosen algorithm (built with its defaults when absent); the others stay None
+    ppo: PPOConfig = None
+    grpo: GRPOConfig = None
+    rloo: RLOOConfig = None
+    reinforce_pp: ReinforcePPConfig = None
+    best_of_n: BestOfNConfig = None
+    expert_iteration: ExpertIterationConfig = None
     seed: int = 0
-    checkpoint_every: int = 0         # PPO steps between checkpoints (0: only at the end)
-    eval_every: int = 10              # PPO steps between exact evaluations of J
+    checkpoint_every: int = 0         # steps (rounds) between checkpoints (0: only at the end)
+    eval_every: int = 10              # steps between exact evaluations of J
 
     def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ConfigError("algo must be one of %s, got %r" % (", ".join(ALGOS), self.algo))
+        if not self.beta >= 0:
+            raise ConfigError("beta must be >= 0, got %r" % self.beta)
+        for name, cls in SECTIONS.items():
+            section = getattr(self, name)
+            if name == self.algo:
+                if section is None:
+                    setattr(self, name, cls())
+                elif type(section) is not cls:
+                    raise ConfigError("%s: expected a %s, got %s" % (name, cls.__name__, type(section).__name__))
+            elif section is not None:
+                raise ConfigError("a %s section has no effect with algo: %s (give only the %s section)"
+                                  % (name, self.algo, self.algo))
+        for name, algos in TOP_LEVEL_FOR.items():
+            if self.algo not in algos and getattr(self, name) != _default(Config, name):
+                raise ConfigError("%s has no effect with algo: %s" % (name, self.algo))
         self.task.steps = tuple(self.task.steps)
-        for part in (self.model, self.task, self.reward_model, self.ppo):
+        for part in (self.model, self.task):
             part.check()
+        self.reward_model.check(self.algo)
+        self.section.check(self.algo)
         if self.eval_every < 1:
             raise ConfigError("eval_every must be >= 1, got %d" % self.eval_every)
+        if self.checkpoint_every < 0:
+            raise ConfigError("checkpoint_every must be >= 0, got %d" % self.checkpoint_every)
+
+    @property
+    def section(self):
+        """The chosen algorithm's options."""
+        return getattr(self, self.algo)
+
+    def accounting(self):
+        return self.section.accounting()
 
     def to_dict(self):
+        """Every option that acts on the chosen algorithm (and none that does not)."""
         d = dataclasses.asdict(self)
         d["task"]["steps"] = list(d["task"]["steps"])
+        for name in SECTIONS:
+            if name != self.algo:
+                del d[name]
+        for name, algos in TOP_LEVEL_FOR.items():
+            if self.algo not in algos:
+                del d[name]
         return d
 
     def save(self, path):
@@ -170,16 +339,26 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
-        parts = {"model": ModelConfig, "task": TaskConfig, "reward_model": RewardModelConfig, "ppo": PPOConfig}
+        d = dict(d or {})
+        algo = d.get("algo", _default(cls, "algo"))
+        top = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
-        for key, value in (d or {}).items():
-            if key in parts:
-                known = {f.name for f in dataclasses.fields(parts[key])}
+        for key, value in d.items():
+            if key in COMMON or key in SECTIONS:
+                part = COMMON.get(key) or SECTIONS[key]
+                if key in SECTIONS and key != algo:
+                    raise ConfigError("a %s section has no effect with algo: %s (give only the %s section)"
+                                      % (key, algo, algo))
+                if not isinstance(value, dict):
+                    raise ConfigError("%s must be a mapping of options, got %r" % (key, value))
+                known = {f.name for f in dataclasses.fields(part)}
                 unknown = set(value) - known
                 if unknown:
-                    raise ConfigError("unknown %s option(s): %s" % (key, ", ".join(sorted(unknown))))
-                kwargs[key] = parts[key](**value)
-            elif key in {f.name for f in dataclasses.fields(cls)}:
+                    raise ConfigError(_unknown_options(key, unknown))
+                kwargs[key] = part(**value)
+            elif key in top:
+                if key in TOP_LEVEL_FOR and algo not in TOP_LEVEL_FOR[key]:
+                    raise ConfigError("%s has no effect with algo: %s" % (key, algo))
                 kwargs[key] = value
             else:
                 raise ConfigError("unknown config section %r" % key)
@@ -189,3 +368,31 @@ class Config:
     def load(cls, path):
         with open(path) as f:
             return cls.from_dict(yaml.safe_load(f))
+
+
+def _unknown_options(section, unknown):
+    """The message for options a section does not have: those another algorithm acts on are
+    named as such (they would have no effect here), the others as unknown."""
+    elsewhere, really = [], []
+    for name in sorted(unknown):
+        owners = [a for a, cls in SECTIONS.items()
+                  if a != section and name in {f.name for f in dataclasses.fields(cls)}]
+        if name == "beta" and section in SECTIONS:
+            elsewhere.append("beta is the top-level option (the objective's KL coefficient, shared by every algo)")
+        elif owners and section in SECTIONS:
+            elsewhere.append("%s has no effect with algo: %s (it is an option of %s)"
+                             % (name, section, ", ".join(owners)))
+        else:
+            really.append(name)
+    parts = elsewhere + (["unknown %s option(s): %s" % (section, ", ".join(really))] if really else [])
+    return "%s: %s" % (section, "; ".join(parts)) if elsewhere else parts[0]
+
+
+def _default(cls, name):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default
+
+
+def algo_config(algo, **top):
+    """The tuned default configuration of ``algo`` (top-level options may be overridden)."""
+    return Config(algo=algo, **top)

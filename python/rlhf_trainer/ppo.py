@@ -1,4 +1,5 @@
 """PPO with a per-token KL penalty to a frozen reference, on the public rlhf_kernels API.
+(The critic-free algorithms reuse this trainer's loop: see ``algos.py``.)
 
 One step:
   1. rollout: sample prompts, generate responses with the policy (``generate``);
@@ -25,7 +26,7 @@ import torch
 
 import rlhf_kernels as rk
 from rlhf_trainer.models import ScalarHeadModel, build_policy, frozen_copy, position_ids
-from rlhf_trainer.toy import exact_objective, optimal_objective, sequence_logprobs
+from rlhf_trainer.toy import ExactEvaluator
 
 # The JSONL schema: one object per PPO step with exactly these keys (time_* are wall clock
 # seconds, so they are the only fields that differ between two identical runs).
@@ -69,126 +70,158 @@ def response_mask(responses, eos_token_id, stop_at_eos):
     return ~after_eos
 
 
+def sequences(prompts, responses, mask):
+    """Prompt + response ids and the attention mask over real tokens: [B, P + L] each."""
+    ids = torch.cat([prompts, responses], 1)
+    attn = torch.cat([torch.ones_like(prompts), mask.long()], 1)
+    return ids, attn
+
+
+def response_logprobs(model, prompts, responses, mask, *, temperature=1.0, fused_lm_head=True, with_entropy=False):
+    """log-probabilities (and entropies) of the response tokens under ``model``: [B, L].
+
+    With ``fused_lm_head`` the backbone's last hidden states go straight into
+    ``linear_token_logprobs`` with the LM head's weight (and bias): the [B, L, V] logits are
+    never built. Otherwise the model's logits go into ``token_logprobs``."""
+    P = prompts.shape[1]
+    ids, attn = sequences(prompts, responses, mask)
+    labels = responses.masked_fill(~mask, -100)
+    kw = dict(temperature=temperature, return_entropy=with_entropy)
+    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
+    if fused_lm_head:
+        head = model.get_output_embeddings()
+        hidden = model.base_model(**inputs).last_hidden_state[:, P - 1:-1]
+        return rk.linear_token_logprobs(hidden, head.weight, labels, bias=head.bias, **kw)
+    logits = model(**inputs).logits[:, P - 1:-1]
+    return rk.token_logprobs(logits, labels, **kw)
+
+
+@torch.no_grad()
+def generate(model, prompts, task_cfg, temperature=1.0):
+    """Sampled responses [B, L] (pure sampling: no top-k or top-p), padded to L after an early EOS."""
+    out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                         max_new_tokens=task_cfg.response_len, min_new_tokens=0, top_k=0, top_p=1.0,
+                         temperature=temperature)
+    responses = out[:, prompts.shape[1]:]
+    L = task_cfg.response_len
+    if responses.shape[1] < L:   # every row stopped at EOS early: pad to L
+        pad = torch.full((responses.shape[0], L - responses.shape[1]), task_cfg.pad_token_id)
+        responses = torch.cat([responses, pad], 1)
+    return responses
+
+
+def score_function(task, reward_model=None, reward_fn=None):
+    """(prompt_ids [B], responses [B, L]) -> [B] float: the reward model's score at the last
+    real token, or reward_fn's."""
+    if (reward_model is None) == (reward_fn is None):
+        raise ValueError("give exactly one of reward_model and reward_fn")
+    if reward_fn is not None:
+        return lambda prompt_ids, responses: reward_fn(prompt_ids, responses).float()
+    tc = task.cfg
+
+    def score(prompt_ids, responses):
+        mask = response_mask(responses, tc.eos_token_id, tc.stop_at_eos)
+        return reward_model.score(*sequences(task.prompts[prompt_ids], responses, mask))
+    return score
+
+
 class PPOTrainer:
-    def __init__(self, cfg, task, reward_model=None, reward_fn=None, run_dir=None, log=print):
+    """PPO, and (through ``uses_critic = False`` and the hooks ``sample_prompts`` and
+    ``score_rollout``) the base of the critic-free trainers in ``algos.py``."""
+    uses_critic = True
+    algos = ("ppo",)
+
+    def __init__(self, cfg, task, reward_model=None, reward_fn=None, run_dir=None, log=print, evaluator=None):
         """reward_model: a ScalarHeadModel read at the last real token; or reward_fn(prompt_ids,
-        responses) -> [B] scores. The exact J is reported for whichever is used."""
+        responses) -> [B] scores. The exact J is reported for whichever is used. evaluator: an
+        ExactEvaluator of that reward already built (shared between the runs of a comparison)."""
         if (reward_model is None) == (reward_fn is None):
-            raise ValueError("PPOTrainer: give exactly one of reward_model and reward_fn")
+            raise ValueError("%s: give exactly one of reward_model and reward_fn" % type(self).__name__)
+        if cfg.algo not in self.algos:
+            raise ValueError("%s runs %s, not algo: %s" % (type(self).__name__, " or ".join(self.algos), cfg.algo))
         self.cfg, self.task, self.log = cfg, task, log
+        self.p = p = cfg.section
         self.reward_model, self.reward_fn = reward_model, reward_fn
+        self._score = score_function(task, reward_model, reward_fn)
         self.run_dir = run_dir
-        p = cfg.ppo
         self.policy = build_policy(cfg.model, cfg.task)
         self.ref = frozen_copy(self.policy)
-        self.value = ScalarHeadModel(cfg.model, cfg.task, seed_offset=1)
         self.opt_policy = torch.optim.Adam(self.policy.parameters(), lr=p.lr)
-        self.opt_value = torch.optim.Adam(self.value.parameters(), lr=p.value_lr)
         decay = lambda s: max(0.0, 1.0 - s / p.steps)  # noqa: E731 (linear decay over the run)
         self.sched_policy = torch.optim.lr_scheduler.LambdaLR(self.opt_policy, decay)
-        self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, decay)
-        self.kl_ctl = KLController(p.beta, p.adaptive_kl, p.kl_target, p.kl_horizon)
+        if self.uses_critic:
+            self.value = ScalarHeadModel(cfg.model, cfg.task, seed_offset=1)
+            self.opt_value = torch.optim.Adam(self.value.parameters(), lr=p.value_lr)
+            self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, decay)
+        self.kl_ctl = KLController(cfg.beta, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)    # prompts and minibatch order
         torch.manual_seed(cfg.seed + 2)                           # generate() samples from the global RNG
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.step = 0
         self.history = []
-        self._all_scores = None
-        self._ref_logp = None
+        self.evaluator = evaluator
+
+    @property
+    def total_steps(self):
+        return self.p.steps
 
     # ---------- exact evaluation on the toy task ----------
-    def all_scores(self):
-        """The reward of every (prompt, response) pair: [num_prompts, V**L] (cached)."""
-        if self._all_scores is None:
-            t = self.task
-            R = t.all_responses.shape[0]
-            pid = torch.arange(t.num_prompts).repeat_interleave(R)
-            resp = t.all_responses.repeat(t.num_prompts, 1)
-            with torch.no_grad():
-                s = torch.cat([self._score(pid[i:i + 8192], resp[i:i + 8192]) for i in range(0, len(pid), 8192)])
-            self._all_scores = s.view(t.num_prompts, R)
-            self._rule_all = t.rule_reward(pid, resp).view(t.num_prompts, R)
-            self._ref_logp = sequence_logprobs(self.ref, t.prompts.repeat_interleave(R, 0), resp).view(
-                t.num_prompts, R)
-        return self._all_scores
-
     def evaluate(self):
-        """Exact J of the current policy, J*, and the policy's mean hidden-rule reward."""
-        scores = self.all_scores()
-        beta = self.cfg.ppo.beta  # J is defined with the configured beta (the initial one if adaptive)
-        res = exact_objective(self.task, self.policy, self._ref_logp, scores, beta)
-        return {"J": res["J"], "J_star": optimal_objective(self._ref_logp, scores, beta),
-                "J_rule": (res["probs"] * self._rule_all.double()).sum(-1).mean().item(), "exact_kl": res["kl"]}
+        """Exact J of the current policy, J*, the policy's mean hidden-rule reward and its KL.
+        J is defined with the configured beta (the initial one if adaptive)."""
+        if self.evaluator is None:
+            self.evaluator = ExactEvaluator(self.task, self.ref, self._score, self.cfg.beta)
+        res = self.evaluator.evaluate(self.policy)
+        return {k: res[k] for k in ("J", "J_star", "J_rule", "exact_kl")}
 
     # ---------- one PPO step ----------
-    def _score(self, prompt_ids, responses):
-        if self.reward_fn is not None:
-            return self.reward_fn(prompt_ids, responses).float()
-        mask = response_mask(responses, self.cfg.task.eos_token_id, self.cfg.task.stop_at_eos)
-        return self.reward_model.score(*self._sequences(self.task.prompts[prompt_ids], responses, mask))
-
-    @staticmethod
-    def _sequences(prompts, responses, mask):
-        """Prompt + response ids and the attention mask over real tokens: [B, P + L] each."""
-        ids = torch.cat([prompts, responses], 1)
-        attn = torch.cat([torch.ones_like(prompts), mask.long()], 1)
-        return ids, attn
+    _sequences = staticmethod(sequences)
 
     def _logprobs(self, model, prompts, responses, mask, with_entropy=False):
-        """log-probabilities (and entropies) of the response tokens under ``model``: [B, L].
-
-        With ``ppo.fused_lm_head`` the backbone's last hidden states go straight into
-        ``linear_token_logprobs`` with the LM head's weight (and bias): the [B, L, V] logits are
-        never built. Otherwise the model's logits go into ``token_logprobs``."""
-        P = prompts.shape[1]
-        ids, attn = self._sequences(prompts, responses, mask)
-        labels = responses.masked_fill(~mask, -100)
-        kw = dict(temperature=self.cfg.ppo.temperature, return_entropy=with_entropy)
-        inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
-        if self.cfg.ppo.fused_lm_head:
-            head = model.get_output_embeddings()
-            hidden = model.base_model(**inputs).last_hidden_state[:, P - 1:-1]
-            return rk.linear_token_logprobs(hidden, head.weight, labels, bias=head.bias, **kw)
-        logits = model(**inputs).logits[:, P - 1:-1]
-        return rk.token_logprobs(logits, labels, **kw)
+        """log-probabilities (and entropies) of the response tokens under ``model``: [B, L]."""
+        return response_logprobs(model, prompts, responses, mask, temperature=self.p.temperature,
+                                 fused_lm_head=self.p.fused_lm_head, with_entropy=with_entropy)
 
     def _values(self, prompts, responses, mask):
         return self.value(*self._sequences(prompts, responses, mask))[:, prompts.shape[1] - 1:-1]
 
+    def sample_prompts(self):
+        return torch.randint(0, self.task.num_prompts, (self.p.rollout_batch,), generator=self.gen)
+
     def rollout(self):
-        p, t = self.cfg.ppo, self.task
-        prompt_ids = torch.randint(0, t.num_prompts, (p.rollout_batch,), generator=self.gen)
-        prompts = t.prompts[prompt_ids]
-        with torch.no_grad():
-            out = self.policy.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                                       max_new_tokens=t.cfg.response_len, min_new_tokens=0, top_k=0, top_p=1.0,
-                                       temperature=p.temperature)
-        responses = out[:, prompts.shape[1]:]
-        L = t.cfg.response_len
-        if responses.shape[1] < L:   # every row stopped at EOS early: pad to L
-            pad = torch.full((responses.shape[0], L - responses.shape[1]), t.cfg.pad_token_id)
-            responses = torch.cat([responses, pad], 1)
-        return prompt_ids, prompts, responses
+        prompt_ids = self.sample_prompts()
+        prompts = self.task.prompts[prompt_ids]
+        return prompt_ids, prompts, generate(self.policy, prompts, self.task.cfg, self.p.temperature)
+
+    def _chunked(self, fn, prompts, responses, mask):
+        """fn over the rollout in micro-batches: the same split as the first epoch, so the
+        first ratios are exactly 1."""
+        mb = self.p.micro_batch
+        return torch.cat([fn(prompts[i:i + mb], responses[i:i + mb], mask[i:i + mb])
+                          for i in range(0, len(prompts), mb)])
+
+    def _score_with_penalty(self, prompt_ids, responses):
+        """The reward's score of each response (with the missing-EOS penalty) and whether it has EOS."""
+        tc = self.cfg.task
+        score = self._score(prompt_ids, responses)
+        has_eos = (responses == tc.eos_token_id).any(-1)
+        if tc.stop_at_eos and self.p.missing_eos_penalty is not None:
+            score = score + torch.where(has_eos, 0.0, self.p.missing_eos_penalty)
+        return score, has_eos
 
     def score_rollout(self, prompt_ids, prompts, responses):
-        p, tc = self.cfg.ppo, self.cfg.task
+        p, tc = self.p, self.cfg.task
         mask = response_mask(responses, tc.eos_token_id, tc.stop_at_eos)
-        mb = p.micro_batch
 
         def chunked(fn):
-            # the same micro-batch split as the first epoch, so the first ratios are exactly 1
-            return torch.cat([fn(prompts[i:i + mb], responses[i:i + mb], mask[i:i + mb])
-                              for i in range(0, len(prompts), mb)])
+            return self._chunked(fn, prompts, responses, mask)
 
         with torch.no_grad():
             old_logp = chunked(lambda *a: self._logprobs(self.policy, *a))
             ref_logp = chunked(lambda *a: self._logprobs(self.ref, *a))
             old_values = chunked(self._values)
-            score = self._score(prompt_ids, responses)
-            has_eos = (responses == tc.eos_token_id).any(-1)
-            if tc.stop_at_eos and p.missing_eos_penalty is not None:
-                score = score + torch.where(has_eos, 0.0, p.missing_eos_penalty)
+            score, has_eos = self._score_with_penalty(prompt_ids, responses)
             kl = rk.kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
             rewards = -self.kl_ctl.beta * kl
             last = mask.long().sum(-1) - 1                      # the last real response token
@@ -200,60 +233,90 @@ class PPOTrainer:
                 "rewards": rewards, "old_logp": old_logp, "ref_logp": ref_logp, "old_values": old_values, "score": score,
                 "kl": kl, "advantages": adv, "returns": returns, "has_eos": has_eos}
 
+    def micro_loss(self, batch, j, num_tokens):
+        """The loss of the micro-batch ``j`` (rows of the rollout) before the accumulation scale,
+        its log-probabilities, and its statistics (0-d tensors; None where not applicable)."""
+        p = self.p
+        mask = batch["mask"][j]
+        logp, entropy = self._logprobs(self.policy, batch["prompts"][j], batch["responses"][j], mask,
+                                       with_entropy=True)
+        pg, st = rk.ppo_policy_loss(logp, batch["old_logp"][j], batch["advantages"][j], mask,
+                                    clip_low=p.clip_low, clip_high=p.clip_high, dual_clip=p.dual_clip,
+                                    loss_agg=p.loss_agg, num_tokens=num_tokens)
+        ent = (entropy * mask).sum() / num_tokens
+        loss = pg - p.entropy_coef * ent
+        out = {"policy_loss": pg, "entropy": ent, "st": st, "value_loss": None, "vst": None}
+        if self.uses_critic:
+            values = self._values(batch["prompts"][j], batch["responses"][j], mask)
+            vf, vst = rk.ppo_value_loss(values, batch["old_values"][j], batch["returns"][j], mask,
+                                        clip=p.value_clip, loss_agg=p.loss_agg, num_tokens=num_tokens)
+            loss = loss + vf
+            out.update(value_loss=vf, vst=vst)
+        return loss, logp, out
+
+    def _optimizers(self):
+        return [(self.opt_policy, self.policy)] + ([(self.opt_value, self.value)] if self.uses_critic else [])
+
     def update(self, batch):
-        p = self.cfg.ppo
+        p = self.p
         n = p.rollout_batch
         acc = {k: [] for k in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "ratio_mean", "vf_clipfrac",
                                "explained_var", "entropy")}
         ratio_max, ratio_min, first_dev = -math.inf, math.inf, None
+        opts = self._optimizers()
         for epoch in range(p.epochs):
             # the rollout order is already random (prompts are sampled); later epochs reshuffle
             order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=self.gen)
             for s in range(0, n, p.minibatch):
                 idx = order[s:s + p.minibatch]
                 num_tokens = batch["mask"][idx].sum()             # global normalizer of the minibatch
-                self.opt_policy.zero_grad()
-                self.opt_value.zero_grad()
+                for opt, _ in opts:
+                    opt.zero_grad()
                 for m0 in range(0, p.minibatch, p.micro_batch):
                     j = idx[m0:m0 + p.micro_batch]
                     mask = batch["mask"][j]
-                    logp, entropy = self._logprobs(self.policy, batch["prompts"][j], batch["responses"][j], mask,
-                                                   with_entropy=True)
-                    pg, st = rk.ppo_policy_loss(logp, batch["old_logp"][j], batch["advantages"][j], mask,
-                                                clip_low=p.clip_low, clip_high=p.clip_high, dual_clip=p.dual_clip,
-                                                loss_agg=p.loss_agg, num_tokens=num_tokens)
-                    ent = (entropy * mask).sum() / num_tokens
-                    values = self._values(batch["prompts"][j], batch["responses"][j], mask)
-                    vf, vst = rk.ppo_value_loss(values, batch["old_values"][j], batch["returns"][j], mask,
-                                                clip=p.value_clip, loss_agg=p.loss_agg, num_tokens=num_tokens)
-                    (pg - p.entropy_coef * ent + vf).backward()
+                    loss, logp, o = self.micro_loss(batch, j, num_tokens)
+                    if p.loss_agg != "token-mean":
+                        # the per-sequence modes are means over the micro-batch's rows: weight each
+                        # micro-batch by its share of the minibatch so the sum is the minibatch's mean
+                        loss = loss * (len(j) / p.minibatch)
+                    loss.backward()
                     if epoch == 0 and s == 0:   # the first minibatch: the policy has not moved yet
                         dev = (torch.exp(logp.detach() - batch["old_logp"][j])[mask] - 1).abs().max().item()
                         first_dev = dev if first_dev is None else max(first_dev, dev)
                     w = mask.sum().item() / max(num_tokens.item(), 1)
-                    acc["policy_loss"].append(pg.item())
-                    acc["value_loss"].append(vf.item())
-                    acc["entropy"].append(ent.item())
+                    scale = 1.0 if p.loss_agg == "token-mean" else len(j) / p.minibatch
+                    st = o["st"]
+                    acc["policy_loss"].append(o["policy_loss"].item() * scale)
+                    acc["entropy"].append(o["entropy"].item())
                     for k in ("approx_kl", "clipfrac", "ratio_mean"):
                         acc[k].append(st[k].item() * w)
-                    acc["vf_clipfrac"].append(vst["vf_clipfrac"].item() * w)
-                    acc["explained_var"].append(vst["explained_var"].item())
+                    if o["vst"] is not None:
+                        acc["value_loss"].append(o["value_loss"].item() * scale)
+                        acc["vf_clipfrac"].append(o["vst"]["vf_clipfrac"].item() * w)
+                        acc["explained_var"].append(o["vst"]["explained_var"].item())
                     ratio_max = max(ratio_max, st["ratio_max"].item())
                     ratio_min = min(ratio_min, st["ratio_min"].item())
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(self.value.parameters(), p.max_grad_norm)
-                self.opt_policy.step()
-                self.opt_value.step()
+                for opt, model in opts:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+                for opt, _ in opts:
+                    opt.step()
         steps = p.epochs * (n // p.minibatch)
-        out = {k: sum(v) / steps for k, v in acc.items() if k in ("approx_kl", "clipfrac", "ratio_mean",
-                                                                  "vf_clipfrac")}
-        out.update({k: sum(acc[k]) / steps for k in ("policy_loss", "value_loss", "entropy")})
-        out["explained_var"] = sum(acc["explained_var"]) / len(acc["explained_var"])
+        out = {k: sum(acc[k]) / steps for k in ("approx_kl", "clipfrac", "ratio_mean", "policy_loss", "entropy")}
+        if self.uses_critic:
+            out.update({k: sum(acc[k]) / steps for k in ("value_loss", "vf_clipfrac")})
+            out["explained_var"] = sum(acc["explained_var"]) / len(acc["explained_var"])
+        else:
+            out.update(value_loss=None, vf_clipfrac=None, explained_var=None)
         out.update(ratio_max=ratio_max, ratio_min=ratio_min, first_ratio_max_dev=first_dev)
         return out
 
+    @property
+    def kl_estimator(self):
+        return self.p.kl_estimator
+
     def train_step(self, evaluate=False):
-        p = self.cfg.ppo
+        p = self.p
         t0 = time.perf_counter()
         prompt_ids, prompts, responses = self.rollout()
         t1 = time.perf_counter()
@@ -262,7 +325,8 @@ class PPOTrainer:
         beta_used = self.kl_ctl.beta
         stats = self.update(batch)
         self.sched_policy.step()
-        self.sched_value.step()
+        if self.uses_critic:
+            self.sched_value.step()
         t3 = time.perf_counter()
         mask = batch["mask"]
         kl_seq = batch["kl"].sum(-1).mean().item()
@@ -275,7 +339,7 @@ class PPOTrainer:
             "score_mean": batch["score"].mean().item(), "score_std": batch["score"].std().item(),
             "rule_reward_mean": self.task.rule_reward(prompt_ids, responses).mean().item(),
             "kl_seq_sum": kl_seq, "kl_token_mean": (batch["kl"].sum() / mask.sum()).item(),
-            "kl_estimator": p.kl_estimator, "beta": beta_used,
+            "kl_estimator": self.kl_estimator, "beta": beta_used,
             "entropy": stats["entropy"], "approx_kl": stats["approx_kl"], "clipfrac": stats["clipfrac"],
             "ratio_mean": stats["ratio_mean"], "ratio_max": stats["ratio_max"], "ratio_min": stats["ratio_min"],
             "first_ratio_max_dev": stats["first_ratio_max_dev"],
@@ -302,14 +366,17 @@ class PPOTrainer:
 
     # ---------- checkpoints ----------
     def state_dict(self):
-        return {
-            "step": self.step, "policy": self.policy.state_dict(), "value": self.value.state_dict(),
-            "opt_policy": self.opt_policy.state_dict(), "opt_value": self.opt_value.state_dict(),
-            "sched_policy": self.sched_policy.state_dict(), "sched_value": self.sched_value.state_dict(),
+        s = {
+            "step": self.step, "policy": self.policy.state_dict(), "opt_policy": self.opt_policy.state_dict(),
+            "sched_policy": self.sched_policy.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(), "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "history": self.history,
             "config": self.cfg.to_dict(),
         }
+        if self.uses_critic:
+            s.update(value=self.value.state_dict(), opt_value=self.opt_value.state_dict(),
+                     sched_value=self.sched_value.state_dict())
+        return s
 
     def save(self, path):
         tmp = path + ".tmp"
@@ -322,11 +389,12 @@ class PPOTrainer:
             raise ValueError("checkpoint %s was written with another configuration" % path)
         self.step = s["step"]
         self.policy.load_state_dict(s["policy"])
-        self.value.load_state_dict(s["value"])
         self.opt_policy.load_state_dict(s["opt_policy"])
-        self.opt_value.load_state_dict(s["opt_value"])
         self.sched_policy.load_state_dict(s["sched_policy"])
-        self.sched_value.load_state_dict(s["sched_value"])
+        if self.uses_critic:
+            self.value.load_state_dict(s["value"])
+            self.opt_value.load_state_dict(s["opt_value"])
+            self.sched_value.load_state_dict(s["sched_value"])
         self.kl_ctl.load_state_dict(s["kl_ctl"])
         self.gen.set_state(s["gen"])
         torch.set_rng_state(s["torch_rng"])

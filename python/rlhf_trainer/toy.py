@@ -72,19 +72,27 @@ def sequence_logprobs(model, prompts, responses, chunk=4096):
     return torch.cat(out)
 
 
-def exact_objective(task, policy, ref_logp, scores, beta):
-    """J of the policy for rewards ``scores`` [num_prompts, R], exactly, with its parts.
-
-    ref_logp: [num_prompts, R] log pi_ref(y|x) over all R responses.
-    """
-    n, R = scores.shape
-    prompts = task.prompts.repeat_interleave(R, 0)
-    responses = task.all_responses.repeat(n, 1)
-    logp = sequence_logprobs(policy, prompts, responses).view(n, R).double()
-    p = logp.exp()
-    reward = (p * scores.double()).sum(-1).mean()
-    kl = (p * (logp - ref_logp.double())).sum(-1).mean()
-    return {"J": (reward - beta * kl).item(), "reward": reward.item(), "kl": kl.item(), "probs": p}
+def all_response_logprobs(model, task, chunk=4096):
+    """log pi(y|x) of every response of every prompt: [num_prompts, V**L], with one forward
+    pass per response *prefix* (V**(L-1) sequences of P + L - 1 tokens per prompt instead of
+    V**L of P + L): the logits after a prefix give every token's log-probability at once."""
+    V, L = task.cfg.vocab_size, task.cfg.response_len
+    n, P = task.prompts.shape
+    prefixes = task.all_responses[::V, :L - 1]              # [V**(L-1), L-1], product order
+    K = prefixes.shape[0]
+    ys = task.all_responses                                  # [R, L]; response r has prefix r // V
+    rows = (torch.arange(ys.shape[0]) // V)[:, None]
+    out = []
+    with torch.no_grad():
+        for s in range(0, n, max(1, chunk // K)):
+            prompts = task.prompts[s:s + max(1, chunk // K)]
+            m = prompts.shape[0]
+            ids = torch.cat([prompts.repeat_interleave(K, 0), prefixes.repeat(m, 1)], 1)
+            logits = model(input_ids=ids).logits[:, P - 1:]   # [m*K, L, V]
+            every = torch.arange(V).expand(m * K, L, V)
+            lp = rk.token_logprobs(logits.unsqueeze(2).expand(-1, -1, V, -1), every).view(m, K, L, V)
+            out.append(lp[:, rows, torch.arange(L)[None, :], ys].sum(-1))
+    return torch.cat(out)
 
 
 def optimal_objective(ref_logp, scores, beta):
@@ -92,3 +100,53 @@ def optimal_objective(ref_logp, scores, beta):
     if beta == 0:
         return scores.double().max(-1).values.mean().item()
     return (beta * torch.logsumexp(ref_logp.double() + scores.double() / beta, -1)).mean().item()
+
+
+class ExactEvaluator:
+    """Every (prompt, response) pair of the toy task scored once: the reward J is defined
+    with (``score_fn``, e.g. the reward model's), the hidden rule's reward, and log pi_ref.
+    Any policy, trained or not, is then evaluated exactly from its log-probabilities over
+    the ``V**L`` responses of each prompt; one evaluator serves every algorithm of a run."""
+
+    def __init__(self, task, ref, score_fn, beta, chunk=8192):
+        R = task.all_responses.shape[0]
+        n = task.num_prompts
+        pid = torch.arange(n).repeat_interleave(R)
+        resp = task.all_responses.repeat(n, 1)
+        with torch.no_grad():
+            s = torch.cat([score_fn(pid[i:i + chunk], resp[i:i + chunk]) for i in range(0, len(pid), chunk)])
+        self.task, self.beta = task, beta
+        self.scores = s.view(n, R)                                    # [num_prompts, R]
+        self.rule = task.rule_reward(pid, resp).view(n, R)            # [num_prompts, R]
+        self.ref_logp = all_response_logprobs(ref, task)
+        self.J_star = optimal_objective(self.ref_logp, self.scores, beta)
+
+    def policy_logp(self, policy):
+        """log pi(y|x) of every response of every prompt: [num_prompts, R] float64."""
+        return all_response_logprobs(policy, self.task).double()
+
+    def from_logp(self, logp):
+        """J, J*, the hidden-rule reward and KL(pi || pi_ref) (mean over prompts) of the
+        distribution with log-probabilities ``logp`` [num_prompts, R], exactly."""
+        p = logp.exp()
+        reward = (p * self.scores.double()).sum(-1).mean()
+        kl = (p * (logp - self.ref_logp.double())).sum(-1).mean()
+        return {"J": (reward - self.beta * kl).item(), "J_star": self.J_star,
+                "J_rule": (p * self.rule.double()).sum(-1).mean().item(), "exact_kl": kl.item(),
+                "reward": reward.item()}
+
+    def evaluate(self, policy):
+        return self.from_logp(self.policy_logp(policy))
+
+    def optimal_logp(self):
+        """log pi*(y|x) = log pi_ref(y|x) + r(x,y)/beta - log Z(x), the maximizer of J (beta > 0)."""
+        return torch.log_softmax(self.ref_logp.double() + self.scores.double() / self.beta, -1)
+
+    def greedy(self):
+        """The reward maximizer that ignores the KL: each prompt's best-scored response with
+        probability 1. J(greedy) says how much the KL term matters at this beta."""
+        best = self.scores.double().argmax(-1, keepdim=True)
+        reward = self.scores.double().gather(1, best).mean()
+        kl = -self.ref_logp.double().gather(1, best).mean()
+        return {"J": (reward - self.beta * kl).item(), "J_star": self.J_star, "reward": reward.item(),
+                "exact_kl": kl.item(), "J_rule": self.rule.double().gather(1, best).mean().item()}

@@ -96,26 +96,37 @@ AGG = [dict(), dict(dp_size=2, batch_num_tokens=120.0, global_batch_size=9.0),
        dict(batch_num_tokens=torch.tensor(77), global_batch_size=torch.tensor(7))]
 
 
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo"])
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 @pytest.mark.parametrize("token_level", [True, False], ids=["token_level", "seq_level"])
 @pytest.mark.parametrize("agg", range(len(AGG)), ids=["local", "global", "global-tensors"])
-def test_policy_loss(gen, dual_clip, token_level, agg):
+def test_policy_loss(gen, loss_type, dual_clip, token_level, agg):
+    """PolicyLoss with policy_loss_type "ppo" and "gspo" (GSPO forces the sequence-level loss);
+    GSPO with advantages that vary within a sequence too: its ratio's gradient is the same."""
     old, lp, adv, m = policy_inputs(gen)
-    fn = loss_mod.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=dual_clip, token_level_loss=token_level)
+    fn = loss_mod.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=dual_clip, token_level_loss=token_level,
+                             policy_loss_type=loss_type)
 
     def run(forward, old, lp, adv):
         lp = lp.detach().clone().requires_grad_(True)
         out = forward(fn, lp, old, adv, m, None, **AGG[agg])
         return out, torch.autograd.grad(out[0], lp)[0]
 
-    lib = run(loss_mod.PolicyLoss.forward, old, lp, adv)
-    ref = run(loss_mod.PolicyLoss.forward, old.double(), lp.double(), adv.double())
-    ours = run(rk_openrlhf.policy_loss_forward, old, lp, adv)
-    # without dual clip, tokens with A < 0 and a ratio above 1 + clip are unbounded: the clamped
-    # ratio e^20 makes |l| up to |A| e^20
-    bound = adv.double().abs() * (3.0 if dual_clip else 1.3)
-    bound[0, 0] = abs(adv[0, 0]) * (3.0 if dual_clip else torch.tensor(20.0).exp())
-    scale = float(loss_mod.aggregate_loss(bound, m.double(), token_level, **AGG[agg]).abs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rk_openrlhf.FallThroughWarning)  # these calls run on our op
+        lib = run(loss_mod.PolicyLoss.forward, old, lp, adv)
+        ref = run(loss_mod.PolicyLoss.forward, old.double(), lp.double(), adv.double())
+        ours = run(rk_openrlhf.policy_loss_forward, old, lp, adv)
+    # an upper bound of |l|: without dual clip, tokens with A < 0 and a ratio above 1 + clip are
+    # unbounded (ppo: the clamped ratio e^20 makes |l| up to |A| e^20; gspo: the sequence's ratio)
+    a = adv.double().abs()
+    if loss_type == "gspo":
+        seq = ((lp.double() - old.double()) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        bound = a * (3.0 if dual_clip else seq.exp().clamp(min=1.3))
+    else:
+        bound = a * (3.0 if dual_clip else 1.3)
+        bound[0, 0] = abs(adv[0, 0]) * (3.0 if dual_clip else torch.tensor(20.0).exp())
+    scale = float(loss_mod.aggregate_loss(bound, m.double(), fn.token_level_loss, **AGG[agg]).abs())
     assert_close(ours[0][0], lib[0][0], ref[0][0], atol=tol.LOSS_RTOL * scale, rtol=tol.LOSS_RTOL, what="loss")
     assert_grads_close([ours[1]], [lib[1]], [ref[1]])
     for i, what in ((1, "clip_ratio"), (2, "ppo_kl")):
@@ -170,18 +181,19 @@ def test_gae_and_cumulative_returns(gen, gamma, lambd, mask):
 def test_fall_through(gen):
     _common._warned.clear()
     old, lp, adv, m = policy_inputs(gen)
-    gspo = loss_mod.PolicyLoss(policy_loss_type="gspo")
+    tis = loss_mod.PolicyLoss(is_correction_level="token", is_correction_mode="clip")
+    rollout = old + torch.randn(old.shape, generator=gen) * 0.5
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        ours = rk_openrlhf.policy_loss_forward(gspo, lp, old, adv, m)
-        theirs = loss_mod.PolicyLoss.forward(gspo, lp, old, adv, m)
+        ours = rk_openrlhf.policy_loss_forward(tis, lp, old, adv, m, rollout)
+        theirs = loss_mod.PolicyLoss.forward(tis, lp, old, adv, m, rollout)
         assert all(a is b or torch.equal(a, b) for a, b in zip(ours, theirs))
         weights = torch.rand(m.shape, generator=gen) * m
         ppo = loss_mod.PolicyLoss()
         ours = rk_openrlhf.policy_loss_forward(ppo, lp, old, adv, weights)
         assert torch.equal(ours[0], loss_mod.PolicyLoss.forward(ppo, lp, old, adv, weights)[0])
     reasons = [str(w.message) for w in seen if issubclass(w.category, rk_openrlhf.FallThroughWarning)]
-    assert len(reasons) == 2 and "gspo" in reasons[0] and "weights tokens" in reasons[1], reasons
+    assert len(reasons) == 2 and "is_correction_level='token'" in reasons[0] and "weights tokens" in reasons[1], reasons
 
 
 def test_patch_swaps_functions_and_methods():

@@ -219,30 +219,66 @@ GLOBAL_INFO = [{}, {"dp_size": 2, "batch_num_tokens": 150, "global_batch_size": 
                {"dp_size": 1, "batch_num_tokens": torch.tensor(97), "global_batch_size": torch.tensor(9.0)}]
 
 
+def loss_bound(loss_mode, old, lp, adv, m):
+    """An upper bound of each token's |l| (float64), for the loss's absolute tolerance."""
+    a = adv.double().abs()
+    if loss_mode == "vanilla":  # dual clip: |l| <= 3 |A|
+        return 3 * a
+    if loss_mode == "cispo":  # |l| = clip(ratio) |A| |logp|, ratio clipped to at most 1.28
+        return 1.28 * a * lp.double().abs()
+    n = m.double().sum(-1, keepdim=True).clamp(min=1)
+    seq = ((lp.double() - old.double()) * m.double()).sum(-1, keepdim=True) / n
+    return a * seq.exp().clamp(min=1.28)
+
+
+def outcome_advantages(gen, adv, m):
+    """GSPO's advantages: one number per sequence over its response tokens (verl's outcome
+    estimators), where verl's GSPO gradient and the sequence ratio's agree."""
+    return (torch.randn(adv.shape[0], 1, generator=gen).to(adv.device, adv.dtype) * m).expand_as(adv).contiguous()
+
+
+@pytest.mark.parametrize("loss_mode", ["vanilla", "gspo", "cispo"])
 @pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("info", range(len(GLOBAL_INFO)), ids=["local", "global", "global-tensors"])
 @pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_policy_loss_vanilla(gen, mode, info, mask_dtype, device):
+def test_policy_loss(gen, loss_mode, mode, info, mask_dtype, device):
+    """verl's registered policy losses "vanilla", "gspo" and "cispo", every agg_loss mode."""
     old, lp, adv, m = policy_inputs(gen, mask_dtype=mask_dtype, device=device)
+    if loss_mode == "gspo":
+        adv = outcome_advantages(gen, adv, m)
     cfg = actor_config(**GLOBAL_INFO[info])
+    theirs, ours_fn = ca.get_policy_loss_fn(loss_mode), getattr(rk_verl, "compute_policy_loss_" + loss_mode)
+    assert theirs is getattr(ca, "compute_policy_loss_" + loss_mode)
 
     def run(fn, old, lp, adv):
         lp = lp.detach().clone().requires_grad_(True)
         loss, metrics = fn(old, lp, adv, m, loss_agg_mode=mode, config=cfg)
         return loss, torch.autograd.grad(loss, lp)[0], metrics
 
-    lib, ref, ours = run(ca.compute_policy_loss_vanilla, old, lp, adv), \
-        run(ca.compute_policy_loss_vanilla, old.double(), lp.double(), adv.double()), \
-        run(rk_verl.compute_policy_loss_vanilla, old, lp, adv)
-    # relative to the aggregate of an upper bound of |l| (dual clip: |l| <= 3 |A|), as tests/test_ppo.py
-    scale = float(ca.agg_loss(3 * adv.double().abs(), m.double(), mode, **GLOBAL_INFO[info]).abs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rk_verl.FallThroughWarning)  # these calls run on our op
+        lib, ref, ours = run(theirs, old, lp, adv), run(theirs, old.double(), lp.double(), adv.double()), \
+            run(ours_fn, old, lp, adv)
+    # relative to the aggregate of an upper bound of |l|, as tests/test_ppo.py
+    scale = float(ca.agg_loss(loss_bound(loss_mode, old, lp, adv, m), m.double(), mode, **GLOBAL_INFO[info]).abs())
     assert_close(ours[0], lib[0], ref[0], atol=tol.LOSS_RTOL * scale, rtol=tol.LOSS_RTOL, what="loss")
     assert_grads_close([ours[1]], [lib[1]], [ref[1]])
     assert set(ours[2]) == set(lib[2])
     for k, v in ours[2].items():
         assert isinstance(v, float)
         assert abs(v - ref[2][k]) <= tol.STAT_ATOL + tol.STAT_RTOL * abs(ref[2][k]) + 2 * abs(lib[2][k] - ref[2][k]), k
+
+
+def test_gspo_with_token_advantages_falls_through(gen):
+    """verl's GSPO gives each token the sequence ratio's gradient as its own; with advantages that
+    vary within a sequence that differs from the gradient of the sequence ratio: verl's runs."""
+    _common._warned.clear()
+    old, lp, adv, m = policy_inputs(gen)
+    with pytest.warns(rk_verl.FallThroughWarning, match="vary within a sequence"):
+        ours = rk_verl.compute_policy_loss_gspo(old, lp, adv, m, config=actor_config())
+    theirs = ca.compute_policy_loss_gspo(old, lp, adv, m, config=actor_config())
+    assert torch.equal(ours[0], theirs[0]) and ours[1] == theirs[1]
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)

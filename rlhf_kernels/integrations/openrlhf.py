@@ -13,7 +13,7 @@ maker are patched at the method, so instances built before ``patch()`` use ours 
 | models.utils.log_probs_from_logits(logits, labels, temperature=1.0) | rk.token_logprobs | float32 statistics for bf16 logits; like OpenRLHF it divides the caller's logits by temperature in place; label -100 gives 0 where OpenRLHF takes flash-attn's cross entropy (float32 logits with flash-attn installed) and raises elsewhere |
 | models.utils.compute_entropy(logits) | rk.token_entropy | no torch.compile needed |
 | models.utils.compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1", unbiased_gradient=False) | rk.kl_penalty(clamp=10) | k3 via expm1 (OpenRLHF's exp(-x) - 1 + x cancels near 0) |
-| models.loss.PolicyLoss.forward (policy_loss_type="ppo", is_correction_level="off") | rk.ppo_policy_loss | one fused call |
+| models.loss.PolicyLoss.forward (policy_loss_type "ppo" or "gspo", is_correction_level="off") | rk.ppo_policy_loss (ratio_level="sequence" for gspo) | one fused call |
 | models.loss.ValueLoss.forward | rk.ppo_value_loss | V_old + clamp(V - V_old) written as clamp(V, V_old -+ c): equal up to rounding |
 | trainer.ppo_utils.experience_maker.RemoteExperienceMaker.get_advantages_and_returns(values, rewards, action_mask, gamma, lambd) | rk.gae | one call instead of a T-step loop, float64 carries |
 | ...RemoteExperienceMaker.get_cumulative_returns(rewards, action_mask, gamma) | rk.gae(values=0, lam=1) | as above |
@@ -24,8 +24,11 @@ global count), its loss and statistics are NaN and ours are 0 (with zero gradien
 Not replaced, and why (the call goes to OpenRLHF's function, with a one-time FallThroughWarning
 for an option we do not implement; without a warning where OpenRLHF itself raises):
 - float64 logits (our ops output float32);
-- PolicyLoss with policy_loss_type="gspo" (a sequence-level ratio) or an importance-sampling
-  correction (is_correction_level != "off");
+- PolicyLoss with an importance-sampling correction (is_correction_level != "off"): OpenRLHF
+  gates the weight to a band [low, high] (default [0.5, 5]) and, at sequence level, keeps each
+  token's own weight in the surviving sequences; our op caps from above only, with one weight
+  per sequence at sequence level; with GSPO, OpenRLHF then takes the ratio against the rollout's
+  log-probabilities instead;
 - a ValueLoss with clip_eps = 0;
 - masks with values other than 0 and 1 (OpenRLHF weights tokens by the mask; for a non-bool
   mask that check is one host sync on a GPU; OpenRLHF's action masks are bool);
@@ -140,13 +143,14 @@ def _mask(name, args, values, action_mask, dp_size, batch_num_tokens, global_bat
 
 def policy_loss_forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
                         dp_size=1, batch_num_tokens=None, global_batch_size=None):
-    """OpenRLHF's PolicyLoss.forward for policy_loss_type="ppo" without importance-sampling
-    correction: (loss, clip_ratio, ppo_kl, None, None)."""
+    """OpenRLHF's PolicyLoss.forward for policy_loss_type "ppo" and "gspo" (GSPO's ratio: exp of
+    the mean of the sequence's log ratios, with its gradient, for each of its tokens) without
+    importance-sampling correction: (loss, clip_ratio, ppo_kl, None, None)."""
     name = "PolicyLoss.forward"
     args = (self, log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size, batch_num_tokens,
             global_batch_size)
-    if self.policy_loss_type != "ppo":
-        return _OPENRLHF.fall_through(name, "policy_loss_type=%r" % self.policy_loss_type, *args)
+    if self.policy_loss_type not in ("ppo", "gspo"):  # OpenRLHF raises
+        return _OPENRLHF.call_original(name, *args)
     if self.is_correction_level != "off":
         return _OPENRLHF.fall_through(name, "is_correction_level=%r" % self.is_correction_level, *args)
     if not all(kernel_dtype(t) for t in (log_probs, old_log_probs, advantages)):
@@ -156,9 +160,11 @@ def policy_loss_forward(self, log_probs, old_log_probs, advantages, action_mask=
     if mask is None:
         return op_mask
     loss_agg, num_tokens, factor = agg
-    loss, stats = rk.ppo_policy_loss(clamp_log_ratio(log_probs, old_log_probs), old_log_probs, advantages, op_mask,
-                                     clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
-                                     dual_clip=self.dual_clip, loss_agg=loss_agg, num_tokens=num_tokens)
+    gspo = self.policy_loss_type == "gspo"  # the sequence's ratio, unclamped; else the token's, log clamped to +-20
+    loss, stats = rk.ppo_policy_loss(log_probs if gspo else clamp_log_ratio(log_probs, old_log_probs), old_log_probs,
+                                     advantages, op_mask, clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
+                                     dual_clip=self.dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,
+                                     ratio_level="sequence" if gspo else "token")
     if factor is not None:
         loss = loss * factor
     with torch.no_grad():

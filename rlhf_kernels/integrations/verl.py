@@ -66,7 +66,7 @@ __all__ = ["patch", "unpatch", "is_patched", "logprobs_from_logits", "entropy_fr
            "compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage",
            "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage",
            "compute_reinforce_plus_plus_baseline_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
-           "compute_policy_loss_vanilla", "compute_value_loss", "UnsupportedVersion", "FallThroughWarning"]
+           "compute_policy_loss_vanilla", "compute_policy_loss_gspo", "compute_policy_loss_cispo", "compute_value_loss", "UnsupportedVersion", "FallThroughWarning"]
 
 TESTED_VERSION = "0.9.1"
 TF = "verl.utils.torch_functional:"
@@ -381,12 +381,14 @@ def _op_mask(response_mask, mask):
     return mask if response_mask.is_floating_point() else response_mask
 
 
-def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-                                config=None, rollout_is_weights=None):
-    """verl's vanilla PPO policy loss (asymmetric and dual clip, the log ratio clamped to +-20):
-    (loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"} as floats)."""
-    name = "compute_policy_loss_vanilla"
-    args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+def _policy_loss(name, args, op_logprobs, metrics, **options):
+    """A verl policy loss on rk.ppo_policy_loss: (loss, the three actor/ metrics as floats), or
+    verl's result where we do not implement the call. ``op_logprobs(log_prob, old_log_prob)`` is
+    what our op gets as logprobs; ``metrics(stats, mask, old_log_prob, log_prob, advantages)``
+    gives 0-d tensors (pg_clipfrac, the sum of ppo_kl over the response tokens, pg_clipfrac_lower,
+    a bool: the call is one we implement, else verl's function runs, warning ``metrics.why``),
+    all read back in the one host sync verl makes for its metrics."""
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights = args
     if config is None or type(config).__name__ == "AlgoConfig":  # verl asserts
         return _VERL.call_original(name, *args)
     if rollout_is_weights is not None:
@@ -396,27 +398,92 @@ def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mas
     clip = config.clip_ratio
     clip_low = clip if config.clip_ratio_low is None else config.clip_ratio_low
     clip_high = clip if config.clip_ratio_high is None else config.clip_ratio_high
-    clip_c = config.get("clip_ratio_c", 3.0)
     mask, exact = as_bool_mask(response_mask)
     agg = _aggregation(loss_agg_mode, mask, **config.global_batch_info)
-    if agg is None or not clip_c > 1.0:  # verl raises (or divides by <= 0)
+    dual_clip = options.get("dual_clip")
+    if agg is None or (dual_clip is not None and not dual_clip > 1.0):  # verl raises (or divides by <= 0)
         return _VERL.call_original(name, *args)
     loss_agg, num_tokens, factor = agg
-    loss, stats = rk.ppo_policy_loss(clamp_log_ratio(log_prob, old_log_prob), old_log_prob, advantages,
+    loss, stats = rk.ppo_policy_loss(op_logprobs(log_prob, old_log_prob), old_log_prob, advantages,
                                      _op_mask(response_mask, mask), clip_low=clip_low, clip_high=clip_high,
-                                     dual_clip=clip_c, loss_agg=loss_agg, num_tokens=num_tokens)
+                                     loss_agg=loss_agg, num_tokens=num_tokens, **options)
     if factor is not None:
         loss = loss * factor
     with torch.no_grad():
         count = mask.sum(dtype=torch.float32)
-        neg_kl = torch.where(mask, (old_log_prob - log_prob).clamp(-20.0, 20.0), 0.0).sum(dtype=torch.float32)
-        flag = torch.ones((), device=mask.device) if exact is None else exact.float()
+        clipfrac, kl_sum, clipfrac_lower, ours = metrics(stats, mask, old_log_prob, log_prob, advantages)
+        flag = ours.float() if exact is None else (exact & ours).float()
         clipfrac, ppo_kl, clipfrac_lower, ok = torch.stack(
-            [stats["clipfrac"], neg_kl / (count + 1e-8), stats["dual_clipfrac"], flag]).tolist()
+            [clipfrac, kl_sum / (count + 1e-8), clipfrac_lower, flag]).tolist()
     if not ok:
-        return _VERL.fall_through(name, WEIGHTED_MASK, *args)
+        return _VERL.fall_through(name, metrics.why, *args)
     loss = loss.to(torch.promote_types(log_prob.dtype, advantages.dtype))
     return loss, {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl, "actor/pg_clipfrac_lower": clipfrac_lower}
+
+
+def _neg_kl_sum(mask, old_log_prob, log_prob, bound=None):
+    d = old_log_prob - log_prob
+    return torch.where(mask, d if bound is None else d.clamp(-bound, bound), 0.0).sum(dtype=torch.float32)
+
+
+def _vanilla_metrics(stats, mask, old_log_prob, log_prob, advantages):
+    return (stats["clipfrac"], _neg_kl_sum(mask, old_log_prob, log_prob, 20.0), stats["dual_clipfrac"],
+            torch.ones((), dtype=torch.bool, device=mask.device))
+
+
+_vanilla_metrics.why = WEIGHTED_MASK
+
+
+def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                config=None, rollout_is_weights=None):
+    """verl's vanilla PPO policy loss (asymmetric and dual clip, the log ratio clamped to +-20):
+    (loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"} as floats)."""
+    args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+    clip_c = None if config is None or type(config).__name__ == "AlgoConfig" else config.get("clip_ratio_c", 3.0)
+    return _policy_loss("compute_policy_loss_vanilla", args, clamp_log_ratio, _vanilla_metrics, dual_clip=clip_c)
+
+
+def _gspo_metrics(stats, mask, old_log_prob, log_prob, advantages):
+    """verl's GSPO gives each token the gradient of the sequence ratio as if it were the token's
+    own (sg(s) * exp(logp - sg(logp))); ours spreads ds/dlogp_t = s / n over the row's tokens.
+    The two agree when each row's advantage is one number over its response tokens (outcome
+    advantages) and verl's clamp of the log ratio at 10 is not reached: checked here."""
+    adv = advantages.float()
+    hi = torch.where(mask, adv, -float("inf")).amax(-1)
+    lo = torch.where(mask, adv, float("inf")).amin(-1)
+    n = mask.sum(-1, dtype=torch.float32)
+    seq = torch.where(mask, (log_prob - old_log_prob).float(), 0.0).sum(-1) / n.clamp(min=1)
+    ours = ((hi == lo) | (n == 0)).all() & (seq <= 10.0).all()
+    return stats["clipfrac"], _neg_kl_sum(mask, old_log_prob, log_prob), torch.zeros((), device=mask.device), ours
+
+
+_gspo_metrics.why = ("advantages that vary within a sequence, a sequence log ratio above verl's clamp at 10, or %s"
+                     % WEIGHTED_MASK)
+
+
+def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
+                             config=None, rollout_is_weights=None):
+    """verl's GSPO loss (policy_loss.loss_mode="gspo"): the clipped objective on each sequence's
+    ratio exp(mean of its log ratios): (loss, the three actor/ metrics as floats)."""
+    args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+    return _policy_loss("compute_policy_loss_gspo", args, lambda lp, old: lp, _gspo_metrics, ratio_level="sequence")
+
+
+def _cispo_metrics(stats, mask, old_log_prob, log_prob, advantages):
+    return (stats["clipfrac"], _neg_kl_sum(mask, old_log_prob, log_prob, 20.0), torch.zeros((), device=mask.device),
+            torch.ones((), dtype=torch.bool, device=mask.device))
+
+
+_cispo_metrics.why = WEIGHTED_MASK
+
+
+def compute_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                              config=None, rollout_is_weights=None):
+    """verl's CISPO loss (policy_loss.loss_mode="cispo"): -sg(clip(ratio)) * A * logp per token,
+    aggregated: (loss, the three actor/ metrics as floats). The ratio's clamp at +-20 in verl
+    changes nothing the clip does not."""
+    args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+    return _policy_loss("compute_policy_loss_cispo", args, lambda lp, old: lp, _cispo_metrics, objective="cispo")
 
 
 def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean",
@@ -471,6 +538,12 @@ _VERL = Integration("verl", "verl>=0.9.1,<0.10", TESTED_VERSION, [
     Replacement(CA + "compute_reinforce_plus_plus_outcome_advantage", compute_reinforce_plus_plus_outcome_advantage,
                 "(token_level_rewards, response_mask, config=None, **kwargs)"),
     Replacement(CA + "compute_policy_loss_vanilla", compute_policy_loss_vanilla,
+                "(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode='token-mean', config=None, "
+                "rollout_is_weights=None)"),
+    Replacement(CA + "compute_policy_loss_gspo", compute_policy_loss_gspo,
+                "(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode='seq-mean-token-mean', "
+                "config=None, rollout_is_weights=None)"),
+    Replacement(CA + "compute_policy_loss_cispo", compute_policy_loss_cispo,
                 "(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode='token-mean', config=None, "
                 "rollout_is_weights=None)"),
     Replacement(CA + "compute_value_loss", compute_value_loss,

@@ -10,14 +10,19 @@ installed, their Python loops otherwise) and "patched" (ours, what patch() insta
 with a gradient are timed forward + backward (the gradient of a weighted sum of the outputs);
 the others forward. Inputs are made on the device. Times are medians (CUDA events on a GPU);
 the speedup column is original / patched in the same run; on a GPU the peak memory over the
-inputs is reported too. A library that does not import is skipped with the reason
-(tests/install_integrations.sh installs them). Shapes: CUDA, a 152k vocabulary (Qwen) over 8k
-tokens and [64, 4096] PPO batches; CPU, a 32k vocabulary over 1k tokens and [16, 1024].
+inputs is reported too. The patched provider runs with FallThroughWarning as an error: a call
+that would run the library's function instead of ours is reported as a failure, never timed
+as ours. A library that does not import is skipped with the reason
+(tests/install_integrations.sh installs them; on an offline GPU machine, wheels in ./.whl that
+benchmarks/gpu_check.sh installs). Shapes: CUDA, a 152k vocabulary (Qwen) over 8k tokens and
+[64, 4096] PPO batches; CPU, a 32k vocabulary over 1k tokens and [16, 1024]; --quick, small
+shapes that only check the benchmark runs (tests/test_integrations_bench.py).
 """
 
 import argparse
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -26,11 +31,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # this checkout's rlhf_kernels
 from common import fmt_time, median_time, peak_extra_bytes, print_table, write_csv  # noqa: E402
+from rlhf_kernels.integrations import FallThroughWarning  # noqa: E402
 
 LIBRARIES = ("trl", "verl", "openrlhf")
 
 
-def shapes(device):
+def shapes(device, quick=False):
+    if quick:
+        return dict(tokens=256, vocab=4099, hidden=64, B=8, T=256, groups=8, group=4, dtype=torch.bfloat16
+                    if device.startswith("cuda") else torch.float32)
     if device.startswith("cuda"):
         return dict(tokens=8192, vocab=152064, hidden=4096, B=64, T=4096, groups=256, group=4, dtype=torch.bfloat16)
     return dict(tokens=1024, vocab=32000, hidden=512, B=16, T=1024, groups=16, group=4, dtype=torch.float32)
@@ -39,8 +48,13 @@ def shapes(device):
 class Case:
     """One function: ``make(device, s)`` -> (args, kwargs, indices of the args that get a gradient)."""
 
-    def __init__(self, library, name, make, shape):
-        self.library, self.name, self.make, self.shape = library, name, make, shape
+    def __init__(self, library, name, make, shape, variant="", dtype=None):
+        self.library, self.name, self.make, self.shape, self.variant = library, name, make, shape, variant
+        self.dtype = dtype  # of the inputs, where it is not the shapes' dtype
+
+    @property
+    def label(self):
+        return self.name + (" (%s)" % self.variant if self.variant else "")
 
 
 def randn(shape, device, dtype=torch.float32, scale=1.0, grad=False):
@@ -57,11 +71,13 @@ def uids(s):
     return ids[np.random.default_rng(0).permutation(len(ids))]
 
 
-def ppo_args(device, s, mask_dtype=torch.int64):
+def ppo_args(device, s, mask_dtype=torch.int64, outcome=False):
+    """old, logp (requires grad), advantages (one per sequence with ``outcome``), mask: [B, T]."""
     B, T = s["B"], s["T"]
     old = -torch.rand(B, T, device=device) * 4
     lp = (old + torch.randn(B, T, device=device) * 0.1).requires_grad_(True)
-    return old, lp, randn((B, T), device), mask(B, T, device, mask_dtype)
+    adv = randn((B, 1), device).expand(B, T).contiguous() if outcome else randn((B, T), device)
+    return old, lp, adv, mask(B, T, device, mask_dtype)
 
 
 def logits_case(s, device):
@@ -107,11 +123,13 @@ def cases(s):
         from verl.trainer.config import AlgoConfig
         return (randn((B, T), d), mask(B, T, d)), {"config": AlgoConfig(gamma=1.0)}, []
 
-    def verl_policy(d, s):
-        from verl.workers.config import ActorConfig
-        cfg = ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2)
-        old, lp, adv, m = ppo_args(d, s)
-        return (old, lp, adv, m), {"loss_agg_mode": "token-mean", "config": cfg}, [1]
+    def verl_policy(outcome=False, agg="token-mean"):
+        def make(d, s):
+            from verl.workers.config import ActorConfig
+            cfg = ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2)
+            old, lp, adv, m = ppo_args(d, s, outcome=outcome)
+            return (old, lp, adv, m), {"loss_agg_mode": agg, "config": cfg}, [1]
+        return make
 
     def verl_value(d, s):
         v_old = randn((B, T), d)
@@ -129,10 +147,12 @@ def cases(s):
         lp = randn((B, T), d, grad=True) - 2
         return (lp, lp.detach() + randn((B, T), d, scale=0.1)), {"kl_estimator": "k3"}, [0]
 
-    def orlhf_policy(d, s):
-        from openrlhf.models.loss import PolicyLoss
-        old, lp, adv, m = ppo_args(d, s, torch.bool)
-        return (PolicyLoss(), lp, old, adv, m), {}, [1]
+    def orlhf_policy(loss_type):
+        def make(d, s):
+            from openrlhf.models.loss import PolicyLoss
+            old, lp, adv, m = ppo_args(d, s, torch.bool, outcome=loss_type == "gspo")
+            return (PolicyLoss(policy_loss_type=loss_type), lp, old, adv, m), {}, [1]
+        return make
 
     def orlhf_value(d, s):
         from openrlhf.models.loss import ValueLoss
@@ -159,14 +179,19 @@ def cases(s):
         Case("verl", "compute_rloo_outcome_advantage", outcome, outcome_shape),
         Case("verl", "compute_reinforce_plus_plus_baseline_outcome_advantage", outcome, outcome_shape),
         Case("verl", "compute_reinforce_plus_plus_outcome_advantage", reinforce, ppo_shape),
-        Case("verl", "compute_policy_loss_vanilla", verl_policy, ppo_shape),
+        Case("verl", "compute_policy_loss_vanilla", verl_policy(), ppo_shape),
+        Case("verl", "compute_policy_loss_gspo", verl_policy(outcome=True, agg="seq-mean-token-mean"), ppo_shape),
+        Case("verl", "compute_policy_loss_cispo", verl_policy(), ppo_shape),
         Case("verl", "compute_value_loss", verl_value, ppo_shape),
-        Case("openrlhf", "log_probs_from_logits", orlhf_logprobs, logits_shape),
-        Case("openrlhf", "compute_entropy", orlhf_entropy, logits_shape),
+        Case("openrlhf", "log_probs_from_logits", orlhf_logprobs, logits_shape, dtype=torch.float32),
+        Case("openrlhf", "compute_entropy", orlhf_entropy, logits_shape, dtype=torch.float32),
         Case("openrlhf", "compute_approx_kl", orlhf_kl, ppo_shape),
-        Case("openrlhf", "PolicyLoss.forward", orlhf_policy, ppo_shape),
+        Case("openrlhf", "PolicyLoss.forward", orlhf_policy("ppo"), ppo_shape),
+        Case("openrlhf", "PolicyLoss.forward", orlhf_policy("gspo"), ppo_shape, variant="gspo"),
         Case("openrlhf", "ValueLoss.forward", orlhf_value, ppo_shape),
         Case("openrlhf", "RemoteExperienceMaker.get_advantages_and_returns", orlhf_gae, ppo_shape),
+        Case("openrlhf", "RemoteExperienceMaker.get_cumulative_returns",
+             lambda d, s: ((None, randn((B, T), d), mask(B, T, d, torch.bool), 1.0), {}, []), ppo_shape),
     ]
 
 
@@ -205,7 +230,9 @@ def measure(fn, make, device, s, repeats):
     weights = {}
 
     def step():
-        out = fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FallThroughWarning)  # ours must run, not the library's function
+            out = fn(*args, **kwargs)
         if not leaves:
             return
         first = out if isinstance(out, torch.Tensor) else out[0]
@@ -221,13 +248,17 @@ def measure(fn, make, device, s, repeats):
     return seconds, peak, "fwd+bwd" if leaves else "fwd"
 
 
-def run(device, libraries, repeats, records):
-    s = shapes(device)
+def run(device, libraries, repeats, records, quick=False):
+    """Benchmark every case of the installed ``libraries``; appends one record per provider and
+    case to ``records``; returns {library: why it was skipped}."""
+    s = shapes(device, quick)
+    skipped = {}
     rows = []
     for library in libraries:
         loaded = load(library)
         if isinstance(loaded, str):
             print("%s: skipped, it does not import here (%s)" % (library, loaded))
+            skipped[library] = loaded
             continue
         module, integration, originals = loaded
         ours = {r.name: r.function for r in integration.replacements}
@@ -236,6 +267,7 @@ def run(device, libraries, repeats, records):
                 continue
             if case.name not in originals:
                 print("%s.%s: skipped, its module does not import here" % (library, case.name))
+                skipped[library + "." + case.name] = "its module does not import here"
                 continue
             results = {}
             for provider, fn in (("original", originals[case.name]), ("patched", ours[case.name])):
@@ -246,18 +278,20 @@ def run(device, libraries, repeats, records):
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
             base = results["original"][0]
+            dtype = str(case.dtype or s["dtype"]).replace("torch.", "")
             for provider, (seconds, peak, mode) in results.items():
                 ok = isinstance(seconds, float)
                 speedup = base / seconds if ok and isinstance(base, float) else None
-                rows.append([library, case.name, provider, case.shape, str(s["dtype"]).replace("torch.", ""), mode,
+                rows.append([library, case.label, provider, case.shape, dtype, mode,
                              fmt_time(seconds) if ok else seconds, "%.2fx" % speedup if speedup else "",
                              "%.0f MiB" % (peak / 2 ** 20) if peak is not None else ""])
-                records.append({"family": "integrations", "library": library, "op": case.name, "provider": provider,
-                                "shape": case.shape, "dtype": str(s["dtype"]).replace("torch.", ""), "mode": mode,
+                records.append({"family": "integrations", "library": library, "op": case.label, "provider": provider,
+                                "shape": case.shape, "dtype": dtype, "mode": mode,
                                 "median_s": seconds if ok else "", "speedup_vs_original": speedup or "",
                                 "peak_extra_bytes": peak if peak is not None else ""})
     print_table("integrations on %s: the libraries' functions vs ours (patched)" % device,
                 ["library", "function", "provider", "shape", "dtype", "mode", "median", "speedup", "peak extra"], rows)
+    return skipped
 
 
 def main():
@@ -267,12 +301,13 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    p.add_argument("--quick", action="store_true", help="small shapes: check that every case runs")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     records = []
-    run(args.device, [lib for lib in args.libraries.split(",") if lib], args.repeats, records)
+    run(args.device, [lib for lib in args.libraries.split(",") if lib], args.repeats, records, args.quick)
     if args.csv:
         write_csv(args.csv, records)
 

@@ -72,9 +72,20 @@ stage tests_cuda cuda_tests
 stage sanitizer sanitize
 stage benchmarks benchmarks
 
+# rlhf_kernels.integrations: each library's replaced functions against ours (patched), one
+# realistic shape each, CUDA-event medians (benchmarks/bench_integrations.py). The libraries come
+# from the environment or from wheels in ./.whl (benchmarks/RESULTS.md lists them); one that does
+# not import is reported as skipped, with the reason, in integrations.log.
+integrations() {
+  $PY benchmarks/bench_integrations.py --device cuda --csv "$RES/integrations.csv" 2>&1 \
+    | tee "$RES/integrations.log" | tail -70
+  return "${PIPESTATUS[0]}"
+}
+stage integrations integrations
+
 echo
 echo "### gpu_check summary ($RES, $(( $(date +%s) - start )) s in all)"
-for k in build tests_cuda sanitizer benchmarks; do
+for k in build tests_cuda sanitizer benchmarks integrations; do
   printf "  %-12s %s in %s s\n" "$k" "$([ "${status[$k]}" = 0 ] && echo ok || echo "FAILED (rc ${status[$k]})")" "${seconds[$k]}"
 done
 grep -E "passed|failed" "$RES/tests_cuda.log" | tail -1

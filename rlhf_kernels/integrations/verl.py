@@ -26,6 +26,8 @@ verl.trainer.ppo.core_algos:
 | compute_reinforce_plus_plus_baseline_outcome_advantage | rk.group_advantages(mode="dr_grpo") + rk.masked_whiten | |
 | compute_reinforce_plus_plus_outcome_advantage | rk.gae(values=0, lam=1) + rk.masked_whiten | |
 | compute_policy_loss_vanilla (policy_loss.loss_mode="vanilla"), every agg_loss mode | rk.ppo_policy_loss | one fused call; the metrics read back with one host sync instead of three |
+| compute_policy_loss_gspo (loss_mode="gspo"), every agg_loss mode | rk.ppo_policy_loss(ratio_level="sequence") | verl gives each token the sequence ratio's gradient as its own, ours spreads it over the sequence: equal for advantages constant within each sequence (verl's outcome estimators), else verl's runs (checked in the metrics' host sync) |
+| compute_policy_loss_cispo (loss_mode="cispo"), every agg_loss mode | rk.ppo_policy_loss(objective="cispo") | |
 | compute_value_loss, every agg_loss mode | rk.ppo_value_loss | |
 
 Groups (``index``): verl's uid arrays (numpy, any hashable values, or an integer tensor) become
@@ -37,15 +39,19 @@ global token count), verl's loss is NaN and ours is 0 with zero gradient.
 Not replaced, and why (the call goes to verl's function, with a one-time FallThroughWarning
 for an option we do not implement; without a warning where verl itself raises):
 - float64 inputs (our ops output float32);
-- compute_policy_loss_vanilla with rollout_is_weights (per-token importance weights);
+- the policy losses with rollout_is_weights: verl computes those weights elsewhere
+  (rollout_corr_helper) and passes them in; our op's is_correction computes its own from the
+  rollout log-probabilities, which the loss functions do not receive;
+- compute_policy_loss_gspo with advantages that vary within a sequence, or a sequence's mean
+  log ratio above 10 (verl clamps it there, with no gradient);
 - masks with values other than 0 and 1 (verl weights tokens by the mask; checking costs a host
   sync on a GPU for non-bool masks, folded into a read verl makes anyway where it makes one);
 - verl_F.masked_whiten itself: it writes whitened values at the masked-out positions too, and
   our op writes 0 there (its callers above that multiply by the mask use our op);
 - agg_loss alone (it aggregates an arbitrary loss matrix; our ops fuse aggregation into the loss);
-- the other policy losses (gspo, sapo, gpg, clip_cov, kl_cov, geo_mean, dro, cispo, dppo_*,
+- the other policy losses (sapo, gpg, clip_cov, kl_cov, geo_mean, dro, dppo_tv, dppo_kl,
   bypass_mode, reinforce) and advantage estimators (opo, remax, gpg, grpo_passk, gdpo,
-  optimal_token_baseline): different objectives than our ops compute;
+  optimal_token_baseline, tir_optimal_token_baseline): different objectives than our ops compute;
 - the deprecated compute_policy_loss, and the logprobs_from_logits_* variants that only
   logprobs_from_logits calls.
 """

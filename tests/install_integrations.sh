@@ -22,7 +22,7 @@
 # transformers==5.15.0, verl needs transformers<5.11), hence --no-deps for verl and OpenRLHF.
 # verl's and OpenRLHF's wheels also install their own test suites as a top-level `tests` package,
 # which would shadow this repository's tests/: the script removes those files (see below).
-# Measured on the project's 2-core machine: about 40 s in all (pip's cache empty).
+# Measured on the project's 2-core machine: 45 s in all with pip's cache empty.
 set -uo pipefail
 PYTHON=${PYTHON:-python3}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
@@ -62,6 +62,7 @@ step() {  # step NAME COMMAND...
 
 install_trl() { pip_install "trl==1.16.0"; }
 install_verl() {
+  echo "install_integrations: verl --no-deps: pip's notes below on verl's missing requirements are expected"
   pip_install --no-deps "verl==0.9.1" "tensordict==0.10.0" "pyvers" &&
     pip_install "ray" "omegaconf" "codetiming"
 }

@@ -76,7 +76,7 @@ def test_context_manager_second_patch_is_noop_and_logs_once(fake, caplog):
         with fake.integration.patch() as inner:
             assert not inner.owner and inner.replaced == {}
         assert fake.core.f is ours_f  # the inner no-op handle did not unpatch
-        assert any("already patched" in r.getMessage() for r in caplog.records)
+        assert [r.levelno for r in caplog.records if "already patched" in r.getMessage()] == [logging.WARNING]
         assert outer.owner
     assert fake.core.f is theirs_f and not fake.integration.is_patched()
 

@@ -148,7 +148,8 @@ class Integration:
     def patch(self):
         with self._lock:
             if self._applied is not None:
-                logger.info("rlhf_kernels.integrations.%s: already patched; this patch() is a no-op", self.library)
+                logger.warning("rlhf_kernels.integrations.%s: already patched; this patch() is a no-op (leaving its "
+                               "`with` block does not unpatch)", self.library)
                 return PatchHandle(self, owner=False, replaced={})
             try:
                 importlib.import_module(self.library)

@@ -256,7 +256,7 @@ def patch():
     context manager, unpatches on exit. Raises ImportError if OpenRLHF is not installed,
     UnsupportedVersion if its signatures differ from the supported ones. Functions whose module
     does not import here (e.g. the experience maker without Ray) are left out and logged.
-    A second patch() is a no-op (logged)."""
+    A second patch() is a no-op (a logged warning)."""
     return _OPENRLHF.patch()
 
 

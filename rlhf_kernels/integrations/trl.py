@@ -25,8 +25,9 @@ FallThroughWarning, never a wrong answer):
 - the fused head with final_logit_softcapping, logit_scale != 1, outputs other than
   log_probs/entropy (log_sum_sq_probs, mean_logits, is_top1), or a DeepSpeed ZeRO-3
   partitioned weight (TRL gathers it again in its backward);
-- GRPO's advantages and loss are written inline in GRPOTrainer (no function to swap), and
-  nanstd/nanmin/nanmax are reductions of [B] tensors.
+- GRPO's advantages and its losses (every loss_type, GSPO's importance_sampling_level, the vLLM
+  importance-sampling correction) are written inline in GRPOTrainer._compute_loss (no function
+  to swap), and nanstd/nanmin/nanmax are reductions of [B] tensors.
 A label outside [0, V) raises a ValueError (TRL's gather raises a RuntimeError).
 """
 
@@ -151,7 +152,7 @@ def patch():
     """Swap TRL's functions above for ours wherever TRL looks them up; returns a handle that,
     used as a context manager, unpatches on exit. Raises ImportError if TRL is not installed,
     UnsupportedVersion if its signatures differ from the supported ones. A second patch() is
-    a no-op (logged)."""
+    a no-op (a logged warning)."""
     return _TRL.patch()
 
 

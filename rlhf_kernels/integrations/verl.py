@@ -562,7 +562,7 @@ def patch():
     """Swap verl's functions above for ours wherever verl looks them up (module attributes and its
     registries); returns a handle that, used as a context manager, unpatches on exit. Raises
     ImportError if verl is not installed, UnsupportedVersion if its signatures differ from the
-    supported ones. A second patch() is a no-op (logged)."""
+    supported ones. A second patch() is a no-op (a logged warning)."""
     return _VERL.patch()
 
 

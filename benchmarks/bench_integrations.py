@@ -99,6 +99,11 @@ def cases(s):
         y = torch.randint(0, V, (N,), device=d)
         return (h, w, None, y, 1.0, 32768, None, 1.0, ("log_probs", "entropy")), {}, [0, 1]
 
+    def verl_head(d, s):
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+        h, w = randn((N, H), d, s["dtype"], 1.0, True), randn((V, H), d, s["dtype"], H ** -0.5, True)
+        return (FusedLinearForPPO(), h, w, torch.randint(0, V, (N,), device=d), 1.0), {}, [1, 2]
+
     def flat_logits(d, s):
         z, y = logits_case(s, d)
         return (z, y), {}, [0]
@@ -172,6 +177,7 @@ def cases(s):
         Case("verl", "logprobs_from_logits", flat_logits, logits_shape),
         Case("verl", "entropy_from_logits", entropy, logits_shape),
         Case("verl", "entropy_from_logits_with_chunking", entropy, logits_shape),
+        Case("verl", "FusedLinearForPPO.forward", verl_head, "N=%d H=%d V=%d" % (N, H, V)),
         Case("verl", "kl_penalty", kl, ppo_shape),
         Case("verl", "compute_gae_advantage_return", gae, ppo_shape),
         Case("verl", "compute_grpo_outcome_advantage", outcome, outcome_shape),

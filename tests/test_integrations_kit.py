@@ -162,3 +162,22 @@ def assert_grads_close(ours, lib, ref, what="grad"):
         scale = float(r.double().abs().max()) if r.numel() else 0.0
         assert_close(o, l, r, atol=tol.GRAD_ATOL_FRAC * scale + 1e-12, rtol=tol.GRAD_RTOL, what="%s[%d]" % (what, i),
                      ulps=tol.GRAD_ULPS)
+
+
+def assert_matmul_grads_close(ours, lib, ref, what="grad"):
+    """Gradients of a fused LM head (a matmul over V in the backward): elementwise as
+    assert_grads_close in float32; in a low-precision dtype tensor-wide, as
+    tests/test_linear_logprobs.py holds linear_token_logprobs: the largest error no worse than
+    twice the library's own largest error plus a few ulps of the largest entry (an entry that a
+    bf16 matmul gets by cancellation has no elementwise bound)."""
+    for i, (o, l, r) in enumerate(zip(ours, lib, ref)):
+        if o.dtype == torch.float32:
+            assert_grads_close([o], [l], [r], what="%s[%d]" % (what, i))
+            continue
+        assert o.shape == l.shape and o.dtype == l.dtype, "%s[%d]: %s %s vs %s %s" % (what, i, o.shape, o.dtype,
+                                                                                    l.shape, l.dtype)
+        r64 = r.double()
+        err, lib_err = (o.double() - r64).abs().max().item(), (l.double() - r64).abs().max().item()
+        bound = FACTOR * lib_err + tol.GRAD_ULPS * torch.finfo(o.dtype).eps * r64.abs().max().item()
+        assert err <= bound, "%s[%d]: largest error %.3g, bound %.3g (the library's %.3g)" % (what, i, err, bound,
+                                                                                           lib_err)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tolerances as tol
-from test_integrations_kit import (DEVICES, assert_close, assert_grads_close, grad_of, logits, mask_with_gaps, require,
-                                   up)
+from test_integrations_kit import (DEVICES, assert_close, assert_grads_close, assert_matmul_grads_close, grad_of,
+                                   logits, mask_with_gaps, require, up)
 
 vf = require("verl.utils.torch_functional")
 ca = require("verl.trainer.ppo.core_algos")
@@ -85,6 +85,44 @@ def test_entropy_from_logits_with_chunking(gen, dtype):
     ours, our_grad = grad_of(lambda x: rk_verl.entropy_from_logits_with_chunking(x, chunk_size=8), z, grad_out=g)
     assert_close(ours, lib, ref, tol.LOGPROB_ATOL)
     assert_grads_close(our_grad, lib_grad, ref_grad)
+
+
+def float64_head(hidden, weight, labels, temperature):
+    """The fused head's math in float64: log softmax and entropy of (h W^T) / T at ``labels``."""
+    z = hidden.double() @ weight.double().T / temperature
+    logp_all = torch.log_softmax(z, -1)
+    return logp_all.gather(-1, labels[..., None])[..., 0], -(logp_all.exp() * logp_all).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(37,), (3, 11)], ids=["rmpad", "batch"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_linear_for_ppo(gen, dtype, shape, temperature, device):
+    """verl's fused LM head (use_fused_kernels, backend "torch"): [N, H] or [B, T, H] hidden states.
+    verl rounds the logits to the hidden states' dtype before its float32 softmax, ours does not:
+    held to float64, with verl's own error as the allowance (the rules of test_integrations_kit)."""
+    fused = require("verl.utils.experimental.torch_functional").FusedLinearForPPO(chunk_size=16)
+    H, V = 24, 263
+    h = torch.randn(*shape, H, generator=gen).to(device, dtype)
+    w = (torch.randn(V, H, generator=gen) / 3).to(device, dtype)
+    y = torch.randint(0, V, shape, generator=gen).to(device)
+    g_logp, g_ent = torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device)
+
+    def run(forward, hh, ww):
+        hh, ww = hh.detach().clone().requires_grad_(True), ww.detach().clone().requires_grad_(True)
+        logp, ent = float64_head(hh, ww, y, temperature) if forward is None else forward(fused, hh, ww, y, temperature)
+        loss = (logp * g_logp.to(logp.dtype)).sum() + (ent * g_ent.to(ent.dtype)).sum()
+        return logp, ent, torch.autograd.grad(loss, [hh, ww])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rk_verl.FallThroughWarning)
+        lib, ours = run(type(fused).forward, h, w), run(rk_verl.fused_linear_for_ppo_forward, h, w)
+    ref = run(None, h, w)
+    assert ours[0].dtype == lib[0].dtype == torch.float32 and ours[1].dtype == lib[1].dtype == dtype
+    assert_close(ours[0], lib[0], ref[0], tol.LOGPROB_ATOL, what="logp")
+    assert_close(ours[1], lib[1], ref[1], tol.LOGPROB_ATOL, what="entropy")
+    assert_matmul_grads_close(ours[2], lib[2], ref[2])
 
 
 @pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "low_var_kl+"])
@@ -349,8 +387,11 @@ def test_patch_swaps_module_attributes_and_registries():
         assert ca.get_adv_estimator_fn("gae") is rk_verl.compute_gae_advantage_return
         assert ca.compute_gae_advantage_return is rk_verl.compute_gae_advantage_return
         assert vf.logprobs_from_logits is rk_verl.logprobs_from_logits
+        fused = require("verl.utils.experimental.torch_functional").FusedLinearForPPO
+        assert fused.forward is rk_verl.fused_linear_for_ppo_forward
         assert handle.replaced["compute_policy_loss_vanilla"] == 2  # the module attribute and the registry
     assert ca.get_policy_loss_fn("vanilla") is orig_loss
     assert ca.get_adv_estimator_fn("grpo") is orig_grpo
     assert ca.compute_gae_advantage_return is orig_gae
     assert ca.get_policy_loss_fn("gspo") is ca.POLICY_LOSS_REGISTRY["gspo"]
+    assert fused.forward is not rk_verl.fused_linear_for_ppo_forward

@@ -16,6 +16,11 @@ verl.utils.torch_functional:
 | entropy_from_logits(logits) | rk.token_entropy | float32 statistics, the logits' dtype out |
 | entropy_from_logits_with_chunking(logits, chunk_size=2048) | rk.token_entropy | chunk_size has no effect |
 
+verl.utils.experimental.torch_functional:
+| verl | ours | differences |
+|---|---|---|
+| FusedLinearForPPO.forward(hidden_states, vocab_weights, input_ids, temperature=1.0): the fused LM head of use_fused_kernels with the "torch" backend (patched on the class) | rk.linear_token_logprobs(return_entropy=True) | logits accumulated in float32 from the matmul (verl rounds them to the hidden states' dtype, then divides by the temperature in that dtype); the "liger" backend falls through |
+
 verl.trainer.ppo.core_algos:
 | verl | ours | differences |
 |---|---|---|
@@ -46,6 +51,8 @@ for an option we do not implement; without a warning where verl itself raises):
   log ratio above 10 (verl clamps it there, with no gradient);
 - masks with values other than 0 and 1 (verl weights tokens by the mask; checking costs a host
   sync on a GPU for non-bool masks, folded into a read verl makes anyway where it makes one);
+- the "triton" fused-kernel backend, verl.utils.kernel.linear_cross_entropy: a GPU-only Triton
+  kernel whose equality with ours has not been tested (it needs a GPU);
 - verl_F.masked_whiten itself: it writes whitened values at the masked-out positions too, and
   our op writes 0 there (its callers above that multiply by the mask use our op);
 - agg_loss alone (it aggregates an arbitrary loss matrix; our ops fuse aggregation into the loss);
@@ -68,15 +75,17 @@ from rlhf_kernels.integrations._common import (FallThroughWarning, Integration, 
                                                rows_with_tokens, unit_interval)
 
 __all__ = ["patch", "unpatch", "is_patched", "logprobs_from_logits", "entropy_from_logits",
-           "entropy_from_logits_with_chunking", "kl_penalty", "kl_penalty_forward", "compute_gae_advantage_return",
-           "compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage",
-           "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage",
-           "compute_reinforce_plus_plus_baseline_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
-           "compute_policy_loss_vanilla", "compute_policy_loss_gspo", "compute_policy_loss_cispo", "compute_value_loss", "UnsupportedVersion", "FallThroughWarning"]
+           "entropy_from_logits_with_chunking", "fused_linear_for_ppo_forward", "kl_penalty", "kl_penalty_forward",
+           "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
+           "compute_grpo_vectorized_outcome_advantage", "compute_rloo_outcome_advantage",
+           "compute_rloo_vectorized_outcome_advantage", "compute_reinforce_plus_plus_baseline_outcome_advantage",
+           "compute_reinforce_plus_plus_outcome_advantage", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
+           "compute_policy_loss_cispo", "compute_value_loss", "UnsupportedVersion", "FallThroughWarning"]
 
 TESTED_VERSION = "0.9.1"
 TF = "verl.utils.torch_functional:"
 CA = "verl.trainer.ppo.core_algos:"
+TFX = "verl.utils.experimental.torch_functional:"
 FLOAT64 = "float64 inputs (our ops output float32)"
 WEIGHTED_MASK = "a mask with values other than 0 and 1 (verl weights tokens by them)"
 
@@ -121,6 +130,35 @@ def entropy_from_logits_with_chunking(logits, chunk_size=2048):
     if not kernel_dtype(logits):
         return _VERL.fall_through("entropy_from_logits_with_chunking", FLOAT64, logits, chunk_size)
     return rk.token_entropy(logits)
+
+
+def fused_linear_for_ppo_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+    """verl's FusedLinearForPPO.forward (the fused LM head of use_fused_kernels with the "torch"
+    backend): (log-probabilities float32, entropies in the logits' dtype) of softmax((hidden @
+    W.T) / temperature) at ``input_ids``; hidden [N, H] or [B, T, H], W [V, H]."""
+    name = "FusedLinearForPPO.forward"
+    args = (self, hidden_states, vocab_weights, input_ids, temperature)
+    module = _VERL.original(TFX + "FusedLinearForPPO.forward").__globals__
+    if getattr(self, "impl_backend", "torch") != "torch" and \
+            module.get("_LIGER_FUSED_LINEAR_SCALED_CROSS_ENTROPY") is not None:
+        return _VERL.fall_through(name, "impl_backend=%r (Liger-Kernel's fused head)" % self.impl_backend, *args)
+    device = hidden_states.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden_states.dtype
+    if hidden_states.dim() not in (2, 3) or input_ids.shape != hidden_states.shape[:-1] or \
+            (dtype == hidden_states.dtype and vocab_weights.dtype != dtype):  # verl raises
+        return _VERL.call_original(name, *args)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return _VERL.fall_through(name, "a compute dtype of %s" % dtype, *args)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        return _VERL.fall_through(name, "temperature not a positive number", *args)
+    labels = input_ids.to(torch.int64)
+    ignore = -100 if module.get("_FLASH_ATTN_CROSS_ENTROPY_AVAILABLE") else never_label(labels)
+    with torch.autocast(device.type, enabled=False):
+        logp, entropy = rk.linear_token_logprobs(hidden_states.to(dtype).reshape(-1, hidden_states.shape[-1]),
+                                                 vocab_weights.to(dtype), labels.reshape(-1),
+                                                 temperature=float(temperature), ignore_index=ignore,
+                                                 return_entropy=True)
+    return logp.view(input_ids.shape), entropy.to(dtype).view(input_ids.shape)
 
 
 # ---- KL ------------------------------------------------------------------------------------
@@ -524,6 +562,8 @@ _VERL = Integration("verl", "verl>=0.9.1,<0.10", TESTED_VERSION, [
     Replacement(TF + "entropy_from_logits", entropy_from_logits, "(logits)"),
     Replacement(TF + "entropy_from_logits_with_chunking", entropy_from_logits_with_chunking,
                 "(logits, chunk_size=2048)"),
+    Replacement(TFX + "FusedLinearForPPO.forward", fused_linear_for_ppo_forward,
+                "(self, hidden_states, vocab_weights, input_ids, temperature=1.0)"),
     Replacement(CA + "kl_penalty", kl_penalty, "(logprob, ref_logprob, kl_penalty)"),
     Replacement(CA + "kl_penalty_forward", kl_penalty_forward, "(logprob, ref_logprob, kl_penalty)"),
     Replacement(CA + "compute_gae_advantage_return", compute_gae_advantage_return,

@@ -49,6 +49,22 @@ def test_log_probs_from_logits(gen, dtype, temperature):
     assert_grads_close([ours[2]], [lib[2]], [ref[2]])
 
 
+def test_flash_attn_convention(gen, monkeypatch):
+    """Where OpenRLHF takes flash-attn's cross entropy (float32 logits with flash-attn installed;
+    not installable here), label -100 is ignored: ours then gives 0 there with no gradient and
+    the float64 value elsewhere. OpenRLHF's flash-attn path itself runs only with flash-attn."""
+    monkeypatch.setattr(rk_openrlhf, "_flash_ce", True)
+    z = logits(gen, (3, 7, 41))
+    y = torch.randint(0, 41, (3, 7), generator=gen)
+    y[0, 4:] = -100
+    keep = y != -100
+    ours, (grad,) = grad_of(lambda x: rk_openrlhf.log_probs_from_logits(x * 1, y), z)
+    exact = torch.log_softmax(z.double(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    assert ours.dtype == torch.float32
+    assert torch.all(ours[~keep] == 0) and torch.all(grad[~keep] == 0)
+    assert_close(ours[keep], exact[keep].float(), exact[keep], tol.LOGPROB_ATOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compute_entropy(gen, dtype):
     z = logits(gen, (2, 6, 129), dtype)

@@ -66,6 +66,35 @@ def test_logprobs_from_logits_rmpad_and_bad_labels(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_flash_attn_conventions(gen, dtype, monkeypatch):
+    """Where verl takes flash-attn's cross entropy (not installable here: a CUDA build), label
+    -100 is ignored: ours then gives 0 there with no gradient, float32 log-probabilities, and the
+    float64 value elsewhere, in logprobs_from_logits and the fused LM head. verl's flash-attn
+    path itself runs only where flash-attn is installed."""
+    monkeypatch.setattr(vf, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", True)
+    monkeypatch.delenv("VERL_DISABLE_FLASH_ATTN_CE", raising=False)
+    z = logits(gen, (4, 9, 53), dtype)
+    y = torch.randint(0, 53, (4, 9), generator=gen)
+    y[1, 2:5] = -100
+    y[3, :] = -100
+    keep = y != -100
+    ours, (grad,) = grad_of(lambda x: rk_verl.logprobs_from_logits(x, y, inplace_backward=False), z)
+    exact = torch.log_softmax(z.double(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    assert ours.dtype == torch.float32
+    assert torch.all(ours[~keep] == 0) and torch.all(grad[~keep] == 0)
+    assert_close(ours[keep], exact[keep].float(), exact[keep], tol.LOGPROB_ATOL)
+
+    tfx = require("verl.utils.experimental.torch_functional")
+    monkeypatch.setattr(tfx, "_FLASH_ATTN_CROSS_ENTROPY_AVAILABLE", True)
+    h, w = torch.randn(4, 9, 16, generator=gen).to(dtype), (torch.randn(53, 16, generator=gen) / 3).to(dtype)
+    (logp, ent), (gh, gw) = grad_of(lambda a, b: rk_verl.fused_linear_for_ppo_forward(tfx.FusedLinearForPPO(), a, b,
+                                                                                        y, 0.8), h, w)
+    ref_logp, ref_ent = float64_head(h, w, y.clamp(min=0), 0.8)
+    assert torch.all(logp[~keep] == 0) and torch.all(gh[~keep] == 0)
+    assert_close(logp[keep], ref_logp[keep].float(), ref_logp[keep], tol.LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_entropy_from_logits(gen, dtype):
     z = logits(gen, (2, 9, 151), dtype)
     g = torch.randn(2, 9, generator=gen)

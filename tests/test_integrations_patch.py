@@ -2,6 +2,7 @@
 small fake library, and the errors of the real patch() functions."""
 
 import logging
+import re
 import sys
 import types
 
@@ -10,7 +11,7 @@ import pytest
 import rlhf_kernels.integrations.openrlhf as rk_openrlhf
 import rlhf_kernels.integrations.trl as rk_trl
 import rlhf_kernels.integrations.verl as rk_verl
-from rlhf_kernels.integrations import EXTRA, UnsupportedVersion
+from rlhf_kernels.integrations import UnsupportedVersion, extra
 from rlhf_kernels.integrations._common import Integration, Replacement
 
 
@@ -102,8 +103,7 @@ def test_a_module_that_does_not_import_is_skipped(fake):
 @pytest.mark.parametrize("integration,library", [(rk_trl, "trl"), (rk_verl, "verl"), (rk_openrlhf, "openrlhf")])
 def test_library_not_installed(monkeypatch, integration, library):
     monkeypatch.setitem(sys.modules, library, None)  # makes `import library` raise ImportError
-    with pytest.raises(ImportError, match=r"%s is not installed.*%s" % (library, EXTRA.replace("[", r"\[")
-                                                                       .replace("]", r"\]"))):
+    with pytest.raises(ImportError, match=r"%s is not installed.*%s" % (library, re.escape(extra(library)))):
         integration.patch()
     assert not integration.is_patched()
 

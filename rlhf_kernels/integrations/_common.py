@@ -31,7 +31,10 @@ import torch
 
 logger = logging.getLogger("rlhf_kernels.integrations")
 
-EXTRA = "pip install rlhf-kernels[integrations]"
+def extra(library):
+    """The pip command that installs ``library`` with its dependencies, at a supported version."""
+    return "pip install 'rlhf-kernels[integrations-%s]'" % library
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -125,7 +128,8 @@ class Integration:
         try:
             obj = self._resolve(target)
         except ImportError as e:
-            raise ImportError("%s is needed for this call (%s): %s (%s)" % (self.library, target, EXTRA, e)) from e
+            raise ImportError("%s is needed for this call (%s): `%s` (%s)" % (self.library, target, extra(self.library),
+                                                                             e)) from e
         return self._originals[target] if obj is self._by_target[target].function else obj
 
     def call_original(self, function, *args, **kwargs):
@@ -155,9 +159,10 @@ class Integration:
                 importlib.import_module(self.library)
             except ImportError as e:
                 raise ImportError("rlhf_kernels.integrations.%s.patch(): %s is not installed or does not import "
-                                  "(%s). Install it: `%s` (the supported versions of TRL, verl and OpenRLHF), "
-                                  "or this library alone: `pip install '%s'`."
-                                  % (self.library, self.library, e, EXTRA, self.requirement)) from e
+                                  "(%s). Install it with its dependencies: `%s` (%s, the versions whose signatures "
+                                  "patch() supports); tests/install_integrations.sh installs only the modules the "
+                                  "tests use."
+                                  % (self.library, self.library, e, extra(self.library), self.requirement)) from e
             found, skipped = self._check()
             self._originals.update({r.target: orig for r, orig in found.items()})
             applied, replaced = [], {}

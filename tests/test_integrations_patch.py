@@ -2,6 +2,7 @@
 small fake library, and the errors of the real patch() functions."""
 
 import logging
+import os
 import re
 import sys
 import types
@@ -118,3 +119,17 @@ def test_real_library_with_a_changed_signature_is_refused(monkeypatch):
                        rk_trl._TRL.version().replace(".", r"\.")):
         rk_trl.patch()
     assert tu.selective_log_softmax is selective_log_softmax and not rk_trl.is_patched()
+
+
+@pytest.mark.parametrize("integration,title,attr", [(rk_trl, "TRL", "_TRL"), (rk_verl, "verl", "_VERL"),
+                                                    (rk_openrlhf, "OpenRLHF", "_OPENRLHF")])
+def test_readme_counts_what_patch_replaces(integration, title, attr):
+    """README's "Use in your trainer" gives the number of replaced functions per library, and
+    docs/integrations.md too: both equal the replacements patch() installs."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    count = len(getattr(integration, attr).replacements)
+    version = integration.TESTED_VERSION
+    with open(os.path.join(root, "README.md")) as f:
+        assert "**%s %s: %d functions.**" % (title, version, count) in f.read()
+    with open(os.path.join(root, "docs", "integrations.md")) as f:
+        assert "### %s (tested: %s %s): %d functions replaced" % (title, title.lower(), version, count) in f.read()

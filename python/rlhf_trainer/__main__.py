@@ -1,6 +1,7 @@
 """python -m rlhf_trainer demo [--small] [--out DIR] [--config cfg.yaml] [--resume]
 python -m rlhf_trainer compare [--small] [--out DIR] [--algos ppo,grpo,...]
-python -m rlhf_trainer plot RUN_DIR"""
+python -m rlhf_trainer plot RUN_DIR
+python -m rlhf_trainer bench [--small] [--device auto|cpu|cuda] [--dtype ...] [--out DIR]"""
 
 import argparse
 import sys
@@ -27,7 +28,14 @@ def main(argv=None):
                    help="torch intra-op threads (default 1: the models are tiny; 0 keeps torch's default)")
     pl = sub.add_parser("plot", help="write RUN_DIR/curves.png from RUN_DIR/log.jsonl")
     pl.add_argument("run_dir")
+    b = sub.add_parser("bench", help="time PPO steps with kernels on vs off (rollout, log-prob passes, update; "
+                                     "peak memory; largest micro-batch)")
+    from rlhf_trainer.bench import add_arguments as add_bench_arguments
+    add_bench_arguments(b)
     args = p.parse_args(argv)
+    if args.cmd == "bench":
+        from rlhf_trainer import bench
+        return bench.main(args)
     if args.cmd == "demo":
         from rlhf_trainer import demo
         return demo.main(args)

@@ -1,0 +1,86 @@
+"""python -m rlhf_trainer bench: what the kernels buy in a whole PPO step.
+
+Runs the same PPO steps with kernels off (a plain eager trainer) and on (rlhf_kernels), one
+mode after the other in this process, each from the same randomly initialized models, and
+reports the medians over ``--steps`` steps after ``--warmup``: step time split into rollout
+(HF ``generate``), log-prob passes (old policy, reference, values), update (forward, backward
+and optimizer steps over micro-batches) and other (reward, KL penalty, GAE, whitening);
+response tokens per second; peak memory; and, on a GPU, the largest micro-batch that fits,
+found by doubling until out of memory. Written as ppo_step.md, .csv, .png and
+ppo_step.meta.json under benchmarks/results/<device>/ (or --out).
+
+Peak memory: on a GPU, torch.cuda.max_memory_allocated() over the step (everything allocated:
+weights, optimizer state, activations). On the CPU, the peak resident set size of the process
+over the step (VmHWM, reset through /proc/self/clear_refs after freed heap is returned with
+malloc_trim), which counts the same things plus the Python process itself.
+"""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class BenchError(Exception):
+    pass
+
+
+def add_arguments(p):
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto picks CUDA when available")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="model dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--small", action="store_true",
+                   help="the CPU-sized configuration (the default on the CPU); otherwise Qwen2.5-0.5B's shape, "
+                        "8 prompts x 4 samples, 1024-token responses")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per mode (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (default 1)")
+    p.add_argument("--micro-batch", type=int, help="sequences per forward/backward (default 8 GPU, 4 small)")
+    p.add_argument("--max-micro-batch", type=int, default=512,
+                   help="where the doubling search stops (GPU only; 0 skips it)")
+    p.add_argument("--out", help="results folder (default benchmarks/results/<device>/)")
+
+
+def resolve(args):
+    """-> (device, dtype, BenchConfig) from the command line, or BenchError."""
+    import torch
+    from rlhf_trainer.bench_step import GPU_CONFIG, SMALL_CONFIG, BenchConfig
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is visible to torch (use --device cpu or auto)")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    preset = SMALL_CONFIG if args.small or device.type == "cpu" else GPU_CONFIG
+    cfg = BenchConfig(**preset)
+    if args.micro_batch is not None:
+        cfg.micro_batch = args.micro_batch
+    for name in ("steps", "micro_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BenchError("--%s must be at least 1, got %d" % (name.replace("_", "-"), value))
+    if args.warmup < 0:
+        raise BenchError("--warmup must be at least 0, got %d" % args.warmup)
+    return device, dtype, cfg
+
+
+def main(args):
+    try:
+        device, dtype, cfg = resolve(args)
+    except BenchError as e:
+        print("bench: %s" % e, file=sys.stderr)
+        return 2
+    from rlhf_trainer import bench_report as report
+    out = args.out or os.path.join(ROOT if os.path.isdir(os.path.join(ROOT, "benchmarks")) else os.getcwd(),
+                                   "benchmarks", "results", report.device_slug(device))
+    if device.type != "cuda":
+        print("largest micro-batch: not searched on the CPU (doubling until out of memory would exhaust a shared "
+              "machine's RAM before any limit is reached); run on a GPU")
+    print("device %s, %s, %s configuration; kernels off, then on" % (
+        report.device_slug(device), str(dtype).replace("torch.", ""), "small" if cfg.hidden < 896 else "Qwen2.5-0.5B"),
+        flush=True)
+    rows = {mode: report.run_mode(mode, cfg, device, dtype, args.steps, args.warmup, args.max_micro_batch)
+            for mode in ("off", "on")}
+    report.write_report(rows, cfg, device, dtype, args, out)
+    return 0

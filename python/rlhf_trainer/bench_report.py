@@ -1,0 +1,271 @@
+"""Measuring and filing `python -m rlhf_trainer bench`: each mode's timed steps, peak memory
+and largest micro-batch, then the markdown table, CSV, PNG and meta.json (see bench.py)."""
+
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import re
+import statistics
+import sys
+
+import torch
+
+from rlhf_trainer.bench_ops import OPS
+from rlhf_trainer.bench_step import advantages, build_models, experience, ppo_step, qwen2_config, update_micro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PHASES = ("rollout", "logprobs", "update", "other")
+PHASE_NAMES = {"rollout": "rollout", "logprobs": "log-prob passes", "update": "update", "other": "other"}
+# The issue's targets for kernels on vs off on an H100/H200.
+TARGETS = {"step": 1.3, "memory": 2.0, "micro_batch": 2.0}
+
+
+def device_slug(device):
+    """benchmarks/run.py's folder name for this device."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-%dcore" % (os.cpu_count() or 1)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _rss_bytes(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _release(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def memory_start(device):
+    """Reset the peak counter; -> memory in use now (bytes, or None where unknown)."""
+    _release(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        return None
+    return _rss_bytes("VmRSS")
+
+
+def memory_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return _rss_bytes("VmHWM")
+
+
+def largest_micro_batch(models, ops, cfg, device, cap):
+    """Double the micro-batch from 1 until one update micro-step (the log-prob passes and
+    the policy and value forward + backward of that many sequences) runs out of memory.
+    -> (largest that fitted, sizes tried)."""
+    tried, best, mb = [], 0, 1
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    while mb <= cap:
+        tried.append(mb)
+        try:
+            c = dataclasses.replace(cfg, micro_batch=mb)
+            prompts = torch.randint(1, cfg.vocab, (mb, cfg.prompt_len), generator=g, device=device)
+            responses = torch.randint(1, cfg.vocab, (mb, cfg.response_len), generator=g, device=device)
+            mask = torch.ones_like(responses, dtype=torch.bool)
+            exp = advantages(ops, c, prompts, responses, mask, experience(models, ops, c, prompts, responses, mask))
+            ids = torch.cat([prompts, responses], 1)
+            update_micro(models, ops, c, ids, torch.ones_like(ids), responses, mask, exp, slice(0, mb), mask.sum())
+            torch.cuda.synchronize(device)
+            best = mb
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            models.optimizer.zero_grad(set_to_none=True)
+            exp = None
+            _release(device)
+        mb *= 2
+    return best, tried
+
+
+def run_mode(mode, cfg, device, dtype, steps, warmup, search_cap):
+    ops = OPS[mode]()
+    models = build_models(cfg, device, dtype)
+    results = []
+    for i in range(warmup + steps):
+        start_mem = memory_start(device)
+        r = ppo_step(models, ops, cfg, i)
+        r["peak_mem"], r["start_mem"] = memory_peak(device), start_mem
+        tag = "warm-up" if i < warmup else "step %d" % (i - warmup + 1)
+        print("kernels %-3s %-8s %s  peak %s  policy loss %+.4f  value loss %.4f" % (
+            mode, tag, "  ".join("%s %.3f s" % (k, r[k]) for k in ("step",) + PHASES),
+            fmt_bytes(r["peak_mem"]), r["policy_loss"], r["value_loss"]), flush=True)
+        if i >= warmup:
+            results.append(r)
+    row = {k: statistics.median(r[k] for r in results) for k in ("step",) + PHASES}
+    row["tokens_per_s"] = cfg.batch * cfg.response_len / row["step"]
+    peaks = [r["peak_mem"] for r in results if r["peak_mem"] is not None]
+    starts = [r["start_mem"] for r in results if r["start_mem"] is not None]
+    row["peak_mem"] = max(peaks) if peaks else None
+    row["start_mem"] = max(starts) if starts else None
+    row["policy_loss"], row["value_loss"] = results[-1]["policy_loss"], results[-1]["value_loss"]
+    row["max_micro_batch"], row["tried"] = None, []
+    if device.type == "cuda" and search_cap > 0:
+        row["max_micro_batch"], row["tried"] = largest_micro_batch(models, ops, cfg, device, search_cap)
+        print("kernels %-3s largest micro-batch %d (tried %s)" % (mode, row["max_micro_batch"], row["tried"]),
+              flush=True)
+    del models
+    _release(device)
+    return row
+
+
+def fmt_bytes(n):
+    return "n/a" if n is None else "%.0f MiB" % (n / 2 ** 20) if n < 2 ** 30 else "%.2f GiB" % (n / 2 ** 30)
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def comparison(rows, device):
+    """Lines comparing on with off, and the issue's targets where they apply (a GPU)."""
+    off, on = rows["off"], rows["on"]
+    figures = {"step": ratio(off["step"], on["step"]), "memory": ratio(off["peak_mem"], on["peak_mem"]),
+               "micro_batch": ratio(on["max_micro_batch"], off["max_micro_batch"])}
+    lines = ["kernels on vs off: step %.2fx faster (update %.2fx, log-prob passes %.2fx, other %.2fx), "
+             "peak memory %s" % (figures["step"], ratio(off["update"], on["update"]),
+                                 ratio(off["logprobs"], on["logprobs"]), ratio(off["other"], on["other"]),
+                                 "%.2fx lower" % figures["memory"] if figures["memory"] else "n/a")
+             + (", largest micro-batch %.0fx larger" % figures["micro_batch"] if figures["micro_batch"] else "")]
+    names = {"step": "step time at least %.1fx faster", "memory": "peak memory at least %.0fx lower",
+             "micro_batch": "largest micro-batch at least %.0fx larger"}
+    for key, target in TARGETS.items():
+        what = names[key] % target
+        if device.type != "cuda":
+            lines.append("target (H100/H200): %s: not measured here (a CPU run)" % what)
+        elif figures[key] is None:
+            lines.append("target (H100/H200): %s: not measured" % what)
+        else:
+            lines.append("target (H100/H200): %s: %.2fx, %s" % (what, figures[key],
+                                                                  "met" if figures[key] >= target else "MISSED"))
+    return lines
+
+
+def table(rows, cfg, device, dtype, n_params, steps, warmup):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device_slug(device)
+    mem = "peak allocated" if device.type == "cuda" else "peak RSS"
+    out = ["### PPO step, kernels on vs off (%s, %s)" % (name, str(dtype).replace("torch.", "")), "",
+           "Qwen2 architecture, random init: H=%d, %d layers, V=%d, %.0fM parameters per model; %d prompts x %d "
+           "samples, prompt %d + response %d tokens; micro-batch %d, %d mini-batch(es), %d PPO epoch(s); medians of "
+           "%d steps after %d warm-up" % (cfg.hidden, cfg.layers, cfg.vocab, n_params / 1e6, cfg.prompts, cfg.samples,
+                                          cfg.prompt_len, cfg.response_len, cfg.micro_batch, cfg.mini_batches,
+                                          cfg.ppo_epochs, steps, warmup), "",
+           "| kernels | step | rollout | log-prob passes | update | other | response tokens/s | %s | "
+           "at step start | largest micro-batch |" % mem,
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode in ("off", "on"):
+        r = rows[mode]
+        out.append("| %s | %s | %s | %s | %s | %s | %.0f | %s | %s | %s |" % (
+            mode, *("%.3f s" % r[k] for k in ("step",) + PHASES), r["tokens_per_s"], fmt_bytes(r["peak_mem"]),
+            fmt_bytes(r["start_mem"]), r["max_micro_batch"] if r["max_micro_batch"] is not None else "not searched"))
+    return out
+
+
+def write_csv(path, rows, cfg, device, dtype):
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["kernels", "device", "dtype", "batch", "prompt_len", "response_len", "micro_batch", "step_s",
+                    "rollout_s", "logprobs_s", "update_s", "other_s", "tokens_per_s", "peak_mem_bytes",
+                    "start_mem_bytes", "max_micro_batch", "policy_loss", "value_loss"])
+        for mode in ("off", "on"):
+            r = rows[mode]
+            w.writerow([mode, device_slug(device), str(dtype).replace("torch.", ""), cfg.batch, cfg.prompt_len,
+                        cfg.response_len, cfg.micro_batch] + [r[k] for k in ("step",) + PHASES]
+                       + [r["tokens_per_s"], r["peak_mem"], r["start_mem"], r["max_micro_batch"], r["policy_loss"],
+                          r["value_loss"]])
+
+
+def plot(path, rows, title, mem_label):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    modes = ["off", "on"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    left = [0.0, 0.0]
+    for phase in PHASES:
+        widths = [rows[m][phase] for m in modes]
+        a.barh(modes, widths, left=left, label=PHASE_NAMES[phase])
+        left = [x + w for x, w in zip(left, widths)]
+    a.set_xlabel("seconds per PPO step (median)")
+    a.set_ylabel("kernels")
+    a.legend(fontsize=8, loc="lower right")
+    peaks = [(rows[m]["peak_mem"] or 0) / 2 ** 30 for m in modes]
+    b.bar(modes, peaks, color=["tab:gray", "tab:green"])
+    b.set_ylabel("%s (GiB)" % mem_label)
+    b.set_xlabel("kernels")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def meta(device, dtype, cfg, args):
+    info = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "device": device_slug(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "config": dataclasses.asdict(cfg), "steps": args.steps,
+            "warmup": args.warmup, "linear_policy_loss": hasattr(sys.modules["rlhf_kernels"], "linear_policy_loss")}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    run_py = os.path.join(ROOT, "benchmarks", "run.py")
+    if os.path.exists(run_py):  # in a checkout: the commit and kernel source hash, as run.py stamps them
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_bench_run", run_py)
+        run = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(run)
+        info.update(commit=run.git("rev-parse", "HEAD"),
+                    commit_dirty_kernels=bool(run.git("status", "--porcelain", "--", *run.KERNEL_SOURCES)),
+                    source_hash=run.source_hash())
+    import datetime
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return info
+
+
+
+
+def write_report(rows, cfg, device, dtype, args, out):
+    """Print the table and comparison; write ppo_step.{md,csv,png,meta.json} under ``out``."""
+    from transformers import Qwen2ForCausalLM
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Qwen2ForCausalLM(qwen2_config(cfg)).parameters())
+    lines = table(rows, cfg, device, dtype, n_params, args.steps, args.warmup) + [""] + comparison(rows, device)
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "ppo_step.md"), "w") as f:
+        f.write(text)
+    write_csv(os.path.join(out, "ppo_step.csv"), rows, cfg, device, dtype)
+    mem_label = "peak allocated" if device.type == "cuda" else "peak RSS"
+    plot(os.path.join(out, "ppo_step.png"), rows, "PPO step on %s: kernels off vs on" % device_slug(device), mem_label)
+    with open(os.path.join(out, "ppo_step.meta.json"), "w") as f:
+        json.dump(meta(device, dtype, cfg, args), f, indent=1)
+    print("wrote %s/ppo_step.{md,csv,png,meta.json}" % out)

@@ -1,0 +1,174 @@
+"""`python -m rlhf_trainer bench`: the two modes compute the same PPO step, and the report is filed.
+
+What makes the bench's comparison fair is that kernels on and off do the same math from the
+same inputs; these tests hold them to that on a tiny Qwen2 model in float32 on the CPU.
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from rlhf_trainer import bench, bench_report
+from rlhf_trainer.bench_ops import EagerOps, KernelOps
+from rlhf_trainer.bench_step import (SMALL_CONFIG, BenchConfig, advantages, build_models, experience, sequences,
+                                     update, update_micro)
+
+# Both modes run the same backbone (bitwise the same hidden states); they differ in how the
+# float32 log-softmax, entropy, GAE sums and loss reductions are ordered: a few float32 ulps
+# of each value, amplified at most by the ~10 sequential steps of GAE and the whitening.
+VALUE_RTOL = 1e-5
+VALUE_ATOL = 2e-6
+# Gradients sum such differences over tokens and through the backbone's backward:
+# elementwise relative to their size, plus this fraction of the largest entry.
+GRAD_RTOL = 1e-4
+GRAD_ATOL_FRAC = 1e-5
+
+
+def tiny_cfg(**kw):
+    base = dict(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1, vocab=997, prompts=2, samples=3,
+                prompt_len=5, response_len=7, micro_batch=2, mini_batches=2, seed=11)
+    return BenchConfig(**dict(base, **kw))
+
+
+def batch(cfg, seed=0):
+    """Random prompts and responses, right-padded responses of random lengths (at least 1)."""
+    g = torch.Generator().manual_seed(seed)
+    B = cfg.batch
+    prompts = torch.randint(1, cfg.vocab, (B, cfg.prompt_len), generator=g)
+    responses = torch.randint(1, cfg.vocab, (B, cfg.response_len), generator=g)
+    lengths = torch.randint(1, cfg.response_len + 1, (B,), generator=g)
+    lengths[0] = cfg.response_len
+    mask = torch.arange(cfg.response_len)[None, :] < lengths[:, None]
+    return prompts, responses.masked_fill(~mask, 0), mask
+
+
+def close(actual, expected, rtol=VALUE_RTOL, atol=VALUE_ATOL, what=""):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: "%s: %s" % (what, m))
+
+
+def test_same_models_for_both_modes():
+    cfg = tiny_cfg()
+    a, b = build_models(cfg, torch.device("cpu"), torch.float32), build_models(cfg, torch.device("cpu"), torch.float32)
+    for (name, p), q in zip(a.policy.named_parameters(), b.policy.parameters()):
+        assert torch.equal(p, q), name
+    for (name, p), q in zip(a.value.named_parameters(), b.value.parameters()):
+        assert torch.equal(p, q), name
+    # the reference is a frozen copy of the policy, not the same tensors
+    assert all(not p.requires_grad for p in a.ref.parameters())
+    assert a.ref.lm_head.weight.data_ptr() != a.policy.lm_head.weight.data_ptr()
+
+
+def test_modes_compute_the_same_experience():
+    cfg = tiny_cfg()
+    models = build_models(cfg, torch.device("cpu"), torch.float32)
+    prompts, responses, mask = batch(cfg)
+    assert not mask.all()  # padding is exercised
+    exps = {}
+    for ops in (EagerOps(), KernelOps()):
+        exp = experience(models, ops, cfg, prompts, responses, mask)
+        exps[ops.name] = advantages(ops, cfg, prompts, responses, mask, exp)
+    off, on = exps["off"], exps["on"]
+    for key in ("old_logp", "ref_logp", "values", "score", "returns", "advantages"):
+        close(on[key], off[key], what=key)
+    assert (off["old_logp"][mask] < 0).all() and (off["old_logp"][~mask] == 0).all()
+    assert (on["advantages"][~mask] == 0).all() and (on["returns"][~mask] == 0).all()
+    assert off["advantages"][mask].std() > 0.5  # whitened, not degenerate
+
+
+def _grads(models):
+    named = list(models.policy.named_parameters()) + [("value." + n, p) for n, p in models.value.named_parameters()]
+    return {n: p.grad.clone() for n, p in named if p.grad is not None}
+
+
+def test_modes_compute_the_same_losses_and_gradients():
+    cfg = tiny_cfg()
+    prompts, responses, mask = batch(cfg, seed=1)
+    base = build_models(cfg, torch.device("cpu"), torch.float32)
+    exp = advantages(EagerOps(), cfg, prompts, responses, mask,
+                     experience(base, EagerOps(), cfg, prompts, responses, mask))
+    # a policy that has moved since the rollout, so that clipping (both sides) is exercised
+    g = torch.Generator().manual_seed(2)
+    exp["old_logp"] = torch.where(mask, exp["old_logp"] + 0.5 * torch.randn(mask.shape, generator=g), 0.0)
+    exp["values"] = exp["values"] + 0.3 * torch.randn(mask.shape, generator=g)
+    input_ids, attention_mask = sequences(prompts, responses, mask)
+    s = slice(1, 5)
+    num_tokens = mask.sum()
+    results = {}
+    for ops in (EagerOps(), KernelOps()):
+        models = build_models(cfg, torch.device("cpu"), torch.float32)
+        loss, vloss, stats = update_micro(models, ops, cfg, input_ids, attention_mask, responses, mask, exp, s,
+                                          num_tokens)
+        results[ops.name] = (loss, vloss, stats, _grads(models))
+    (loss_off, vloss_off, st_off, g_off), (loss_on, vloss_on, st_on, g_on) = results["off"], results["on"]
+    close(loss_on, loss_off, what="policy objective")
+    close(vloss_on, vloss_off, what="value loss")
+    assert st_off["clipfrac"] > 0 and st_off["vf_clipfrac"] > 0
+    for key in ("clipfrac", "approx_kl", "entropy", "vf_clipfrac"):
+        close(st_on[key], st_off[key], what=key)
+    assert g_on.keys() == g_off.keys() and len(g_off) > 10
+    for name, ref in g_off.items():
+        assert ref.abs().max() > 0, name
+        close(g_on[name], ref, rtol=GRAD_RTOL, atol=GRAD_ATOL_FRAC * ref.abs().max().item(), what="grad " + name)
+
+
+def test_one_update_gives_the_same_parameters():
+    """A whole update (two mini-batches of micro-batches, clipping, AdamW): the same new weights."""
+    cfg = tiny_cfg(lr=1e-3)
+    prompts, responses, mask = batch(cfg, seed=3)
+    new = {}
+    for ops in (EagerOps(), KernelOps()):
+        models = build_models(cfg, torch.device("cpu"), torch.float32)
+        exp = advantages(ops, cfg, prompts, responses, mask, experience(models, ops, cfg, prompts, responses, mask))
+        update(models, ops, cfg, prompts, responses, mask, exp)
+        new[ops.name] = dict(models.policy.named_parameters())
+    before = dict(build_models(cfg, torch.device("cpu"), torch.float32).policy.named_parameters())
+    for name, p in new["off"].items():
+        assert not torch.equal(p, before[name]), name  # the step did move it
+        # Adam's first step moves each weight by about lr * sign(grad): tiny gradient differences
+        # can only flip entries whose gradient is near 0, so compare the bulk
+        diff = (new["on"][name] - p).abs()
+        assert (diff <= 1e-6).float().mean() > 0.99, name
+
+
+def _args(tmp_path, **kw):
+    d = dict(device="cpu", dtype="auto", small=True, steps=1, warmup=0, micro_batch=None, max_micro_batch=512,
+             out=str(tmp_path))
+    return argparse.Namespace(**dict(d, **kw))
+
+
+def test_report_files_are_written(tmp_path, capsys):
+    cfg = tiny_cfg(response_len=4)
+    device = torch.device("cpu")
+    args = _args(tmp_path)
+    rows = {m: bench_report.run_mode(m, cfg, device, torch.float32, 2, 1, 0) for m in ("off", "on")}
+    bench_report.write_report(rows, cfg, device, torch.float32, args, str(tmp_path))
+    text = (tmp_path / "ppo_step.md").read_text()
+    assert "| off |" in text and "| on |" in text and "kernels on vs off" in text
+    with open(tmp_path / "ppo_step.csv") as f:
+        rows_csv = list(csv.DictReader(f))
+    assert [r["kernels"] for r in rows_csv] == ["off", "on"]
+    for r in rows_csv:
+        phases = sum(float(r[k]) for k in ("rollout_s", "logprobs_s", "update_s", "other_s"))
+        assert 0 < phases <= float(r["step_s"]) * 1.0001
+        assert float(r["tokens_per_s"]) > 0
+        assert r["max_micro_batch"] == ""  # not searched on the CPU
+    assert (tmp_path / "ppo_step.png").stat().st_size > 1000
+    meta = json.loads((tmp_path / "ppo_step.meta.json").read_text())
+    assert meta["device"] == bench_report.device_slug(device) and meta["config"]["response_len"] == 4
+    out = capsys.readouterr().out
+    assert "kernels off step 1" in out and "kernels on  step 2" in out
+
+
+def test_small_config_and_bad_arguments(capsys):
+    device, dtype, cfg = bench.resolve(_args(None, micro_batch=2))
+    assert device.type == "cpu" and dtype == torch.float32
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(BenchConfig(**dict(SMALL_CONFIG, micro_batch=2)))
+    with pytest.raises(bench.BenchError, match="--steps"):
+        bench.resolve(_args(None, steps=0))
+    if not torch.cuda.is_available():
+        assert bench.main(_args(None, device="cuda")) == 2
+        assert "--device cuda" in capsys.readouterr().err

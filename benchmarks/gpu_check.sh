@@ -67,10 +67,20 @@ benchmarks() {
   return "${PIPESTATUS[0]}"
 }
 
+# A whole PPO step, kernels off vs on (Qwen2.5-0.5B shape, bf16, 8x4 responses of 1024 tokens):
+# ppo_step.{md,csv,png} with the step, memory and largest-micro-batch targets. Its rollouts
+# (HF generate, 1024 tokens each) are most of its time: 2 measured steps per mode, an estimated
+# 3-4 minutes on top of the 8 above (not yet measured on a GPU).
+ppo_bench() {
+  timeout 420 $PY -m rlhf_trainer bench --device cuda --steps 2 --warmup 1 --out "$RES" 2>&1 | tee "$RES/ppo_step.log" | tail -12
+  return "${PIPESTATUS[0]}"
+}
+
 stage build build
 stage tests_cuda cuda_tests
 stage sanitizer sanitize
 stage benchmarks benchmarks
+stage ppo_bench ppo_bench
 
 # rlhf_kernels.integrations: each library's replaced functions against ours (patched), one
 # realistic shape each, CUDA-event medians (benchmarks/bench_integrations.py). The libraries come
@@ -85,7 +95,7 @@ stage integrations integrations
 
 echo
 echo "### gpu_check summary ($RES, $(( $(date +%s) - start )) s in all)"
-for k in build tests_cuda sanitizer benchmarks integrations; do
+for k in build tests_cuda sanitizer benchmarks ppo_bench integrations; do
   printf "  %-12s %s in %s s\n" "$k" "$([ "${status[$k]}" = 0 ] && echo ok || echo "FAILED (rc ${status[$k]})")" "${seconds[$k]}"
 done
 grep -E "passed|failed" "$RES/tests_cuda.log" | tail -1

@@ -172,3 +172,23 @@ def test_small_config_and_bad_arguments(capsys):
     if not torch.cuda.is_available():
         assert bench.main(_args(None, device="cuda")) == 2
         assert "--device cuda" in capsys.readouterr().err
+
+
+def test_largest_micro_batch_doubles_until_out_of_memory(monkeypatch):
+    cfg = tiny_cfg(response_len=3)
+    device = torch.device("cpu")
+    models = build_models(cfg, device, torch.float32)
+    seen = []
+    real = bench_report.update_micro
+
+    def fake_update_micro(models, ops, cfg, input_ids, *args):
+        seen.append(input_ids.shape[0])
+        if input_ids.shape[0] > 5:
+            raise torch.OutOfMemoryError("fake: %d sequences do not fit" % input_ids.shape[0])
+        return real(models, ops, cfg, input_ids, *args)
+
+    monkeypatch.setattr(bench_report, "update_micro", fake_update_micro)
+    assert bench_report.largest_micro_batch(models, KernelOps(), cfg, device, 64) == (4, [1, 2, 4, 8], False)
+    assert seen == [1, 2, 4, 8]
+    assert all(p.grad is None for p in models.policy.parameters())  # each trial's gradients are dropped
+    assert bench_report.largest_micro_batch(models, EagerOps(), cfg, device, 3) == (2, [1, 2], True)

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from rlhf_trainer.bench_ops import OPS
-from rlhf_trainer.bench_step import advantages, build_models, experience, ppo_step, qwen2_config, update_micro
+from rlhf_trainer.bench_step import advantages, build_models, experience, ppo_step, qwen2_config, sync, update_micro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHASES = ("rollout", "logprobs", "update", "other")
@@ -75,7 +75,7 @@ def memory_peak(device):
 def largest_micro_batch(models, ops, cfg, device, cap):
     """Double the micro-batch from 1 until one update micro-step (the log-prob passes and
     the policy and value forward + backward of that many sequences) runs out of memory.
-    -> (largest that fitted, sizes tried)."""
+    -> (largest that fitted, sizes tried, whether the search stopped at ``cap`` instead)."""
     tried, best, mb = [], 0, 1
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     while mb <= cap:
@@ -88,16 +88,16 @@ def largest_micro_batch(models, ops, cfg, device, cap):
             exp = advantages(ops, c, prompts, responses, mask, experience(models, ops, c, prompts, responses, mask))
             ids = torch.cat([prompts, responses], 1)
             update_micro(models, ops, c, ids, torch.ones_like(ids), responses, mask, exp, slice(0, mb), mask.sum())
-            torch.cuda.synchronize(device)
+            sync(device)
             best = mb
         except torch.OutOfMemoryError:
-            break
+            return best, tried, False
         finally:
             models.optimizer.zero_grad(set_to_none=True)
             exp = None
             _release(device)
         mb *= 2
-    return best, tried
+    return best, tried, True
 
 
 def run_mode(mode, cfg, device, dtype, steps, warmup, search_cap):
@@ -121,11 +121,13 @@ def run_mode(mode, cfg, device, dtype, steps, warmup, search_cap):
     row["peak_mem"] = max(peaks) if peaks else None
     row["start_mem"] = max(starts) if starts else None
     row["policy_loss"], row["value_loss"] = results[-1]["policy_loss"], results[-1]["value_loss"]
-    row["max_micro_batch"], row["tried"] = None, []
+    row["max_micro_batch"], row["tried"], row["capped"] = None, [], False
     if device.type == "cuda" and search_cap > 0:
-        row["max_micro_batch"], row["tried"] = largest_micro_batch(models, ops, cfg, device, search_cap)
-        print("kernels %-3s largest micro-batch %d (tried %s)" % (mode, row["max_micro_batch"], row["tried"]),
-              flush=True)
+        row["max_micro_batch"], row["tried"], row["capped"] = largest_micro_batch(models, ops, cfg, device,
+                                                                                 search_cap)
+        print("kernels %-3s largest micro-batch %d (tried %s%s)" % (
+            mode, row["max_micro_batch"], row["tried"], "; stopped at --max-micro-batch" if row["capped"] else ""),
+            flush=True)
     del models
     _release(device)
     return row
@@ -139,16 +141,28 @@ def ratio(a, b):
     return a / b if a and b else None
 
 
+def fx(r):
+    return "n/a" if r is None else "%.2fx" % r
+
+
 def comparison(rows, device):
     """Lines comparing on with off, and the issue's targets where they apply (a GPU)."""
     off, on = rows["off"], rows["on"]
     figures = {"step": ratio(off["step"], on["step"]), "memory": ratio(off["peak_mem"], on["peak_mem"]),
                "micro_batch": ratio(on["max_micro_batch"], off["max_micro_batch"])}
-    lines = ["kernels on vs off: step %.2fx faster (update %.2fx, log-prob passes %.2fx, other %.2fx), "
-             "peak memory %s" % (figures["step"], ratio(off["update"], on["update"]),
-                                 ratio(off["logprobs"], on["logprobs"]), ratio(off["other"], on["other"]),
-                                 "%.2fx lower" % figures["memory"] if figures["memory"] else "n/a")
-             + (", largest micro-batch %.0fx larger" % figures["micro_batch"] if figures["micro_batch"] else "")]
+    train = ratio(off["step"] - off["rollout"], on["step"] - on["rollout"])
+    lines = ["kernels on vs off: step %s faster; without the rollout (which the kernels do not touch) %s: "
+             "log-prob passes %s, update %s, other %s" % (
+                 fx(figures["step"]), fx(train), fx(ratio(off["logprobs"], on["logprobs"])),
+                 fx(ratio(off["update"], on["update"])), fx(ratio(off["other"], on["other"])))]
+    memory = "peak memory %s lower" % fx(figures["memory"])
+    if off["start_mem"] is not None and on["start_mem"] is not None and figures["memory"]:
+        memory += "; over the step's start %s lower" % fx(ratio(off["peak_mem"] - off["start_mem"],
+                                                                on["peak_mem"] - on["start_mem"]))
+    if figures["micro_batch"]:
+        memory += "; largest micro-batch %s larger%s" % (fx(figures["micro_batch"]),
+                                                         " (on stopped at --max-micro-batch)" if on["capped"] else "")
+    lines.append(memory)
     names = {"step": "step time at least %.1fx faster", "memory": "peak memory at least %.0fx lower",
              "micro_batch": "largest micro-batch at least %.0fx larger"}
     for key, target in TARGETS.items():
@@ -158,8 +172,10 @@ def comparison(rows, device):
         elif figures[key] is None:
             lines.append("target (H100/H200): %s: not measured" % what)
         else:
-            lines.append("target (H100/H200): %s: %.2fx, %s" % (what, figures[key],
-                                                                  "met" if figures[key] >= target else "MISSED"))
+            verdict = "met" if figures[key] >= target else "MISSED"
+            if key == "micro_batch" and on["capped"] and verdict != "met":
+                verdict = "not settled (on stopped at --max-micro-batch: raise it)"
+            lines.append("target (H100/H200): %s: %.2fx, %s" % (what, figures[key], verdict))
     return lines
 
 
@@ -179,7 +195,8 @@ def table(rows, cfg, device, dtype, n_params, steps, warmup):
         r = rows[mode]
         out.append("| %s | %s | %s | %s | %s | %s | %.0f | %s | %s | %s |" % (
             mode, *("%.3f s" % r[k] for k in ("step",) + PHASES), r["tokens_per_s"], fmt_bytes(r["peak_mem"]),
-            fmt_bytes(r["start_mem"]), r["max_micro_batch"] if r["max_micro_batch"] is not None else "not searched"))
+            fmt_bytes(r["start_mem"]), "not searched" if r["max_micro_batch"] is None
+            else ("at least %d" if r["capped"] else "%d") % r["max_micro_batch"]))
     return out
 
 

@@ -206,7 +206,7 @@ def update(models, ops, cfg, prompts, responses, mask, exp):
     return log
 
 
-def _sync(device):
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -215,20 +215,20 @@ def ppo_step(models, ops, cfg, step):
     """One timed PPO step -> {"rollout", "logprobs", "update", "other", "step"} seconds and
     the step's loss figures. Each phase ends with a device synchronize."""
     device = next(models.policy.parameters()).device
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     prompts, responses = rollout(models, cfg, step)
     mask = torch.ones_like(responses, dtype=torch.bool)  # no stop token: every sampled token counts
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     exp = experience(models, ops, cfg, prompts, responses, mask)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     exp = advantages(ops, cfg, prompts, responses, mask, exp)
-    _sync(device)
+    sync(device)
     t3 = time.perf_counter()
     log = update(models, ops, cfg, prompts, responses, mask, exp)
-    _sync(device)
+    sync(device)
     t4 = time.perf_counter()
     n = len(log)
     return {"rollout": t1 - t0, "logprobs": t2 - t1, "update": t4 - t3, "other": t3 - t2, "step": t4 - t0,

@@ -144,7 +144,7 @@ def test_report_files_are_written(tmp_path, capsys):
     cfg = tiny_cfg(response_len=4)
     device = torch.device("cpu")
     args = _args(tmp_path)
-    rows = {m: bench_report.run_mode(m, cfg, device, torch.float32, 2, 1, 0) for m in ("off", "on")}
+    rows = bench_report.run_modes(cfg, device, torch.float32, 2, 1, 0)
     bench_report.write_report(rows, cfg, device, torch.float32, args, str(tmp_path))
     text = (tmp_path / "ppo_step.md").read_text()
     assert "| off |" in text and "| on |" in text and "kernels on vs off" in text
@@ -156,6 +156,7 @@ def test_report_files_are_written(tmp_path, capsys):
         assert 0 < phases <= float(r["step_s"]) * 1.0001
         assert float(r["tokens_per_s"]) > 0
         assert r["max_micro_batch"] == ""  # not searched on the CPU
+        assert 0 < int(r["peak_over_start_bytes"]) <= int(r["peak_mem_bytes"])
     assert (tmp_path / "ppo_step.png").stat().st_size > 1000
     meta = json.loads((tmp_path / "ppo_step.meta.json").read_text())
     assert meta["device"] == bench_report.device_slug(device) and meta["config"]["response_len"] == 4
@@ -192,3 +193,15 @@ def test_largest_micro_batch_doubles_until_out_of_memory(monkeypatch):
     assert seen == [1, 2, 4, 8]
     assert all(p.grad is None for p in models.policy.parameters())  # each trial's gradients are dropped
     assert bench_report.largest_micro_batch(models, EagerOps(), cfg, device, 3) == (2, [1, 2], True)
+
+
+def test_one_mode_at_a_time_with_the_micro_batch_search(capsys):
+    """The GPU's schedule (each mode alone, then its doubling search), run on the CPU."""
+    cfg = tiny_cfg(response_len=3)
+    rows = bench_report.run_modes(cfg, torch.device("cpu"), torch.float32, 1, 0, 2, alternate=False)
+    for m in ("off", "on"):
+        assert rows[m]["max_micro_batch"] == 2 and rows[m]["tried"] == [1, 2] and rows[m]["capped"]
+    out = capsys.readouterr().out
+    assert out.index("kernels off step 1") < out.index("kernels off largest") < out.index("kernels on  step 1")
+    text = "\n".join(bench_report.table(rows, cfg, torch.device("cpu"), torch.float32, 1, 1, 0))
+    assert text.count("| at least 2 |") == 2

@@ -77,10 +77,9 @@ def main(args):
     if device.type != "cuda":
         print("largest micro-batch: not searched on the CPU (doubling until out of memory would exhaust a shared "
               "machine's RAM before any limit is reached); run on a GPU")
-    print("device %s, %s, %s configuration; kernels off, then on" % (
-        report.device_slug(device), str(dtype).replace("torch.", ""), "small" if cfg.hidden < 896 else "Qwen2.5-0.5B"),
-        flush=True)
-    rows = {mode: report.run_mode(mode, cfg, device, dtype, args.steps, args.warmup, args.max_micro_batch)
-            for mode in ("off", "on")}
+    print("device %s, %s, %s configuration; %s" % (
+        report.device_slug(device), str(dtype).replace("torch.", ""), "small" if cfg.hidden < 896 else "Qwen2.5-0.5B",
+        "kernels off, then on" if device.type == "cuda" else "kernels off and on, steps alternating"), flush=True)
+    rows = report.run_modes(cfg, device, dtype, args.steps, args.warmup, args.max_micro_batch)
     report.write_report(rows, cfg, device, dtype, args, out)
     return 0

@@ -100,37 +100,74 @@ def largest_micro_batch(models, ops, cfg, device, cap):
     return best, tried, True
 
 
-def run_mode(mode, cfg, device, dtype, steps, warmup, search_cap):
-    ops = OPS[mode]()
-    models = build_models(cfg, device, dtype)
-    results = []
-    for i in range(warmup + steps):
-        start_mem = memory_start(device)
-        r = ppo_step(models, ops, cfg, i)
-        r["peak_mem"], r["start_mem"] = memory_peak(device), start_mem
-        tag = "warm-up" if i < warmup else "step %d" % (i - warmup + 1)
-        print("kernels %-3s %-8s %s  peak %s  policy loss %+.4f  value loss %.4f" % (
-            mode, tag, "  ".join("%s %.3f s" % (k, r[k]) for k in ("step",) + PHASES),
-            fmt_bytes(r["peak_mem"]), r["policy_loss"], r["value_loss"]), flush=True)
-        if i >= warmup:
-            results.append(r)
+MODES = ("off", "on")
+
+
+def timed_step(mode, state, cfg, device, i, warmup):
+    """One PPO step of ``mode`` with its peak memory; prints a line."""
+    ops, models = state
+    start_mem = memory_start(device)
+    r = ppo_step(models, ops, cfg, i)
+    r["peak_mem"], r["start_mem"] = memory_peak(device), start_mem
+    tag = "warm-up" if i < warmup else "step %d" % (i - warmup + 1)
+    print("kernels %-3s %-8s %s  peak %s  policy loss %+.4f  value loss %.4f" % (
+        mode, tag, "  ".join("%s %.3f s" % (k, r[k]) for k in ("step",) + PHASES),
+        fmt_bytes(r["peak_mem"]), r["policy_loss"], r["value_loss"]), flush=True)
+    return r
+
+
+def summary(results, cfg):
+    """Medians of the measured steps' times; the largest peak memory."""
     row = {k: statistics.median(r[k] for r in results) for k in ("step",) + PHASES}
     row["tokens_per_s"] = cfg.batch * cfg.response_len / row["step"]
-    peaks = [r["peak_mem"] for r in results if r["peak_mem"] is not None]
-    starts = [r["start_mem"] for r in results if r["start_mem"] is not None]
-    row["peak_mem"] = max(peaks) if peaks else None
-    row["start_mem"] = max(starts) if starts else None
+    known = [r for r in results if r["peak_mem"] is not None and r["start_mem"] is not None]
+    row["peak_mem"] = max(r["peak_mem"] for r in known) if known else None
+    row["start_mem"] = max(r["start_mem"] for r in known) if known else None
+    row["peak_extra"] = max(r["peak_mem"] - r["start_mem"] for r in known) if known else None
     row["policy_loss"], row["value_loss"] = results[-1]["policy_loss"], results[-1]["value_loss"]
     row["max_micro_batch"], row["tried"], row["capped"] = None, [], False
-    if device.type == "cuda" and search_cap > 0:
-        row["max_micro_batch"], row["tried"], row["capped"] = largest_micro_batch(models, ops, cfg, device,
-                                                                                 search_cap)
-        print("kernels %-3s largest micro-batch %d (tried %s%s)" % (
-            mode, row["max_micro_batch"], row["tried"], "; stopped at --max-micro-batch" if row["capped"] else ""),
-            flush=True)
-    del models
-    _release(device)
     return row
+
+
+def run_modes(cfg, device, dtype, steps, warmup, search_cap, alternate=None):
+    """Both modes' steps -> {"off": row, "on": row}. On a GPU each mode runs alone (its own
+    models only, so its peak memory and largest micro-batch are its own), then the next. On
+    the CPU, a shared machine whose speed drifts, the two modes' steps alternate (off, on,
+    then on, off, ...) with both modes' models resident; the memory figure there is each
+    step's peak over its start. ``alternate`` overrides that choice (tests run the GPU's
+    schedule on the CPU)."""
+    results = {m: [] for m in MODES}
+    if alternate is None:
+        alternate = device.type != "cuda"
+    if alternate:
+        states = {m: (OPS[m](), build_models(cfg, device, dtype)) for m in MODES}
+        for i in range(warmup + steps):
+            for m in (MODES if i % 2 == 0 else MODES[::-1]):
+                r = timed_step(m, states[m], cfg, device, i, warmup)
+                if i >= warmup:
+                    results[m].append(r)
+        del states
+        _release(device)
+        return {m: summary(results[m], cfg) for m in MODES}
+    rows = {}
+    for m in MODES:
+        state = (OPS[m](), build_models(cfg, device, dtype))
+        for i in range(warmup + steps):
+            r = timed_step(m, state, cfg, device, i, warmup)
+            if i >= warmup:
+                results[m].append(r)
+        rows[m] = summary(results[m], cfg)
+        if search_cap > 0:
+            row, (ops, models) = rows[m], state
+            row["max_micro_batch"], row["tried"], row["capped"] = largest_micro_batch(models, ops, cfg, device,
+                                                                                     search_cap)
+            del ops, models
+            print("kernels %-3s largest micro-batch %d (tried %s%s)" % (
+                m, row["max_micro_batch"], row["tried"], "; stopped at --max-micro-batch" if row["capped"] else ""),
+                flush=True)
+        del state
+        _release(device)
+    return rows
 
 
 def fmt_bytes(n):
@@ -148,17 +185,20 @@ def fx(r):
 def comparison(rows, device):
     """Lines comparing on with off, and the issue's targets where they apply (a GPU)."""
     off, on = rows["off"], rows["on"]
-    figures = {"step": ratio(off["step"], on["step"]), "memory": ratio(off["peak_mem"], on["peak_mem"]),
+    mem_key = "peak_mem" if device.type == "cuda" else "peak_extra"
+    figures = {"step": ratio(off["step"], on["step"]), "memory": ratio(off[mem_key], on[mem_key]),
                "micro_batch": ratio(on["max_micro_batch"], off["max_micro_batch"])}
     train = ratio(off["step"] - off["rollout"], on["step"] - on["rollout"])
     lines = ["kernels on vs off: step %s faster; without the rollout (which the kernels do not touch) %s: "
              "log-prob passes %s, update %s, other %s" % (
                  fx(figures["step"]), fx(train), fx(ratio(off["logprobs"], on["logprobs"])),
                  fx(ratio(off["update"], on["update"])), fx(ratio(off["other"], on["other"])))]
-    memory = "peak memory %s lower" % fx(figures["memory"])
-    if off["start_mem"] is not None and on["start_mem"] is not None and figures["memory"]:
-        memory += "; over the step's start %s lower" % fx(ratio(off["peak_mem"] - off["start_mem"],
-                                                                on["peak_mem"] - on["start_mem"]))
+    if device.type == "cuda":
+        memory = "peak memory %s lower; over the step's start %s lower" % (
+            fx(figures["memory"]), fx(ratio(off["peak_extra"], on["peak_extra"])))
+    else:
+        memory = ("peak RSS over the step's start %s lower (the absolute peaks hold both modes' models: the steps "
+                  "alternate)" % fx(figures["memory"]))
     if figures["micro_batch"]:
         memory += "; largest micro-batch %s larger%s" % (fx(figures["micro_batch"]),
                                                          " (on stopped at --max-micro-batch)" if on["capped"] else "")
@@ -206,13 +246,13 @@ def write_csv(path, rows, cfg, device, dtype):
         w = csv.writer(f)
         w.writerow(["kernels", "device", "dtype", "batch", "prompt_len", "response_len", "micro_batch", "step_s",
                     "rollout_s", "logprobs_s", "update_s", "other_s", "tokens_per_s", "peak_mem_bytes",
-                    "start_mem_bytes", "max_micro_batch", "policy_loss", "value_loss"])
+                    "start_mem_bytes", "peak_over_start_bytes", "max_micro_batch", "policy_loss", "value_loss"])
         for mode in ("off", "on"):
             r = rows[mode]
             w.writerow([mode, device_slug(device), str(dtype).replace("torch.", ""), cfg.batch, cfg.prompt_len,
                         cfg.response_len, cfg.micro_batch] + [r[k] for k in ("step",) + PHASES]
-                       + [r["tokens_per_s"], r["peak_mem"], r["start_mem"], r["max_micro_batch"], r["policy_loss"],
-                          r["value_loss"]])
+                       + [r["tokens_per_s"], r["peak_mem"], r["start_mem"], r["peak_extra"], r["max_micro_batch"],
+                          r["policy_loss"], r["value_loss"]])
 
 
 def plot(path, rows, title, mem_label):
@@ -262,6 +302,8 @@ def meta(device, dtype, cfg, args):
         info.update(commit=run.git("rev-parse", "HEAD"),
                     commit_dirty_kernels=bool(run.git("status", "--porcelain", "--", *run.KERNEL_SOURCES)),
                     source_hash=run.source_hash())
+    if hasattr(os, "getloadavg"):
+        info["load_average_1_5_15_min_at_end"] = [round(x, 2) for x in os.getloadavg()]
     import datetime
     info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return info
@@ -275,6 +317,9 @@ def write_report(rows, cfg, device, dtype, args, out):
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Qwen2ForCausalLM(qwen2_config(cfg)).parameters())
     lines = table(rows, cfg, device, dtype, n_params, args.steps, args.warmup) + [""] + comparison(rows, device)
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        lines.append("CPU load average (1, 5, 15 min) at the end: %.1f, %.1f, %.1f on %d cores (other jobs share "
+                     "the machine when it exceeds the cores)" % (*os.getloadavg(), os.cpu_count() or 1))
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     os.makedirs(out, exist_ok=True)

@@ -136,7 +136,7 @@ def test_one_update_gives_the_same_parameters():
 
 def _args(tmp_path, **kw):
     d = dict(device="cpu", dtype="auto", small=True, steps=1, warmup=0, micro_batch=None, max_micro_batch=512,
-             out=str(tmp_path))
+             threads=0, out=str(tmp_path))
     return argparse.Namespace(**dict(d, **kw))
 
 
@@ -168,8 +168,10 @@ def test_small_config_and_bad_arguments(capsys):
     device, dtype, cfg = bench.resolve(_args(None, micro_batch=2))
     assert device.type == "cpu" and dtype == torch.float32
     assert dataclasses.asdict(cfg) == dataclasses.asdict(BenchConfig(**dict(SMALL_CONFIG, micro_batch=2)))
-    with pytest.raises(bench.BenchError, match="--steps"):
+    with pytest.raises(bench.BenchError, match="--steps must be at least 1, got 0"):
         bench.resolve(_args(None, steps=0))
+    with pytest.raises(bench.BenchError, match="--max-micro-batch must be at least 0, got -1"):
+        bench.resolve(_args(None, max_micro_batch=-1))
     if not torch.cuda.is_available():
         assert bench.main(_args(None, device="cuda")) == 2
         assert "--device cuda" in capsys.readouterr().err

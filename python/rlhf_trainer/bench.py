@@ -38,6 +38,9 @@ def add_arguments(p):
     p.add_argument("--micro-batch", type=int, help="sequences per forward/backward (default 8 GPU, 4 small)")
     p.add_argument("--max-micro-batch", type=int, default=512,
                    help="where the doubling search stops (GPU only; 0 skips it)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads for a CPU run (default 1: the small models gain nothing from more, "
+                        "and a shared CPU makes several threads wait on each other; 0 keeps torch's default)")
     p.add_argument("--out", help="results folder (default benchmarks/results/<device>/)")
 
 
@@ -60,8 +63,11 @@ def resolve(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BenchError("--%s must be at least 1, got %d" % (name.replace("_", "-"), value))
-    if args.warmup < 0:
-        raise BenchError("--warmup must be at least 0, got %d" % args.warmup)
+    for name in ("threads", "max_micro_batch", "warmup"):
+        if getattr(args, name) < 0:
+            raise BenchError("--%s must be at least 0, got %d" % (name.replace("_", "-"), getattr(args, name)))
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
     return device, dtype, cfg
 
 

@@ -220,7 +220,8 @@ def comparison(rows, device):
 
 
 def table(rows, cfg, device, dtype, n_params, steps, warmup):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device_slug(device)
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else "%s, %d torch threads" % (device_slug(device), torch.get_num_threads()))
     mem = "peak allocated" if device.type == "cuda" else "peak RSS"
     out = ["### PPO step, kernels on vs off (%s, %s)" % (name, str(dtype).replace("torch.", "")), "",
            "Qwen2 architecture, random init: H=%d, %d layers, V=%d, %.0fM parameters per model; %d prompts x %d "
@@ -287,7 +288,7 @@ def meta(device, dtype, cfg, args):
     info = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "device": device_slug(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
             "cuda": torch.version.cuda, "config": dataclasses.asdict(cfg), "steps": args.steps,
-            "warmup": args.warmup, "linear_policy_loss": hasattr(sys.modules["rlhf_kernels"], "linear_policy_loss")}
+            "warmup": args.warmup, "torch_threads": torch.get_num_threads(), "linear_policy_loss": hasattr(sys.modules["rlhf_kernels"], "linear_policy_loss")}
     try:
         import transformers
         info["transformers"] = transformers.__version__

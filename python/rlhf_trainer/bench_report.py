@@ -126,7 +126,15 @@ def summary(results, cfg):
     row["peak_extra"] = max(r["peak_mem"] - r["start_mem"] for r in known) if known else None
     row["policy_loss"], row["value_loss"] = results[-1]["policy_loss"], results[-1]["value_loss"]
     row["max_micro_batch"], row["tried"], row["capped"] = None, [], False
+    row["raw"] = results
     return row
+
+
+def paired(off, on, seconds):
+    """The median over measured steps of off's time / on's, steps paired by index (adjacent
+    in time on the CPU, where the steps alternate, so that a drifting machine cancels out)."""
+    ratios = [seconds(a) / seconds(b) for a, b in zip(off["raw"], on["raw"]) if seconds(a) > 0 and seconds(b) > 0]
+    return statistics.median(ratios) if ratios else None
 
 
 def run_modes(cfg, device, dtype, steps, warmup, search_cap, alternate=None):
@@ -186,13 +194,13 @@ def comparison(rows, device):
     """Lines comparing on with off, and the issue's targets where they apply (a GPU)."""
     off, on = rows["off"], rows["on"]
     mem_key = "peak_mem" if device.type == "cuda" else "peak_extra"
-    figures = {"step": ratio(off["step"], on["step"]), "memory": ratio(off[mem_key], on[mem_key]),
+    figures = {"step": paired(off, on, lambda r: r["step"]), "memory": ratio(off[mem_key], on[mem_key]),
                "micro_batch": ratio(on["max_micro_batch"], off["max_micro_batch"])}
-    train = ratio(off["step"] - off["rollout"], on["step"] - on["rollout"])
-    lines = ["kernels on vs off: step %s faster; without the rollout (which the kernels do not touch) %s: "
-             "log-prob passes %s, update %s, other %s" % (
-                 fx(figures["step"]), fx(train), fx(ratio(off["logprobs"], on["logprobs"])),
-                 fx(ratio(off["update"], on["update"])), fx(ratio(off["other"], on["other"])))]
+    train = paired(off, on, lambda r: r["step"] - r["rollout"])
+    lines = ["kernels on vs off (medians of the per-step ratios): step %s faster; without the rollout (which the "
+             "kernels do not touch) %s: log-prob passes %s, update %s, other %s" % (
+                 fx(figures["step"]), fx(train), *(fx(paired(off, on, lambda r, k=k: r[k]))
+                                                   for k in ("logprobs", "update", "other")))]
     if device.type == "cuda":
         memory = "peak memory %s lower; over the step's start %s lower" % (
             fx(figures["memory"]), fx(ratio(off["peak_extra"], on["peak_extra"])))

@@ -280,10 +280,10 @@ def plot(path, rows, title, mem_label):
         left = [x + w for x, w in zip(left, widths)]
     a.set_xlabel("seconds per PPO step (median)")
     a.set_ylabel("kernels")
-    a.legend(fontsize=8, loc="lower right")
-    peaks = [(rows[m]["peak_mem"] or 0) / 2 ** 30 for m in modes]
-    b.bar(modes, peaks, color=["tab:gray", "tab:green"])
-    b.set_ylabel("%s (GiB)" % mem_label)
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4)
+    key = "peak_mem" if mem_label == "peak allocated" else "peak_extra"
+    b.bar(modes, [(rows[m][key] or 0) / 2 ** 20 for m in modes], color=["tab:gray", "tab:green"])
+    b.set_ylabel("%s (MiB)" % (mem_label if key == "peak_mem" else mem_label + " over the step's start"), fontsize=8)
     b.set_xlabel("kernels")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

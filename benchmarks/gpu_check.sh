@@ -72,7 +72,7 @@ benchmarks() {
 # (HF generate, 1024 tokens each) are most of its time: 2 measured steps per mode, an estimated
 # 3-4 minutes on top of the 8 above (not yet measured on a GPU).
 ppo_bench() {
-  timeout 420 $PY -m rlhf_trainer bench --device cuda --steps 2 --warmup 1 --out "$RES" 2>&1 | tee "$RES/ppo_step.log" | tail -12
+  timeout 540 $PY -m rlhf_trainer bench --device cuda --steps 2 --warmup 1 --out "$RES" 2>&1 | tee "$RES/ppo_step.log" | tail -12
   return "${PIPESTATUS[0]}"
 }
 

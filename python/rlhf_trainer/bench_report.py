@@ -12,10 +12,10 @@ import sys
 
 import torch
 
+from rlhf_trainer.bench import ROOT
 from rlhf_trainer.bench_ops import OPS
 from rlhf_trainer.bench_step import advantages, build_models, experience, ppo_step, qwen2_config, sync, update_micro
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHASES = ("rollout", "logprobs", "update", "other")
 PHASE_NAMES = {"rollout": "rollout", "logprobs": "log-prob passes", "update": "update", "other": "other"}
 # The targets for kernels on vs off on an H100/H200.

@@ -8,9 +8,10 @@ import json
 import os
 import re
 import statistics
-import sys
 
 import torch
+
+import rlhf_kernels as rk
 
 from rlhf_trainer.bench import ROOT
 from rlhf_trainer.bench_ops import OPS
@@ -296,7 +297,8 @@ def meta(device, dtype, cfg, args):
     info = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "device": device_slug(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
             "cuda": torch.version.cuda, "config": dataclasses.asdict(cfg), "steps": args.steps,
-            "warmup": args.warmup, "torch_threads": torch.get_num_threads(), "linear_policy_loss": hasattr(sys.modules["rlhf_kernels"], "linear_policy_loss")}
+            "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
+            "linear_policy_loss": hasattr(rk, "linear_policy_loss")}
     try:
         import transformers
         info["transformers"] = transformers.__version__

@@ -16,8 +16,6 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
-from rlhf_trainer.bench_ops import OPS
-
 
 @dataclass
 class BenchConfig:

@@ -146,9 +146,8 @@ def micro_batches(n, size):
 
 @torch.no_grad()
 def experience(models, ops, cfg, prompts, responses, mask):
-    """The log-prob passes (old policy, reference, values) over micro-batches, then the
-    reward, the KL penalty, GAE and whitening. -> dict of [B, T] tensors (and per-phase
-    seconds under "times" when timed by ``ppo_step``)."""
+    """The log-prob passes over micro-batches -> {"old_logp", "ref_logp", "values"}, each
+    [B, T] float32 (log-probabilities 0 where ``mask`` is false)."""
     input_ids, attention_mask = sequences(prompts, responses, mask)
     T = responses.shape[1]
     old, ref, values = [], [], []

@@ -290,7 +290,7 @@ def test_group_trainer_resumes_exactly(tmp_path):
     ({"algo": "expert_iteration", "expert_iteration": {"lr": 0.0}}, "expert_iteration.lr must be > 0"),
     ({"ppo": {"beta": 0.2}}, "beta is the top-level option"),
     ({"beta": -1.0}, "beta must be >= 0"),
-    ({"algo": "grpo", "grpo": {"loss_agg": "sum"}}, "grpo.loss_agg 'sum' is not one of the four modes"),
+    ({"algo": "grpo", "grpo": {"loss_agg": "sum"}}, "grpo.loss_agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm, token-sum, got 'sum'"),
 ])
 def test_config_errors_name_the_key(d, words):
     with pytest.raises(ConfigError) as info:

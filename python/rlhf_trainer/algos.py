@@ -49,7 +49,7 @@ class GroupTrainer(PPOTrainer):
         return ids.repeat_interleave(G)
 
     def score_rollout(self, prompt_ids, prompts, responses):
-        p, tc = self.p, self.cfg.task
+        p, tc = self.p, self.task.cfg
         mask = response_mask(responses, tc.eos_token_id, tc.stop_at_eos)
         with torch.no_grad():
             old_logp = self._chunked(lambda *a: self._logprobs(self.policy, *a), prompts, responses, mask)

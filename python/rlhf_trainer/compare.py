@@ -214,7 +214,8 @@ def plot_compare(runs, meta, path):
 
 
 def main(args):
-    out = args.out or os.path.join("runs", time.strftime("compare-%Y%m%d-%H%M%S"))
+    from rlhf_trainer.train import prepare_run_dir
+    out = prepare_run_dir(args.out, False, args.overwrite, "compare")
     algos = args.algos.split(",") if args.algos else list(ALGOS)
     unknown = [a for a in algos if a not in ALGOS]
     if unknown:

@@ -10,6 +10,12 @@ the options that act on it (``ppo:``, ``grpo:``, ``rloo:``, ``reinforce_pp:``, `
 option, that would have no effect on the chosen algorithm is refused, not ignored.
 ``beta``, the KL coefficient of the objective J = E[r] - beta KL(pi || pi_ref), is
 top-level: every algorithm is evaluated on the same J.
+
+Two kinds of run share this file. The toy task (the demo, ``compare``) has the sections
+``model``, ``task`` and ``reward_model``. A run on real models (``rlhf_trainer train``) has a
+``policy`` section instead, with ``data``, ``reward``, ``generation`` and optionally ``value``
+and ``rm`` (read only by ``rlhf_trainer rm``); the toy sections are then refused. ``device``,
+``dtype`` and ``gradient_checkpointing`` are top-level and act on both.
 """
 
 import dataclasses
@@ -26,7 +32,9 @@ ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp", "best_of_n", "expert_iteration")
 # the critic-free algorithms and the rk.group_advantages mode each uses
 GROUP_MODES = {"grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce++"}
 POLICY_GRADIENT = ("ppo",) + tuple(GROUP_MODES)
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -134,8 +142,7 @@ class PolicyGradientConfig:
             raise ConfigError("%s.minibatch=%d is not divisible by %s.micro_batch=%d"
                               % (s, self.minibatch, s, self.micro_batch))
         if self.loss_agg not in LOSS_AGGS:
-            raise ConfigError("%s.loss_agg %r is not one of the four modes (%s)" % (s, self.loss_agg,
-                                                                                   ", ".join(LOSS_AGGS)))
+            raise ConfigError("%s.loss_agg must be one of %s, got %r" % (s, ", ".join(LOSS_AGGS), self.loss_agg))
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError("%s.dual_clip must be > 1, got %g" % (s, self.dual_clip))
         if self.lr <= 0:
@@ -260,9 +267,117 @@ class ExpertIterationConfig:
                    self.prompts_per_round, self.epochs, self.prompts_per_round // self.minibatch, self.minibatch))
 
 
+# ---------- runs on real models (rlhf_trainer train / rm) ----------
+@dataclass
+class PolicySection:
+    """The policy: a causal LM saved with save_pretrained (a local folder) or a Hugging Face id
+    already in the local cache (nothing is downloaded; trust_remote_code is off). Its tokenizer
+    is the one saved with it. The reference is a frozen copy of it."""
+    model: str = None
+
+    def check(self, algo):
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("policy.model is required: a local model folder or a cached Hugging Face id")
+
+
+@dataclass
+class ValueSection:
+    """The value model of PPO: by default the policy's architecture and weights with a new scalar head."""
+    model: str = None
+
+    def check(self, algo):
+        pass
+
+
+@dataclass
+class RewardSection:
+    """The reward: a reward model (a sequence-classification model with one output, such as
+    ``rlhf_trainer rm`` saves), a Python function ``fn: "module:function"`` called as
+    fn(prompts: list[str], responses: list[str]) -> one number per pair, or both (summed)."""
+    model: str = None
+    fn: str = None
+
+    def check(self, algo):
+        if self.model is None and self.fn is None:
+            raise ConfigError("reward: give reward.model (a reward model) or reward.fn (\"module:function\"), or both")
+        if self.fn is not None and (not isinstance(self.fn, str) or self.fn.count(":") != 1
+                                    or not all(self.fn.split(":"))):
+            raise ConfigError("reward.fn must be \"module:function\", got %r" % (self.fn,))
+
+
+@dataclass
+class DataSection:
+    """The prompts: a JSONL file (one object per line, the prompt under ``key``: a string, or a
+    list of chat messages) or a text file (one prompt per line). With a tokenizer that has a chat
+    template, string prompts become a user message with the generation prompt added."""
+    prompts: str = None
+    key: str = "prompt"
+    chat_template: bool = True        # apply the tokenizer's chat template when it has one
+    max_prompt_len: int = 512         # tokens; a longer prompt is an error that names its line
+
+    def check(self, algo):
+        if not isinstance(self.prompts, str) or not self.prompts:
+            raise ConfigError("data.prompts is required: a .jsonl file or a text file with one prompt per line")
+        if self.max_prompt_len < 1:
+            raise ConfigError("data.max_prompt_len must be >= 1, got %d" % self.max_prompt_len)
+
+
+@dataclass
+class GenerationSection:
+    """Sampling settings of the rollouts. ``temperature`` is also the temperature of every
+    log-probability the trainer computes, so they are those of the distribution sampled from
+    (before top-p truncation: with top_p < 1 the rollouts are slightly off-policy, as in other
+    trainers)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+
+    def check(self, algo):
+        if not self.temperature > 0:
+            raise ConfigError("generation.temperature must be > 0, got %r" % self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("generation.top_p must be in (0, 1], got %r" % self.top_p)
+        if self.max_new_tokens < 1:
+            raise ConfigError("generation.max_new_tokens must be >= 1, got %d" % self.max_new_tokens)
+
+
+@dataclass
+class RMSection:
+    """Reward-model training (``rlhf_trainer rm``): from ``model`` (a causal LM or a sequence
+    classifier; a new scalar head is added) on ``data``, a JSONL of {"prompt", "chosen",
+    "rejected"} (Bradley-Terry, rk.bt_loss) or {"prompt", "ranked": [best, ..., worst]}
+    (rk.ranking_loss); ``eval_data`` in the same format gives the held-out accuracy."""
+    model: str = None
+    data: str = None
+    eval_data: str = None
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-5
+    max_len: int = 1024
+    label_smoothing: float = 0.0
+    center_coef: float = 0.0
+
+    def check(self, algo):
+        for name in ("model", "data"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError("rm.%s is required" % name)
+        for name in ("epochs", "batch_size", "max_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError("rm.%s must be >= 1, got %d" % (name, getattr(self, name)))
+        if self.lr <= 0:
+            raise ConfigError("rm.lr must be > 0, got %g" % self.lr)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError("rm.label_smoothing must be in [0, 0.5), got %g" % self.label_smoothing)
+
+
 SECTIONS = {"ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce_pp": ReinforcePPConfig,
             "best_of_n": BestOfNConfig, "expert_iteration": ExpertIterationConfig}
-COMMON = {"model": ModelConfig, "task": TaskConfig, "reward_model": RewardModelConfig}
+COMMON = {"model": ModelConfig, "task": TaskConfig, "reward_model": RewardModelConfig}   # the toy task's
+REAL = {"policy": PolicySection, "value": ValueSection, "reward": RewardSection, "data": DataSection,
+        "generation": GenerationSection, "rm": RMSection}
+# the algorithms `rlhf_trainer train` runs on real models (best_of_n and expert_iteration need the toy
+# task's exact enumeration or its fixed-length responses)
+REAL_ALGOS = POLICY_GRADIENT
 # top-level options and the algorithms they act on (the others act on all)
 TOP_LEVEL_FOR = {"checkpoint_every": POLICY_GRADIENT + ("expert_iteration",), "eval_every": POLICY_GRADIENT}
 
@@ -271,9 +386,20 @@ TOP_LEVEL_FOR = {"checkpoint_every": POLICY_GRADIENT + ("expert_iteration",), "e
 class Config:
     algo: str = "ppo"                 # ppo | grpo | rloo | reinforce_pp | best_of_n | expert_iteration
     beta: float = 0.1                 # KL coefficient of J = E[r] - beta KL(pi || pi_ref), in reward-model units
-    model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    device: str = "auto"              # auto (CUDA when available) | cpu | cuda
+    dtype: str = "float32"            # float32 | bfloat16 (autocast; parameters and optimizer state stay float32)
+    gradient_checkpointing: bool = False
+    # the toy task's sections (built with their defaults unless the run is on real models)
+    model: ModelConfig = None
+    task: TaskConfig = None
+    reward_model: RewardModelConfig = None
+    # a run on real models (rlhf_trainer train / rm)
+    policy: PolicySection = None
+    value: ValueSection = None
+    reward: RewardSection = None
+    data: DataSection = None
+    generation: GenerationSection = None
+    rm: RMSection = None
     # the section of the chosen algorithm (built with its defaults when absent); the others stay None
     ppo: PPOConfig = None
     grpo: GRPOConfig = None
@@ -283,13 +409,35 @@ class Config:
     expert_iteration: ExpertIterationConfig = None
     seed: int = 0
     checkpoint_every: int = 0         # steps (rounds) between checkpoints (0: only at the end)
-    eval_every: int = 10              # steps between exact evaluations of J
+    eval_every: int = 10              # steps between exact evaluations of J (toy task only)
 
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise ConfigError("algo must be one of %s, got %r" % (", ".join(ALGOS), self.algo))
+        if self.device not in DEVICES:
+            raise ConfigError("device must be one of %s, got %r" % (", ".join(DEVICES), self.device))
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype must be one of %s, got %r" % (", ".join(DTYPES), self.dtype))
         if not self.beta >= 0:
             raise ConfigError("beta must be >= 0, got %r" % self.beta)
+        if self.real:
+            given = [name for name in COMMON if getattr(self, name) is not None]
+            if given:
+                raise ConfigError("%s: a section of the toy task, which has no effect on a run on real models "
+                                  "(a config with %s)" % (given[0], ", ".join(n for n in REAL if getattr(self, n))))
+            if self.algo not in REAL_ALGOS:
+                raise ConfigError("algo: %s runs on the toy task only; on real models algo must be one of %s"
+                                  % (self.algo, ", ".join(REAL_ALGOS)))
+            if self.generation is None:
+                self.generation = GenerationSection()
+            if self.value is not None and self.algo != "ppo":
+                raise ConfigError("value has no effect with algo: %s (only ppo has a value model)" % self.algo)
+            if self.eval_every != _default(Config, "eval_every"):
+                raise ConfigError("eval_every has no effect on real models (J is evaluated exactly on the toy task only)")
+        else:
+            for name, cls in COMMON.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, cls())
         for name, cls in SECTIONS.items():
             section = getattr(self, name)
             if name == self.algo:
@@ -303,10 +451,18 @@ class Config:
         for name, algos in TOP_LEVEL_FOR.items():
             if self.algo not in algos and getattr(self, name) != _default(Config, name):
                 raise ConfigError("%s has no effect with algo: %s" % (name, self.algo))
-        self.task.steps = tuple(self.task.steps)
-        for part in (self.model, self.task):
-            part.check()
-        self.reward_model.check(self.algo)
+        if self.real:
+            if self.section.temperature != _default(type(self.section), "temperature"):
+                raise ConfigError("%s.temperature: on real models the temperature is generation.temperature "
+                                  "(the sampling and the log-probability temperature)" % self.algo)
+            for name in REAL:
+                if getattr(self, name) is not None:
+                    getattr(self, name).check(self.algo)
+        else:
+            self.task.steps = tuple(self.task.steps)
+            for part in (self.model, self.task):
+                part.check()
+            self.reward_model.check(self.algo)
         self.section.check(self.algo)
         if self.eval_every < 1:
             raise ConfigError("eval_every must be >= 1, got %d" % self.eval_every)
@@ -314,9 +470,19 @@ class Config:
             raise ConfigError("checkpoint_every must be >= 0, got %d" % self.checkpoint_every)
 
     @property
+    def real(self):
+        """A run on real models (a policy, value, reward, data, generation or rm section is given)."""
+        return any(getattr(self, name) is not None for name in REAL)
+
+    @property
     def section(self):
         """The chosen algorithm's options."""
         return getattr(self, self.algo)
+
+    @property
+    def temperature(self):
+        """The sampling temperature, also that of every log-probability."""
+        return self.generation.temperature if self.real else self.section.temperature
 
     def accounting(self):
         return self.section.accounting()
@@ -324,12 +490,16 @@ class Config:
     def to_dict(self):
         """Every option that acts on the chosen algorithm (and none that does not)."""
         d = dataclasses.asdict(self)
-        d["task"]["steps"] = list(d["task"]["steps"])
-        for name in SECTIONS:
-            if name != self.algo:
+        for name in list(SECTIONS) + list(COMMON) + list(REAL):
+            if d[name] is None:
                 del d[name]
+        if self.real:
+            del d["eval_every"]
+            del d[self.algo]["temperature"]
+        else:
+            d["task"]["steps"] = list(d["task"]["steps"])
         for name, algos in TOP_LEVEL_FOR.items():
-            if self.algo not in algos:
+            if self.algo not in algos and name in d:
                 del d[name]
         return d
 
@@ -339,13 +509,15 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
+        if d is not None and not isinstance(d, dict):
+            raise ConfigError("a config is a mapping of sections and options, got %s" % type(d).__name__)
         d = dict(d or {})
         algo = d.get("algo", _default(cls, "algo"))
-        top = {f.name for f in dataclasses.fields(cls)}
+        top = {f.name for f in dataclasses.fields(cls)} - set(COMMON) - set(REAL) - set(SECTIONS)
         kwargs = {}
         for key, value in d.items():
-            if key in COMMON or key in SECTIONS:
-                part = COMMON.get(key) or SECTIONS[key]
+            if key in COMMON or key in SECTIONS or key in REAL:
+                part = COMMON.get(key) or REAL.get(key) or SECTIONS[key]
                 if key in SECTIONS and key != algo:
                     raise ConfigError("a %s section has no effect with algo: %s (give only the %s section)"
                                       % (key, algo, algo))
@@ -355,19 +527,57 @@ class Config:
                 unknown = set(value) - known
                 if unknown:
                     raise ConfigError(_unknown_options(key, unknown))
+                for name, v in value.items():
+                    _check_type("%s.%s" % (key, name), v, _field(part, name))
                 kwargs[key] = part(**value)
             elif key in top:
                 if key in TOP_LEVEL_FOR and algo not in TOP_LEVEL_FOR[key]:
                     raise ConfigError("%s has no effect with algo: %s" % (key, algo))
+                _check_type(key, value, _field(cls, key))
                 kwargs[key] = value
             else:
-                raise ConfigError("unknown config section %r" % key)
+                raise ConfigError("unknown config key %r: the top-level keys are %s; the sections %s"
+                                  % (key, ", ".join(sorted(top)),
+                                     ", ".join(list(COMMON) + list(REAL) + list(SECTIONS))))
         return cls(**kwargs)
 
     @classmethod
     def load(cls, path):
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f))
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError("--config: no such file %r" % str(path)) from None
+        except yaml.YAMLError as e:
+            raise ConfigError("%s is not valid YAML: %s" % (path, " ".join(str(e).split()))) from None
+        return cls.from_dict(data)
+
+
+def _field(cls, name):
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _check_type(key, value, f):
+    """YAML gives the value its type: refuse one that is not the option's (an int is a float,
+    a bool is not an int); None only where the default is None."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    want = _TYPES.get(kind)
+    if want is None:
+        return
+    if value is None:
+        if f.default is None:
+            return
+    elif isinstance(value, bool) == (want is bool) and (
+            isinstance(value, want) or (want is float and isinstance(value, int))):
+        return
+    choices = {"device": DEVICES, "dtype": DTYPES, "algo": ALGOS}.get(key)
+    accepted = ("one of " + ", ".join(choices)) if choices else (
+        "true or false" if want is bool else "a number" if want is float else "an integer" if want is int
+        else "a string")
+    raise ConfigError("%s must be %s%s, got %r" % (key, accepted, " or null" if f.default is None else "", value))
 
 
 def _unknown_options(section, unknown):
@@ -384,7 +594,10 @@ def _unknown_options(section, unknown):
                              % (name, section, ", ".join(owners)))
         else:
             really.append(name)
-    parts = elsewhere + (["unknown %s option(s): %s" % (section, ", ".join(really))] if really else [])
+    cls = COMMON.get(section) or REAL.get(section) or SECTIONS.get(section)
+    options = ", ".join(f.name for f in dataclasses.fields(cls))
+    parts = elsewhere + (["unknown %s option(s): %s (the %s options are %s)" % (section, ", ".join(really), section,
+                                                                                 options)] if really else [])
     return "%s: %s" % (section, "; ".join(parts)) if elsewhere else parts[0]
 
 

@@ -21,14 +21,16 @@ def reward_model(cfg, task, run_dir, resume=False, log=print):
     Returns (model, metrics)."""
     from rlhf_trainer.models import ScalarHeadModel
     from rlhf_trainer.reward import train_reward_model
+    from rlhf_trainer.devices import resolve_device
+    device = resolve_device(cfg.device, cfg.algo)
     rm_path = os.path.join(run_dir, "reward_model.pt")
     if resume and os.path.exists(rm_path):
         rm = ScalarHeadModel(cfg.model, cfg.task, seed_offset=2)
-        saved = torch.load(rm_path, weights_only=False)
+        saved = torch.load(rm_path, weights_only=False, map_location="cpu")
         rm.load_state_dict(saved["state"])
         rm.eval().requires_grad_(False)
-        return rm, saved["metrics"]
-    rm, rm_metrics = train_reward_model(task, cfg.model, cfg.reward_model, cfg.seed, log=log)
+        return rm.to(device), saved["metrics"]
+    rm, rm_metrics = train_reward_model(task, cfg.model, cfg.reward_model, cfg.seed, log=log, device=device)
     torch.save({"state": rm.state_dict(), "metrics": rm_metrics}, rm_path)
     return rm, rm_metrics
 
@@ -153,7 +155,10 @@ def main(args):
     cfg = Config.load(args.config) if args.config else Config()
     if args.small:
         cfg = small_config(cfg)
-    run_dir = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    from rlhf_trainer.devices import resolve_device
+    from rlhf_trainer.train import prepare_run_dir
+    resolve_device(cfg.device, cfg.algo)            # device: cuda without a GPU stops here
+    run_dir = prepare_run_dir(args.out, args.resume, args.overwrite, "demo")
     summary = run(cfg, run_dir, progress=not args.no_progress, resume=args.resume)
     print_table(summary, run_dir)
     return 0

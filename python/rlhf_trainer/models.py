@@ -16,7 +16,9 @@ def gpt2_config(model_cfg, task_cfg):
         n_embd=model_cfg.n_embd, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=task_cfg.eos_token_id, eos_token_id=task_cfg.eos_token_id,
-        pad_token_id=task_cfg.pad_token_id,
+        # no pad_token_id: the toy's PAD is a token the policy may sample like any other, so a model
+        # that knew it as padding would warn about every sequence holding one (generation is told
+        # the pad id in build_policy, and attention masks are always passed)
     )
 
 
@@ -43,14 +45,10 @@ def frozen_copy(model):
     return ref
 
 
-class ScalarHeadModel(nn.Module):
-    """A GPT-2 backbone with a linear head giving one number per position."""
-
-    def __init__(self, model_cfg, task_cfg, seed_offset=1):
-        super().__init__()
-        torch.manual_seed(model_cfg.seed + seed_offset)
-        self.backbone = GPT2Model(gpt2_config(model_cfg, task_cfg))
-        self.head = nn.Linear(model_cfg.n_embd, 1)
+class ScalarHead(nn.Module):
+    """A backbone (``self.backbone``, returning last_hidden_state) with a linear head
+    (``self.head``) giving one number per position: the value model reads every position,
+    the reward model the last real token."""
 
     def forward(self, input_ids, attention_mask=None):
         """-> [B, S] one value per position."""
@@ -60,13 +58,6 @@ class ScalarHeadModel(nn.Module):
                           position_ids=position_ids(attention_mask)).last_hidden_state
         return self.head(h).squeeze(-1)
 
-    @torch.no_grad()
-    def standardize_(self, mean, std):
-        """Fold (value - mean) / std into the head: same ordering, scores on a unit scale,
-        so one KL coefficient means the same thing whatever scale training produced."""
-        self.head.weight.div_(std)
-        self.head.bias.sub_(mean).div_(std)
-
     def score(self, input_ids, attention_mask=None):
         """The value at the last real token of each row: the reward model's score. -> [B]."""
         if attention_mask is None:
@@ -75,3 +66,37 @@ class ScalarHeadModel(nn.Module):
         S = attention_mask.shape[1]
         last = S - 1 - attention_mask.long().flip(-1).argmax(-1)   # index of the last real token
         return values.gather(1, last[:, None]).squeeze(1)
+
+
+class ScalarHeadModel(ScalarHead):
+    """A GPT-2 backbone with a linear head giving one number per position."""
+
+    def __init__(self, model_cfg, task_cfg, seed_offset=1):
+        super().__init__()
+        torch.manual_seed(model_cfg.seed + seed_offset)
+        self.backbone = GPT2Model(gpt2_config(model_cfg, task_cfg))
+        self.head = nn.Linear(model_cfg.n_embd, 1)
+
+    @torch.no_grad()
+    def standardize_(self, mean, std):
+        """Fold (value - mean) / std into the head: same ordering, scores on a unit scale,
+        so one KL coefficient means the same thing whatever scale training produced."""
+        self.head.weight.div_(std)
+        self.head.bias.sub_(mean).div_(std)
+
+
+class HFScalarModel(ScalarHead):
+    """A Hugging Face sequence-classification model with one label (``self.hf``, saved with
+    save_pretrained) read as a backbone (its base model) and a scalar head (its ``score`` layer)."""
+
+    def __init__(self, seqcls):
+        super().__init__()
+        self.hf = seqcls
+
+    @property
+    def backbone(self):
+        return self.hf.base_model
+
+    @property
+    def head(self):
+        return self.hf.score

@@ -14,6 +14,7 @@ One step:
   5. the KL controller update, one JSONL line, checkpoints.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 import rlhf_kernels as rk
-from rlhf_trainer.models import ScalarHeadModel, build_policy, frozen_copy, position_ids
+from rlhf_trainer.devices import resolve_device
+from rlhf_trainer.models import frozen_copy, position_ids
 from rlhf_trainer.toy import ExactEvaluator
 
 # The JSONL schema: one object per PPO step with exactly these keys (time_* are wall clock
@@ -61,19 +63,33 @@ class KLController:
         self.beta = state["beta"]
 
 
+def is_eos(responses, eos_token_id):
+    """responses == eos_token_id, for one id or a list of them (a model may stop on several)."""
+    if isinstance(eos_token_id, (list, tuple)):
+        return torch.isin(responses, torch.tensor(eos_token_id, device=responses.device))
+    return responses == eos_token_id
+
+
 def response_mask(responses, eos_token_id, stop_at_eos):
     """True on real response tokens: all of them, or up to and including the first EOS."""
     if not stop_at_eos:
         return torch.ones_like(responses, dtype=torch.bool)
-    is_eos = responses == eos_token_id
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    eos = is_eos(responses, eos_token_id).long()
+    after_eos = (eos.cumsum(-1) - eos) > 0
     return ~after_eos
 
 
+# Prompts of different lengths are left-padded with this id, which no tokenizer gives: the
+# attention masks are read from it, and it becomes a valid id (0) where a model sees it.
+PROMPT_PAD = -1
+
+
 def sequences(prompts, responses, mask):
-    """Prompt + response ids and the attention mask over real tokens: [B, P + L] each."""
-    ids = torch.cat([prompts, responses], 1)
-    attn = torch.cat([torch.ones_like(prompts), mask.long()], 1)
+    """Prompt + response ids and the attention mask over real tokens: [B, P + L] each.
+    prompts [B, P] may be left-padded with PROMPT_PAD."""
+    real = prompts != PROMPT_PAD
+    ids = torch.cat([prompts.clamp(min=0), responses], 1)
+    attn = torch.cat([real.long(), mask.long()], 1)
     return ids, attn
 
 
@@ -91,23 +107,41 @@ def response_logprobs(model, prompts, responses, mask, *, temperature=1.0, fused
     if fused_lm_head:
         head = model.get_output_embeddings()
         hidden = model.base_model(**inputs).last_hidden_state[:, P - 1:-1]
-        return rk.linear_token_logprobs(hidden, head.weight, labels, bias=head.bias, **kw)
+        weight, bias = head.weight, head.bias
+        if torch.is_autocast_enabled(hidden.device.type):   # the LM head's matmul in the autocast dtype
+            dt = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight, bias = hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+        return rk.linear_token_logprobs(hidden, weight, labels, bias=bias, **kw)
     logits = model(**inputs).logits[:, P - 1:-1]
     return rk.token_logprobs(logits, labels, **kw)
 
 
 @torch.no_grad()
-def generate(model, prompts, task_cfg, temperature=1.0):
-    """Sampled responses [B, L] (pure sampling: no top-k or top-p), padded to L after an early EOS."""
-    out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                         max_new_tokens=task_cfg.response_len, min_new_tokens=0, top_k=0, top_p=1.0,
-                         temperature=temperature)
+def generate(model, prompts, task_cfg, temperature=1.0, top_p=1.0):
+    """Sampled responses [B, L] (no top-k; top-p truncation when top_p < 1), padded to L after an
+    early EOS. prompts [B, P] may be left-padded with PROMPT_PAD."""
+    out = model.generate(input_ids=prompts.clamp(min=0), attention_mask=(prompts != PROMPT_PAD).long(),
+                         do_sample=True, max_new_tokens=task_cfg.response_len, min_new_tokens=0, top_k=0,
+                         top_p=top_p, temperature=temperature)
     responses = out[:, prompts.shape[1]:]
     L = task_cfg.response_len
     if responses.shape[1] < L:   # every row stopped at EOS early: pad to L
-        pad = torch.full((responses.shape[0], L - responses.shape[1]), task_cfg.pad_token_id)
+        pad = torch.full((responses.shape[0], L - responses.shape[1]), task_cfg.pad_token_id,
+                         dtype=responses.dtype, device=responses.device)
         responses = torch.cat([responses, pad], 1)
     return responses
+
+
+@contextlib.contextmanager
+def _eval_mode(model, enabled):
+    """model.eval() inside (HF models turn their KV cache off in train mode under gradient checkpointing)."""
+    was = model.training
+    if enabled:
+        model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def score_function(task, reward_model=None, reward_fn=None):
@@ -116,12 +150,14 @@ def score_function(task, reward_model=None, reward_fn=None):
     if (reward_model is None) == (reward_fn is None):
         raise ValueError("give exactly one of reward_model and reward_fn")
     if reward_fn is not None:
-        return lambda prompt_ids, responses: reward_fn(prompt_ids, responses).float()
+        return lambda prompt_ids, responses: reward_fn(prompt_ids, responses).float().to(responses.device)
     tc = task.cfg
 
     def score(prompt_ids, responses):
+        dev = next(reward_model.parameters()).device
+        responses = responses.to(dev)
         mask = response_mask(responses, tc.eos_token_id, tc.stop_at_eos)
-        return reward_model.score(*sequences(task.prompts[prompt_ids], responses, mask))
+        return reward_model.score(*sequences(task.prompts[prompt_ids].to(dev), responses, mask))
     return score
 
 
@@ -132,9 +168,12 @@ class PPOTrainer:
     algos = ("ppo",)
 
     def __init__(self, cfg, task, reward_model=None, reward_fn=None, run_dir=None, log=print, evaluator=None):
-        """reward_model: a ScalarHeadModel read at the last real token; or reward_fn(prompt_ids,
-        responses) -> [B] scores. The exact J is reported for whichever is used. evaluator: an
-        ExactEvaluator of that reward already built (shared between the runs of a comparison)."""
+        """cfg: a Config; task: the toy task (``toy.ToyTask``) or prompts for real models
+        (``hf.PromptTask``), which builds the policy and value models. reward_model: a
+        ScalarHeadModel read at the last real token (on the trainer's device); or
+        reward_fn(prompt_ids, responses) -> [B] scores. On the toy task the exact J is reported
+        for whichever is used. evaluator: an ExactEvaluator of that reward already built (shared
+        between the runs of a comparison)."""
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("%s: give exactly one of reward_model and reward_fn" % type(self).__name__)
         if cfg.algo not in self.algos:
@@ -144,15 +183,24 @@ class PPOTrainer:
         self.reward_model, self.reward_fn = reward_model, reward_fn
         self._score = score_function(task, reward_model, reward_fn)
         self.run_dir = run_dir
-        self.policy = build_policy(cfg.model, cfg.task)
+        self.device = resolve_device(cfg.device, cfg.algo)
+        # bfloat16 is autocast: parameters, gradients and Adam's state stay float32 (README)
+        self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16,  # noqa: E731
+                                               enabled=cfg.dtype == "bfloat16")
+        self.temperature = cfg.temperature
+        self.policy = task.build_policy(cfg).to(self.device)
         self.ref = frozen_copy(self.policy)
         self.opt_policy = torch.optim.Adam(self.policy.parameters(), lr=p.lr)
         decay = lambda s: max(0.0, 1.0 - s / p.steps)  # noqa: E731 (linear decay over the run)
         self.sched_policy = torch.optim.lr_scheduler.LambdaLR(self.opt_policy, decay)
         if self.uses_critic:
-            self.value = ScalarHeadModel(cfg.model, cfg.task, seed_offset=1)
+            self.value = task.build_value(cfg).to(self.device)
             self.opt_value = torch.optim.Adam(self.value.parameters(), lr=p.value_lr)
             self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, decay)
+        if cfg.gradient_checkpointing:
+            for model in [self.policy] + ([self.value.backbone] if self.uses_critic else []):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.config.use_cache = False          # generate() asks for its cache itself
         self.kl_ctl = KLController(cfg.beta, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)    # prompts and minibatch order
         torch.manual_seed(cfg.seed + 2)                           # generate() samples from the global RNG
@@ -180,11 +228,13 @@ class PPOTrainer:
 
     def _logprobs(self, model, prompts, responses, mask, with_entropy=False):
         """log-probabilities (and entropies) of the response tokens under ``model``: [B, L]."""
-        return response_logprobs(model, prompts, responses, mask, temperature=self.p.temperature,
-                                 fused_lm_head=self.p.fused_lm_head, with_entropy=with_entropy)
+        with self.autocast():
+            return response_logprobs(model, prompts, responses, mask, temperature=self.temperature,
+                                     fused_lm_head=self.p.fused_lm_head, with_entropy=with_entropy)
 
     def _values(self, prompts, responses, mask):
-        return self.value(*self._sequences(prompts, responses, mask))[:, prompts.shape[1] - 1:-1]
+        with self.autocast():
+            return self.value(*self._sequences(prompts, responses, mask))[:, prompts.shape[1] - 1:-1].float()
 
     def sample_prompts(self):
         return torch.randint(0, self.task.num_prompts, (self.p.rollout_batch,), generator=self.gen)
@@ -192,7 +242,10 @@ class PPOTrainer:
     def rollout(self):
         prompt_ids = self.sample_prompts()
         prompts = self.task.prompts[prompt_ids]
-        return prompt_ids, prompts, generate(self.policy, prompts, self.task.cfg, self.p.temperature)
+        prompts = prompts[:, (prompts != PROMPT_PAD).any(0)].to(self.device)   # no column of left padding only
+        with self.autocast(), _eval_mode(self.policy, self.cfg.gradient_checkpointing):
+            responses = generate(self.policy, prompts, self.task.cfg, self.temperature, self.task.top_p)
+        return prompt_ids, prompts, responses
 
     def _chunked(self, fn, prompts, responses, mask):
         """fn over the rollout in micro-batches: the same split as the first epoch, so the
@@ -203,15 +256,16 @@ class PPOTrainer:
 
     def _score_with_penalty(self, prompt_ids, responses):
         """The reward's score of each response (with the missing-EOS penalty) and whether it has EOS."""
-        tc = self.cfg.task
-        score = self._score(prompt_ids, responses)
-        has_eos = (responses == tc.eos_token_id).any(-1)
+        tc = self.task.cfg
+        with self.autocast():
+            score = self._score(prompt_ids, responses).float()
+        has_eos = is_eos(responses, tc.eos_token_id).any(-1)
         if tc.stop_at_eos and self.p.missing_eos_penalty is not None:
             score = score + torch.where(has_eos, 0.0, self.p.missing_eos_penalty)
         return score, has_eos
 
     def score_rollout(self, prompt_ids, prompts, responses):
-        p, tc = self.p, self.cfg.task
+        p, tc = self.p, self.task.cfg
         mask = response_mask(responses, tc.eos_token_id, tc.stop_at_eos)
 
         def chunked(fn):
@@ -225,7 +279,7 @@ class PPOTrainer:
             kl = rk.kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
             rewards = -self.kl_ctl.beta * kl
             last = mask.long().sum(-1) - 1                      # the last real response token
-            rewards[torch.arange(len(last)), last] += score
+            rewards[torch.arange(len(last), device=last.device), last] += score
             adv, returns = rk.gae(rewards, old_values, mask, gamma=p.gamma, lam=p.lam)
             if p.whiten_advantages:
                 adv = rk.masked_whiten(adv, mask)
@@ -276,7 +330,7 @@ class PPOTrainer:
                     j = idx[m0:m0 + p.micro_batch]
                     mask = batch["mask"][j]
                     loss, logp, o = self.micro_loss(batch, j, num_tokens)
-                    if p.loss_agg != "token-mean":
+                    if p.loss_agg not in ("token-mean", "token-sum"):
                         # the per-sequence modes are means over the micro-batch's rows: weight each
                         # micro-batch by its share of the minibatch so the sum is the minibatch's mean
                         loss = loss * (len(j) / p.minibatch)
@@ -285,7 +339,7 @@ class PPOTrainer:
                         dev = (torch.exp(logp.detach() - batch["old_logp"][j])[mask] - 1).abs().max().item()
                         first_dev = dev if first_dev is None else max(first_dev, dev)
                     w = mask.sum().item() / max(num_tokens.item(), 1)
-                    scale = 1.0 if p.loss_agg == "token-mean" else len(j) / p.minibatch
+                    scale = 1.0 if p.loss_agg in ("token-mean", "token-sum") else len(j) / p.minibatch
                     st = o["st"]
                     acc["policy_loss"].append(o["policy_loss"].item() * scale)
                     acc["entropy"].append(o["entropy"].item())
@@ -333,11 +387,12 @@ class PPOTrainer:
         self.kl_ctl.update(kl_seq, p.rollout_batch)
         self.step += 1
         ev = self.evaluate() if evaluate else {"J": None, "J_star": None, "J_rule": None, "exact_kl": None}
+        rule = self.task.rule_reward(prompt_ids, responses)     # None: no hidden rule (real prompts)
         t4 = time.perf_counter()
         row = {
             "step": self.step,
             "score_mean": batch["score"].mean().item(), "score_std": batch["score"].std().item(),
-            "rule_reward_mean": self.task.rule_reward(prompt_ids, responses).mean().item(),
+            "rule_reward_mean": None if rule is None else rule.mean().item(),
             "kl_seq_sum": kl_seq, "kl_token_mean": (batch["kl"].sum() / mask.sum()).item(),
             "kl_estimator": self.kl_estimator, "beta": beta_used,
             "entropy": stats["entropy"], "approx_kl": stats["approx_kl"], "clipfrac": stats["clipfrac"],
@@ -373,6 +428,8 @@ class PPOTrainer:
             "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "history": self.history,
             "config": self.cfg.to_dict(),
         }
+        if self.device.type == "cuda":   # generate() samples from the device's RNG
+            s["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.uses_critic:
             s.update(value=self.value.state_dict(), opt_value=self.opt_value.state_dict(),
                      sched_value=self.sched_value.state_dict())
@@ -384,7 +441,7 @@ class PPOTrainer:
         os.replace(tmp, path)   # never leave a half-written checkpoint
 
     def load(self, path):
-        s = torch.load(path, weights_only=False)
+        s = torch.load(path, weights_only=False, map_location="cpu")
         if s["config"] != self.cfg.to_dict():
             raise ValueError("checkpoint %s was written with another configuration" % path)
         self.step = s["step"]
@@ -398,6 +455,8 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(s["kl_ctl"])
         self.gen.set_state(s["gen"])
         torch.set_rng_state(s["torch_rng"])
+        if "cuda_rng" in s and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda_rng"], self.device)
         random.setstate(s["python_rng"])
         np.random.set_state(s["numpy_rng"])
         self.history = s["history"]

@@ -32,20 +32,20 @@ def make_comparisons(task, cfg, n, gen):
 def _scores(model, task, prompt_ids, responses):
     n, K, L = responses.shape
     ids = torch.cat([task.prompts[prompt_ids].repeat_interleave(K, 0), responses.reshape(n * K, L)], 1)
-    return model.score(ids).view(n, K)
+    return model.score(ids.to(next(model.parameters()).device)).view(n, K)
 
 
 def rm_loss(model, task, cfg, prompt_ids, responses, valid):
     s = _scores(model, task, prompt_ids, responses)
     if cfg.loss == "bt":
         return rk.bt_loss(s[:, 0], s[:, 1], label_smoothing=cfg.label_smoothing, center_coef=cfg.center_coef)
-    return rk.ranking_loss(s, valid=valid)
+    return rk.ranking_loss(s, valid=valid.to(s.device))
 
 
 def pairwise_accuracy(model, task, prompt_ids, responses, valid):
     """Fraction of valid ordered pairs (i < j) the model scores in the right order."""
     with torch.no_grad():
-        s = _scores(model, task, prompt_ids, responses)
+        s = _scores(model, task, prompt_ids, responses).cpu()
     K = s.shape[1]
     right, total = 0, 0
     for i in range(K):
@@ -56,12 +56,12 @@ def pairwise_accuracy(model, task, prompt_ids, responses, valid):
     return right / max(total, 1)
 
 
-def train_reward_model(task, model_cfg, cfg, seed, log=print):
-    """Train a reward model; returns (model, metrics dict with held-out accuracy)."""
+def train_reward_model(task, model_cfg, cfg, seed, log=print, device="cpu"):
+    """Train a reward model on ``device``; returns (model, metrics dict with held-out accuracy)."""
     gen = torch.Generator().manual_seed(seed + 17)
     train = make_comparisons(task, cfg, cfg.num_train, gen)
     held_out = make_comparisons(task, cfg, cfg.num_eval, gen)
-    model = ScalarHeadModel(model_cfg, task.cfg, seed_offset=2)
+    model = ScalarHeadModel(model_cfg, task.cfg, seed_offset=2).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / cfg.steps)
     history = []
@@ -83,7 +83,7 @@ def train_reward_model(task, model_cfg, cfg, seed, log=print):
     # scores on a unit scale over the training responses (the BT scale is arbitrary)
     with torch.no_grad():
         pid, resp, valid = (t[:cfg.num_eval] for t in train)
-        s = _scores(model, task, pid, resp)[valid]
+        s = _scores(model, task, pid, resp)[valid.to(device)]
     model.standardize_(s.mean(), s.std())
     acc = pairwise_accuracy(model, task, *held_out)
     train_acc = pairwise_accuracy(model, task, *(t[:cfg.num_eval] for t in train))

@@ -20,6 +20,8 @@ import rlhf_kernels as rk
 
 
 class ToyTask:
+    top_p = 1.0          # pure sampling
+
     def __init__(self, cfg):
         self.cfg = cfg
         M, P = cfg.modulus, cfg.prompt_len
@@ -36,12 +38,22 @@ class ToyTask:
     def num_prompts(self):
         return self.prompts.shape[0]
 
+    def build_policy(self, cfg):
+        """The policy: a tiny GPT-2 from cfg.model (no downloads)."""
+        from rlhf_trainer.models import build_policy
+        return build_policy(cfg.model, cfg.task)
+
+    def build_value(self, cfg):
+        """The value model: a GPT-2 backbone of the same size with a scalar head."""
+        from rlhf_trainer.models import ScalarHeadModel
+        return ScalarHeadModel(cfg.model, cfg.task, seed_offset=1)
+
     def rule_reward(self, prompt_ids, responses):
         """Fraction of response tokens that continue the prompt's pattern.
 
         prompt_ids: [B] indices into self.prompts; responses: [B, L] token ids -> [B] float.
         """
-        return (responses == self.targets[prompt_ids]).float().mean(-1)
+        return (responses.to(self.targets.device) == self.targets[prompt_ids]).float().mean(-1)
 
     def sample_responses(self, prompt_ids, p_correct, gen):
         """Responses where each token is the rule's continuation with prob p_correct, else uniform."""
@@ -66,9 +78,9 @@ def sequence_logprobs(model, prompts, responses, chunk=4096):
     out = []
     with torch.no_grad():
         for s in range(0, prompts.shape[0], chunk):
-            ids = torch.cat([prompts[s:s + chunk], responses[s:s + chunk]], 1)
-            logits = model(input_ids=ids).logits[:, P - 1:-1]
-            out.append(rk.token_logprobs(logits, responses[s:s + chunk]).sum(-1))
+            ids = torch.cat([prompts[s:s + chunk], responses[s:s + chunk]], 1).to(model.device)
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, P - 1:-1]
+            out.append(rk.token_logprobs(logits, responses[s:s + chunk].to(model.device)).sum(-1).cpu())
     return torch.cat(out)
 
 
@@ -87,10 +99,11 @@ def all_response_logprobs(model, task, chunk=4096):
         for s in range(0, n, max(1, chunk // K)):
             prompts = task.prompts[s:s + max(1, chunk // K)]
             m = prompts.shape[0]
-            ids = torch.cat([prompts.repeat_interleave(K, 0), prefixes.repeat(m, 1)], 1)
-            logits = model(input_ids=ids).logits[:, P - 1:]   # [m*K, L, V]
-            every = torch.arange(V).expand(m * K, L, V)
-            lp = rk.token_logprobs(logits.unsqueeze(2).expand(-1, -1, V, -1), every).view(m, K, L, V)
+            ids = torch.cat([prompts.repeat_interleave(K, 0), prefixes.repeat(m, 1)], 1).to(model.device)
+            # the toy's PAD token is a response token like any other here: every position is real
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, P - 1:]   # [m*K, L, V]
+            every = torch.arange(V, device=model.device).expand(m * K, L, V)
+            lp = rk.token_logprobs(logits.unsqueeze(2).expand(-1, -1, V, -1), every).view(m, K, L, V).cpu()
             out.append(lp[:, rows, torch.arange(L)[None, :], ys].sum(-1))
     return torch.cat(out)
 
@@ -114,7 +127,7 @@ class ExactEvaluator:
         pid = torch.arange(n).repeat_interleave(R)
         resp = task.all_responses.repeat(n, 1)
         with torch.no_grad():
-            s = torch.cat([score_fn(pid[i:i + chunk], resp[i:i + chunk]) for i in range(0, len(pid), chunk)])
+            s = torch.cat([score_fn(pid[i:i + chunk], resp[i:i + chunk]).cpu() for i in range(0, len(pid), chunk)])
         self.task, self.beta = task, beta
         self.scores = s.view(n, R)                                    # [num_prompts, R]
         self.rule = task.rule_reward(pid, resp).view(n, R)            # [num_prompts, R]

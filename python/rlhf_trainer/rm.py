@@ -1,0 +1,178 @@
+"""``rlhf_trainer rm --config cfg.yaml``: a reward model from preference data (the ``rm`` section).
+
+rm.data is a JSONL file, one comparison per line: {"prompt", "chosen", "rejected"} (pairwise,
+``rk.bt_loss`` with rm.label_smoothing and rm.center_coef) or {"prompt", "ranked": [best, ...,
+worst]} (two or more responses; ``rk.ranking_loss``, ragged lists allowed). The prompt is a
+string or a list of chat messages; each (prompt, response) is encoded as the trainer's reward
+reads it (``hf.rm_encode``), truncated from the left to rm.max_len tokens. The model starts from
+rm.model (a causal LM gets a new scalar head) and is saved with save_pretrained in ``model/`` of
+the run directory, ready for ``reward.model``; log.jsonl, summary.json beside it.
+"""
+
+import json
+import os
+import time
+
+import torch
+
+import rlhf_kernels as rk
+from rlhf_trainer.config import Config, ConfigError
+from rlhf_trainer.hf import InputError
+
+
+def read_preferences(path, key):
+    """-> (prompts, lists of responses best first, 'bt' or 'ranking'); InputError names the line."""
+    if not os.path.isfile(path):
+        raise InputError("%s: no such file %r" % (key, path))
+    prompts, responses, kinds = [], [], set()
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for n, line in enumerate(lines, 1):
+        where = "%s: %s line %d" % (key, path, n)
+        if not line.strip():
+            raise InputError("%s is empty" % where)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError("%s is not valid JSON (%s)" % (where, e.msg)) from None
+        if not isinstance(obj, dict) or "prompt" not in obj:
+            raise InputError("%s has no \"prompt\"" % where)
+        if "ranked" in obj:
+            rs, kind = obj["ranked"], "ranking"
+            if not isinstance(rs, list) or len(rs) < 2:
+                raise InputError("%s: \"ranked\" must be a list of at least two responses, best first" % where)
+        elif "chosen" in obj and "rejected" in obj:
+            rs, kind = [obj["chosen"], obj["rejected"]], "bt"
+        else:
+            raise InputError("%s needs \"chosen\" and \"rejected\", or \"ranked\"" % where)
+        if not all(isinstance(r, str) for r in rs):
+            raise InputError("%s: every response must be a string" % where)
+        kinds.add(kind)
+        if len(kinds) > 1:
+            raise InputError("%s mixes pairs and rankings: one file holds one kind" % where)
+        prompts.append(obj["prompt"])
+        responses.append(rs)
+    if not prompts:
+        raise InputError("%s: %s holds no comparison" % (key, path))
+    return prompts, responses, kinds.pop()
+
+
+def _encode(tok, prompts, responses, max_len):
+    from rlhf_trainer.hf import rm_encode
+    rows, truncated = [], 0
+    for p, rs in zip(prompts, responses):
+        enc = [rm_encode(tok, p, r) for r in rs]
+        truncated += sum(len(e) > max_len for e in enc)
+        rows.append([e[-max_len:] for e in enc])
+    return rows, truncated
+
+
+def _scores(model, tok, rows, device, autocast):
+    """rows: B lists of K_b id lists -> scores [B, K] float32 (0 where K_b < K), valid [B, K]."""
+    from rlhf_trainer.hf import pad_right
+    K = max(len(r) for r in rows)
+    flat = [seq for r in rows for seq in r]
+    with autocast():
+        s = model.score(*pad_right(flat, tok.pad_token_id, device)).float()
+    valid = torch.zeros(len(rows), K, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        valid[i, :len(r)] = True
+    valid = valid.to(device)
+    out = torch.zeros(len(rows), K, device=device).masked_scatter(valid, s)
+    return out, valid
+
+
+def _loss(kind, cfg, s, valid):
+    if kind == "bt":
+        return rk.bt_loss(s[:, 0], s[:, 1], label_smoothing=cfg.label_smoothing, center_coef=cfg.center_coef)
+    return rk.ranking_loss(s, valid=valid)
+
+
+def accuracy(model, tok, rows, device, autocast, batch_size):
+    """Fraction of ordered pairs (i better than j) scored in that order."""
+    right = total = 0
+    with torch.no_grad():
+        for b in range(0, len(rows), batch_size):
+            s, valid = _scores(model, tok, rows[b:b + batch_size], device, autocast)
+            K = s.shape[1]
+            for i in range(K):
+                for j in range(i + 1, K):
+                    both = valid[:, i] & valid[:, j]
+                    right += ((s[:, i] > s[:, j]) & both).sum().item()
+                    total += both.sum().item()
+    return right / max(total, 1)
+
+
+def run(cfg, run_dir, log=print, progress=True):
+    from tqdm import tqdm
+
+    from rlhf_trainer import hf
+    from rlhf_trainer.devices import resolve_device
+    t0 = time.perf_counter()
+    if cfg.rm is None:
+        raise ConfigError("rm: the rm command needs an rm section (rm.model, rm.data)")
+    c = cfg.rm
+    device = resolve_device(cfg.device)
+    path = hf.resolve_model("rm.model", c.model)
+    prompts, responses, kind = read_preferences(c.data, "rm.data")
+    held = read_preferences(c.eval_data, "rm.eval_data") if c.eval_data else None
+    if held is not None and held[2] != kind:
+        raise InputError("rm.eval_data holds %s, rm.data %s: give both in one format" % (held[2], kind))
+    cfg.save(os.path.join(run_dir, "config.yaml"))
+    tok = hf.load_tokenizer(path, "rm.model", log)
+    rows, truncated = _encode(tok, prompts, responses, c.max_len)
+    held_rows = _encode(tok, held[0], held[1], c.max_len)[0] if held else None
+    if truncated:
+        log("rm: %d responses longer than rm.max_len=%d tokens were truncated from the left" % (truncated, c.max_len))
+    model = hf.load_scalar_model(path, "rm.model", tok, cfg.seed).to(device)
+    if cfg.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.backbone.config.use_cache = False
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")  # noqa
+    steps = c.epochs * -(-len(rows) // c.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log("reward model (%s): %d comparisons, %d epochs of %d steps; device %s, %s"
+        % (kind, len(rows), c.epochs, steps // c.epochs, device, cfg.dtype))
+    bar = tqdm(total=steps, disable=not progress, desc="rm", unit="step")
+    with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+        step = 0
+        for epoch in range(c.epochs):
+            order = torch.randperm(len(rows), generator=gen).tolist()
+            for b in range(0, len(rows), c.batch_size):
+                s, valid = _scores(model, tok, [rows[i] for i in order[b:b + c.batch_size]], device, autocast)
+                loss, stats = _loss(kind, c, s, valid)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                row = {"step": step, "epoch": epoch, "loss": loss.item(), "accuracy": stats["accuracy"].item(),
+                       "lr": sched.get_last_lr()[0]}
+                f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss="%.4f" % row["loss"], acc="%.3f" % row["accuracy"])
+    bar.close()
+    model.eval()
+    summary = {"kind": kind, "comparisons": len(rows), "steps": steps, "final_loss": row["loss"],
+               "train_accuracy": accuracy(model, tok, rows, device, autocast, c.batch_size),
+               "eval_accuracy": accuracy(model, tok, held_rows, device, autocast, c.batch_size) if held else None,
+               "wall_s": time.perf_counter() - t0, "model": os.path.join(run_dir, "model")}
+    model.hf.save_pretrained(summary["model"])
+    tok.save_pretrained(summary["model"])
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main(args):
+    from rlhf_trainer.train import prepare_run_dir
+    cfg = Config.load(args.config)
+    run_dir = prepare_run_dir(args.out, False, args.overwrite, "rm")
+    s = run(cfg, run_dir, progress=not args.no_progress)
+    print("reward model (%s): train accuracy %.3f%s, final loss %.4f; %.1f s" % (
+        s["kind"], s["train_accuracy"], "" if s["eval_accuracy"] is None else ", held-out %.3f" % s["eval_accuracy"],
+        s["final_loss"], s["wall_s"]))
+    print("saved to %s (use it as reward.model)" % s["model"])
+    return 0

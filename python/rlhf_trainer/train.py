@@ -1,0 +1,111 @@
+"""``rlhf_trainer train --config cfg.yaml``: the configured policy-gradient algorithm (ppo, grpo,
+rloo, reinforce_pp) on real models, prompts and rewards (``hf.py``).
+
+The run directory gets what the demo's does: config.yaml, log.jsonl (one line per step, the
+schema of ``ppo.LOG_KEYS``; the exact-J fields are null: there is no exact optimum here),
+curves.png, checkpoint.pt (``--resume`` continues exactly), summary.json, and the final policy
+with its tokenizer in ``policy/`` (save_pretrained).
+"""
+
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from rlhf_trainer.config import Config, ConfigError
+from rlhf_trainer.hf import InputError
+
+
+def prepare_run_dir(out, resume, overwrite, prefix):
+    """The run directory: new, or an existing one only with --resume (continue) or --overwrite
+    (deleted first, if it is a run directory). Returns its path."""
+    run_dir = out or os.path.join("runs", time.strftime(prefix + "-%Y%m%d-%H%M%S"))
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite: give one of them")
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not resume:
+        if not overwrite:
+            raise InputError("--out %s already holds a run: --resume continues it, --overwrite replaces it" % run_dir)
+        if not any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.yaml", "compare.md")):
+            raise InputError("--overwrite: %s is not a run directory (no config.yaml); not deleting it" % run_dir)
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def oom_message(cfg, task, step):
+    p, g = cfg.section, cfg.generation
+    return ("out of memory at step %d with %s.rollout_batch=%d (generated at once), %s.micro_batch=%d (each "
+            "forward/backward), generation.max_new_tokens=%d, prompts up to %d tokens, dtype: %s, "
+            "gradient_checkpointing: %s; lower %s.micro_batch first, then generation.max_new_tokens or "
+            "%s.rollout_batch, or set dtype: bfloat16 and gradient_checkpointing: true"
+            % (step, cfg.algo, p.rollout_batch, cfg.algo, p.micro_batch, g.max_new_tokens, task.prompts.shape[1],
+               cfg.dtype, str(cfg.gradient_checkpointing).lower(), cfg.algo, cfg.algo))
+
+
+def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
+    """Train cfg.algo on real models into run_dir; returns the summary dict."""
+    from tqdm import tqdm
+
+    from rlhf_trainer import hf
+    from rlhf_trainer.algos import trainer_class
+    from rlhf_trainer.devices import resolve_device
+    from rlhf_trainer.plot import plot_run
+    t0 = time.perf_counter()
+    if not cfg.real:
+        raise ConfigError("policy: train needs a run on real models (policy.model, data.prompts, reward.model or "
+                          "reward.fn); the toy task runs with `rlhf_trainer demo`")
+    device = resolve_device(cfg.device, cfg.algo)
+    task, pieces = hf.prepare(cfg, config_dir, log)
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    if resume and os.path.exists(ckpt):
+        saved = Config.load(os.path.join(run_dir, "config.yaml"))
+        if saved.to_dict() != cfg.to_dict():
+            raise InputError("--resume: %s was run with another configuration (its config.yaml)" % run_dir)
+    cfg.save(os.path.join(run_dir, "config.yaml"))
+    log(cfg.accounting() + "; device %s, %s" % (device, cfg.dtype))
+    reward = hf.build_reward(cfg, task, pieces, device, log)
+    trainer = trainer_class(cfg.algo)(cfg, task, reward_fn=reward, run_dir=run_dir, log=log)
+    if resume and os.path.exists(ckpt):
+        trainer.load(ckpt)
+        log("resumed from %s at step %d" % (ckpt, trainer.step))
+    else:
+        open(os.path.join(run_dir, "log.jsonl"), "w").close()
+    total = trainer.total_steps
+    bar = tqdm(total=total, initial=trainer.step, disable=not progress, desc=cfg.algo, unit="step")
+    while trainer.step < total:
+        try:
+            row = trainer.train_step(evaluate=False)
+        except torch.OutOfMemoryError:
+            raise InputError(oom_message(cfg, task, trainer.step + 1)) from None
+        bar.update(1)
+        bar.set_postfix(score="%.3f" % row["score_mean"], kl="%.2f" % row["kl_seq_sum"])
+        if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+            trainer.save(ckpt)
+    bar.close()
+    trainer.save(ckpt)
+    policy_dir = os.path.join(run_dir, "policy")
+    trainer.policy.save_pretrained(policy_dir)
+    task.tokenizer.save_pretrained(policy_dir)
+    h = trainer.history
+    summary = {"algo": cfg.algo, "steps": trainer.step, "score_start": h[0]["score_mean"], "score_end": h[-1]["score_mean"],
+               "kl_seq_sum_end": h[-1]["kl_seq_sum"], "samples_drawn": trainer.step * cfg.section.rollout_batch,
+               "device": str(device), "dtype": cfg.dtype, "train_s": sum(r["time_step"] for r in h),
+               "wall_s": time.perf_counter() - t0, "policy": policy_dir}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot_run(run_dir)
+    return summary
+
+
+def main(args):
+    cfg = Config.load(args.config)
+    run_dir = prepare_run_dir(args.out, args.resume, args.overwrite, "train")
+    summary = run(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
+                  config_dir=os.path.dirname(os.path.abspath(args.config)))
+    print("score %.4f -> %.4f over %d steps, KL per sequence %.3f; %.1f s" % (
+        summary["score_start"], summary["score_end"], summary["steps"], summary["kl_seq_sum_end"], summary["wall_s"]))
+    print("final policy: %s" % summary["policy"])
+    print("run directory: %s" % run_dir)
+    return 0

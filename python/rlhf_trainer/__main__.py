@@ -75,8 +75,7 @@ def main(argv=None):
         print("rlhf_trainer needs the trainer's dependencies (missing: %s): pip install 'rlhf-kernels[trainer]'"
               % ", ".join(missing), file=sys.stderr)
         return 1
-    from rlhf_trainer.config import ConfigError
-    from rlhf_trainer.hf import InputError
+    from rlhf_trainer.config import ConfigError, InputError
     try:
         if args.cmd == "plot":
             from rlhf_trainer.plot import plot_run

@@ -28,6 +28,11 @@ class ConfigError(ValueError):
     """An inconsistent configuration."""
 
 
+class InputError(ValueError):
+    """A model, tokenizer, data file, reward function or run directory the configuration or the
+    command line points at is unusable (raised before any model is loaded where possible)."""
+
+
 ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp", "best_of_n", "expert_iteration")
 # the critic-free algorithms and the rk.group_advantages mode each uses
 GROUP_MODES = {"grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce++"}

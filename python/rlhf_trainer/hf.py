@@ -21,13 +21,9 @@ from types import SimpleNamespace
 
 import torch
 
-from rlhf_trainer.config import ConfigError
+from rlhf_trainer.config import ConfigError, InputError  # noqa: F401 (InputError: raised here, caught by the CLI)
 from rlhf_trainer.models import HFScalarModel
 from rlhf_trainer.ppo import PROMPT_PAD, response_mask
-
-
-class InputError(ValueError):
-    """A model, tokenizer, data file or reward function the configuration points at is unusable."""
 
 
 # ---------- models ----------

@@ -100,3 +100,13 @@ class HFScalarModel(ScalarHead):
     @property
     def head(self):
         return self.hf.score
+
+
+def enable_checkpointing(model):
+    """Recompute each layer's activations in the backward (transformers' activation, formerly
+    gradient, checkpointing), non-reentrant; the KV cache stays for generate() alone."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False

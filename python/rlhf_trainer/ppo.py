@@ -27,7 +27,7 @@ import torch
 
 import rlhf_kernels as rk
 from rlhf_trainer.devices import resolve_device
-from rlhf_trainer.models import frozen_copy, position_ids
+from rlhf_trainer.models import enable_checkpointing, frozen_copy, position_ids
 from rlhf_trainer.toy import ExactEvaluator
 
 # The JSONL schema: one object per PPO step with exactly these keys (time_* are wall clock
@@ -199,8 +199,7 @@ class PPOTrainer:
             self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, decay)
         if cfg.gradient_checkpointing:
             for model in [self.policy] + ([self.value.backbone] if self.uses_critic else []):
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                model.config.use_cache = False          # generate() asks for its cache itself
+                enable_checkpointing(model)
         self.kl_ctl = KLController(cfg.beta, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)    # prompts and minibatch order
         torch.manual_seed(cfg.seed + 2)                           # generate() samples from the global RNG

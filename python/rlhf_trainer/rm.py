@@ -16,8 +16,7 @@ import time
 import torch
 
 import rlhf_kernels as rk
-from rlhf_trainer.config import Config, ConfigError
-from rlhf_trainer.hf import InputError
+from rlhf_trainer.config import Config, ConfigError, InputError
 
 
 def read_preferences(path, key):
@@ -126,8 +125,8 @@ def run(cfg, run_dir, log=print, progress=True):
         log("rm: %d responses longer than rm.max_len=%d tokens were truncated from the left" % (truncated, c.max_len))
     model = hf.load_scalar_model(path, "rm.model", tok, cfg.seed).to(device)
     if cfg.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.backbone.config.use_cache = False
+        from rlhf_trainer.models import enable_checkpointing
+        enable_checkpointing(model.backbone)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")  # noqa
     steps = c.epochs * -(-len(rows) // c.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)

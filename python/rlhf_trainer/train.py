@@ -14,8 +14,7 @@ import time
 
 import torch
 
-from rlhf_trainer.config import Config, ConfigError
-from rlhf_trainer.hf import InputError
+from rlhf_trainer.config import Config, ConfigError, InputError
 
 
 def prepare_run_dir(out, resume, overwrite, prefix):

@@ -202,13 +202,14 @@ def test_cli_rm_then_train_with_reward_model_and_function(workdir, tmp_path, cap
     trained = torch.load(out / "checkpoint.pt", weights_only=False)["policy"]
     torch.testing.assert_close(saved.state_dict()["lm_head.weight"], trained["lm_head.weight"])
     rc, _, err = run_cli(capsys, "train", "--config", str(tmp_path / "train.yaml"), "--out", str(out))
-    assert rc == 2 and err == "error: --out %s already holds a run: --resume continues it, --overwrite replaces it\n" % out
+    assert rc == 2
+    assert err == "error: --out %s already holds a run: --resume continues it, --overwrite replaces it\n" % out
 
 
 def test_rm_ranked_lists(workdir, tmp_path):
     from rlhf_trainer import rm
-    cfg = Config.from_dict({"device": "cpu", "rm": {"model": str(workdir / "tiny"), "data": str(workdir / "ranked.jsonl"),
-                                                    "epochs": 2, "batch_size": 4, "lr": 3e-3}})
+    cfg = Config.from_dict({"device": "cpu", "rm": {"model": str(workdir / "tiny"), "epochs": 2, "batch_size": 4,
+                                                    "data": str(workdir / "ranked.jsonl"), "lr": 3e-3}})
     s = rm.run(cfg, str(tmp_path), log=lambda *a: None, progress=False)
     assert s["kind"] == "ranking" and s["steps"] == 4
     rows = read_log(tmp_path)
@@ -330,6 +331,16 @@ def test_config_error_on_the_command_line_is_one_line(tmp_path, capsys):
     assert rc == 2
     assert err == ("config error: algo must be one of ppo, grpo, rloo, reinforce_pp, best_of_n, "
                    "expert_iteration, got 'dpo'\n")
+
+
+def test_demo_refuses_a_config_for_real_models_and_train_one_for_the_toy(tmp_path, capsys):
+    (tmp_path / "real.yaml").write_text("policy: {model: m}\ndata: {prompts: p}\nreward: {fn: 'a:b'}\n")
+    rc, _, err = run_cli(capsys, "demo", "--config", str(tmp_path / "real.yaml"), "--out", str(tmp_path / "d"))
+    assert rc == 2 and err.startswith("config error: policy: the demo runs the toy task")
+    (tmp_path / "toy.yaml").write_text("algo: ppo\n")
+    rc, _, err = run_cli(capsys, "train", "--config", str(tmp_path / "toy.yaml"), "--out", str(tmp_path / "t"))
+    assert rc == 2 and err.startswith("config error: policy: train needs a run on real models")
+    assert not os.path.exists(tmp_path / "t") and not os.path.exists(tmp_path / "d")
 
 
 def test_out_of_memory_is_caught_once_with_the_sizes_and_what_to_lower(workdir, tmp_path, monkeypatch):

@@ -33,7 +33,8 @@ COLUMNS = ["algorithm", "J_start", "J_end", "J_star", "gap_closed", "exact_kl", 
 def algo_config(algo, base, small=False):
     """``algo`` with its tuned defaults, sharing base's objective, task, model, reward model and seed."""
     d = base.to_dict()
-    cfg = Config.from_dict({"algo": algo, **{k: d[k] for k in ("beta", "model", "task", "reward_model", "seed")}})
+    cfg = Config.from_dict({"algo": algo, **{k: d[k] for k in ("beta", "device", "model", "task", "reward_model",
+                                                                "seed")}})
     return small_config(cfg) if small else cfg
 
 
@@ -60,7 +61,8 @@ def _compare(out, small, algos, log, progress, beta):
     from rlhf_trainer.toy import ExactEvaluator, ToyTask
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
-    base = Config() if beta is None else Config(beta=beta)
+    # on the CPU: the models are tiny, and best_of_n and expert_iteration run there anyway
+    base = Config(device="cpu") if beta is None else Config(beta=beta, device="cpu")
     base = small_config(base) if small else base
     task = ToyTask(base.task)
     rm, rm_metrics = reward_model(base, task, out, log=log)

@@ -438,7 +438,8 @@ class Config:
             if self.value is not None and self.algo != "ppo":
                 raise ConfigError("value has no effect with algo: %s (only ppo has a value model)" % self.algo)
             if self.eval_every != _default(Config, "eval_every"):
-                raise ConfigError("eval_every has no effect on real models (J is evaluated exactly on the toy task only)")
+                raise ConfigError("eval_every has no effect on real models (J is evaluated exactly on the toy "
+                                  "task only)")
         else:
             for name, cls in COMMON.items():
                 if getattr(self, name) is None:

@@ -9,7 +9,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from rlhf_trainer.config import Config
+from rlhf_trainer.config import REAL, Config, ConfigError
 from rlhf_trainer.plot import plot_run
 
 SUMMARY_KEYS = ["algo", "J_start", "J_end", "J_star", "gap_closed", "rule_reward_start", "rule_reward_end",
@@ -153,6 +153,9 @@ def print_table(summary, run_dir):
 
 def main(args):
     cfg = Config.load(args.config) if args.config else Config()
+    if cfg.real:
+        raise ConfigError("%s: the demo runs the toy task; a config for real models runs with `rlhf_trainer train`"
+                          % next(name for name in REAL if getattr(cfg, name) is not None))
     if args.small:
         cfg = small_config(cfg)
     from rlhf_trainer.devices import resolve_device

@@ -326,9 +326,9 @@ def prepare(cfg, config_dir=None, log=print):
     fn = import_reward_fn(cfg.reward.fn, config_dir) if cfg.reward.fn is not None else None
     tokenizer = load_tokenizer(policy_path, "policy.model", log)
     task = PromptTask(cfg, tokenizer, texts, policy_path, value_path)
-    log("prompts: %d from %s, up to %d tokens (%s)" % (
-        task.num_prompts, cfg.data.prompts, task.prompts.shape[1],
-        "chat template" if cfg.data.chat_template and getattr(tokenizer, "chat_template", None) else "no chat template"))
+    template = cfg.data.chat_template and getattr(tokenizer, "chat_template", None)
+    log("prompts: %d from %s, up to %d tokens (%s)" % (task.num_prompts, cfg.data.prompts, task.prompts.shape[1],
+                                                       "chat template" if template else "no chat template"))
     return task, {"fn": fn, "fn_name": cfg.reward.fn, "rm_path": rm_path}
 
 

@@ -155,9 +155,9 @@ def score_function(task, reward_model=None, reward_fn=None):
 
     def score(prompt_ids, responses):
         dev = next(reward_model.parameters()).device
-        responses = responses.to(dev)
-        mask = response_mask(responses, tc.eos_token_id, tc.stop_at_eos)
-        return reward_model.score(*sequences(task.prompts[prompt_ids].to(dev), responses, mask))
+        r = responses.to(dev)
+        mask = response_mask(r, tc.eos_token_id, tc.stop_at_eos)
+        return reward_model.score(*sequences(task.prompts[prompt_ids].to(dev), r, mask)).to(responses.device)
     return score
 
 

@@ -102,16 +102,21 @@ def accuracy(model, tok, rows, device, autocast, batch_size):
     return right / max(total, 1)
 
 
+def check(cfg):
+    """What can be refused before anything is written; returns the device."""
+    from rlhf_trainer.devices import resolve_device
+    if cfg.rm is None:
+        raise ConfigError("rm: the rm command needs an rm section (rm.model, rm.data)")
+    return resolve_device(cfg.device)
+
+
 def run(cfg, run_dir, log=print, progress=True):
     from tqdm import tqdm
 
     from rlhf_trainer import hf
-    from rlhf_trainer.devices import resolve_device
     t0 = time.perf_counter()
-    if cfg.rm is None:
-        raise ConfigError("rm: the rm command needs an rm section (rm.model, rm.data)")
+    device = check(cfg)
     c = cfg.rm
-    device = resolve_device(cfg.device)
     path = hf.resolve_model("rm.model", c.model)
     prompts, responses, kind = read_preferences(c.data, "rm.data")
     held = read_preferences(c.eval_data, "rm.eval_data") if c.eval_data else None
@@ -168,6 +173,7 @@ def run(cfg, run_dir, log=print, progress=True):
 def main(args):
     from rlhf_trainer.train import prepare_run_dir
     cfg = Config.load(args.config)
+    check(cfg)
     run_dir = prepare_run_dir(args.out, False, args.overwrite, "rm")
     s = run(cfg, run_dir, progress=not args.no_progress)
     print("reward model (%s): train accuracy %.3f%s, final loss %.4f; %.1f s" % (

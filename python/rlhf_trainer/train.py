@@ -43,19 +43,24 @@ def oom_message(cfg, task, step):
                cfg.dtype, str(cfg.gradient_checkpointing).lower(), cfg.algo, cfg.algo))
 
 
+def check(cfg):
+    """What can be refused before anything is written; returns the device."""
+    from rlhf_trainer.devices import resolve_device
+    if not cfg.real:
+        raise ConfigError("policy: train needs a run on real models (policy.model, data.prompts, reward.model or "
+                          "reward.fn); the toy task runs with `rlhf_trainer demo`")
+    return resolve_device(cfg.device, cfg.algo)
+
+
 def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
     """Train cfg.algo on real models into run_dir; returns the summary dict."""
     from tqdm import tqdm
 
     from rlhf_trainer import hf
     from rlhf_trainer.algos import trainer_class
-    from rlhf_trainer.devices import resolve_device
     from rlhf_trainer.plot import plot_run
     t0 = time.perf_counter()
-    if not cfg.real:
-        raise ConfigError("policy: train needs a run on real models (policy.model, data.prompts, reward.model or "
-                          "reward.fn); the toy task runs with `rlhf_trainer demo`")
-    device = resolve_device(cfg.device, cfg.algo)
+    device = check(cfg)
     task, pieces = hf.prepare(cfg, config_dir, log)
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     if resume and os.path.exists(ckpt):
@@ -76,7 +81,7 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
     while trainer.step < total:
         try:
             row = trainer.train_step(evaluate=False)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:   # torch.OutOfMemoryError, under its older name
             raise InputError(oom_message(cfg, task, trainer.step + 1)) from None
         bar.update(1)
         bar.set_postfix(score="%.3f" % row["score_mean"], kl="%.2f" % row["kl_seq_sum"])
@@ -88,7 +93,8 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
     trainer.policy.save_pretrained(policy_dir)
     task.tokenizer.save_pretrained(policy_dir)
     h = trainer.history
-    summary = {"algo": cfg.algo, "steps": trainer.step, "score_start": h[0]["score_mean"], "score_end": h[-1]["score_mean"],
+    summary = {"algo": cfg.algo, "steps": trainer.step,
+               "score_start": h[0]["score_mean"], "score_end": h[-1]["score_mean"],
                "kl_seq_sum_end": h[-1]["kl_seq_sum"], "samples_drawn": trainer.step * cfg.section.rollout_batch,
                "device": str(device), "dtype": cfg.dtype, "train_s": sum(r["time_step"] for r in h),
                "wall_s": time.perf_counter() - t0, "policy": policy_dir}
@@ -100,6 +106,7 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
 
 def main(args):
     cfg = Config.load(args.config)
+    check(cfg)
     run_dir = prepare_run_dir(args.out, args.resume, args.overwrite, "train")
     summary = run(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                   config_dir=os.path.dirname(os.path.abspath(args.config)))

@@ -135,6 +135,17 @@ def test_train_on_cuda_in_bfloat16_resumes_exactly(workdir, tmp_path):
     assert next(trainer.policy.parameters()).is_cuda and next(trainer.ref.parameters()).is_cuda
 
 
+@pytest.mark.cuda
+def test_toy_demo_on_cuda_closes_the_gap(tmp_path):
+    """The CI-sized demo on a GPU: the same checks as on the CPU (test_trainer_ppo)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from rlhf_trainer import demo
+    summary = demo.run(demo.small_config(Config(device="cuda")), str(tmp_path), progress=False)
+    assert summary["rm_accuracy"] >= 0.9 and summary["gap_closed"] >= 0.8
+    assert summary["rule_reward_end"] > summary["rule_reward_start"] + 0.2
+
+
 def test_ppo_with_a_value_model_from_the_policy_and_token_sum(workdir, tmp_path):
     """PPO: the value model is the policy's architecture and weights with a scalar head; loss_agg
     token-sum passes through; gradient checkpointing gives the same log."""
@@ -158,6 +169,27 @@ def test_ppo_with_a_value_model_from_the_policy_and_token_sum(workdir, tmp_path)
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
             else:
                 assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("loss_agg", ["token-sum", "seq-mean-token-mean"])
+def test_update_does_not_depend_on_the_micro_batch_split(loss_agg):
+    """Gradient accumulation: the accumulated gradient of a minibatch is the same whether it is
+    one micro-batch or four (token-sum sums, the per-sequence modes are weighted). Gradients, not
+    parameters: Adam's step would hide a wrong constant scale."""
+    from rlhf_trainer.ppo import PPOTrainer
+    from rlhf_trainer.toy import ToyTask
+    grads = []
+    for micro in (32, 8):
+        d = Config().to_dict()
+        d["ppo"].update(steps=1, rollout_batch=32, minibatch=32, micro_batch=micro, epochs=1, loss_agg=loss_agg,
+                        max_grad_norm=1e9)
+        cfg = Config.from_dict(d)
+        task = ToyTask(cfg.task)
+        trainer = PPOTrainer(cfg, task, reward_fn=task.rule_reward, log=lambda *a: None)
+        trainer.train_step()            # one minibatch: .grad holds its accumulated gradient
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
 def run_cli(capsys, *args):
@@ -231,6 +263,24 @@ def prepare(workdir, log=lambda *a: None, **changes):
 def test_missing_model_path_fails_before_loading(workdir):
     with pytest.raises(InputError, match=r"policy.model: '/nonexistent/model' is neither a model folder"):
         prepare(workdir, policy__model="/nonexistent/model")
+
+
+def test_a_cached_hugging_face_id_is_found_offline(workdir, tmp_path, monkeypatch):
+    """An id is looked up in the local Hugging Face cache (its snapshot folder), never downloaded."""
+    import shutil
+    from huggingface_hub import constants
+    from rlhf_trainer.hf import resolve_model
+    snapshot = tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(workdir / "tiny", snapshot)
+    (tmp_path / "hub" / "models--someone--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-llama" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model("policy.model", "someone/tiny-llama") == str(snapshot)
+    task, _ = prepare(workdir, policy__model="someone/tiny-llama")
+    assert task.policy_path == str(snapshot)
+    with pytest.raises(InputError, match="'someone/other' is neither a model folder nor a Hugging Face id in the "
+                                         "local cache"):
+        resolve_model("policy.model", "someone/other")
 
 
 def test_tokenizer_without_pad_token_is_given_one_and_says_so(workdir):

@@ -283,6 +283,17 @@ def test_a_cached_hugging_face_id_is_found_offline(workdir, tmp_path, monkeypatc
         resolve_model("policy.model", "someone/other")
 
 
+def test_a_bfloat16_checkpoint_loads_in_float32_without_dropout(workdir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from rlhf_trainer.hf import load_policy, load_tokenizer
+    m = AutoModelForCausalLM.from_pretrained(workdir / "tiny", attention_dropout=0.1).to(torch.bfloat16)
+    m.save_pretrained(tmp_path)
+    policy = load_policy(str(tmp_path), load_tokenizer(str(workdir / "tiny"), "policy.model", lambda *a: None), 0)
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert policy.config.attention_dropout == 0.0 and policy.training
+    assert policy.generation_config.top_k is None and policy.generation_config.pad_token_id is not None
+
+
 def test_tokenizer_without_pad_token_is_given_one_and_says_so(workdir):
     said = []
     task, _ = prepare(workdir, log=said.append)

@@ -69,6 +69,14 @@ def _config_without_dropout(path):
     return config
 
 
+def _float32():
+    """from_pretrained's keyword for float32 weights (``dtype`` since transformers 4.56, ``torch_dtype``
+    before): without it transformers 5 loads a checkpoint in its own dtype."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
 def load_tokenizer(path, key, log=print):
     """The tokenizer saved with the model; without a pad token its EOS token pads (and we say so)."""
     from transformers import AutoTokenizer
@@ -88,7 +96,7 @@ def load_policy(path, tokenizer, seed):
     penalty and so on would make the samples' distribution differ from the log-probabilities)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(path, config=_config_without_dropout(path), dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(path, config=_config_without_dropout(path), **_float32(),
                                                  trust_remote_code=False, local_files_only=True)
     eos = model.generation_config.eos_token_id
     if eos is None:
@@ -108,7 +116,7 @@ def load_scalar_model(path, key, tokenizer, seed):
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
     with _hf_quiet():
-        seqcls = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32,
+        seqcls = AutoModelForSequenceClassification.from_pretrained(path, config=config, **_float32(),
                                                                     trust_remote_code=False, local_files_only=True)
     if not isinstance(getattr(seqcls, "score", None), torch.nn.Linear):
         raise InputError("%s: %s has no linear `score` head (a decoder model's sequence classifier is expected)"

@@ -350,6 +350,17 @@ def test_bad_reward_function_names_itself_and_the_batch(workdir, tmp_path, fn, w
     assert words in str(info.value) and "reward.fn w14_rewards:%s on batch 1" % fn in str(info.value)
 
 
+def test_a_reward_model_without_a_trained_head_is_refused(workdir):
+    """A causal LM given as reward.model would score with a random head: refused, named."""
+    from rlhf_trainer import hf
+    d = real_config(workdir)
+    d["reward"]["model"] = str(workdir / "tiny")
+    cfg = Config.from_dict(d)
+    task, pieces = hf.prepare(cfg, str(workdir), lambda *a: None)
+    with pytest.raises(InputError, match="reward.model: .* has no trained scalar head"):
+        hf.build_reward(cfg, task, pieces, torch.device("cpu"), lambda *a: None)
+
+
 def test_reward_function_that_cannot_be_imported(workdir):
     with pytest.raises(InputError, match="reward.fn: cannot import module 'no_such_module_w14'"):
         prepare(workdir, reward__fn="no_such_module_w14:f")

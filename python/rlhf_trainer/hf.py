@@ -107,17 +107,23 @@ def load_policy(path, tokenizer, seed):
     return model
 
 
-def load_scalar_model(path, key, tokenizer, seed):
+def load_scalar_model(path, key, tokenizer, seed, trained_head=False):
     """A sequence-classification model with one output (a reward model, or a value model from a
-    causal LM's weights with a new head) as an HFScalarModel, float32."""
+    causal LM's weights with a new head) as an HFScalarModel, float32. ``trained_head``: the
+    checkpoint must hold the head (a reward model), else it is an InputError."""
     from transformers import AutoModelForSequenceClassification
     torch.manual_seed(seed)
     config = _config_without_dropout(path)
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
     with _hf_quiet():
-        seqcls = AutoModelForSequenceClassification.from_pretrained(path, config=config, **_float32(),
-                                                                    trust_remote_code=False, local_files_only=True)
+        seqcls, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, **_float32(), trust_remote_code=False, local_files_only=True,
+            output_loading_info=True)
+    new = [k for k in info["missing_keys"] if k.startswith("score.")]
+    if trained_head and new:
+        raise InputError("%s: %s has no trained scalar head (%s would be random): it is not a reward model; "
+                         "train one with `rlhf_trainer rm`" % (key, path, ", ".join(sorted(new))))
     if not isinstance(getattr(seqcls, "score", None), torch.nn.Linear):
         raise InputError("%s: %s has no linear `score` head (a decoder model's sequence classifier is expected)"
                          % (key, type(seqcls).__name__))
@@ -345,6 +351,6 @@ def build_reward(cfg, task, pieces, device, log=print):
     model = rm_tok = None
     if pieces["rm_path"] is not None:
         rm_tok = load_tokenizer(pieces["rm_path"], "reward.model", log)
-        model = load_scalar_model(pieces["rm_path"], "reward.model", rm_tok, cfg.seed).to(device)
+        model = load_scalar_model(pieces["rm_path"], "reward.model", rm_tok, cfg.seed, trained_head=True).to(device)
         model.eval().requires_grad_(False)
     return Reward(task, pieces["fn"], pieces["fn_name"], model, rm_tok, cfg.section.micro_batch)

@@ -114,6 +114,9 @@ def run(cfg, run_dir, log=print, progress=True):
     from tqdm import tqdm
 
     from rlhf_trainer import hf
+    if not progress:   # transformers' own bars too (loading weights)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     device = check(cfg)
     c = cfg.rm

@@ -57,6 +57,9 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
     from tqdm import tqdm
 
     from rlhf_trainer import hf
+    if not progress:   # transformers' own bars too (loading weights)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     from rlhf_trainer.algos import trainer_class
     from rlhf_trainer.plot import plot_run
     t0 = time.perf_counter()

@@ -397,6 +397,12 @@ def test_config_errors_are_one_line_with_the_accepted_values(tmp_path, text, wor
     assert words in str(info.value)
 
 
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    (tmp_path / "c.yaml").write_text("ppo: {lr: 1e-4, clip_high: 3e-1}\n")
+    cfg = Config.load(tmp_path / "c.yaml")
+    assert cfg.ppo.lr == 1e-4 and cfg.ppo.clip_high == 0.3
+
+
 def test_config_error_on_the_command_line_is_one_line(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("algo: dpo\n")
     rc, _, err = run_cli(capsys, "train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"))

@@ -533,14 +533,12 @@ class Config:
                 unknown = set(value) - known
                 if unknown:
                     raise ConfigError(_unknown_options(key, unknown))
-                for name, v in value.items():
-                    _check_type("%s.%s" % (key, name), v, _field(part, name))
+                value = {name: _check_type("%s.%s" % (key, name), v, _field(part, name)) for name, v in value.items()}
                 kwargs[key] = part(**value)
             elif key in top:
                 if key in TOP_LEVEL_FOR and algo not in TOP_LEVEL_FOR[key]:
                     raise ConfigError("%s has no effect with algo: %s" % (key, algo))
-                _check_type(key, value, _field(cls, key))
-                kwargs[key] = value
+                kwargs[key] = _check_type(key, value, _field(cls, key))
             else:
                 raise ConfigError("unknown config key %r: the top-level keys are %s; the sections %s"
                                   % (key, ", ".join(sorted(top)),
@@ -568,17 +566,23 @@ _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 def _check_type(key, value, f):
     """YAML gives the value its type: refuse one that is not the option's (an int is a float,
-    a bool is not an int); None only where the default is None."""
+    a bool is not an int); None only where the default is None. Returns the value, with a
+    number YAML 1.1 reads as a string (``1e-6``: no dot) made a float."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
     want = _TYPES.get(kind)
     if want is None:
-        return
+        return value
+    if want is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if value is None:
         if f.default is None:
-            return
+            return value
     elif isinstance(value, bool) == (want is bool) and (
             isinstance(value, want) or (want is float and isinstance(value, int))):
-        return
+        return value
     choices = {"device": DEVICES, "dtype": DTYPES, "algo": ALGOS}.get(key)
     accepted = ("one of " + ", ".join(choices)) if choices else (
         "true or false" if want is bool else "a number" if want is float else "an integer" if want is int

@@ -19,7 +19,7 @@ and ``rm`` (read only by ``rlhf_trainer rm``); the toy sections are then refused
 """
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
 

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rlhf_trainer.config import ConfigError, InputError  # noqa: F401 (InputError: raised here, caught by the CLI)
+from rlhf_trainer.config import ConfigError, InputError
 from rlhf_trainer.models import HFScalarModel
 from rlhf_trainer.ppo import PROMPT_PAD, response_mask
 

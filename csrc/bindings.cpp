@@ -47,6 +47,30 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def("linear_logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_logp,"
         " Tensor? grad_entropy, Tensor stats, Tensor entropy, float temperature, int ignore_index, int tile,"
         " bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+  // linear_policy family (the policy head): hidden [B, T, H], weight [V, H], bias [V] as for
+  // linear_logprobs; labels [B, T] of any integer dtype, read only where mask is nonzero;
+  // old_logprobs, advantages, ref_logprobs [B, T] float; mask [B, T] bool or integer. kl_kind
+  // "k1" | "k2" | "k3" | "abs" (parsed in rlhf/linear_policy_op.h); ref_logprobs given exactly when
+  // kl_coef > 0; num_tokens, clip_*, loss_agg, rollout_logprobs, options, is_cap as for
+  // ppo_policy_options_fwd; tile as for linear_logprobs;
+  // validate: raise for a label outside [0, V) where mask is set (one host sync on a GPU).
+  // -> float32 (loss [], stats [n] (order: rlhf/layout.h, kLinearPolicyStatNames after the policy
+  // stats), logprobs [B, T]). linear_policy_fwd_grad also returns the loss's gradients (for a unit
+  // upstream gradient) wrt hidden, weight and bias in the input dtype, [0] where not asked for:
+  // the forward makes them; the autograd of linear_policy_fwd (csrc/autograd/linear_policy.cpp)
+  // calls it and its backward scales them.
+  m.def("linear_policy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor old_logprobs,"
+        " Tensor advantages, Tensor mask, Tensor? ref_logprobs, Tensor? num_tokens, float? num_tokens_value,"
+        " float temperature, float kl_coef, str kl_kind, float entropy_coef, float clip_low, float? clip_high,"
+        " float? dual_clip, int loss_agg, Tensor? rollout_logprobs, int options, float? is_cap, int tile,"
+        " bool validate) -> (Tensor loss, Tensor stats, Tensor logprobs)");
+  m.def("linear_policy_fwd_grad(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor old_logprobs,"
+        " Tensor advantages, Tensor mask, Tensor? ref_logprobs, Tensor? num_tokens, float? num_tokens_value,"
+        " float temperature, float kl_coef, str kl_kind, float entropy_coef, float clip_low, float? clip_high,"
+        " float? dual_clip, int loss_agg, Tensor? rollout_logprobs, int options, float? is_cap, int tile,"
+        " bool validate, bool need_hidden, bool need_weight,"
+        " bool need_bias) -> (Tensor loss, Tensor stats, Tensor logprobs, Tensor d_hidden, Tensor d_weight,"
+        " Tensor d_bias)");
   // ppo family: [B, T] float inputs (any float dtype and strides; the kernels read float32
   // copies when needed) and a bool or integer mask. The token-mean normalizer is num_tokens
   // (a 0-d real tensor on the inputs' device, read by the kernels: no host sync) or
@@ -128,6 +152,11 @@ pybind11::dict layout() {
   d["ranking_stats"] = names(rlhf::kRankingStatNames);
   d["policy_parts"] = names(rlhf::kPolicyPartNames);
   d["value_parts"] = names(rlhf::kValuePartNames);
+  pybind11::list lp;
+  for (const char* n : rlhf::kPolicyStatNames) lp.append(n);
+  for (const char* n : rlhf::kLinearPolicyStatNames) lp.append(n);
+  d["linear_policy_stats"] = pybind11::tuple(lp);
+  d["kl_kinds"] = names(rlhf::kKlKindNames);
   return d;
 }
 }  // namespace

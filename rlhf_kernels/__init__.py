@@ -11,6 +11,7 @@ from rlhf_kernels._backend import BACKENDS, BackendUnavailable, available as ava
 from rlhf_kernels.ops.gae import gae, gae_packed, masked_whiten
 from rlhf_kernels.ops.logprobs import full_kl, kl_penalty, token_entropy, token_logprobs
 from rlhf_kernels.ops.linear_logprobs import linear_token_logprobs
+from rlhf_kernels.ops.linear_policy import linear_policy_loss
 from rlhf_kernels.ops.ppo import ppo_policy_loss, ppo_value_loss
 from rlhf_kernels.ops.bt import bt_loss, ranking_loss
 from rlhf_kernels.ops.group_advantages import group_advantages
@@ -19,7 +20,7 @@ __all__ = [
     "BACKENDS", "BackendUnavailable", "available_backends",
     "gae", "gae_packed", "masked_whiten",
     "token_logprobs", "token_entropy", "kl_penalty", "full_kl",
-    "linear_token_logprobs",
+    "linear_token_logprobs", "linear_policy_loss",
     "ppo_policy_loss", "ppo_value_loss",
     "bt_loss", "ranking_loss",
     "group_advantages",

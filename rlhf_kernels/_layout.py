@@ -47,6 +47,12 @@ POLICY_PARTS = ("loss", "count", "low", "high", "dual", "kl", "ratio", "ratio_mi
                 "row_grad", "is_weight", "is_capped")
 VALUE_PARTS = ("loss", "count", "clipped", "mean_r", "m2_r", "mean_err", "m2_err")
 
+# linear_policy_loss's packed statistics: the policy loss's, then the means over valid tokens of
+# the entropy and of the KL estimator
+LINEAR_POLICY_STATS = POLICY_STATS + ("entropy", "kl")
+# the KL estimators (kl_penalty's `kind`, linear_policy_loss's `kl_kind`), in the kernels' code order
+KL_KINDS = ("k1", "k2", "k3", "abs")
+
 LAYOUT = {
     "loss_aggs": LOSS_AGGS,
     "option_bits": (OPTION_BITS,),
@@ -57,4 +63,6 @@ LAYOUT = {
     "ranking_stats": RANKING_STATS,
     "policy_parts": POLICY_PARTS,
     "value_parts": VALUE_PARTS,
+    "linear_policy_stats": LINEAR_POLICY_STATS,
+    "kl_kinds": KL_KINDS,
 }

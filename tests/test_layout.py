@@ -37,6 +37,9 @@ def test_triton_kernels_use_the_python_layout():
     for k, name in stats.items():
         assert getattr(tri_ppo, "S_" + k).value == _layout.POLICY_STATS.index(name), k
     assert tri_bt.S_MARGIN_MEAN.value == _layout.BT_STATS.index("margin_mean")
+    from rlhf_kernels.triton import linear_policy as tri_lp
+    assert tri_lp._KL_CODES == {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+    assert tuple(tri_lp._KL_CODES) == _layout.KL_KINDS
 
 
 def test_existing_codes_and_stats_keep_their_place():
@@ -75,7 +78,16 @@ def test_stats_come_out_in_layout_order(backend):
                                backend=backend)
     _, vs = rk.ppo_value_loss(x, x + 0.1, torch.randn(3, 9, generator=gen), mask, backend=backend)
     _, bs = rk.bt_loss(x[0], x[1], backend=backend)
-    for stats, names in ((ps, ops_ppo.POLICY_STATS), (vs, ops_ppo.VALUE_STATS), (bs, ops_bt.BT_STATS)):
-        assert tuple(stats) == names
+    h, w = torch.randn(3, 9, 8, generator=gen), torch.randn(20, 8, generator=gen)
+    _, ls = rk.linear_policy_loss(h, w, torch.randint(0, 20, (3, 9), generator=gen), x, x + 0.5, mask, ref_logprobs=x,
+                                  kl_coef=0.1, backend=backend)
+    for stats, names in ((ps, ops_ppo.POLICY_STATS), (vs, ops_ppo.VALUE_STATS), (bs, ops_bt.BT_STATS),
+                         (ls, _layout.LINEAR_POLICY_STATS)):
+        assert tuple(stats)[:len(names)] == names
         assert all(stats[k].dim() == 0 and stats[k].item() == stats.packed[i].item() for i, k in enumerate(names))
         assert dict(stats) == stats.copy()
+    # linear_policy_loss: the policy loss's statistics first, in their order, then entropy and kl, and
+    # the per-token logprobs outside the packed vector
+    assert _layout.LINEAR_POLICY_STATS[:len(_layout.POLICY_STATS)] == _layout.POLICY_STATS
+    assert ls.packed.shape == (len(_layout.LINEAR_POLICY_STATS),) and tuple(ls) == _layout.LINEAR_POLICY_STATS + (
+        "logprobs",)

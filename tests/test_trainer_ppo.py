@@ -67,6 +67,52 @@ def test_fused_lm_head_matches_logits_path(temperature):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss_agg,entropy_coef", [("token-mean", 0.05), ("seq-mean-token-mean", 0.0)])
+def test_fused_policy_loss_matches_unfused(loss_agg, entropy_coef):
+    """With ppo.fused_lm_head the micro-batch's policy loss is one linear_policy_loss on the
+    backbone's hidden states; its loss, statistics, log-probabilities and the gradient of every
+    parameter (policy and value model) equal those of the logits path (token_logprobs, then
+    ppo_policy_loss and the entropy term)."""
+    results, batch = [], None
+    for fused in (True, False):
+        cfg = small_cfg(fused_lm_head=fused, temperature=0.7, entropy_coef=entropy_coef, loss_agg=loss_agg,
+                        dual_clip=3.0, clip_high=0.28)
+        trainer = PPOTrainer(cfg, ToyTask(cfg.task), reward_fn=lambda p, r: r.sum(1).float(), log=lambda *a: None)
+        if batch is None:  # one batch for both: old log-probabilities near the policy's, some clipped
+            gen = torch.Generator().manual_seed(7)
+            B, L = 8, cfg.task.response_len
+            prompts = trainer.task.prompts[:B]
+            responses = torch.randint(0, cfg.task.vocab_size, (B, L), generator=gen)
+            mask = torch.rand(B, L, generator=gen) < 0.8
+            mask[:, 0] = True
+            with torch.no_grad():
+                logp0 = trainer._logprobs(trainer.policy, prompts, responses, mask)
+            batch = dict(prompts=prompts, responses=responses, mask=mask,
+                         old_logp=logp0 + 0.3 * torch.randn(B, L, generator=gen),
+                         advantages=torch.randn(B, L, generator=gen), old_values=torch.randn(B, L, generator=gen),
+                         returns=torch.randn(B, L, generator=gen))
+        for _, model in trainer._optimizers():
+            model.zero_grad()
+        j = torch.arange(len(batch["mask"]))
+        loss, logp, o = trainer.micro_loss(batch, j, batch["mask"].sum())
+        loss.backward()
+        grads = [(n, q.grad.clone()) for _, model in trainer._optimizers() for n, q in model.named_parameters()
+                 if q.grad is not None]
+        results.append((loss.detach(), logp.detach(), o, grads))
+    (loss_f, lp_f, o_f, g_f), (loss_u, lp_u, o_u, g_u) = results
+    assert o_f["st"].__class__.__name__ == "PolicyHeadStats"  # the fused op ran
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-6)
+    mask = batch["mask"]
+    torch.testing.assert_close(lp_f[mask], lp_u[mask], rtol=0, atol=1e-5)
+    for k in ("policy_loss", "entropy", "value_loss"):
+        torch.testing.assert_close(o_f[k].detach(), o_u[k].detach(), rtol=1e-5, atol=1e-6, msg=k)
+    for k in rk.ppo_policy_loss(lp_u, lp_u, lp_u, mask)[1]:
+        torch.testing.assert_close(o_f["st"][k], o_u["st"][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert [n for n, _ in g_f] == [n for n, _ in g_u] and len(g_f) > 2
+    for (n, a), (_, b) in zip(g_f, g_u):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_response_mask_stops_after_eos():
     r = torch.tensor([[1, 9, 4, 5], [1, 2, 3, 4], [9, 9, 1, 1]])
     m = response_mask(r, eos_token_id=9, stop_at_eos=True)

@@ -4,7 +4,7 @@
 // the gradient accumulation are the shared host code of rlhf/linear_logprobs_op.h; this file
 // holds the matmul wrappers and the two epilogue kernels launched on each [nr, n] float32
 // tile of logits, one 256-thread block per row, with the load / merge helpers of the
-// logprobs kernels (rlhf/softmax.cuh):
+// logprobs kernels (rlhf/softmax.cuh, rlhf/linear.cuh):
 //   fold: the block's online-softmax statistics of the row segment, bias added (one read of
 //         the tile), merged by thread 0 into the row's running (m, d, w), plus the label's logit;
 //   grad: dlogits written in the operands' dtype (one read, one write; in place for float32),
@@ -21,26 +21,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "rlhf/linear.cuh"
 #include "rlhf/linear_logprobs_op.h"
 #include "rlhf/logprobs.h"
 #include "rlhf/softmax.cuh"
 
 namespace rlhf {
 namespace {
-
-// s = (z + b) * inv_t for K entries (b == nullptr: no bias); K > 1 needs 16-byte alignment.
-template <int K>
-__device__ __forceinline__ void load_biased(const float* z, const float* b, float inv_t, float (&s)[K]) {
-  load_scaled<float, K>(z, 1.f, s);
-  if (b != nullptr) {
-    float bv[K];
-    load_scaled<float, K>(b, 1.f, bv);
-#pragma unroll
-    for (int k = 0; k < K; ++k) s[k] += bv[k];
-  }
-#pragma unroll
-  for (int k = 0; k < K; ++k) s[k] *= inv_t;
-}
 
 // z: [nr, n] float32 logits tile; bias: [n] or nullptr; running: [nr, 4] float32
 // (m, d, w, s_y), updated in place.
@@ -91,16 +78,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out (float32) = a @ b, or acc += a @ b; 16-bit operands through cuBLAS with float32
-// accumulation and output (at::mm's out_dtype overloads), so nothing is rounded to 16 bits.
-void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == at::kFloat) {
-    at::mm_out(out, a, b);
-  } else {
-    at::mm_out(out, a, b, at::kFloat);
-  }
-}
-
+// acc += a @ b in float32 (mm_f32: rlhf/linear.cuh).
 void addmm_f32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) {
     acc.addmm_(a, b);

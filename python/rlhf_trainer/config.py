@@ -130,7 +130,8 @@ class PolicyGradientConfig:
     entropy_coef: float = 0.0
     max_grad_norm: float = 1.0
     temperature: float = 1.0
-    fused_lm_head: bool = True        # log-probabilities from hidden states with linear_token_logprobs
+    fused_lm_head: bool = True        # from hidden states: linear_token_logprobs, and linear_policy_loss
+                                      # for the policy update (token-mean, or no entropy term)
     missing_eos_penalty: float = None  # added to the score of responses without EOS (stop_at_eos only)
     approx_kl_warn: float = 0.5       # warn when a step's approx_kl exceeds this
     kl_warn: float = 50.0             # warn when the per-sequence KL exceeds this

@@ -10,7 +10,9 @@ One step:
   4. ``epochs`` passes over minibatches, each accumulated over micro-batches, with
      ``ppo_policy_loss`` and ``ppo_value_loss`` normalized by the minibatch's global token
      count (so the result does not depend on the micro-batch split), an entropy term from
-     ``token_logprobs(..., return_entropy=True)``, and gradient clipping;
+     ``token_logprobs(..., return_entropy=True)``, and gradient clipping. With
+     ``fused_lm_head`` the policy loss and entropy term are one ``linear_policy_loss`` on the
+     backbone's hidden states (old and reference log-probabilities: ``linear_token_logprobs``);
   5. the KL controller update, one JSONL line, checkpoints.
 """
 
@@ -99,21 +101,32 @@ def response_logprobs(model, prompts, responses, mask, *, temperature=1.0, fused
     With ``fused_lm_head`` the backbone's last hidden states go straight into
     ``linear_token_logprobs`` with the LM head's weight (and bias): the [B, L, V] logits are
     never built. Otherwise the model's logits go into ``token_logprobs``."""
-    P = prompts.shape[1]
-    ids, attn = sequences(prompts, responses, mask)
     labels = responses.masked_fill(~mask, -100)
     kw = dict(temperature=temperature, return_entropy=with_entropy)
-    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
     if fused_lm_head:
-        head = model.get_output_embeddings()
-        hidden = model.base_model(**inputs).last_hidden_state[:, P - 1:-1]
-        weight, bias = head.weight, head.bias
-        if torch.is_autocast_enabled(hidden.device.type):   # the LM head's matmul in the autocast dtype
-            dt = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight, bias = hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+        hidden, weight, bias = response_hidden(model, prompts, responses, mask)
         return rk.linear_token_logprobs(hidden, weight, labels, bias=bias, **kw)
-    logits = model(**inputs).logits[:, P - 1:-1]
+    logits = model(**_model_inputs(prompts, responses, mask)).logits[:, prompts.shape[1] - 1:-1]
     return rk.token_logprobs(logits, labels, **kw)
+
+
+def _model_inputs(prompts, responses, mask):
+    ids, attn = sequences(prompts, responses, mask)
+    return dict(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
+
+
+def response_hidden(model, prompts, responses, mask):
+    """What the fused LM head ops take instead of the logits: the backbone's last hidden states at
+    the positions that predict the response tokens [B, L, H], and the LM head's weight and bias,
+    in the autocast dtype when autocast is on (the LM head's matmul runs in it, as it would in the
+    model)."""
+    hidden = model.base_model(**_model_inputs(prompts, responses, mask)).last_hidden_state[:, prompts.shape[1] - 1:-1]
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if torch.is_autocast_enabled(hidden.device.type):
+        dt = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight, bias = hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+    return hidden, weight, bias
 
 
 @torch.no_grad()
@@ -291,13 +304,26 @@ class PPOTrainer:
         its log-probabilities, and its statistics (0-d tensors; None where not applicable)."""
         p = self.p
         mask = batch["mask"][j]
-        logp, entropy = self._logprobs(self.policy, batch["prompts"][j], batch["responses"][j], mask,
-                                       with_entropy=True)
-        pg, st = rk.ppo_policy_loss(logp, batch["old_logp"][j], batch["advantages"][j], mask,
-                                    clip_low=p.clip_low, clip_high=p.clip_high, dual_clip=p.dual_clip,
-                                    loss_agg=p.loss_agg, num_tokens=num_tokens)
-        ent = (entropy * mask).sum() / num_tokens
-        loss = pg - p.entropy_coef * ent
+        ppo_kw = dict(clip_low=p.clip_low, clip_high=p.clip_high, dual_clip=p.dual_clip, loss_agg=p.loss_agg,
+                      num_tokens=num_tokens)
+        if p.fused_lm_head and (p.loss_agg == "token-mean" or p.entropy_coef == 0):
+            # hidden states straight to the loss: linear_policy_loss makes the LM head's gradients in
+            # its forward (no [B, L, V] logits, 6NHV). Its entropy term is aggregated like the policy
+            # loss, which equals this trainer's (token-mean over num_tokens) under token-mean only.
+            with self.autocast():
+                hidden, weight, bias = response_hidden(self.policy, batch["prompts"][j], batch["responses"][j], mask)
+                loss, st = rk.linear_policy_loss(hidden, weight, batch["responses"][j], batch["old_logp"][j],
+                                                 batch["advantages"][j], mask, bias=bias,
+                                                 temperature=self.temperature, entropy_coef=p.entropy_coef, **ppo_kw)
+            logp = st["logprobs"]
+            ent = st["entropy"] * (mask.sum() / num_tokens)  # sum of the valid entropies / num_tokens
+            pg = loss + p.entropy_coef * ent
+        else:
+            logp, entropy = self._logprobs(self.policy, batch["prompts"][j], batch["responses"][j], mask,
+                                           with_entropy=True)
+            pg, st = rk.ppo_policy_loss(logp, batch["old_logp"][j], batch["advantages"][j], mask, **ppo_kw)
+            ent = (entropy * mask).sum() / num_tokens
+            loss = pg - p.entropy_coef * ent
         out = {"policy_loss": pg, "entropy": ent, "st": st, "value_loss": None, "vst": None}
         if self.uses_critic:
             values = self._values(batch["prompts"][j], batch["responses"][j], mask)

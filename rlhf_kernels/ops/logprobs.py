@@ -33,11 +33,11 @@ import numbers
 import torch
 
 from rlhf_kernels import _backend, _ext
+from rlhf_kernels._layout import KL_KINDS  # noqa: F401 (re-exported)
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.reference import logprobs as ref
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-KL_KINDS = ("k1", "k2", "k3", "abs")
 NATIVE = _backend.NATIVE
 if _ext.loaded():
     _token_logprobs_fwd = torch.ops.rlhf_kernels.token_logprobs_fwd.default

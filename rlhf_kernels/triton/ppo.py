@@ -408,6 +408,29 @@ def _policy_fwd_kernel(
 
 
 @triton.jit
+def _policy_grad_token(logp, old, adv, rollout, clip_low, clip_high, dual_clip, is_cap, HAS_DUAL: tl.constexpr,
+                       SEQ_RATIO: tl.constexpr, SEQ_GRAD: tl.constexpr, CISPO: tl.constexpr, IS_MODE: tl.constexpr,
+                       TOKEN_IS: tl.constexpr):
+    # what of d(c*l)/dlogp varies per token, beside the row's factor in row_scale (policy_grad_token
+    # in rlhf/ppo.h); rollout is read only with TOKEN_IS
+    if SEQ_GRAD:
+        dlogp = tl.full(logp.shape, 1.0, tl.float32)
+    else:
+        if CISPO:
+            if SEQ_RATIO:
+                dlogp = -adv
+            else:
+                _, dlogp, _, _ = _cispo_clip(logp, tl.exp(logp - old), adv, clip_low, clip_high)
+        else:
+            _, dlogp, _, _, _, _, _, _, _ = _policy_token(logp, old, adv, old, 1.0, 0.0, clip_low, clip_high,
+                                                          dual_clip, is_cap, HAS_DUAL, False, False, 0, False)
+        if TOKEN_IS:
+            c, _ = _is_weight(old - rollout, is_cap, IS_MODE)
+            dlogp = c * dlogp
+    return dlogp
+
+
+@triton.jit
 def _policy_bwd_kernel(
     grad_ptr,      # [] float32: d loss
     logp_ptr, old_ptr, adv_ptr,  # [B, T] float32
@@ -431,17 +454,11 @@ def _policy_bwd_kernel(
         logp = tl.load(logp_ptr + idx, mask=valid, other=0.0)
         old = tl.load(old_ptr + idx, mask=valid, other=0.0)
         adv = tl.load(adv_ptr + idx, mask=valid, other=0.0)
-        if CISPO:
-            if SEQ_RATIO:
-                dlogp = -adv
-            else:
-                _, dlogp, _, _ = _cispo_clip(logp, tl.exp(logp - old), adv, clip_low, clip_high)
-        else:
-            _, dlogp, _, _, _, _, _, _, _ = _policy_token(logp, old, adv, old, 1.0, 0.0, clip_low, clip_high,
-                                                          dual_clip, is_cap, HAS_DUAL, False, False, 0, False)
+        rollout = old
         if TOKEN_IS:
-            c, _ = _is_weight(old - tl.load(roll_ptr + idx, mask=valid, other=0.0), is_cap, IS_MODE)
-            dlogp = c * dlogp
+            rollout = tl.load(roll_ptr + idx, mask=valid, other=0.0)
+        dlogp = _policy_grad_token(logp, old, adv, rollout, clip_low, clip_high, dual_clip, is_cap, HAS_DUAL,
+                                   SEQ_RATIO, SEQ_GRAD, CISPO, IS_MODE, TOKEN_IS)
     s = tl.load(grad_ptr) * tl.load(scale_ptr + row)
     tl.store(out_ptr + idx, tl.where(valid, s * dlogp, 0.0), mask=inb)
 

@@ -6,6 +6,7 @@
 // them without the extension); _C.layout() reports this file's copy and
 // tests/test_layout.py checks that the two agree.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace rlhf {
@@ -79,5 +80,18 @@ enum ValuePart : int {
 };
 inline constexpr const char* kValuePartNames[kValueParts] = {"loss", "count", "clipped", "mean_r", "m2_r",
                                                              "mean_err", "m2_err"};
+
+// linear_policy_fwd's stats [kNumLinearPolicyStats]: ppo_policy_fwd's (kPolicyStatNames, in their
+// order, whatever is appended there), then the means over valid tokens of the entropy and of the
+// KL estimator (rlhf/linear_policy.h).
+enum LinearPolicyStat : int { kLinearPolicyEntropy = kNumPolicyStats, kLinearPolicyKl, kNumLinearPolicyStats };
+inline constexpr const char* kLinearPolicyStatNames[] = {"entropy", "kl"};
+static_assert(sizeof(kLinearPolicyStatNames) / sizeof(kLinearPolicyStatNames[0]) ==
+              static_cast<size_t>(kNumLinearPolicyStats) - static_cast<size_t>(kNumPolicyStats));
+
+// linear_policy_fwd's `kl_kind`: the estimators of kl_penalty, by name (the op takes the name;
+// the kernels the code).
+enum KlKind : int { kKlK1 = 0, kKlK2, kKlK3, kKlAbs, kNumKlKinds };
+inline constexpr const char* kKlKindNames[kNumKlKinds] = {"k1", "k2", "k3", "abs"};
 
 }  // namespace rlhf

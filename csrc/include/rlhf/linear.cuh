@@ -1,0 +1,39 @@
+// Shared by the CUDA epilogues of the fused LM heads (csrc/cuda/linear_logprobs.cu,
+// csrc/cuda/linear_policy.cu) (.cu only): the biased, scaled load of a float32 logits tile
+// and the float32-output matmul. Everything is in an anonymous namespace, as in
+// rlhf/softmax.cuh: each including file gets its own copy.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
+
+#include "rlhf/softmax.cuh"
+
+namespace rlhf {
+namespace {
+
+// s = (z + b) * inv_t for K entries (b == nullptr: no bias); K > 1 needs 16-byte alignment.
+template <int K>
+__device__ __forceinline__ void load_biased(const float* z, const float* b, float inv_t, float (&s)[K]) {
+  load_scaled<float, K>(z, 1.f, s);
+  if (b != nullptr) {
+    float bv[K];
+    load_scaled<float, K>(b, 1.f, bv);
+#pragma unroll
+    for (int k = 0; k < K; ++k) s[k] += bv[k];
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) s[k] *= inv_t;
+}
+
+// out (float32) = a @ b; 16-bit operands through cuBLAS with float32 accumulation and output
+// (at::mm's out_dtype overload), so nothing is rounded to 16 bits.
+void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, at::kFloat);
+  }
+}
+
+}  // namespace
+}  // namespace rlhf

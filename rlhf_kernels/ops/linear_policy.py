@@ -1,0 +1,268 @@
+"""The policy head: hidden states straight to the PPO policy objective.
+
+    logp, H = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=T)
+    loss    = ppo_policy_loss(logp, old_logprobs, advantages, mask, ...)
+              - entropy_coef * agg(H) + kl_coef * agg(kl_penalty(logp, ref_logprobs, kl_kind))
+
+where agg aggregates over the valid tokens (mask true) with the policy loss's ``loss_agg`` and
+``num_tokens``, without ever holding the [B, T, V] logits, and with the gradients made in the
+forward: the tokens are walked in chunks whose [rows, V] float32 logits fit one buffer (one
+matmul each, all of V); each row's softmax statistics give logp and H, hence the token's loss
+terms and, since each row's weight in the loss is known from the mask before the loop, its
+d loss / d logits, written in place over the logits; two more matmuls per chunk give the rows'
+d_hidden and the chunk's share of d_weight. 6NHV FLOPs for the whole training step (2NHV
+forward, 4NHV gradients, nothing recomputed), against 8NHV for linear_token_logprobs followed by
+the losses (which recomputes the logits in its backward). The backward only multiplies the
+stored gradients, in place, by the upstream gradient. Without gradients (no input requires one,
+or grad mode is off) it is one 2NHV pass.
+
+Backends: ``cpu`` and ``cuda`` (native: checks, chunks and autograd in C++,
+csrc/include/rlhf/linear_policy_op.h and csrc/autograd/linear_policy.cpp; the PPO part is
+ppo_policy_fwd's own kernel on the [B, T] logp; one dispatcher call from here), ``triton``
+(torch matmuls, one Triton epilogue per chunk, the PPO part from triton/ppo.py), ``torch``
+(chunked eager: linear_token_logprobs' torch backend, then the loss terms in float64).
+Labels at masked positions are never read. A label outside [0, V) at a valid position raises
+when ``validate`` is true (one host sync on a GPU; skipped by ``validate=False``, CUDA graph
+capture and torch.compile graphs on a GPU; then that token's logp and entropy are NaN, so is
+the loss, and its row of logits gets no gradient).
+"""
+
+import math
+
+import torch
+
+from rlhf_kernels import _backend, _ext
+from rlhf_kernels._layout import LINEAR_POLICY_STATS
+from rlhf_kernels._stats import Stats
+from rlhf_kernels.ops import _validate as v
+from rlhf_kernels.ops.linear_logprobs import _check as _check_linear
+from rlhf_kernels.ops.logprobs import KERNEL_DTYPES, KL_KINDS, _check_temperature
+from rlhf_kernels.ops.ppo import (_check_num_tokens, _check_policy_options, _loss_agg_code, _num_tokens,
+                                  _policy_options)
+from rlhf_kernels.reference import linear_policy as ref
+
+# Float32 logits elements per chunk; 0 lets each backend choose (32 MiB of them on the CPU;
+# on a GPU the logits, their 16-bit gradient and a float32 d_weight accumulator fit 1 GiB).
+# Tests set it small to exercise the chunking (at least one row of V per chunk).
+_TILE = 0
+NATIVE = _backend.NATIVE
+if _ext.loaded():
+    _linear_policy_fwd = torch.ops.rlhf_kernels.linear_policy_fwd.default
+
+
+class PolicyHeadStats(Stats):
+    """``Stats`` of linear_policy_loss: the 0-d statistics over ``packed`` (LINEAR_POLICY_STATS),
+    plus ``"logprobs"``, the per-token log-probabilities [B, T] (float32, detached, 0 where
+    masked), which is not in ``packed``: all-reduce or log ``packed``, read ``logprobs`` apart."""
+
+    __slots__ = ("logprobs",)
+
+    def __init__(self, packed, logprobs):
+        super().__init__(LINEAR_POLICY_STATS, packed)
+        self.logprobs = logprobs
+
+    def _all(self):
+        if self._views is None:
+            self._views = dict(zip(self.names, self.packed.unbind(0)))
+            self._views["logprobs"] = self.logprobs
+        return self._views
+
+    def __iter__(self):
+        yield from self.names
+        yield "logprobs"
+
+    def __len__(self):
+        return len(self.names) + 1
+
+    def __contains__(self, name):
+        return name == "logprobs" or name in self.names
+
+    def __repr__(self):
+        return "PolicyHeadStats(%s, logprobs=%s)" % (
+            ", ".join("%s=%s" % (k, x) for k, x in zip(self.names, self.packed.tolist())),
+            "tensor(shape=%s)" % list(self.logprobs.shape))
+
+
+def _stats(packed, logprobs):
+    if torch.compiler.is_compiling():  # a plain dict of views while torch.compile traces (as _stats.stats)
+        d = dict(zip(LINEAR_POLICY_STATS, packed.unbind(0)))
+        d["logprobs"] = logprobs
+        return d
+    return PolicyHeadStats(packed, logprobs)
+
+
+def _check_row_input(op, name, t, hidden, kind="float"):
+    v.tensor(op, name, t, kind=kind)
+    if list(t.shape) != list(hidden.shape[:-1]):
+        raise ValueError("%s: `%s` must have shape %s (hidden's shape %s without H), got %s"
+                         % (op, name, list(hidden.shape[:-1]), list(hidden.shape), list(t.shape)))
+    v.same_device(op, "hidden", hidden, **{name: t})
+
+
+def _coef(op, name, x):
+    x = v.number(op, name, x, lo=0.0)
+    if math.isinf(x):
+        raise ValueError("%s: `%s` must be a finite number >= 0, got %r" % (op, name, x))
+    return x
+
+
+def _check_labels_where_valid(op, labels, mask, V):
+    """``validate``: labels where mask is set must be in [0, V) (one host sync on a GPU)."""
+    if labels.numel() == 0 or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    bad = ((labels < 0) | (labels >= V)) & mask
+    if bool(bad.any()):
+        b, t = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError("%s: `labels` must be in [0, V) = [0, %d) where `mask` is set, but labels[%d, %d] = %d "
+                         "(labels where `mask` is 0 are never read)" % (op, V, b, t, int(labels[b, t])))
+
+
+def linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, temperature=1.0,
+                       ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None,
+                       dual_clip=None, loss_agg="token-mean", num_tokens=None, ratio_level="token", objective="ppo",
+                       rollout_logprobs=None, is_correction=None, is_level=None, is_cap=None, validate=True,
+                       backend="auto"):
+    """PPO (or GSPO, CISPO) policy loss, entropy bonus and KL penalty straight from the hidden
+    states and the LM head, with the gradients made in the forward.
+
+    loss = ppo_policy_loss(logp, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
+                           loss_agg, num_tokens, ratio_level, objective, rollout_logprobs,
+                           is_correction, is_level, is_cap)
+           - entropy_coef * agg(H) + kl_coef * agg(kl_penalty(logp, ref_logprobs, kl_kind))
+    with logp, H = linear_token_logprobs(hidden, weight, labels, bias, temperature) and agg the
+    policy loss's aggregation (same loss_agg, num_tokens and valid tokens).
+
+    Args:
+        hidden: [B, T, H] float32, float16 or bfloat16 (the LM head's input); any strides.
+        weight: [V, H] the LM head's weight, hidden's dtype and device.
+        labels: [B, T] integers (the sampled tokens); read only where ``mask`` is set.
+        old_logprobs, advantages: [B, T] float (constants).
+        mask: [B, T] bool or integer (nonzero = the token counts). Float masks are refused.
+        bias: [V] or None, hidden's dtype.
+        temperature: > 0, applied to the logits.
+        ref_logprobs: [B, T] float, the reference policy's log-probabilities (a constant); given
+            exactly when kl_coef > 0 (given with kl_coef = 0 it would be ignored: refused).
+        kl_coef, entropy_coef: finite numbers >= 0.
+        kl_kind: "k1", "k2", "k3" or "abs" (kl_penalty's estimators of logp - ref_logprobs).
+        clip_low, clip_high, dual_clip, loss_agg, num_tokens, ratio_level, objective,
+            rollout_logprobs, is_correction, is_level, is_cap: as in ``ppo_policy_loss``.
+            rollout_logprobs is [B, T] float (a constant). ratio_level "sequence" (GSPO) costs a
+            second pass over the LM head when gradients are made: each token's gradient needs its
+            row's sequence ratio, so every logp first (2NHV), then the gradient pass (6NHV): 8NHV,
+            as linear_token_logprobs followed by the loss; every other option keeps 6NHV.
+        validate: raise a ValueError for a label outside [0, V) where mask is set. On a GPU the
+            check reads the labels back: one host sync per call; it is skipped while a CUDA
+            graph is captured and in torch.compile graphs on a GPU. Without it such a label
+            gives NaN logp and entropy (and loss) and no gradient to its row of logits.
+        backend: "auto", "cuda", "triton", "cpu" or "torch".
+
+    Returns:
+        (loss, stats): loss a 0-d float32 tensor, differentiable wrt hidden, weight and bias
+        (gradients in their dtype); stats a read-only mapping (``PolicyHeadStats``) of
+        ppo_policy_loss's statistics (as it computes them from logp), ``entropy`` and ``kl``
+        (means over valid tokens; kl is 0 without ref_logprobs) as 0-d float32 tensors, all in
+        ``stats.packed`` (names: LINEAR_POLICY_STATS), and ``stats["logprobs"]``: logp [B, T]
+        float32, detached, 0 where masked (not in ``packed``).
+
+    A backward runs once per call: the gradients are made by the forward and handed over (a
+    second backward through one call, with retain_graph=True, raises).
+    """
+    op = "linear_policy_loss"
+    name = _backend.pick_kernel(op, backend, hidden, "hidden", KERNEL_DTYPES)
+    agg = _loss_agg_code(op, loss_agg)
+    plain = (rollout_logprobs is None and is_correction is None and is_level is None and is_cap is None
+             and ratio_level == "token" and objective == "ppo")
+    options = 0 if plain else _policy_options(op, ratio_level, objective, is_correction, is_level)
+    if torch.compiler.is_compiling():
+        validate = validate and not hidden.is_cuda  # no host sync inside a compiled graph
+    if name in NATIVE:
+        nt, nt_value = _num_tokens(op, num_tokens)
+        try:
+            loss, packed, logp = _linear_policy_fwd(hidden, weight, bias, labels, old_logprobs, advantages, mask,
+                                                    ref_logprobs, nt, nt_value, temperature, kl_coef, kl_kind,
+                                                    entropy_coef, clip_low, clip_high, dual_clip, agg,
+                                                    rollout_logprobs, options, is_cap, _TILE, validate)
+        except RuntimeError as e:
+            raise v.schema_error(op, e) from None
+        return loss, _stats(packed, logp)
+
+    # the torch and triton backends check here what the native ops check in C++
+    v.tensor(op, "hidden", hidden, kind="float")
+    if hidden.dim() != 3:
+        raise ValueError("%s: `hidden` must have 3 dimension(s) ([B, T, H]), got shape %s" % (op, list(hidden.shape)))
+    _check_linear(op, hidden, weight, labels, bias)
+    _check_row_input(op, "old_logprobs", old_logprobs, hidden)
+    _check_row_input(op, "advantages", advantages, hidden)
+    _check_row_input(op, "mask", mask, hidden, kind="mask")
+    if ref_logprobs is not None:
+        _check_row_input(op, "ref_logprobs", ref_logprobs, hidden)
+    if rollout_logprobs is not None:
+        _check_row_input(op, "rollout_logprobs", rollout_logprobs, hidden)
+    if not isinstance(kl_kind, str):
+        raise TypeError("%s: `kl_kind` must be a string, got %r" % (op, kl_kind))
+    if kl_kind not in KL_KINDS:
+        raise ValueError("%s: `kl_kind` must be one of %s, got %r" % (op, ", ".join(map(repr, KL_KINDS)), kl_kind))
+    kl_coef, entropy_coef = _coef(op, "kl_coef", kl_coef), _coef(op, "entropy_coef", entropy_coef)
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("%s: `kl_coef` = %r needs `ref_logprobs` (the reference policy's log-probabilities of the "
+                         "labels)" % (op, kl_coef))
+    if kl_coef == 0 and ref_logprobs is not None:
+        raise ValueError("%s: `ref_logprobs` given with `kl_coef` = 0; it would be ignored (pass kl_coef > 0, or no "
+                         "ref_logprobs)" % op)
+    clip_low = v.number(op, "clip_low", clip_low, lo=0.0)
+    clip_high = clip_low if clip_high is None else v.number(op, "clip_high", clip_high, lo=0.0)
+    dual_clip = v.number(op, "dual_clip", dual_clip, lo=1.0, lo_open=True, allow_none=True)
+    roll, cap = _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap, dual_clip, objective,
+                                      old_logprobs)
+    nt = _check_num_tokens(op, num_tokens, hidden.device)
+    temperature = _check_temperature(op, temperature)
+    m = v.as_mask(mask)
+    if validate and not torch.compiler.is_compiling():
+        _check_labels_where_valid(op, labels, m, weight.shape[0])
+    olp, adv = v.as_f32(old_logprobs.detach()), v.as_f32(advantages.detach())
+    rlp = None if ref_logprobs is None else v.as_f32(ref_logprobs.detach())
+    if name == "torch":
+        kw = {} if plain else dict(ratio_level=ratio_level, objective=objective, is_correction=is_correction,
+                                   rollout_logprobs=roll, is_level=is_level or "token", is_cap=cap)
+        loss, stats, logp = ref.chunked_linear_policy_loss(hidden, weight, labels, olp, adv, m, bias, temperature, rlp,
+                                                           kl_coef, kl_kind, entropy_coef, clip_low, clip_high,
+                                                           dual_clip, loss_agg, nt, **kw)
+        return loss.float(), _stats(torch.stack([stats[k] for k in LINEAR_POLICY_STATS]).float(), logp)
+    from rlhf_kernels.triton import linear_policy as tri
+    B, T, H = hidden.shape
+    grad = torch.is_grad_enabled()
+    need = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    y = labels.reshape(-1)
+    if y.dtype not in (torch.int32, torch.int64):
+        y = y.long()
+    loss, packed, logp, *_ = tri.linear_policy(
+        hidden.reshape(B * T, H).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+        y.contiguous(), olp, adv, m, rlp, nt, temperature, kl_coef, kl_kind, entropy_coef, clip_low, clip_high,
+        dual_clip, agg, roll, options, cap, _TILE, *need)
+    return loss, _stats(packed, logp)
+
+
+# ---- fake kernels of the native ops (torch.compile, opcheck); their autograd is in C++ ----
+
+if _ext.loaded():
+    @torch.library.register_fake("rlhf_kernels::linear_policy_fwd")
+    def _linear_policy_fwd_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
+                                num_tokens, num_tokens_value, temperature, kl_coef, kl_kind, entropy_coef, clip_low,
+                                clip_high, dual_clip, loss_agg, rollout_logprobs, options, is_cap, tile, validate):
+        f32 = dict(dtype=torch.float32)
+        return (hidden.new_empty((), **f32), hidden.new_empty((len(LINEAR_POLICY_STATS),), **f32),
+                hidden.new_empty(hidden.shape[:-1], **f32))
+
+    @torch.library.register_fake("rlhf_kernels::linear_policy_fwd_grad")
+    def _linear_policy_fwd_grad_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
+                                     num_tokens, num_tokens_value, temperature, kl_coef, kl_kind, entropy_coef,
+                                     clip_low, clip_high, dual_clip, loss_agg, rollout_logprobs, options, is_cap, tile,
+                                     validate, need_hidden, need_weight, need_bias):
+        none = lambda: hidden.new_empty((0,))  # noqa: E731
+        return _linear_policy_fwd_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
+                                       num_tokens, num_tokens_value, temperature, kl_coef, kl_kind, entropy_coef,
+                                       clip_low, clip_high, dual_clip, loss_agg, rollout_logprobs, options, is_cap,
+                                       tile, validate) + (
+            hidden.new_empty(hidden.shape) if need_hidden else none(),
+            hidden.new_empty(weight.shape) if need_weight else none(),
+            hidden.new_empty((weight.shape[0],)) if need_bias else none())

@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]    # default: benchmarks/results/<gpu>/
 #
 # The stages run in order of what they prove (build, CUDA tests, sanitizer, microbenchmarks,
-# integrations, the whole-PPO-step bench), each within what is left of a budget
+# the policy head, integrations, the whole-PPO-step bench), each within what is left of a budget
 # (GPU_CHECK_BUDGET, default 450 s) so that the summary always prints inside one 8-minute call; a
 # stage the budget cannot fit is reported as skipped. STAGES="ppo_bench" (a space-separated
 # subset, build included when the extension is not yet built there) runs only those, e.g. in a
@@ -34,7 +34,7 @@ mkdir -p "$RES"
 declare -A status seconds
 
 BUDGET=${GPU_CHECK_BUDGET:-450}
-STAGES=${STAGES:-build tests_cuda sanitizer benchmarks integrations ppo_bench}
+STAGES=${STAGES:-build tests_cuda sanitizer benchmarks policy_head integrations ppo_bench}
 
 # within CAP COMMAND...: run it under a time limit of CAP seconds or what is left of the budget
 within() {
@@ -85,8 +85,13 @@ sanitize() {
   return $rc
 }
 
-benchmarks() {
-  within 200 $PY benchmarks/run.py --device cuda --out "$RES" --timeout 120 2>&1 | tee "$RES/bench.log" | tail -25
+benchmarks() {  # every family but the policy head and the integrations (their own stages below)
+  local fams=() f
+  for f in benchmarks/bench_*.py; do
+    f=${f#benchmarks/bench_}; f=${f%.py}
+    [ "$f" = policy_head ] || [ "$f" = integrations ] || fams+=(--family "$f")
+  done
+  within 200 $PY benchmarks/run.py --device cuda --out "$RES" --timeout 120 "${fams[@]}" 2>&1 | tee "$RES/bench.log" | tail -25
   return "${PIPESTATUS[0]}"
 }
 
@@ -100,10 +105,27 @@ ppo_bench() {
   return "${PIPESTATUS[0]}"
 }
 
+# the policy-head issue's GPU targets: linear_policy_loss against the unfused path, Liger and
+# cut-cross-entropy (when installed), linear_token_logprobs with and without gradients against the
+# bare matmul (bench_policy_head.py, bf16 N=16384 H=4096 V=131072), and token_logprobs' forward
+# against its one-read floor at the issue's second shape (8192 x 151936; bench_logprobs.py in the
+# benchmarks stage has 16384 x 152064)
+policy_head() {
+  local rc
+  within 150 $PY benchmarks/run.py --device cuda --out "$RES" --timeout 150 --family policy_head >"$RES/bench_policy_head.log" 2>&1
+  rc=$?
+  grep -E "target|MET|MISSED|FAILED" "$RES/bench_policy_head.log"
+  within 60 $PY benchmarks/bench_logprobs.py --device cuda --N 8192 --V 151936 --providers cuda,triton \
+    --csv "$RES/logprobs_8192x151936.csv" >"$RES/logprobs_8192x151936.md" 2>&1 || rc=1
+  grep -E "target" "$RES/logprobs_8192x151936.md"
+  return $rc
+}
+
 stage build build
 stage tests_cuda cuda_tests
 stage sanitizer sanitize
 stage benchmarks benchmarks
+stage policy_head policy_head
 
 # rlhf_kernels.integrations: each library's replaced functions against ours (patched), one
 # realistic shape each, CUDA-event medians (benchmarks/bench_integrations.py). The libraries come

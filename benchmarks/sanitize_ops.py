@@ -51,6 +51,24 @@ def run_all(backend, dtype, device="cuda"):
                                          backend=backend)
     (logp.sum() + ent.sum()).backward()
 
+    # the policy head: several chunks (tile), masked rows, both passes of the sequence ratio
+    from rlhf_kernels.ops import linear_policy as lp_ops
+    hp = randn(3, 13, H, dt=dtype).requires_grad_()
+    pl_labels = torch.randint(0, V, (3, 13), generator=gen, device=device)
+    pl_mask = torch.rand(3, 13, generator=gen, device=device) < 0.8
+    pl_mask[1] = False
+    pl_old = -5 - torch.rand(3, 13, generator=gen, device=device)
+    prev, lp_ops._TILE = lp_ops._TILE, 8 * V
+    try:
+        for opts in (dict(dual_clip=3.0), dict(ratio_level="sequence", rollout_logprobs=pl_old + 0.1,
+                                               is_correction="mis", is_level="geometric")):
+            loss, _ = rk.linear_policy_loss(hp, w, pl_labels, pl_old, randn(3, 13), pl_mask, bias=b,
+                                            ref_logprobs=pl_old, kl_coef=0.1, entropy_coef=0.01, validate=False,
+                                            backend=backend, **opts)
+            loss.backward()
+    finally:
+        lp_ops._TILE = prev
+
     lp = (-2 * torch.rand(300, 131, generator=gen, device=device)).to(dtype).requires_grad_()
     pmask = torch.rand(300, 131, generator=gen, device=device) < 0.8
     loss, _ = rk.ppo_policy_loss(lp, lp.detach() + 0.1, randn(300, 131, dt=dtype), pmask, dual_clip=3.0,

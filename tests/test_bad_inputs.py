@@ -43,6 +43,12 @@ def _linear(**kw):
     return dict(hidden=torch.randn(4, 8), weight=torch.randn(13, 8), labels=torch.randint(0, 13, (4,))) | kw
 
 
+def _policy_head(**kw):
+    x = torch.randn(2, 3)
+    return dict(hidden=torch.randn(2, 3, 8), weight=torch.randn(13, 8), labels=torch.randint(0, 13, (2, 3)),
+                old_logprobs=x, advantages=torch.randn(2, 3), mask=torch.rand(2, 3) < 0.7) | kw
+
+
 # (id, op, keyword arguments, expected exception type, words the message must contain)
 CASES = [
     ("ppo shape", rk.ppo_policy_loss, _ppo(old_logprobs=torch.randn(3, 7)), ValueError, "old_logprobs"),
@@ -134,6 +140,28 @@ CASES = [
     ("linear label range", rk.linear_token_logprobs, _linear(labels=torch.full((4,), 13)), ValueError, "labels"),
     ("linear bias shape", rk.linear_token_logprobs, _linear(bias=torch.randn(12)), ValueError, "bias"),
     ("linear dtype", rk.linear_token_logprobs, _linear(weight=torch.randn(13, 8).half()), TypeError, "weight"),
+    ("policy head 2-d hidden", rk.linear_policy_loss, _policy_head(hidden=torch.randn(6, 8)), ValueError, "hidden"),
+    ("policy head dtypes", rk.linear_policy_loss, _policy_head(weight=torch.randn(13, 8).half()), TypeError,
+     "weight"),
+    ("policy head label range", rk.linear_policy_loss, _policy_head(labels=torch.full((2, 3), 13),
+                                                                    mask=torch.ones(2, 3, dtype=torch.bool)),
+     ValueError, "labels"),
+    ("policy head mask shape", rk.linear_policy_loss, _policy_head(mask=torch.ones(2, 4, dtype=torch.bool)),
+     ValueError, "mask"),
+    ("policy head advantages shape", rk.linear_policy_loss, _policy_head(advantages=torch.randn(3, 2)), ValueError,
+     "advantages"),
+    ("policy head kl_kind", rk.linear_policy_loss, _policy_head(ref_logprobs=torch.randn(2, 3), kl_coef=0.1,
+                                                                kl_kind="k5"), ValueError, "kl_kind"),
+    ("policy head kl_coef", rk.linear_policy_loss, _policy_head(ref_logprobs=torch.randn(2, 3), kl_coef=-1.0),
+     ValueError, "kl_coef"),
+    ("policy head entropy_coef", rk.linear_policy_loss, _policy_head(entropy_coef=-0.1), ValueError, "entropy_coef"),
+    ("policy head ref without coef", rk.linear_policy_loss, _policy_head(ref_logprobs=torch.randn(2, 3)), ValueError,
+     "ref_logprobs"),
+    ("policy head rollout shape", rk.linear_policy_loss, _policy_head(rollout_logprobs=torch.randn(2, 2),
+                                                                      is_correction="tis"), ValueError,
+     "rollout_logprobs"),
+    ("policy head cispo dual", rk.linear_policy_loss, _policy_head(objective="cispo", dual_clip=2.0), ValueError,
+     "dual_clip"),
     ("group size divides", rk.group_advantages, dict(rewards=torch.randn(6), group_size=4), ValueError, "group_size"),
     ("group size float", rk.group_advantages, dict(rewards=torch.randn(6), group_size=3.0), TypeError, "group_size"),
     ("group neither", rk.group_advantages, dict(rewards=torch.randn(6)), ValueError, "group_size"),

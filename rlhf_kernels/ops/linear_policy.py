@@ -1,4 +1,4 @@
-"""The policy head: hidden states straight to the PPO policy objective.
+"""The policy head: hidden states straight to the policy objective (PPO, GSPO, CISPO).
 
     logp, H = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=T)
     loss    = ppo_policy_loss(logp, old_logprobs, advantages, mask, ...)
@@ -8,17 +8,20 @@ where agg aggregates over the valid tokens (mask true) with the policy loss's ``
 ``num_tokens``, without ever holding the [B, T, V] logits, and with the gradients made in the
 forward: the tokens are walked in chunks whose [rows, V] float32 logits fit one buffer (one
 matmul each, all of V); each row's softmax statistics give logp and H, hence the token's loss
-terms and, since each row's weight in the loss is known from the mask before the loop, its
-d loss / d logits, written in place over the logits; two more matmuls per chunk give the rows'
+terms and, since each row's weight in the loss is known before the loop (from the mask, and
+for a rollout correction from old_logprobs and rollout_logprobs), its d loss / d logits,
+written in place over the logits; two more matmuls per chunk give the rows'
 d_hidden and the chunk's share of d_weight. 6NHV FLOPs for the whole training step (2NHV
 forward, 4NHV gradients, nothing recomputed), against 8NHV for linear_token_logprobs followed by
 the losses (which recomputes the logits in its backward). The backward only multiplies the
 stored gradients, in place, by the upstream gradient. Without gradients (no input requires one,
-or grad mode is off) it is one 2NHV pass.
+or grad mode is off) it is one 2NHV pass. The sequence-level ratio (GSPO) is the exception: a
+token's gradient needs its row's ratio, hence every logp of the row, so with gradients it takes
+two passes: one without gradients for logp (2NHV), then the one above (6NHV): 8NHV.
 
 Backends: ``cpu`` and ``cuda`` (native: checks, chunks and autograd in C++,
 csrc/include/rlhf/linear_policy_op.h and csrc/autograd/linear_policy.cpp; the PPO part is
-ppo_policy_fwd's own kernel on the [B, T] logp; one dispatcher call from here), ``triton``
+ppo_policy_options_fwd's own kernel on the [B, T] logp; one dispatcher call from here), ``triton``
 (torch matmuls, one Triton epilogue per chunk, the PPO part from triton/ppo.py), ``torch``
 (chunked eager: linear_token_logprobs' torch backend, then the loss terms in float64).
 Labels at masked positions are never read. A label outside [0, V) at a valid position raises

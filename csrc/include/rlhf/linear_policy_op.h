@@ -25,8 +25,8 @@
 // The policy term's gradient is ppo_policy_loss's backward: s_b * policy_grad_token(t) (see
 // rlhf/linear_policy.h), s_b that op's row_scale. Under every option but the sequence-level
 // ratio, s_b does not depend on logp (w_b times the row's IS weight, from old_logprobs and
-// rollout_logprobs): it comes from one ppo_policy_options_fwd on the [B, T] inputs before the
-// loop ([B, T] work, no matmul). With ratio_level "sequence" (GSPO) every token's gradient needs
+// rollout_logprobs): it comes from one ppo_policy_options_fwd before the loop, with old_logprobs
+// standing in for the logp its row_scale does not read then ([B, T] work, no matmul). With ratio_level "sequence" (GSPO) every token's gradient needs
 // its row's sequence ratio, so all of the row's logp first: two passes, the loop without
 // gradients (2NHV: logp only), ppo_policy_options_fwd for s_b, then the loop with them (6NHV):
 // 8NHV in all, the cost of linear_token_logprobs followed by the loss.

@@ -24,14 +24,6 @@ namespace rlhf {
 namespace {
 
 // s = (z + b) * inv_t for one chunk (b == nullptr: no bias).
-inline void load_biased(const float* z, const float* b, int64_t n, float inv_t, float* out) {
-  if (b == nullptr) {
-    load_scaled(z, n, inv_t, out);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = (z[i] + b[i]) * inv_t;
-  }
-}
-
 template <typename L>
 void fold_rows(const float* z, const float* bias, const L* labels, int64_t nr, int64_t n, int64_t c0, float inv_t,
                float* running) {

@@ -7,7 +7,22 @@
 #define RLHF_HD inline
 #endif
 
+// Per-element functions templated over a float type F (float, or on the host a GCC vector of
+// floats: rlhf/ppo.h, rlhf/cpu_softmax.h) are always inlined on the host too, so that the CPU
+// loops that call them see straight-line vector code.
+#if defined(__CUDACC__) || defined(__HIPCC__) || !defined(__GNUC__)
+#define RLHF_HD_TOKEN RLHF_HD
+#else
+#define RLHF_HD_TOKEN inline __attribute__((always_inline))
+#endif
+
 namespace rlhf {
+
+// x in every lane of F (F = float: x itself).
+template <typename F>
+RLHF_HD_TOKEN F splat(float x) {
+  return F{} + x;
+}
 
 // An affine map x -> a*x + b. Reverse-time recurrences such as GAE,
 // A_t = delta_t + c_t * A_{t+1}, are compositions of these maps, so a scan

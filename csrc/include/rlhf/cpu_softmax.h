@@ -16,6 +16,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "rlhf/common.h"  // splat
 #include "rlhf/cpu_vec.h"
 #include "rlhf/logprobs.h"
 
@@ -31,11 +32,6 @@ constexpr int64_t kChunk = 2048;  // floats per chunk buffer: 8 KiB, stays in L1
 // One body for scalars (F = float, I = int32_t) and 8-lane vectors (F = VecF, I = VecI,
 // rlhf/cpu_vec.h). Explicit vectors because GCC does not vectorize float reductions without
 // -ffast-math.
-
-template <typename F>
-__attribute__((always_inline)) inline F splat(float x) {
-  return F{} + x;
-}
 
 template <typename F, typename I>
 __attribute__((always_inline)) inline F exp_nonpos_t(F x) {
@@ -171,6 +167,16 @@ RLHF_CPU_CLONES void chunk_logprob_grad(const float* src, float* out, int64_t n,
   for (; i < n; ++i) {
     const float lp = log_prob(src[i] * scale, m, log_d);
     out[i] = logprob_entropy_grad(lp, exp_nonpos(lp), g_logp, g_entropy, entropy) * inv_t;
+  }
+}
+
+// out = (z + b) * inv_t for n float32 entries (b == nullptr: no bias): a logits tile's row
+// segment, biased and scaled into a chunk buffer (the fused LM heads).
+inline void load_biased(const float* z, const float* b, int64_t n, float inv_t, float* out) {
+  if (b == nullptr) {
+    load_scaled(z, n, inv_t, out);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = (z[i] + b[i]) * inv_t;
   }
 }
 

@@ -29,13 +29,8 @@
 #include "rlhf/common.h"
 #include "rlhf/layout.h"
 
-// The per-token functions are always inlined on the host too, so that the CPU loops
-// (compiled for AVX2 and baseline, see cpu/ppo.cpp) see straight-line vector code.
-#if defined(__CUDACC__) || defined(__HIPCC__) || !defined(__GNUC__)
-#define RLHF_HD_TOKEN RLHF_HD
-#else
-#define RLHF_HD_TOKEN inline __attribute__((always_inline))
-#endif
+// The per-token functions are RLHF_HD_TOKEN (rlhf/common.h): always inlined on the host too, so
+// that the CPU loops (compiled for AVX2 and baseline, see cpu/ppo.cpp) see straight-line vector code.
 
 namespace rlhf {
 
@@ -52,12 +47,6 @@ struct PolicyTokenT {
   F is_capped;  // 1 where the correction truncated or masked w (w > cap), else 0
 };
 using PolicyToken = PolicyTokenT<float>;
-
-// x in every lane of F (F = float: x itself).
-template <typename F>
-RLHF_HD_TOKEN F splat(float x) {
-  return F{} + x;
-}
 
 // min/max: fminf/fmaxf on the device; plain selects on the host (fminf's NaN rules
 // make GCC emit calls and branches, which stop the CPU loops from vectorizing).

@@ -484,6 +484,28 @@ def test_empty(device, backend):
     assert h.grad.shape == h.shape and (w.grad == 0).all()
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton", "torch") if b in rk.available_backends("cpu")])
+def test_no_logits_sized_allocation(gen, backend, monkeypatch):
+    """With the logits buffer bounded to 16 rows of V, no allocation of the forward and backward
+    (every ATen allocation, recorded by the profiler) is larger than the largest of that buffer,
+    d_weight ([V, H]) and d_hidden ([N, H]): the [N, V] logits (N = 240 rows here) never exist."""
+    from torch.profiler import ProfilerActivity, profile
+    B, T, H, V = 4, 60, 16, 1500
+    from rlhf_kernels.reference import linear_logprobs as ref_lin
+    monkeypatch.setattr(lp_ops, "_TILE", 16 * V)
+    monkeypatch.setattr(ref_lin, "CHUNK_ELEMS", 16 * V)  # the torch backend's chunks
+    h, w, b, y, old, adv, mask, rl = _case(gen, "cpu", torch.float32, B, T, H, V)
+    hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss, _ = rk.linear_policy_loss(hh, ww, y, old, adv, mask, ref_logprobs=rl, kl_coef=0.1, entropy_coef=0.01,
+                                        backend=backend)
+        loss.backward()
+    # every tensor is made by one of these (zeros, full, copies... call them): one allocation each
+    largest = max(e.cpu_memory_usage for e in prof.events() if e.name in ("aten::empty", "aten::empty_strided"))
+    bound = 4 * max(16 * V, V * H, B * T * H)
+    assert largest <= bound < 4 * B * T * V // 4, (largest, bound)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_labels_at_masked_positions_are_never_read(gen, device, backend, tile):
     h, w, b, y, old, adv, mask, rl = _case(gen, device, torch.float32, 3, 6, 16, 120)

@@ -9,10 +9,9 @@
 //      (softmax_stats_merge of rlhf/logprobs.h); then logp, H, the KL estimate and the
 //      gradients g_logp, g_H (rlhf/linear_policy.h);
 //   2. (with gradients) dlogits in place, plus the label's one-hot term.
-// (A vocabulary-major tile, [V, nr], multiplies about 10% faster in MKL, but an epilogue that
-// walks it 8 tokens at a time reads a new cache line, nearly always on a new page, for every
-// vocabulary entry: it took 2.3x the time of the row-major logprobs kernels, more than the
-// product gained.)
+// (A vocabulary-major tile, [V, nr], multiplies 10-20% faster in MKL at N = 1024, H = 512,
+// V = 32000, but an epilogue that walks it 8 tokens at a time, a strided read of 32 bytes per
+// vocabulary entry, took 0.27 s there against 0.06 s for this one, more than the products gained.)
 // Masked tokens give 0 and a zero gradient row (their labels are never read); a label outside
 // [0, V) at a valid token (when `validate` did not raise first) gives NaN logp and entropy and
 // a zero gradient row. A token's result does not depend on the number of threads.

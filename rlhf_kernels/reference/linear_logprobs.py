@@ -34,10 +34,12 @@ def _chunk(hidden, weight, bias, labels, temperature, ignore_index):
 
 
 def chunked_linear_token_logprobs(hidden, weight, labels, bias=None, temperature=1.0, ignore_index=-100,
-                                  chunk_elems=CHUNK_ELEMS):
+                                  chunk_elems=None):
     """hidden [N, H], labels [N] -> float32 (logp [N], entropy [N]); the logits of at most
-    ``chunk_elems // V`` tokens at a time, recomputed in the backward."""
+    ``chunk_elems // V`` tokens at a time (default CHUNK_ELEMS, read per call), recomputed in the
+    backward."""
     N, V = hidden.shape[0], weight.shape[0]
+    chunk_elems = CHUNK_ELEMS if chunk_elems is None else chunk_elems
     step = max(1, chunk_elems // max(V, 1))
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     logps, ents = [], []

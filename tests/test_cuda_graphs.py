@@ -62,6 +62,10 @@ OPS = {
     "ppo_policy_loss_cispo_mis": (lambda x, b: _loss(rk.ppo_policy_loss(
         x["lp"], x["old_lp"], x["adv"], x["mask"], objective="cispo", rollout_logprobs=x["roll_lp"],
         is_correction="mis", is_level="sequence", backend=b)), ("lp",)),
+    "linear_policy_loss": (lambda x, b: _policy_head(x, b, dual_clip=3.0), ("hidden", "weight")),
+    "linear_policy_loss_gspo_mis": (lambda x, b: _policy_head(
+        x, b, ratio_level="sequence", rollout_logprobs=x["roll_lp"][:, :7], is_correction="mis",
+        is_level="geometric"), ("hidden", "weight")),
     "ppo_value_loss": (lambda x, b: _loss(rk.ppo_value_loss(x["v"], x["r"], x["adv"], x["mask"], backend=b)),
                        ("v",)),
     "bt_loss": (lambda x, b: _loss(rk.bt_loss(x["chosen"], x["rejected"], label_smoothing=0.1, backend=b)),
@@ -73,6 +77,17 @@ OPS = {
 def _loss(out):
     loss, stats = out
     return (loss, stats.packed)
+
+
+def _policy_head(x, b, **options):
+    """linear_policy_loss on [B, 7] tokens (the hidden states of linear_token_logprobs' case), with
+    entropy and KL terms; the label -100 masked out."""
+    B = x["labels"].shape[0]
+    mask = x["mask"][:, :7] & (x["labels"] >= 0)
+    loss, stats = rk.linear_policy_loss(x["hidden"].view(B, 7, -1), x["weight"], x["labels"], x["old_lp"][:, :7],
+                                        x["adv"][:, :7], mask, ref_logprobs=x["lp"][:, :7], kl_coef=0.05,
+                                        entropy_coef=0.01, validate=False, backend=b, **options)
+    return (loss, stats.packed, stats["logprobs"])
 
 
 def _step(name, x, backend):

@@ -360,7 +360,7 @@ UNFUSED_OPTIONS = [
 
 
 @pytest.mark.parametrize("popts", UNFUSED_OPTIONS, ids=lambda o: ",".join("%s=%s" % kv for kv in o.items()))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_equals_the_unfused_ops(gen, device, backend, dtype, popts, tile):
     """The same step through linear_token_logprobs, kl_penalty, ppo_policy_loss and the entropy term

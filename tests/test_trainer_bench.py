@@ -116,21 +116,19 @@ def test_modes_compute_the_same_losses_and_gradients():
 
 
 def test_the_fused_policy_loss_is_taken_when_it_exists(monkeypatch):
-    """When rlhf_kernels.linear_policy_loss lands, the "on" objective calls it (with DESIGN.md's
-    signature) instead of linear_token_logprobs + ppo_policy_loss; here a stand-in written from
-    DESIGN.md's semantics must give the eager mode's objective."""
+    """The "on" objective calls rlhf_kernels.linear_policy_loss (hidden states [B, T, H] straight
+    to the loss) instead of linear_token_logprobs + ppo_policy_loss, and gives the eager mode's
+    objective and entropy."""
     import rlhf_kernels as rk
     calls = []
+    real = rk.linear_policy_loss
 
-    def stand_in(hidden, weight, labels, old_logprobs, advantages, mask, *, temperature, entropy_coef, clip_low,
-                 loss_agg, num_tokens):
+    def spy(hidden, *args, **kw):
         calls.append(hidden.shape)
-        assert loss_agg == "token-mean"
-        logp, ent = rk.linear_token_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=True)
-        pg, stats = rk.ppo_policy_loss(logp, old_logprobs, advantages, mask, clip_low=clip_low, num_tokens=num_tokens)
-        return pg - entropy_coef * torch.where(mask, ent, 0.0).sum() / num_tokens, stats
+        assert kw["loss_agg"] == "token-mean"
+        return real(hidden, *args, **kw)
 
-    monkeypatch.setattr(rk, "linear_policy_loss", stand_in, raising=False)
+    monkeypatch.setattr(rk, "linear_policy_loss", spy)
     cfg = tiny_cfg()
     prompts, responses, mask = batch(cfg, seed=4)
     models = build_models(cfg, torch.device("cpu"), torch.float32)
@@ -139,10 +137,11 @@ def test_the_fused_policy_loss_is_taken_when_it_exists(monkeypatch):
     input_ids, attention_mask = sequences(prompts, responses, mask)
     args = (models.policy, input_ids, attention_mask, responses, mask, exp["old_logp"], exp["advantages"],
             mask.sum(), cfg)
-    on, _ = KernelOps().policy_objective(*args)
+    on, on_stats = KernelOps().policy_objective(*args)
     assert calls == [(cfg.batch, cfg.response_len, cfg.hidden)]
-    off, _ = EagerOps().policy_objective(*args)
+    off, off_stats = EagerOps().policy_objective(*args)
     close(on, off, what="policy objective")
+    close(on_stats["entropy"], off_stats["entropy"], what="entropy")
 
 
 def test_one_update_gives_the_same_parameters():

@@ -58,9 +58,13 @@ class KernelOps:
         y = labels.masked_fill(~mask, IGNORE)
         w = policy.lm_head.weight
         if hasattr(rk, "linear_policy_loss"):
-            return rk.linear_policy_loss(h, w, y, old_logp, adv, mask, temperature=cfg.temperature,
-                                         entropy_coef=cfg.ent_coef, clip_low=cfg.clip, loss_agg="token-mean",
-                                         num_tokens=num_tokens)
+            loss, stats = rk.linear_policy_loss(h, w, y, old_logp, adv, mask, temperature=cfg.temperature,
+                                                entropy_coef=cfg.ent_coef, clip_low=cfg.clip, loss_agg="token-mean",
+                                                num_tokens=num_tokens)
+            # its entropy stat is the mean over this micro-batch's valid tokens; the step logs the
+            # sum over them / num_tokens (the term of the loss), as the unfused branch below
+            ent = stats["entropy"] * (mask.sum() / num_tokens)
+            return loss, {"clipfrac": stats["clipfrac"], "approx_kl": stats["approx_kl"], "entropy": ent.detach()}
         logp, entropy = rk.linear_token_logprobs(h, w, y, temperature=cfg.temperature, return_entropy=True)
         pg, stats = rk.ppo_policy_loss(logp, old_logp, adv, mask, clip_low=cfg.clip, num_tokens=num_tokens)
         ent = token_mean(entropy, mask, num_tokens)

@@ -54,6 +54,13 @@ def main():
         loss, _ = rk.bt_loss(c, x[1], backend=backend)
         loss.backward()
         out["bt"], out["bt grad"] = loss.detach(), c.grad
+        out["group_advantages"] = rk.group_advantages(x[:, 0].repeat(2), group_size=3, backend=backend)
+        h3, w = hidden.view(1, 5, 8).clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, stats = rk.linear_policy_loss(h3, w, labels[:1, :5], x[:1, :5], x[1:2, :5], mask[:1, :5],
+                                            entropy_coef=0.01, backend=backend)
+        loss.backward()
+        out["linear_policy"], out["linear_policy grads"] = loss.detach(), torch.cat([h3.grad.flatten(), w.grad.flatten()])
+        out["linear_policy entropy"] = stats["entropy"]
         return out
 
     native, reference = run("cpu"), run("torch")

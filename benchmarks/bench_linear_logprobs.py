@@ -191,7 +191,7 @@ def main():
             for row in rows:
                 w.writerow(row + [args.device, args.dtype, N, H, V, torch.__version__])
 
-    # the targets
+    # the targets
     if cpu:
         for mode in args.modes.split(","):
             u, c = results.get(("unfused", mode)), results.get(("cpu", mode))

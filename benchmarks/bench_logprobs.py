@@ -201,7 +201,7 @@ def main():
             for row in rows:
                 w.writerow(row + [args.device, args.dtype, args.N, args.V, torch.__version__])
 
-    # the issue's targets for this shape
+    # the targets for this shape
     e, c = results.get(("eager", "fwd+bwd")), results.get(("cpu" if cpu else "cuda", "fwd+bwd"))
     if cpu and e and c and args.dtype == "float32":
         ratio = e["seconds"] / c["seconds"]
@@ -214,7 +214,7 @@ def main():
         fwd = results.get(("cuda", "fwd"))
         print("\nGPU target (H100, bf16, N=16384, V=152064): fwd %s (target <= 2.1 ms), fwd+bwd %s (target <= 6.2 ms)"
               % (fmt_time(fwd["seconds"]) if fwd else "-", fmt_time(c["seconds"])))
-    if not cpu:  # the policy-head issue: the forward at the bandwidth floor (H200 times at its two shapes)
+    if not cpu:  # the forward at the bandwidth floor (H200 times at its two shapes)
         h200_ms = {(8192, 151936): 0.71, (16384, 152064): 1.41}.get((args.N, args.V))
         for name in ("cuda", "triton"):
             for mode, goal in (("fwd", 85), ("fwd+bwd", 78)):

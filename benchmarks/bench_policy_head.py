@@ -15,7 +15,7 @@ entropy_coef 0.01, kl_coef 0.05, token-mean):
   cce        cut-cross-entropy's linear_cross_entropy for logp (no entropy), then ppo_policy_loss, GPU only
   cpu / triton / cuda   rk.linear_policy_loss(..., backend=...): gradients made in the forward
   lin_logprobs  linear_token_logprobs alone (auto backend, with entropy; backward of logp.sum() +
-             entropy.sum()): the issue's targets for that op
+             entropy.sum()): the targets for that op
   matmul     the bare LM head matmul hidden @ weight.T (fwd only): the floor of a no-grad forward
 Modes: fwd (no autograd) and fwd+bwd (backward of the loss to hidden and weight).
 
@@ -261,7 +261,7 @@ def main():
             for row in rows:
                 w.writerow(row + [args.device, args.dtype, args.B, args.T, H, V, torch.__version__])
 
-    # the issue's targets
+    # the targets
     if cpu:
         e, c = results.get(("eager", "fwd+bwd")), results.get(("cpu", "fwd+bwd"))
         if e and c:
@@ -274,7 +274,7 @@ def main():
     else:
         gpu = torch.cuda.get_device_name(0)
         h100 = "H100" in gpu
-        print("GPU targets (the policy-head issue: bf16, N=16384, H=4096, V=131072, with entropy; %s):" % gpu)
+        print("GPU targets (bf16, N=16384, H=4096, V=131072, with entropy; %s):" % gpu)
         for name in ("cuda", "triton"):
             c = results.get((name, "fwd+bwd"))
             if not c:

@@ -105,10 +105,10 @@ ppo_bench() {
   return "${PIPESTATUS[0]}"
 }
 
-# the policy-head issue's GPU targets: linear_policy_loss against the unfused path, Liger and
+# the policy head's GPU targets: linear_policy_loss against the unfused path, Liger and
 # cut-cross-entropy (when installed), linear_token_logprobs with and without gradients against the
 # bare matmul (bench_policy_head.py, bf16 N=16384 H=4096 V=131072), and token_logprobs' forward
-# against its one-read floor at the issue's second shape (8192 x 151936; bench_logprobs.py in the
+# against its one-read floor at the second shape of its targets (8192 x 151936; bench_logprobs.py in the
 # benchmarks stage has 16384 x 152064)
 policy_head() {
   local rc

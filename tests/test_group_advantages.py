@@ -88,7 +88,7 @@ def check_masked(out, mask, adv):
 # ---- the reference itself ----
 
 def loop_oracle(rewards, groups, mode, eps):
-    """One group at a time with Python floats: the issue's formulas, read literally."""
+    """One group at a time with Python floats: the modes' definitions (ops/group_advantages.py), read literally."""
     r = rewards.tolist()
     members = {}
     for i, g in enumerate(groups):

@@ -19,7 +19,7 @@ from rlhf_trainer.bench_step import advantages, build_models, experience, ppo_st
 
 PHASES = ("rollout", "logprobs", "update", "other")
 PHASE_NAMES = {"rollout": "rollout", "logprobs": "log-prob passes", "update": "update", "other": "other"}
-# The issue's targets for kernels on vs off on an H100/H200.
+# The targets for kernels on vs off on an H100/H200.
 TARGETS = {"step": 1.3, "memory": 2.0, "micro_batch": 2.0}
 
 
@@ -192,7 +192,7 @@ def fx(r):
 
 
 def comparison(rows, device):
-    """Lines comparing on with off, and the issue's targets where they apply (a GPU)."""
+    """Lines comparing on with off, and the targets where they apply (a GPU)."""
     off, on = rows["off"], rows["on"]
     mem_key = "peak_mem" if device.type == "cuda" else "peak_extra"
     figures = {"step": paired(off, on, lambda r: r["step"]), "memory": ratio(off[mem_key], on[mem_key]),

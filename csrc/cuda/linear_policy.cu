@@ -151,21 +151,7 @@ struct CudaEpilogue {
         });
       });
     };
-    if (!dlogits.defined()) {
-      launch(static_cast<float*>(nullptr));
-    } else {
-      switch (dlogits.scalar_type()) {
-        case at::kFloat:
-          launch(dlogits.data_ptr<float>());
-          break;
-        case at::kHalf:
-          launch(dlogits.data_ptr<at::Half>());
-          break;
-        default:
-          TORCH_INTERNAL_ASSERT(dlogits.scalar_type() == at::kBFloat16, "unexpected dlogits dtype");
-          launch(dlogits.data_ptr<at::BFloat16>());
-      }
-    }
+    with_dlogits(dlogits, launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

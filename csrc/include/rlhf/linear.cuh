@@ -1,6 +1,6 @@
 // Shared by the CUDA epilogues of the fused LM heads (csrc/cuda/linear_logprobs.cu,
-// csrc/cuda/linear_policy.cu) (.cu only): the biased, scaled load of a float32 logits tile
-// and the float32-output matmul. Everything is in an anonymous namespace, as in
+// csrc/cuda/linear_policy.cu) (.cu only): the biased, scaled load of a float32 logits tile,
+// the float32-output matmul and the dispatch on the dlogits dtype. Everything is in an anonymous namespace, as in
 // rlhf/softmax.cuh: each including file gets its own copy.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -32,6 +32,24 @@ void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
     at::mm_out(out, a, b);
   } else {
     at::mm_out(out, a, b, at::kFloat);
+  }
+}
+
+// Calls launch(T*) with dlogits' data, T the matmul operands' dtype (float, Half or BFloat16),
+// or with a null float* when dlogits is undefined (no gradient asked for).
+template <typename F>
+void with_dlogits(const at::Tensor& dlogits, F launch) {
+  if (!dlogits.defined()) {
+    return launch(static_cast<float*>(nullptr));
+  }
+  switch (dlogits.scalar_type()) {
+    case at::kFloat:
+      return launch(dlogits.data_ptr<float>());
+    case at::kHalf:
+      return launch(dlogits.data_ptr<at::Half>());
+    default:
+      TORCH_INTERNAL_ASSERT(dlogits.scalar_type() == at::kBFloat16, "unexpected dlogits dtype");
+      return launch(dlogits.data_ptr<at::BFloat16>());
   }
 }
 

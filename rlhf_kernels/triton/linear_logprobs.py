@@ -23,7 +23,7 @@ import triton.language as tl
 
 from rlhf_kernels.triton import _common
 from rlhf_kernels.triton._op import DifferentiableOp, Op
-from rlhf_kernels.triton.logprobs import logprob_grad, row_grad_inputs
+from rlhf_kernels.triton.logprobs import fold, logprob_grad, row_grad_inputs
 
 # Bytes of one float32 logits tile (the native CUDA op uses the same budget).
 TILE_BYTES = 256 << 20
@@ -50,18 +50,7 @@ def _fold_kernel(
         z = tl.load(base + idx, mask=idx < n, other=float("-inf"))
         if HAS_BIAS:
             z += tl.load(bias_ptr + idx, mask=idx < n, other=0.0)
-        s = z * inv_t
-        m_new = tl.maximum(m, tl.max(s, 0))
-        # rebase (d, w) from m to m_new; d == 0 means nothing seen yet
-        shift = tl.where(d > 0, m - m_new, 0.0)  # d == 0: m may be -inf, and nothing to rescale
-        scale = tl.where(d > 0, tl.exp(shift), 0.0)
-        w = scale * (w + shift * d)
-        d = d * scale
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exps are 0
-        e = tl.exp(s - m_safe)
-        d += tl.sum(e, 0)
-        w += tl.sum(tl.where(e > 0, e * (s - m_safe), 0.0), 0)
-        m = m_new
+        m, d, w = fold(m, d, w, z * inv_t)
     tl.store(run_ptr + 4 * row, m)
     tl.store(run_ptr + 4 * row + 1, d)
     tl.store(run_ptr + 4 * row + 2, w)

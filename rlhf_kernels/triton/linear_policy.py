@@ -34,7 +34,7 @@ from rlhf_kernels.triton import ppo as tri_ppo
 from rlhf_kernels.triton._op import DifferentiableOp
 from rlhf_kernels.triton.ppo import _policy_flags, _policy_grad_token
 from rlhf_kernels.triton.linear_logprobs import _mm_f32, _operand
-from rlhf_kernels.triton.logprobs import logprob_grad
+from rlhf_kernels.triton.logprobs import fold, logprob_grad
 
 # Bytes of the float32 logits of a chunk, their 16-bit gradient and the float32 d_weight
 # accumulator together (the native CUDA op's budget); the accumulator only up to ACC_BYTES.
@@ -78,18 +78,7 @@ def _policy_head_kernel(
             z = tl.load(base + idx, mask=idx < V, other=float("-inf"))
             if HAS_BIAS:
                 z += tl.load(bias_ptr + idx, mask=idx < V, other=0.0)
-            s = z * inv_t
-            m_new = tl.maximum(m, tl.max(s, 0))
-            # rebase (d, w) from m to m_new; d == 0 means nothing seen yet
-            shift = tl.where(d > 0, m - m_new, 0.0)
-            scale = tl.where(d > 0, tl.exp(shift), 0.0)
-            w = scale * (w + shift * d)
-            d = d * scale
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exps are 0
-            e = tl.exp(s - m_safe)
-            d += tl.sum(e, 0)
-            w += tl.sum(tl.where(e > 0, e * (s - m_safe), 0.0), 0)
-            m = m_new
+            m, d, w = fold(m, d, w, z * inv_t)
         y = tl.load(labels_ptr + row).to(tl.int64)
         in_vocab = (y >= 0) & (y < V)
         z_y = tl.load(base + y, mask=in_vocab, other=0.0)

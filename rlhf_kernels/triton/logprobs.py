@@ -39,6 +39,17 @@ def _rebase(m, d, w, m_new):
 
 
 @triton.jit
+def fold(m, d, w, s):
+    # folds a block of scaled logits s (-inf where masked) into a row's online-softmax statistics:
+    # m the running max, d = sum exp(s - m), w = sum exp(s - m) (s - m); -> the new (m, d, w)
+    m_new = tl.maximum(m, tl.max(s, 0))
+    d, w = _rebase(m, d, w, m_new)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exps are 0
+    e = tl.exp(s - m_safe)
+    return m_new, d + tl.sum(e, 0), w + tl.sum(tl.where(e > 0, e * (s - m_safe), 0.0), 0)
+
+
+@triton.jit
 def row_grad_inputs(row, glogp_ptr, gent_ptr, stats_ptr, ent_ptr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr):
     # a row's upstream gradients (0 when absent) and saved (m, log d, entropy)
     gl = 0.0
@@ -80,13 +91,7 @@ def _logprobs_fwd_kernel(
     for start in range(0, V, BLOCK):
         idx = start + cols
         s = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(s, 0))
-        d, w = _rebase(m, d, w, m_new)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exps are 0
-        e = tl.exp(s - m_safe)
-        d += tl.sum(e, 0)
-        w += tl.sum(tl.where(e > 0, e * (s - m_safe), 0.0), 0)
-        m = m_new
+        m, d, w = fold(m, d, w, s)
     log_d = tl.log(d)
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_d)

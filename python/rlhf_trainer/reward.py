@@ -42,10 +42,9 @@ def rm_loss(model, task, cfg, prompt_ids, responses, valid):
     return rk.ranking_loss(s, valid=valid.to(s.device))
 
 
-def pairwise_accuracy(model, task, prompt_ids, responses, valid):
-    """Fraction of valid ordered pairs (i < j) the model scores in the right order."""
-    with torch.no_grad():
-        s = _scores(model, task, prompt_ids, responses).cpu()
+def pair_counts(s, valid):
+    """Scores s [P, K] of K responses ranked best first, valid [P, K] -> (the valid ordered pairs
+    i < j scored s_i > s_j, the valid ordered pairs): the counts behind a pairwise accuracy."""
     K = s.shape[1]
     right, total = 0, 0
     for i in range(K):
@@ -53,6 +52,14 @@ def pairwise_accuracy(model, task, prompt_ids, responses, valid):
             both = valid[:, i] & valid[:, j]
             right += ((s[:, i] > s[:, j]) & both).sum().item()
             total += both.sum().item()
+    return right, total
+
+
+def pairwise_accuracy(model, task, prompt_ids, responses, valid):
+    """Fraction of valid ordered pairs (i < j) the model scores in the right order."""
+    with torch.no_grad():
+        s = _scores(model, task, prompt_ids, responses).cpu()
+    right, total = pair_counts(s, valid)
     return right / max(total, 1)
 
 

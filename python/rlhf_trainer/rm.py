@@ -17,6 +17,7 @@ import torch
 
 import rlhf_kernels as rk
 from rlhf_trainer.config import Config, ConfigError, InputError
+from rlhf_trainer.reward import pair_counts
 
 
 def read_preferences(path, key):
@@ -92,13 +93,8 @@ def accuracy(model, tok, rows, device, autocast, batch_size):
     right = total = 0
     with torch.no_grad():
         for b in range(0, len(rows), batch_size):
-            s, valid = _scores(model, tok, rows[b:b + batch_size], device, autocast)
-            K = s.shape[1]
-            for i in range(K):
-                for j in range(i + 1, K):
-                    both = valid[:, i] & valid[:, j]
-                    right += ((s[:, i] > s[:, j]) & both).sum().item()
-                    total += both.sum().item()
+            r, t = pair_counts(*_scores(model, tok, rows[b:b + batch_size], device, autocast))
+            right, total = right + r, total + t
     return right / max(total, 1)
 
 

@@ -10,16 +10,17 @@ rounds and n are what keep J = E[r] - beta KL from falling.
 
 import json
 import os
-import random
 import time
 
-import numpy as np
 import torch
 
 from rlhf_trainer.best_of_n import sample_best_of_n
 from rlhf_trainer.models import build_policy, frozen_copy
-from rlhf_trainer.ppo import response_logprobs, response_mask, score_function
+from rlhf_trainer.ppo import (rewrite_log, response_logprobs, response_mask, rng_state, save_checkpoint, score_function,
+                              seed_rngs, set_rng_state)
 from rlhf_trainer.toy import ExactEvaluator
+
+CPU = torch.device("cpu")   # expert iteration runs on the toy task, on the CPU
 
 LOG_KEYS = [
     "step", "samples", "score_mean", "winner_score_mean", "rule_reward_mean", "winner_rule_reward_mean",
@@ -41,10 +42,7 @@ class ExpertIterationTrainer:
         self.policy = build_policy(cfg.model, cfg.task)
         self.ref = frozen_copy(self.policy)
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=self.p.lr)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)    # prompts and minibatch order
-        torch.manual_seed(cfg.seed + 2)                           # generate() samples from the global RNG
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        self.gen = seed_rngs(cfg.seed)
         self.step = 0
         self.history = []
         self.evaluator = evaluator
@@ -113,13 +111,10 @@ class ExpertIterationTrainer:
 
     def state_dict(self):
         return {"step": self.step, "policy": self.policy.state_dict(), "opt": self.opt.state_dict(),
-                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "numpy_rng": np.random.get_state(), "history": self.history, "config": self.cfg.to_dict()}
+                "history": self.history, "config": self.cfg.to_dict(), **rng_state(self.gen, CPU)}
 
     def save(self, path):
-        tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        save_checkpoint(self.state_dict(), path)
 
     def load(self, path):
         s = torch.load(path, weights_only=False)
@@ -128,11 +123,6 @@ class ExpertIterationTrainer:
         self.step = s["step"]
         self.policy.load_state_dict(s["policy"])
         self.opt.load_state_dict(s["opt"])
-        self.gen.set_state(s["gen"])
-        torch.set_rng_state(s["torch_rng"])
-        random.setstate(s["python_rng"])
-        np.random.set_state(s["numpy_rng"])
+        set_rng_state(self.gen, s, CPU)
         self.history = s["history"]
-        if self.run_dir:
-            with open(os.path.join(self.run_dir, "log.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.history)
+        rewrite_log(self.run_dir, self.history)

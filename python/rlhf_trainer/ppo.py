@@ -46,6 +46,48 @@ LOG_KEYS = [
 TIME_KEYS = [k for k in LOG_KEYS if k.startswith("time_")]
 
 
+def seed_rngs(seed):
+    """Seeds a run's random state: the global torch, Python and NumPy RNGs (generate() samples
+    from torch's) and -> the run's own generator (prompts and minibatch order)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed + 2)
+    random.seed(seed)
+    np.random.seed(seed)
+    return gen
+
+
+def rng_state(gen, device):
+    """The random state a checkpoint keeps for an exact resume (the device's RNG on CUDA too)."""
+    s = {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+         "numpy_rng": np.random.get_state()}
+    if device.type == "cuda":   # generate() samples from the device's RNG
+        s["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(gen, s, device):
+    """Restores what rng_state kept."""
+    gen.set_state(s["gen"])
+    torch.set_rng_state(s["torch_rng"])
+    if "cuda_rng" in s and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda_rng"], device)
+    random.setstate(s["python_rng"])
+    np.random.set_state(s["numpy_rng"])
+
+
+def save_checkpoint(state, path):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)   # never leave a half-written checkpoint
+
+
+def rewrite_log(run_dir, history):
+    """The log holds exactly the checkpoint's steps, so a resumed run appends cleanly."""
+    if run_dir:
+        with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+
+
 class KLController:
     """Adaptive KL coefficient in the original units (per-sequence KL sum):
     e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon. Fixed when not adaptive."""
@@ -214,10 +256,7 @@ class PPOTrainer:
             for model in [self.policy] + ([self.value.backbone] if self.uses_critic else []):
                 enable_checkpointing(model)
         self.kl_ctl = KLController(cfg.beta, p.adaptive_kl, p.kl_target, p.kl_horizon)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)    # prompts and minibatch order
-        torch.manual_seed(cfg.seed + 2)                           # generate() samples from the global RNG
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        self.gen = seed_rngs(cfg.seed)
         self.step = 0
         self.history = []
         self.evaluator = evaluator
@@ -449,21 +488,16 @@ class PPOTrainer:
         s = {
             "step": self.step, "policy": self.policy.state_dict(), "opt_policy": self.opt_policy.state_dict(),
             "sched_policy": self.sched_policy.state_dict(),
-            "kl_ctl": self.kl_ctl.state_dict(), "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "history": self.history,
-            "config": self.cfg.to_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(), "history": self.history, "config": self.cfg.to_dict(),
+            **rng_state(self.gen, self.device),
         }
-        if self.device.type == "cuda":   # generate() samples from the device's RNG
-            s["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.uses_critic:
             s.update(value=self.value.state_dict(), opt_value=self.opt_value.state_dict(),
                      sched_value=self.sched_value.state_dict())
         return s
 
     def save(self, path):
-        tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)   # never leave a half-written checkpoint
+        save_checkpoint(self.state_dict(), path)
 
     def load(self, path):
         s = torch.load(path, weights_only=False, map_location="cpu")
@@ -478,13 +512,6 @@ class PPOTrainer:
             self.opt_value.load_state_dict(s["opt_value"])
             self.sched_value.load_state_dict(s["sched_value"])
         self.kl_ctl.load_state_dict(s["kl_ctl"])
-        self.gen.set_state(s["gen"])
-        torch.set_rng_state(s["torch_rng"])
-        if "cuda_rng" in s and self.device.type == "cuda":
-            torch.cuda.set_rng_state(s["cuda_rng"], self.device)
-        random.setstate(s["python_rng"])
-        np.random.set_state(s["numpy_rng"])
+        set_rng_state(self.gen, s, self.device)
         self.history = s["history"]
-        if self.run_dir:   # the log holds exactly the checkpoint's steps, so a resumed run appends cleanly
-            with open(os.path.join(self.run_dir, "log.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.history)
+        rewrite_log(self.run_dir, self.history)

@@ -40,7 +40,7 @@ from rlhf_kernels._stats import Stats
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.ops.linear_logprobs import _check as _check_linear
 from rlhf_kernels.ops.logprobs import KERNEL_DTYPES, KL_KINDS, _check_temperature
-from rlhf_kernels.ops.ppo import (_check_num_tokens, _check_policy_options, _loss_agg_code, _num_tokens,
+from rlhf_kernels.ops.ppo import (_check_clips, _check_num_tokens, _check_policy_options, _loss_agg_code, _num_tokens,
                                   _policy_options)
 from rlhf_kernels.reference import linear_policy as ref
 
@@ -212,9 +212,7 @@ def linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, *
     if kl_coef == 0 and ref_logprobs is not None:
         raise ValueError("%s: `ref_logprobs` given with `kl_coef` = 0; it would be ignored (pass kl_coef > 0, or no "
                          "ref_logprobs)" % op)
-    clip_low = v.number(op, "clip_low", clip_low, lo=0.0)
-    clip_high = clip_low if clip_high is None else v.number(op, "clip_high", clip_high, lo=0.0)
-    dual_clip = v.number(op, "dual_clip", dual_clip, lo=1.0, lo_open=True, allow_none=True)
+    clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
     roll, cap = _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap, dual_clip, objective,
                                       old_logprobs)
     nt = _check_num_tokens(op, num_tokens, hidden.device)

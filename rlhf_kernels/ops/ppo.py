@@ -74,6 +74,14 @@ def _policy_options(op, ratio_level, objective, is_correction, is_level):
                         is_level=_option_code(op, "is_level", is_level))
 
 
+def _check_clips(op, clip_low, clip_high, dual_clip):
+    """-> (clip_low, clip_high, dual_clip) checked: the ratio's clip range [1 - clip_low, 1 +
+    clip_high] (clip_high defaults to clip_low) and the dual clip > 1 or None."""
+    clip_low = v.number(op, "clip_low", clip_low, lo=0.0)
+    clip_high = clip_low if clip_high is None else v.number(op, "clip_high", clip_high, lo=0.0)
+    return clip_low, clip_high, v.number(op, "dual_clip", dual_clip, lo=1.0, lo_open=True, allow_none=True)
+
+
 def _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap, dual_clip, objective, logprobs):
     """The Python backends' checks of the options' arguments, as check_policy_options in
     csrc/include/rlhf/ppo_op.h. Returns (rollout_logprobs as float32 or None, is_cap)."""
@@ -212,9 +220,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
             raise v.schema_error(op, e) from None
         return loss, _stats(POLICY_STATS, packed)
     _check_inputs(op, ("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), mask)
-    clip_low = v.number(op, "clip_low", clip_low, lo=0.0)
-    clip_high = clip_low if clip_high is None else v.number(op, "clip_high", clip_high, lo=0.0)
-    dual_clip = v.number(op, "dual_clip", dual_clip, lo=1.0, lo_open=True, allow_none=True)
+    clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
     roll, cap = _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap, dual_clip, objective,
                                       logprobs)
     nt = _check_num_tokens(op, num_tokens, logprobs.device)

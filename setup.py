@@ -159,7 +159,7 @@ def _extensions():
         extra_compile_args=args,
     )
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if build_cuda else ""
-    _write_build_info({
+    info = {
         "extension": True,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
@@ -167,15 +167,26 @@ def _extensions():
         "cuda_reason": reason,
         "cuda_home": cuda_home,
         "cuda_archs": [a for a in re.split(r"[;\s]+", archs) if a],
-    })
+    }
+
+    class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """Writes the build facts next to the extension it built (the source tree for an editable
+        or --inplace build, the build folder for a wheel), so that a wheel built from a checkout
+        never rewrites the facts of the checkout's own extension."""
+
+        def run(self):
+            super().run()
+            _write_build_info(info, os.path.dirname(self.get_ext_fullpath(ext.name)))
+
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
     flavour = "cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu"
-    return ([ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    return ([ext], {"build_ext": BuildExt},
             "%s+torch%s.%s%s" % (VERSION, major, minor, flavour), "torch==%s.%s.*" % (major, minor))
 
 
-def _write_build_info(info):
-    with open(BUILD_INFO, "w") as f:
+def _write_build_info(info, folder=os.path.dirname(BUILD_INFO)):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, os.path.basename(BUILD_INFO)), "w") as f:
         json.dump(info, f, indent=1, sort_keys=True)
 
 

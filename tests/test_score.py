@@ -269,3 +269,45 @@ def test_reference_is_the_cumulative_link_model(gen):
     torch.testing.assert_close(stats["mae"], (expected - level).abs().mean(), rtol=1e-12, atol=0)
     torch.testing.assert_close(stats["accuracy"], (probs.argmax(1) == level).double().mean(), rtol=0, atol=0)
     torch.testing.assert_close(stats["pred_std"], x.std(unbiased=False), rtol=1e-12, atol=0)
+
+
+needs_ext = pytest.mark.skipif(not (_ext.loaded() and hasattr(torch.ops.rlhf_kernels, "score_fwd")),
+                               reason="native extension (with score_fwd) not built")
+
+
+@needs_ext
+def test_opcheck(gen):
+    op = torch.ops.rlhf_kernels.score_fwd
+    pred = torch.randn(37, generator=gen)
+    t = make_thresholds(gen, 5)
+    level = torch.randint(0, 5, (37,), generator=gen)
+    x, th = pred.clone().requires_grad_(), t.clone().requires_grad_()
+    for args in [(x, torch.randn(37, generator=gen), None, 0, True), (x, level, th, 1, True),
+                 (x, level.int(), th, 1, False), (pred.bfloat16().requires_grad_(), level, th.half(), 1, True)]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"])
+def test_compile_fullgraph(gen, device, backend):
+    P, K = 33, 5
+    pred = torch.randn(P, generator=gen).to(device)
+    target = torch.randn(P, generator=gen).to(device)
+    level = torch.randint(0, K, (P,), generator=gen).to(device)
+    thresholds = make_thresholds(gen, K).to(device)
+
+    def step(x, t):
+        rl, rs = rk.score_loss(x, target, backend=backend)
+        ol, os_ = rk.score_loss(x, level, kind="ordinal", thresholds=t, backend=backend)
+        return rl + 2 * ol, rs["mse"], os_["accuracy"], os_["mae"]
+
+    step(pred, thresholds)  # eager first: the backend's modules and ops are loaded
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        x, t = pred.clone().requires_grad_(), thresholds.clone().requires_grad_()
+        out = fn(x, t)
+        out[0].backward()
+        results.append(out + (x.grad, t.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -16,17 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels._layout import N_SCORE_STATS, SCORE_KINDS
+from rlhf_kernels._layout import N_SCORE_STATS, SCORE_KINDS, SCORE_STATS
 from rlhf_kernels.triton import _common
 from rlhf_kernels.triton._op import DifferentiableOp
 from rlhf_kernels.triton.bt import _log_sigmoid, _sigmoid
 
 ORDINAL = SCORE_KINDS.index("ordinal")
 # the stats' order (rlhf_kernels/_layout.py SCORE_STATS, csrc/include/rlhf/layout.h), as kernel constants
-S_FIRST = tl.constexpr(0)   # mse (regression) or accuracy (ordinal)
-S_MAE = tl.constexpr(1)
-S_PRED_MEAN = tl.constexpr(2)
-S_PRED_STD = tl.constexpr(3)
+S_FIRST = tl.constexpr(SCORE_STATS["regression"].index("mse"))  # mse (regression) or accuracy (ordinal)
+S_MAE = tl.constexpr(SCORE_STATS["regression"].index("mae"))
+S_PRED_MEAN = tl.constexpr(SCORE_STATS["regression"].index("pred_mean"))
+S_PRED_STD = tl.constexpr(SCORE_STATS["regression"].index("pred_std"))
 
 
 @triton.jit

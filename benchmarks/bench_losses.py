@@ -1,4 +1,4 @@
-"""Benchmark of the losses (the ppo and bt families): forward + backward, median time per call.
+"""Benchmark of the losses (the ppo, bt and score families): forward + backward, median time per call.
 
     python benchmarks/bench_losses.py [--device cpu|cuda] [--repeats N] [--threads N]
 
@@ -10,6 +10,8 @@ backends usable on the device (cpu; triton and cuda on a GPU). Workloads:
         truncated correction (rollout log-probabilities), and CISPO with a token-level mask
   bt    Bradley-Terry loss with margin and smoothing, P = 4096 pairs, forward + backward
   rank  all-pairs ranking loss, P = 512 prompts x K = 8 (ragged), forward + backward
+  score ordinal (cumulative-link) score loss, P = 4096 responses, K = 7 levels, forward + backward
+        (gradients to the rewards and the thresholds)
 Prints markdown tables and the CPU target (cpu >= 3x eager on the ppo workload).
 """
 
@@ -28,6 +30,7 @@ import rlhf_kernels as rk  # noqa: E402
 from rlhf_kernels import _backend  # noqa: E402
 from rlhf_kernels.reference import bt as ref_bt  # noqa: E402
 from rlhf_kernels.reference import ppo as ref_ppo  # noqa: E402
+from rlhf_kernels.reference import score as ref_score  # noqa: E402
 
 
 def ppo_inputs(B, T, device, gen):
@@ -127,6 +130,28 @@ def ranking_step_fn(provider, device, gen):
     return step, "P=%d K=%d" % (P, K)
 
 
+def score_step_fn(provider, device, gen):
+    P, K = 4096, 7
+    pred = (2 * torch.randn(P, generator=gen)).to(device)
+    level = torch.randint(0, K, (P,), generator=gen).to(device)
+    thresholds = torch.linspace(-3, 3, K - 1).to(device)
+
+    def reference(x, t):
+        return ref_score.ordinal_loss(x, level, t)
+
+    def kernels(x, t):  # validate=False: on a GPU the level check is a host sync by design
+        return rk.score_loss(x, level, kind="ordinal", thresholds=t, validate=False, backend=provider)
+
+    fwd = {"eager": reference, "compile": torch.compile(reference)}.get(provider, kernels)
+    x, t = pred.clone().requires_grad_(), thresholds.clone().requires_grad_()
+
+    def step():
+        loss, _ = fwd(x, t)
+        return torch.autograd.grad(loss, (x, t))
+
+    return step, "P=%d K=%d" % (P, K)
+
+
 def providers(device):
     names = ["eager", "compile"]
     names += [b for b in ("cpu", "triton", "cuda") if b in _backend.available(device)]
@@ -166,15 +191,16 @@ def run(device, repeats, records):
     print_table("ppo options: policy (with options) + value loss, forward + backward, %dx%d fp32 (%s)"
                 % (B, T, device), ["options", "provider", "median", "vs eager", "vs plain ppo"], rows)
 
-    for title, make in (("bt: Bradley-Terry loss, forward + backward", bt_step_fn),
-                        ("ranking: all-pairs loss, forward + backward", ranking_step_fn)):
+    for family, title, make in (("bt", "bt: Bradley-Terry loss, forward + backward", bt_step_fn),
+                                ("bt", "ranking: all-pairs loss, forward + backward", ranking_step_fn),
+                                ("score", "score: ordinal score loss, forward + backward", score_step_fn)):
         times, shape = {}, ""
         for name in providers(device):
             step, shape = make(name, device, gen)
             times[name] = median_time(step, device=device, warmup=3, repeats=repeats, min_time=0.2)
         print_table("%s (%s)" % (title, device), ["provider", "shape", "median", "vs eager"],
                     [[n, shape, fmt_time(t), "%.2fx" % (times["eager"] / t)] for n, t in times.items()])
-        records.extend([{"family": "bt", "op": title.split(":")[0] + " fwd+bwd", "provider": n, "shape": shape,
+        records.extend([{"family": family, "op": title.split(":")[0] + " fwd+bwd", "provider": n, "shape": shape,
                      "dtype": "float32", "median_s": t, "speedup_vs_eager": times["eager"] / t,
                      "speedup_vs_compile": times["compile"] / t, "threads": torch.get_num_threads()}
                     for n, t in times.items()])

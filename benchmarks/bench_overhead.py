@@ -14,10 +14,11 @@ machine slows floors and ops alike.
 
 GPU (``--device cuda``): the same CPU table, then the steps the GPU targets name, with inputs
 made on the GPU: the PPO policy + value forward + backward at 64 x 4096 fp32 (cuda, triton,
-torch.compile of the reference), bt_loss forward + backward at P = 4096, and gae at 64 x 4096,
-128 x 4096 and 16 x 32768. For each: wall time per call back to back (a loop of calls, one
-synchronize), GPU kernel time per call and kernels per call (torch.profiler), and host syncs
-per call (``torch.cuda.set_sync_debug_mode("warn")``).
+torch.compile of the reference), bt_loss forward + backward at P = 4096, score_loss (ordinal,
+K = 7) forward + backward at P = 4096, and gae at 64 x 4096, 128 x 4096 and 16 x 32768. For
+each: wall time per call back to back (a loop of calls, one synchronize), GPU kernel time per
+call and kernels per call (torch.profiler), and host syncs per call
+(``torch.cuda.set_sync_debug_mode("warn")``).
 
 Targets are printed beside the figures (met / missed); nothing is asserted: timings are
 benchmarks, never tests.
@@ -40,6 +41,7 @@ from common import fmt_time, print_table, write_csv  # noqa: E402
 import rlhf_kernels as rk  # noqa: E402
 from rlhf_kernels.reference import bt as ref_bt  # noqa: E402
 from rlhf_kernels.reference import ppo as ref_ppo  # noqa: E402
+from rlhf_kernels.reference import score as ref_score  # noqa: E402
 
 # (case, floor, at most this many times the floor), from the issue that set them
 CPU_TARGETS = {
@@ -71,6 +73,7 @@ def cpu_cases(gen):
     old_v, ret = randn(B, T), randn(B, T)
     chosen, rejected = randn(2 * T), randn(2 * T)
     rank = randn(B, T)
+    levels, thresholds = torch.randint(0, 5, (2 * T,), generator=gen), torch.tensor([-1.5, -0.5, 0.5, 1.5])
     seq_rewards, group_ids = randn(4 * B), torch.randint(0, 5, (4 * B,), generator=gen)
 
     def grad_of(fn, *xs):
@@ -118,6 +121,11 @@ def cpu_cases(gen):
         ("bt_loss", "fwd+bwd", grad_of(rk.bt_loss, chosen, rejected)),
         ("ranking_loss", "fwd", lambda: rk.ranking_loss(rank)),
         ("ranking_loss", "fwd+bwd", grad_of(rk.ranking_loss, rank)),
+        ("score_loss", "fwd", lambda: rk.score_loss(chosen, rejected)),
+        ("score_loss", "fwd+bwd", grad_of(lambda x: rk.score_loss(x, rejected), chosen)),
+        ("score_loss ordinal", "fwd", lambda: rk.score_loss(chosen, levels, kind="ordinal", thresholds=thresholds)),
+        ("score_loss ordinal", "fwd+bwd",
+         grad_of(lambda x, t: rk.score_loss(x, levels, kind="ordinal", thresholds=t), chosen, thresholds)),
         ("group_advantages", "fwd", lambda: rk.group_advantages(seq_rewards, group_size=4)),
         ("group_advantages ragged", "fwd", lambda: rk.group_advantages(seq_rewards, group_ids, mode="rloo")),
     ]
@@ -272,11 +280,24 @@ def gpu_cases(device):
 
     bt_compiled = torch.compile(lambda c_, r_: ref_bt.bt_loss(c_, r_)[0])
 
+    levels = torch.randint(0, 7, (P,), generator=gen, device=device)
+    th = (torch.arange(6, device=device, dtype=torch.float32) - 2.5).requires_grad_()
+
+    def score(backend):  # validate=False: the level check is a host sync by design
+        def step():
+            loss, _ = rk.score_loss(c, levels, kind="ordinal", thresholds=th, validate=False, backend=backend)
+            loss.backward(ones)
+        return step
+
+    score_compiled = torch.compile(lambda c_, t_: ref_score.ordinal_loss(c_, levels, t_)[0])
+
     cases = [("ppo 64x4096 fp32 fwd+bwd", "torch.compile", ppo_compiled),
-             ("bt P=4096 fwd+bwd", "torch.compile", lambda: bt_compiled(c, r).backward())]
+             ("bt P=4096 fwd+bwd", "torch.compile", lambda: bt_compiled(c, r).backward()),
+             ("score ordinal P=4096 K=7 fwd+bwd", "torch.compile", lambda: score_compiled(c, th).backward())]
     backends = [b for b in ("cuda", "triton") if b in rk.available_backends(device)]
     for b in backends:
-        cases += [("ppo 64x4096 fp32 fwd+bwd", b, ppo_kernels(b)), ("bt P=4096 fwd+bwd", b, bt(b))]
+        cases += [("ppo 64x4096 fp32 fwd+bwd", b, ppo_kernels(b)), ("bt P=4096 fwd+bwd", b, bt(b)),
+                  ("score ordinal P=4096 K=7 fwd+bwd", b, score(b))]
     for gb, gt in ((64, 4096), (128, 4096), (16, 32768)):
         gr, gv = randn(gb, gt), randn(gb, gt)
         gm = torch.rand(gb, gt, generator=gen, device=device) < 0.9

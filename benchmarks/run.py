@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                    # every benchmarks/bench_<family>.py
     python benchmarks/run.py --family gae       # one family
-    python benchmarks/run.py --family losses    # bench_losses.py: the ppo and bt families
+    python benchmarks/run.py --family losses    # bench_losses.py: the ppo, bt and score families
     python benchmarks/run.py --out /tmp/res     # somewhere else than benchmarks/results/<device>/
 
 Each family's script prints its markdown table (kept as <family>.md) and writes its rows

@@ -88,6 +88,13 @@ def run_all(backend, dtype, device="cuda"):
         ids = torch.randint(0, 600, (4099,), generator=gen, device=device)
         rk.group_advantages(rewards, ids, mode=mode, mask=torch.rand(4099, 9, generator=gen, device=device) < 0.7,
                             backend=backend)
+    pred = randn(4099, dt=dtype).requires_grad_()
+    loss, _ = rk.score_loss(pred, randn(4099, dt=dtype), backend=backend)
+    loss.backward()
+    th = (torch.arange(6, device=device, dtype=torch.float32) - 2.5).requires_grad_()
+    levels = torch.randint(0, 7, (4099,), generator=gen, device=device)
+    loss, _ = rk.score_loss(pred, levels, kind="ordinal", thresholds=th, validate=False, backend=backend)
+    loss.backward()
     rank = randn(33, 7, dt=dtype).requires_grad_()
     loss, _ = rk.ranking_loss(rank, valid=torch.rand(33, 7, generator=gen, device=device) < 0.8, backend=backend)
     loss.backward()

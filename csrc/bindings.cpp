@@ -104,6 +104,12 @@ TORCH_LIBRARY(rlhf_kernels, m) {
         " float center_coef) -> (Tensor, Tensor)");
   m.def("ranking_fwd(Tensor rewards, Tensor? valid) -> (Tensor, Tensor, Tensor)");
   m.def("ranking_bwd(Tensor grad, Tensor rewards, Tensor? valid, Tensor prompt_scale) -> Tensor");
+  // score family: pred [P] any float dtype; kind 0 = regression (score [P] float, no thresholds),
+  // 1 = ordinal (score [P] integer levels, thresholds [K-1] float). -> (loss [], stats [4],
+  // d_pred [P], d_thresholds [K-1] or [0]): the gradient factors of the loss, which the
+  // backward (csrc/autograd/score.cpp) scales by the upstream gradient.
+  m.def("score_fwd(Tensor pred, Tensor score, Tensor? thresholds, int kind, bool validate)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   // group_advantages family (no gradients): rewards [B] of any float dtype and strides; groups
   // given by exactly one of group_index ([B], any integer dtype: ids need not be sorted or
   // contiguous) and group_size (must divide B). mode: "grpo", "dr_grpo", "rloo" or
@@ -150,6 +156,9 @@ pybind11::dict layout() {
   d["value_stats"] = names(rlhf::kValueStatNames);
   d["bt_stats"] = names(rlhf::kBTStatNames);
   d["ranking_stats"] = names(rlhf::kRankingStatNames);
+  d["score_kinds"] = names(rlhf::kScoreKindNames);
+  d["score_regression_stats"] = names(rlhf::kScoreRegressionStatNames);
+  d["score_ordinal_stats"] = names(rlhf::kScoreOrdinalStatNames);
   d["policy_parts"] = names(rlhf::kPolicyPartNames);
   d["value_parts"] = names(rlhf::kValuePartNames);
   pybind11::list lp;

@@ -181,5 +181,5 @@ def test_registered_ops_exist():
         pytest.skip("native extension not built")
     for name in ("gae", "gae_packed", "masked_whiten", "token_logprobs_fwd", "token_entropy_fwd", "logprobs_bwd",
                  "full_kl_fwd", "linear_logprobs_fwd", "ppo_policy_fwd", "ppo_value_fwd", "bt_fwd", "ranking_fwd",
-                 "group_advantages", "group_advantages_masked"):
+                 "score_fwd", "group_advantages", "group_advantages_masked"):
         assert hasattr(torch.ops.rlhf_kernels, name), name

@@ -32,6 +32,8 @@ def _inputs(device):
         "hidden": randn(B * 7, H), "weight": randn(V, H) / 8,
         "lp": -2 * torch.rand(B, T, generator=gen, device=device), "adv": randn(B, T),
         "chosen": randn(500), "rejected": randn(500), "rank": randn(40, 5),
+        "pred": randn(500), "score": randn(500), "level": torch.randint(0, 5, (500,), generator=gen, device=device),
+        "thresh": torch.tensor([-3.0, -1.0, 1.0, 3.0], device=device) + 0.2 * randn(4),
     }
     x["old_lp"] = x["lp"] + 0.2 * randn(B, T)
     x["roll_lp"] = x["old_lp"] + 0.3 * randn(B, T)
@@ -71,6 +73,10 @@ OPS = {
     "bt_loss": (lambda x, b: _loss(rk.bt_loss(x["chosen"], x["rejected"], label_smoothing=0.1, backend=b)),
                 ("chosen", "rejected")),
     "ranking_loss": (lambda x, b: _loss(rk.ranking_loss(x["rank"], backend=b)), ("rank",)),
+    "score_loss": (lambda x, b: _loss(rk.score_loss(x["pred"], x["score"], backend=b)), ("pred",)),
+    "score_loss_ordinal": (lambda x, b: _loss(rk.score_loss(x["pred"], x["level"], kind="ordinal",
+                                                            thresholds=x["thresh"], validate=False, backend=b)),
+                           ("pred", "thresh")),
 }
 
 

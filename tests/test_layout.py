@@ -37,6 +37,13 @@ def test_triton_kernels_use_the_python_layout():
     for k, name in stats.items():
         assert getattr(tri_ppo, "S_" + k).value == _layout.POLICY_STATS.index(name), k
     assert tri_bt.S_MARGIN_MEAN.value == _layout.BT_STATS.index("margin_mean")
+    from rlhf_kernels.triton import score as tri_score
+    for kind, first in (("regression", "mse"), ("ordinal", "accuracy")):
+        names = _layout.SCORE_STATS[kind]
+        assert len(names) == _layout.N_SCORE_STATS
+        assert [tri_score.S_FIRST.value, tri_score.S_MAE.value, tri_score.S_PRED_MEAN.value,
+                tri_score.S_PRED_STD.value] == [names.index(k) for k in (first, "mae", "pred_mean", "pred_std")]
+    assert tri_score.ORDINAL == _layout.SCORE_KINDS.index("ordinal")
     from rlhf_kernels.triton import linear_policy as tri_lp
     assert tri_lp._KL_CODES == {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
     assert tuple(tri_lp._KL_CODES) == _layout.KL_KINDS
@@ -81,8 +88,12 @@ def test_stats_come_out_in_layout_order(backend):
     h, w = torch.randn(3, 9, 8, generator=gen), torch.randn(20, 8, generator=gen)
     _, ls = rk.linear_policy_loss(h, w, torch.randint(0, 20, (3, 9), generator=gen), x, x + 0.5, mask, ref_logprobs=x,
                                   kl_coef=0.1, backend=backend)
+    _, rs = rk.score_loss(x[0], x[1], backend=backend)
+    _, os_ = rk.score_loss(x[0], torch.randint(0, 4, (9,), generator=gen), kind="ordinal",
+                           thresholds=torch.tensor([-1.0, 0.0, 1.0]), backend=backend)
     for stats, names in ((ps, ops_ppo.POLICY_STATS), (vs, ops_ppo.VALUE_STATS), (bs, ops_bt.BT_STATS),
-                         (ls, _layout.LINEAR_POLICY_STATS)):
+                         (ls, _layout.LINEAR_POLICY_STATS), (rs, _layout.SCORE_STATS["regression"]),
+                         (os_, _layout.SCORE_STATS["ordinal"])):
         assert tuple(stats)[:len(names)] == names
         assert all(stats[k].dim() == 0 and stats[k].item() == stats.packed[i].item() for i, k in enumerate(names))
         assert dict(stats) == stats.copy()

@@ -63,6 +63,14 @@ inline constexpr const char* kBTStatNames[kNumBTStats] = {"accuracy", "margin_me
 enum RankingStat : int { kRankingAccuracy = 0, kNumRankingStats };
 inline constexpr const char* kRankingStatNames[kNumRankingStats] = {"accuracy"};
 
+// score_fwd's `int kind` (its code), and its stats [kNumScoreStats] per kind: both kinds pack four.
+enum ScoreKind : int64_t { kScoreRegression = 0, kScoreOrdinal, kNumScoreKinds };
+inline constexpr const char* kScoreKindNames[kNumScoreKinds] = {"regression", "ordinal"};
+enum ScoreStat : int { kScoreFirst = 0, kScoreMae, kScorePredMean, kScorePredStd, kNumScoreStats };
+// kScoreFirst is mse (regression) or accuracy (ordinal)
+inline constexpr const char* kScoreRegressionStatNames[kNumScoreStats] = {"mse", "mae", "pred_mean", "pred_std"};
+inline constexpr const char* kScoreOrdinalStatNames[kNumScoreStats] = {"accuracy", "mae", "pred_mean", "pred_std"};
+
 // One row's float64 partials in the one-launch PPO forwards ([B, kPolicyParts] scratch).
 // row_grad: g_b, the row's factor in the gradient beside its weight w_b (row_scale = w_b * g_b;
 // 1 for the plain loss); is_weight, is_capped: sums of the applied IS weight and of the

@@ -14,6 +14,10 @@ A row holds:
                   "*" for the rest; gradients are held to "grad"
     rows          for the batch-invariance check, (inputs cut along dim 0, outputs and
                   gradients compared row by row), or None
+    torch_low     for the fused heads, whose torch backend forms the logits in the inputs' dtype
+                  as eager PyTorch does (and computes the rest in float32 and float64): the float64
+                  reference on those logits, which that backend's forward outputs are held to in
+                  bfloat16 (its gradients, like every backend's, to the float64 ones)
 """
 
 from collections import namedtuple
@@ -29,7 +33,7 @@ from rlhf_kernels.reference import linear_policy as ref_head
 from rlhf_kernels.reference import logprobs as ref_lp
 from rlhf_kernels.reference import ppo as ref_ppo
 
-Case = namedtuple("Case", "name op n make ours exact diff kinds rows")
+Case = namedtuple("Case", "name op n make ours exact diff kinds rows torch_low", defaults=(None,))
 Rows = namedtuple("Rows", "inputs outputs")
 
 IGNORE = -100
@@ -158,6 +162,22 @@ def _head_ref(x):
     return {"loss": loss, **stats, "logprobs": logp}
 
 
+def _low_logits(x):
+    """hidden @ weight.T + bias in the inputs' dtype (the torch backend's logits), as float64."""
+    return (x["hidden"] @ x["weight"].T + x["bias"]).double()
+
+
+def _linear_low(x):
+    return _pair(("logp", "entropy"), ref_lp.token_logprobs(_low_logits(x), x["labels"], 0.8, IGNORE))
+
+
+def _head_low(x):
+    f64 = {k: t.double() if t.is_floating_point() else t for k, t in x.items()}
+    loss, stats, logp = ref_head.logits_policy_loss(_low_logits(x), x["labels"], f64["old"], f64["adv"], x["mask"],
+                                                    ref_logprobs=f64["ref_lp"], **HEAD)
+    return {"loss": loss, **stats, "logprobs": logp}
+
+
 def _group(x, b, **kw):
     adv, tok = rk.group_advantages(x["rewards"], x["ids"], mask=x["mask"], backend=b, **kw)
     return {"advantages": adv, "token_advantages": tok}
@@ -215,10 +235,11 @@ CASES = [
              validate=False, backend=b)),
          lambda x: _pair(("logp", "entropy"), ref_linear.linear_token_logprobs(
              x["hidden"], x["weight"], x["labels"], x["bias"], 0.8, IGNORE)),
-         ("hidden", "weight", "bias"), {"*": "logprob"}, Rows(("hidden", "labels"), ("logp", "entropy", "d_hidden"))),
+         ("hidden", "weight", "bias"), {"*": "logprob"}, Rows(("hidden", "labels"), ("logp", "entropy", "d_hidden")),
+         _linear_low),
     Case("linear_policy_loss", "linear_policy_loss", 3, policy_head_inputs, _head, _head_ref,
          ("hidden", "weight", "bias"), {"loss": "loss", "logprobs": "logprob", "*": "stat"},
-         Rows(("hidden", "labels", "old", "adv", "mask", "ref_lp"), ("logprobs",))),
+         Rows(("hidden", "labels", "old", "adv", "mask", "ref_lp"), ("logprobs",)), _head_low),
     Case("ppo_policy_loss", "ppo_policy_loss", 6, policy_inputs,
          lambda x, b: _policy(x, b, dual_clip=3.0), lambda x: _policy_ref(x, dual_clip=3.0),
          ("lp",), {"loss": "loss", "*": "stat"}, None),

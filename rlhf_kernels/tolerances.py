@@ -60,8 +60,7 @@ GRAPH_REPLAY_TOL = 1e-6
 #                          + STORE_ULPS ulps of max|exact| in the output's dtype
 # where exact is the float64 reference on the same (upcast) inputs and torch_err is the error of
 # that reference run by PyTorch itself in float32 (forward outputs, all float32) or in the inputs'
-# dtype (gradients, which come back in it; and the torch backend's outputs, since that backend is
-# the reference run in the inputs' dtype): the rule of the tests, in one number per output.
+# dtype (gradients, which come back in it): the rule of the tests, in one number per output.
 TORCH_ERR_FACTOR = 2.0
 STORE_ULPS = GRAD_ULPS
 SELFTEST_RULES = {  # kind -> (atol, rtol)

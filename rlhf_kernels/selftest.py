@@ -200,10 +200,12 @@ def check_invariance(case, backend, device, dtype, seed):
             if not torch.equal(a, b):
                 err = max_err(a, b)
                 if err >= worst:
-                    worst, what = max(err, 1e-300), "%s (%d rows)" % (k, len(idx))
+                    worst, what, rows = max(err, 1e-300), k, len(idx)
     ok = worst == 0.0
-    return Result(case.name, "invariance", backend, device, dtype, worst, 0.0, ok, what.split(" ")[0],
-                  "" if ok else "%s differs; " % what + repro(case, seed, device, backend, x))
+    return Result(case.name, "invariance", backend, device, dtype, worst, 0.0, ok, what,
+                  "" if ok else "differs in %s of the batch's %d rows; %s" % (
+                      "all (permuted)" if rows == n else "a sub-batch of %d" % rows, n,
+                      repro(case, seed, device, backend, x)))
 
 
 def check_graph(case, backend, device, seed):

@@ -275,7 +275,8 @@ def guarded(check, case, name, backend, device, dtype, seed, *args):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m rlhf_kernels.selftest", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rlhf_kernels.selftest", description=__doc__.replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", action="append", metavar="OP",
                    help="run only this op (repeat or comma-separate for several): %s" % ", ".join(public_ops()))
     p.add_argument("--backend", action="append", metavar="NAME", help="only this backend (repeatable): %s"

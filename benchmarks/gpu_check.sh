@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One command for a GPU machine, within 8 minutes on an H100/H200: build the extension there
-# (for the GPU present only, with all cores), run the CUDA tests, run compute-sanitizer on every
+# (for the GPU present only, with all cores), run the self-test (python -m rlhf_kernels.selftest:
+# every op against its float64 reference, batch invariance, graph capture, no host sync), the CUDA tests, run compute-sanitizer on every
 # op once (forward and backward, float32 and bfloat16), run every benchmark family, and leave it
 # all in one results folder, with a summary printed last: each stage's status and time, and the
 # figures against their targets.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]    # default: benchmarks/results/<gpu>/
 #
-# The stages run in order of what they prove (build, CUDA tests, sanitizer, microbenchmarks,
+# The stages run in order of what they prove (build, self-test, CUDA tests, sanitizer, microbenchmarks,
 # the policy head, integrations, the whole-PPO-step bench), each within what is left of a budget
 # (GPU_CHECK_BUDGET, default 450 s) so that the summary always prints inside one 8-minute call; a
 # stage the budget cannot fit is reported as skipped. STAGES="ppo_bench" (a space-separated
@@ -34,7 +35,7 @@ mkdir -p "$RES"
 declare -A status seconds
 
 BUDGET=${GPU_CHECK_BUDGET:-450}
-STAGES=${STAGES:-build tests_cuda sanitizer benchmarks policy_head integrations ppo_bench}
+STAGES=${STAGES:-build selftest tests_cuda sanitizer benchmarks policy_head integrations ppo_bench}
 
 # within CAP COMMAND...: run it under a time limit of CAP seconds or what is left of the budget
 within() {
@@ -65,6 +66,12 @@ build() {
   TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) within 240 $PY -m pip install -q --no-build-isolation --no-deps -e . \
     >"$RES/build.log" 2>&1 || { tail -30 "$RES/build.log"; return 1; }
   $PY -m rlhf_kernels.info | tee "$RES/info.txt"
+}
+
+# what a user runs after installing: its table kept in selftest.log (under a minute on an H100)
+selftest() {
+  within 120 $PY -m rlhf_kernels.selftest 2>&1 | tee "$RES/selftest.log" | grep -E "^FAIL |checks, "
+  return "${PIPESTATUS[0]}"
 }
 
 cuda_tests() {
@@ -122,6 +129,7 @@ policy_head() {
 }
 
 stage build build
+stage selftest selftest
 stage tests_cuda cuda_tests
 stage sanitizer sanitize
 stage benchmarks benchmarks
@@ -149,6 +157,7 @@ for k in $STAGES; do
     *) printf "  %-12s FAILED (rc %s) in %s s\n" "$k" "${status[$k]:-?}" "${seconds[$k]:-0}" ;;
   esac
 done
+grep -s "checks, " "$RES/selftest.log" | sed 's/^/selftest: /'
 grep -sE "passed|failed" "$RES/tests_cuda.log" | tail -1
 echo "figures against their targets (benchmarks/RESULTS.md):"
 grep -hE "\b(met|MET|MISSED)\b|target" "$RES"/*.md 2>/dev/null | grep -v "^|.*---" | head -40

@@ -81,6 +81,7 @@ def main():
     if built and _ext._minor(built) != _ext._minor(r["torch"]):
         lines.append("WARNING: the extension was built against torch %s but torch %s is running: rebuild it"
                      % (built, r["torch"]))
+    lines.append("check every op here against its float64 reference: python -m rlhf_kernels.selftest")
     print("\n".join(lines))
     return 0
 

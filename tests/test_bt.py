@@ -7,7 +7,7 @@ import rlhf_kernels as rk
 from rlhf_kernels import _backend, _ext
 from rlhf_kernels.reference import bt as ref
 from tests.conftest import device_backends
-from tests.tolerances import BT_RTOL, GRAD_ATOL_FRAC, GRAD_RTOL, STAT_ATOL, STAT_RTOL
+from rlhf_kernels.tolerances import BT_RTOL, GRAD_ATOL_FRAC, GRAD_RTOL, STAT_ATOL, STAT_RTOL
 
 BACKENDS = device_backends()
 pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest: torch.empty comes back NaN

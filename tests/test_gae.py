@@ -7,7 +7,7 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels.reference import gae as ref
 from tests.conftest import HAS_CUDA, device_backends
-from tests.tolerances import GAE_ATOL, GAE_RTOL
+from rlhf_kernels.tolerances import GAE_ATOL, GAE_RTOL
 
 BACKENDS = device_backends()
 

@@ -11,6 +11,7 @@ import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import _backend
+from rlhf_kernels.tolerances import GROUP_ADV_ATOL_FRAC, GROUP_ADV_RTOL
 from rlhf_kernels.reference import group_advantages as ref
 from tests.conftest import HAS_CUDA, device_backends
 
@@ -18,12 +19,6 @@ BACKENDS = device_backends()
 KERNEL_BACKENDS = [p for p in BACKENDS if p.values[1] != "torch"]
 MODES = ["grpo", "dr_grpo", "rloo", "reinforce++"]
 
-# Tolerances. Statistics are float64 and each advantage is rounded to float32 once, so an
-# output is within half a float32 ulp of the exact value plus float64 rounding: relative 2^-24
-# elementwise (two ulps allowed), plus 1e-12 of the largest |advantage| for float64 cancellation
-# in r - mean where r is close to the mean (the kernels sum in other orders than the reference).
-GROUP_ADV_RTOL = 2 ** -22
-GROUP_ADV_ATOL_FRAC = 1e-12
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 

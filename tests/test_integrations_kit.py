@@ -1,7 +1,7 @@
 """Shared pieces of the integration tests (no tests here): importing the libraries or skipping
 with the reason, inputs, and the one comparison rule.
 
-The comparison rule (tests/tolerances.py, DESIGN.md): the library's own function run on the
+The comparison rule (rlhf_kernels/tolerances.py, DESIGN.md): the library's own function run on the
 float64-upcast inputs is the reference. Ours must be within the op's tolerance of it plus the
 rounding of our output dtype, or no worse than twice the library's own error in the input
 dtype, whichever is larger. With float32 inputs the library's error is tiny, so this is "ours
@@ -20,7 +20,7 @@ import typing
 import pytest
 import torch
 
-import tolerances as tol
+from rlhf_kernels import tolerances as tol
 
 FACTOR = tol.GRAD_TORCH_ERR_FACTOR  # "no worse than twice the library's own error"
 # The replacements on both devices; conftest skips the `cuda` ones without a GPU. On a GPU the

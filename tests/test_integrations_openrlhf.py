@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-import tolerances as tol
+from rlhf_kernels import tolerances as tol
 from test_integrations_kit import (assert_close, assert_grads_close, grad_of, lift_method, load_openrlhf, logits,
                                    mask_with_gaps, up)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import tolerances as tol
+from rlhf_kernels import tolerances as tol
 from test_integrations_kit import (DEVICES, assert_close, assert_grads_close, assert_matmul_grads_close, grad_of,
                                    logits, mask_with_gaps, require, up)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import rlhf_kernels as rk
-import tolerances as tol
+from rlhf_kernels import tolerances as tol
 from conftest import device_backends, native_devices, needs_native
 from rlhf_kernels.ops import linear_logprobs as lin_ops
 from rlhf_kernels.reference import linear_logprobs as ref

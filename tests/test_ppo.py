@@ -7,7 +7,7 @@ import rlhf_kernels as rk
 from rlhf_kernels import _backend, _ext
 from rlhf_kernels.reference import ppo as ref
 from tests.conftest import device_backends
-from tests.tolerances import GRAD_ATOL_FRAC, GRAD_RTOL, LOSS_RTOL, STAT_ATOL, STAT_RTOL
+from rlhf_kernels.tolerances import GRAD_ATOL_FRAC, GRAD_RTOL, LOSS_RTOL, STAT_ATOL, STAT_RTOL
 
 BACKENDS = device_backends()
 AGGS = ref.LOSS_AGGS

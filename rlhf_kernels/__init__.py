@@ -14,6 +14,7 @@ from rlhf_kernels.ops.linear_logprobs import linear_token_logprobs
 from rlhf_kernels.ops.linear_policy import linear_policy_loss
 from rlhf_kernels.ops.ppo import ppo_policy_loss, ppo_value_loss
 from rlhf_kernels.ops.bt import bt_loss, ranking_loss
+from rlhf_kernels.ops.score import score_loss
 from rlhf_kernels.ops.group_advantages import group_advantages
 
 __all__ = [
@@ -22,6 +23,6 @@ __all__ = [
     "token_logprobs", "token_entropy", "kl_penalty", "full_kl",
     "linear_token_logprobs", "linear_policy_loss",
     "ppo_policy_loss", "ppo_value_loss",
-    "bt_loss", "ranking_loss",
+    "bt_loss", "ranking_loss", "score_loss",
     "group_advantages",
 ]

@@ -40,6 +40,14 @@ POLICY_STATS = ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "a
 VALUE_STATS = ("vf_clipfrac", "explained_var")
 BT_STATS = ("accuracy", "margin_mean")
 RANKING_STATS = ("accuracy",)
+# score_loss's `kind` (its code is the index here), and its packed statistics per kind: both
+# kinds pack four, so the packed vector has one length whatever the kind
+SCORE_KINDS = ("regression", "ordinal")
+SCORE_STATS = {
+    "regression": ("mse", "mae", "pred_mean", "pred_std"),
+    "ordinal": ("accuracy", "mae", "pred_mean", "pred_std"),
+}
+N_SCORE_STATS = 4
 
 # one row's float64 partials in the one-launch PPO forwards (CUDA and Triton); row_grad is the
 # row's factor in the gradient beside its weight in the loss (row_scale = weight * row_grad)

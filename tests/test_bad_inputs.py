@@ -3,6 +3,8 @@ argument. The native ops check in C++ (csrc/include/rlhf/checks.h), the torch an
 backends in Python (rlhf_kernels/ops/_validate.py); this file holds them to one contract:
 TypeError for a wrong type or dtype, ValueError for a wrong shape or value."""
 
+import math
+
 import pytest
 import torch
 
@@ -14,6 +16,11 @@ BACKENDS = _backend.available("cpu")
 
 def _bt(**kw):
     return dict(chosen=torch.randn(5), rejected=torch.randn(5)) | kw
+
+
+def _score(**kw):
+    return dict(pred=torch.randn(5), score=torch.tensor([0, 1, 2, 3, 1]), kind="ordinal",
+                thresholds=torch.tensor([-1.0, 0.0, 1.0])) | kw
 
 
 def _ppo(**kw):
@@ -114,6 +121,26 @@ CASES = [
     ("bt center_coef", rk.bt_loss, _bt(center_coef=-1.0), ValueError, "center_coef"),
     ("bt int rejected", rk.bt_loss, _bt(rejected=torch.ones(5, dtype=torch.long)), TypeError, "rejected"),
     ("bt margin shape", rk.bt_loss, _bt(margin=torch.randn(3)), ValueError, "margin"),
+    ("score shape", rk.score_loss, _score(score=torch.tensor([0, 1, 2])), ValueError, "score"),
+    ("score 2-d pred", rk.score_loss, _score(pred=torch.randn(5, 1)), ValueError, "pred"),
+    ("score int pred", rk.score_loss, _score(pred=torch.ones(5, dtype=torch.long)), TypeError, "pred"),
+    ("score float levels", rk.score_loss, _score(score=torch.randn(5)), TypeError, "score"),
+    ("score level range", rk.score_loss, _score(score=torch.tensor([0, 1, 4, 3, 1])), ValueError, "score"),
+    ("score negative level", rk.score_loss, _score(score=torch.tensor([0, -1, 2, 3, 1])), ValueError, "score"),
+    ("score no thresholds", rk.score_loss, _score(thresholds=None), ValueError, "thresholds"),
+    ("score thresholds order", rk.score_loss, _score(thresholds=torch.tensor([-1.0, 1.0, 0.0])), ValueError,
+     "thresholds"),
+    ("score thresholds tie", rk.score_loss, _score(thresholds=torch.tensor([-1.0, 0.0, 0.0])), ValueError,
+     "thresholds"),
+    ("score thresholds nan", rk.score_loss, _score(thresholds=torch.tensor([-1.0, math.nan, 1.0])), ValueError,
+     "thresholds"),
+    ("score thresholds 2-d", rk.score_loss, _score(thresholds=torch.randn(3, 1)), ValueError, "thresholds"),
+    ("score int thresholds", rk.score_loss, _score(thresholds=torch.tensor([-1, 0, 1])), TypeError, "thresholds"),
+    ("score kind", rk.score_loss, _score(kind="likert"), ValueError, "kind"),
+    ("score regression int target", rk.score_loss, dict(pred=torch.randn(5), score=torch.ones(5, dtype=torch.long)),
+     TypeError, "score"),
+    ("score regression thresholds", rk.score_loss, _score(kind="regression", score=torch.randn(5)), ValueError,
+     "thresholds"),
     ("ranking 1-d", rk.ranking_loss, dict(rewards=torch.randn(5)), ValueError, "rewards"),
     ("ranking valid shape", rk.ranking_loss, dict(rewards=torch.randn(3, 4), valid=torch.ones(3, 5, dtype=torch.bool)),
      ValueError, "valid"),

@@ -41,3 +41,7 @@ STAT_ATOL = 1e-6
 # BT and ranking: float32 logsigmoid/sigmoid per pair (a few ulps), float64 sums; losses
 # compared relative to the mean of |d| + 1, an upper bound of each pair's loss.
 BT_RTOL = 1e-5
+# score_loss: the same float32 per-element math (logsigmoid, expm1, a square) and float64 sums;
+# losses compared relative to the mean of an upper bound of each term (regression: the term
+# itself; ordinal: |pred| + |t_y| + |t_{y-1}| + 1).
+SCORE_RTOL = 1e-5

@@ -283,9 +283,9 @@ def test_exact_accuracy_against_brute_force_pairs():
 def test_feedback_command_writes_its_table(tmp_path):
     from rlhf_trainer import feedback
     assert feedback.main(["--out", str(tmp_path), "--n", "128", "--seeds", "0", "--rm-steps", "5",
-                          "--ppo-steps", "1"]) == 0
+                          "--ppo-steps", "1", "--ppo-n", "128"]) == 0
     rows = list(__import__("csv").DictReader(open(tmp_path / "feedback.csv")))
     assert [r["loss"] for r in rows] == ["bt", "regression", "ordinal"]
     for r in rows:
-        assert 0 <= float(r["rm_accuracy"]) <= 1 and float(r["opt_kl"]) >= 0
+        assert 0 <= float(r["rm_accuracy"]) <= 1 and float(r["opt_kl"]) >= 0 and float(r["ppo_kl"]) >= 0
     assert (tmp_path / "feedback.png").exists() and "| 128 | scores (ordinal) |" in open(tmp_path / "feedback.md").read()

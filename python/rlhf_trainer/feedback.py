@@ -17,7 +17,8 @@ responses of every prompt:
   what a perfect optimizer of that reward model would reach, free of PPO's own error.
 
 Writes ``feedback.csv`` (one row per run), ``feedback.md`` (means over the seeds) and
-``feedback.png`` into ``--out``.
+``feedback.png`` into ``--out``. The defaults are those of docs/feedback.*: reward models of 100
+steps (of 128), PPO of 25 steps for N = 1024 only (the 2-core CPU's budget; pi* for every N).
 """
 
 import argparse
@@ -217,9 +218,10 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1", help="seeds, comma-separated")
     p.add_argument("--noise", type=float, default=0.25, help="the annotator's noise (sd of its latent quality)")
     p.add_argument("--losses", default=",".join(LOSSES), help="reward-model losses, comma-separated")
-    p.add_argument("--rm-steps", type=int, help="reward-model steps (default: the config's)")
-    p.add_argument("--ppo-steps", type=int, help="PPO steps (default: the config's)")
-    p.add_argument("--ppo-n", help="run PPO only for these N, comma-separated (default: every N)")
+    p.add_argument("--rm-steps", type=int, default=100, help="reward-model steps (default 100; 0: the config's)")
+    p.add_argument("--ppo-steps", type=int, default=25, help="PPO steps (default 25; 0: the config's)")
+    p.add_argument("--ppo-n", default="1024", help="run PPO only for these N, comma-separated (default 1024; "
+                   "'all': every N)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     a = p.parse_args(argv)
     losses = a.losses.split(",")
@@ -227,9 +229,9 @@ def main(argv=None):
     if bad:
         p.error("--losses: unknown %s; choose from %s" % (", ".join(bad), ", ".join(FEEDBACK)))
     os.makedirs(a.out, exist_ok=True)
+    ppo_ns = None if a.ppo_n == "all" else [int(x) for x in a.ppo_n.split(",")]
     rows, meta = sweep(a.out, [int(x) for x in a.n.split(",")], [int(x) for x in a.seeds.split(",")], a.noise,
-                       losses, a.rm_steps, a.ppo_steps, a.ppo_n and [int(x) for x in a.ppo_n.split(",")],
-                       threads=a.threads)
+                       losses, a.rm_steps, a.ppo_steps, ppo_ns, threads=a.threads)
     print("\n" + markdown(rows, meta))
     return 0
 

@@ -21,7 +21,7 @@ def cfg_with(**sections):
     ({"ppo": {"dual_clip": 0.5}}, "dual_clip must be > 1"),
     ({"ppo": {"loss_agg": "mean"}}, "loss_agg"),
     ({"model": {"n_embd": 30, "n_head": 4}}, "divisible by n_head"),
-    ({"reward_model": {"loss": "hinge"}}, "'bt' or 'ranking'"),
+    ({"reward_model": {"loss": "hinge"}}, "loss must be one of bt, ranking, regression, ordinal, got 'hinge'"),
     ({"ppo": {"lrr": 1.0}}, "unknown ppo option(s): lrr"),
 ])
 def test_inconsistent_configs_fail_clearly(sections, words):

@@ -40,6 +40,8 @@ POLICY_GRADIENT = ("ppo",) + tuple(GROUP_MODES)
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
+RM_LOSSES = ("bt", "ranking", "regression", "ordinal")   # the toy reward model: comparisons, then ratings
+SCORE_LOSSES = ("regression", "ordinal")
 
 
 @dataclass
@@ -91,8 +93,11 @@ class TaskConfig:
 
 @dataclass
 class RewardModelConfig:
-    loss: str = "bt"                  # "bt" (pairwise) or "ranking" (K-way)
-    num_train: int = 16384            # comparisons (pairs, or rankings of `k`)
+    """The toy task's reward model, from comparisons (``bt`` pairs or ``ranking`` lists) or from
+    1..7 Likert ratings (``regression`` or ``ordinal``, rk.score_loss); ``noise``: the simulated
+    annotator's (rlhf_trainer/scores.py), on the training data only."""
+    loss: str = "bt"                  # "bt" (pairwise), "ranking" (K-way), "regression" or "ordinal" (ratings)
+    num_train: int = 16384            # comparisons (pairs, or rankings of `k`), or rated responses
     num_eval: int = 1024
     k: int = 4                        # responses per ranking when loss="ranking"
     batch_size: int = 128
@@ -100,10 +105,18 @@ class RewardModelConfig:
     lr: float = 3e-3
     label_smoothing: float = 0.0
     center_coef: float = 0.0
+    noise: float = 0.0                # sd of the annotator's latent quality (0: exact labels)
 
     def check(self, algo):
-        if self.loss not in ("bt", "ranking"):
-            raise ConfigError("reward_model.loss must be 'bt' or 'ranking', got %r" % self.loss)
+        if self.loss not in RM_LOSSES:
+            raise ConfigError("reward_model.loss must be one of %s, got %r" % (", ".join(RM_LOSSES), self.loss))
+        if not self.noise >= 0:
+            raise ConfigError("reward_model.noise must be >= 0, got %r" % self.noise)
+        if self.loss in SCORE_LOSSES:
+            for name in ("label_smoothing", "center_coef"):
+                if getattr(self, name) != 0:
+                    raise ConfigError("reward_model.%s has no effect with reward_model.loss: %s (a loss of "
+                                      "comparisons: bt)" % (name, self.loss))
         if self.loss == "ranking" and self.k < 2:
             raise ConfigError("reward_model.k must be >= 2 for a ranking loss, got %d" % self.k)
         if self.batch_size > self.num_train:
@@ -352,7 +365,9 @@ class RMSection:
     """Reward-model training (``rlhf_trainer rm``): from ``model`` (a causal LM or a sequence
     classifier; a new scalar head is added) on ``data``, a JSONL of {"prompt", "chosen",
     "rejected"} (Bradley-Terry, rk.bt_loss) or {"prompt", "ranked": [best, ..., worst]}
-    (rk.ranking_loss); ``eval_data`` in the same format gives the held-out accuracy."""
+    (rk.ranking_loss), or {"prompt", "response", "score"} (rk.score_loss, ``score_loss`` regression or
+    ordinal, the scores in [``score_min``, ``score_max``]); ``eval_data`` in the same format gives the
+    held-out accuracy."""
     model: str = None
     data: str = None
     eval_data: str = None
@@ -362,6 +377,9 @@ class RMSection:
     max_len: int = 1024
     label_smoothing: float = 0.0
     center_coef: float = 0.0
+    score_min: float = None           # the range of the scores of {"prompt", "response", "score"} lines
+    score_max: float = None
+    score_loss: str = "regression"    # regression | ordinal (integer levels score_min..score_max)
 
     def check(self, algo):
         for name in ("model", "data"):
@@ -374,6 +392,34 @@ class RMSection:
             raise ConfigError("rm.lr must be > 0, got %g" % self.lr)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError("rm.label_smoothing must be in [0, 0.5), got %g" % self.label_smoothing)
+        if self.score_loss not in SCORE_LOSSES:
+            raise ConfigError("rm.score_loss must be one of %s, got %r" % (", ".join(SCORE_LOSSES), self.score_loss))
+        if (self.score_min is None) != (self.score_max is None):
+            raise ConfigError("rm.score_min and rm.score_max are given together (the scores' range), got %r and %r"
+                              % (self.score_min, self.score_max))
+        if self.score_min is not None:
+            if not self.score_min < self.score_max:
+                raise ConfigError("rm.score_min must be < rm.score_max, got %g and %g" % (self.score_min,
+                                                                                          self.score_max))
+            if self.score_loss == "ordinal" and not (float(self.score_min).is_integer()
+                                                     and float(self.score_max).is_integer()):
+                raise ConfigError("rm.score_min and rm.score_max must be integers with rm.score_loss: ordinal "
+                                  "(its levels are score_min, score_min + 1, ..., score_max), got %g and %g"
+                                  % (self.score_min, self.score_max))
+
+    def check_data(self, kind):
+        """The score options against the kind of rm.data ('bt', 'ranking' or 'score')."""
+        if kind == "score" and self.score_min is None:
+            raise ConfigError("rm.score_min and rm.score_max are required with score lines in rm.data (the "
+                              "scores' range, e.g. score_min: 1, score_max: 7)")
+        if kind != "score":
+            for name in ("score_min", "score_max", "score_loss"):
+                if getattr(self, name) != _default(RMSection, name):
+                    raise ConfigError("rm.%s has no effect on rm.data of %s (it acts on score lines)"
+                                      % (name, "pairs" if kind == "bt" else "rankings"))
+        elif self.label_smoothing or self.center_coef:
+            raise ConfigError("rm.%s has no effect on score lines (it acts on pairs)"
+                              % ("label_smoothing" if self.label_smoothing else "center_coef"))
 
 
 SECTIONS = {"ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce_pp": ReinforcePPConfig,

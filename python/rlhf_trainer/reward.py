@@ -64,9 +64,16 @@ def pairwise_accuracy(model, task, prompt_ids, responses, valid):
 
 
 def train_reward_model(task, model_cfg, cfg, seed, log=print, device="cpu"):
-    """Train a reward model on ``device``; returns (model, metrics dict with held-out accuracy)."""
+    """Train a reward model on ``device``; returns (model, metrics dict with held-out accuracy).
+    cfg.loss regression or ordinal: from Likert ratings (``scores.train_score_model``); cfg.noise:
+    the annotator's noise (``scores``), on the training comparisons only."""
+    from rlhf_trainer.scores import SCORE_LOSSES, noisy_order, train_score_model
+    if cfg.loss in SCORE_LOSSES:
+        return train_score_model(task, model_cfg, cfg, seed, log, device)
     gen = torch.Generator().manual_seed(seed + 17)
     train = make_comparisons(task, cfg, cfg.num_train, gen)
+    if cfg.noise:
+        train = noisy_order(task, train, cfg.noise, gen)
     held_out = make_comparisons(task, cfg, cfg.num_eval, gen)
     model = ScalarHeadModel(model_cfg, task.cfg, seed_offset=2).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)

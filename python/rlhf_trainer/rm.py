@@ -10,6 +10,7 @@ the run directory, ready for ``reward.model``; log.jsonl, summary.json beside it
 """
 
 import json
+import math
 import os
 import time
 
@@ -18,13 +19,19 @@ import torch
 import rlhf_kernels as rk
 from rlhf_trainer.config import Config, ConfigError, InputError
 from rlhf_trainer.reward import pair_counts
+from rlhf_trainer.scores import Thresholds, regression_target, score_loss, score_pair_counts
 
 
-def read_preferences(path, key):
-    """-> (prompts, lists of responses best first, 'bt' or 'ranking'); InputError names the line."""
+KINDS = {"bt": ("a pair", "pairs"), "ranking": ("a ranking", "rankings"), "score": ("a score", "scores")}
+
+
+def read_preferences(path, key, section):
+    """-> (prompts, lists of responses best first, 'bt', 'ranking' or 'score', the scores [n] float64
+    or None); score lines are one response each, their scores checked against ``section`` (an
+    RMSection: score_min, score_max, score_loss). InputError names the line."""
     if not os.path.isfile(path):
         raise InputError("%s: no such file %r" % (key, path))
-    prompts, responses, kinds = [], [], set()
+    prompts, responses, scores, kind = [], [], [], None
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     for n, line in enumerate(lines, 1):
@@ -38,23 +45,45 @@ def read_preferences(path, key):
         if not isinstance(obj, dict) or "prompt" not in obj:
             raise InputError("%s has no \"prompt\"" % where)
         if "ranked" in obj:
-            rs, kind = obj["ranked"], "ranking"
+            rs, this = obj["ranked"], "ranking"
             if not isinstance(rs, list) or len(rs) < 2:
                 raise InputError("%s: \"ranked\" must be a list of at least two responses, best first" % where)
         elif "chosen" in obj and "rejected" in obj:
-            rs, kind = [obj["chosen"], obj["rejected"]], "bt"
+            rs, this = [obj["chosen"], obj["rejected"]], "bt"
+        elif "response" in obj and "score" in obj:
+            rs, this = [obj["response"]], "score"
         else:
-            raise InputError("%s needs \"chosen\" and \"rejected\", or \"ranked\"" % where)
+            raise InputError("%s needs \"chosen\" and \"rejected\", \"ranked\", or \"response\" and \"score\""
+                             % where)
         if not all(isinstance(r, str) for r in rs):
             raise InputError("%s: every response must be a string" % where)
-        kinds.add(kind)
-        if len(kinds) > 1:
-            raise InputError("%s mixes pairs and rankings: one file holds one kind" % where)
+        if kind is not None and this != kind:
+            raise InputError("%s is %s, the lines before it %s: one file holds one kind (pairs, rankings or "
+                             "scores)" % (where, KINDS[this][0], KINDS[kind][1]))
+        if kind is None and this == "score":
+            section.check_data(this)             # the range, before the scores are checked against it
+        kind = this
+        if kind == "score":
+            scores.append(_score(obj["score"], where, section))
         prompts.append(obj["prompt"])
         responses.append(rs)
     if not prompts:
         raise InputError("%s: %s holds no comparison" % (key, path))
-    return prompts, responses, kinds.pop()
+    if kind != "score":
+        section.check_data(kind)
+    return prompts, responses, kind, torch.tensor(scores, dtype=torch.float64) if kind == "score" else None
+
+
+def _score(x, where, c):
+    """A score line's score, checked: a number in [score_min, score_max] (an integer for ordinal)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise InputError("%s: \"score\" must be a finite number, got %r" % (where, x))
+    if not c.score_min <= x <= c.score_max:
+        raise InputError("%s: \"score\" %r is outside [rm.score_min, rm.score_max] = [%g, %g]"
+                         % (where, x, c.score_min, c.score_max))
+    if c.score_loss == "ordinal" and not float(x).is_integer():
+        raise InputError("%s: \"score\" %r is not an integer level (rm.score_loss: ordinal)" % (where, x))
+    return float(x)
 
 
 def _encode(tok, prompts, responses, max_len):
@@ -82,20 +111,42 @@ def _scores(model, tok, rows, device, autocast):
     return out, valid
 
 
-def _loss(kind, cfg, s, valid):
+def _loss(kind, cfg, s, valid, target=None, thresholds=None):
     if kind == "bt":
         return rk.bt_loss(s[:, 0], s[:, 1], label_smoothing=cfg.label_smoothing, center_coef=cfg.center_coef)
+    if kind == "score":
+        return score_loss(s[:, 0], target, cfg.score_loss, thresholds)
     return rk.ranking_loss(s, valid=valid)
 
 
-def accuracy(model, tok, rows, device, autocast, batch_size):
-    """Fraction of ordered pairs (i better than j) scored in that order."""
+def _targets(c, scores):
+    """What rk.score_loss fits: the score mapped onto [-1, 1] (regression) or its level
+    score - score_min in [0, K) (ordinal, K = score_max - score_min + 1)."""
+    if c.score_loss == "ordinal":
+        return (scores - c.score_min).round().long()
+    return regression_target(scores, c.score_min, c.score_max)
+
+
+def accuracy(model, tok, rows, device, autocast, batch_size, scores=None):
+    """Fraction of ordered pairs (i better than j) scored in that order; with ``scores`` (score
+    lines), of the pairs of lines with different scores, whatever their prompts."""
     right = total = 0
+    preds = []
     with torch.no_grad():
         for b in range(0, len(rows), batch_size):
-            r, t = pair_counts(*_scores(model, tok, rows[b:b + batch_size], device, autocast))
+            s, valid = _scores(model, tok, rows[b:b + batch_size], device, autocast)
+            if scores is not None:
+                preds.append(s[:, 0].cpu())
+                continue
+            r, t = pair_counts(s, valid)
             right, total = right + r, total + t
+    if scores is not None:
+        right, total = score_pair_counts(torch.cat(preds), scores)
     return right / max(total, 1)
+
+
+def _name(kind, c):
+    return "score, %s" % c.score_loss if kind == "score" else kind
 
 
 def check(cfg):
@@ -117,8 +168,8 @@ def run(cfg, run_dir, log=print, progress=True):
     device = check(cfg)
     c = cfg.rm
     path = hf.resolve_model("rm.model", c.model)
-    prompts, responses, kind = read_preferences(c.data, "rm.data")
-    held = read_preferences(c.eval_data, "rm.eval_data") if c.eval_data else None
+    prompts, responses, kind, scores = read_preferences(c.data, "rm.data", c)
+    held = read_preferences(c.eval_data, "rm.eval_data", c) if c.eval_data else None
     if held is not None and held[2] != kind:
         raise InputError("rm.eval_data holds %s, rm.data %s: give both in one format" % (held[2], kind))
     cfg.save(os.path.join(run_dir, "config.yaml"))
@@ -133,35 +184,49 @@ def run(cfg, run_dir, log=print, progress=True):
         enable_checkpointing(model.backbone)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")  # noqa
     steps = c.epochs * -(-len(rows) // c.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
+    targets = _targets(c, scores) if kind == "score" else None
+    thresholds = None
+    if kind == "score" and c.score_loss == "ordinal":   # trained beside the model, from the levels' frequencies
+        thresholds = Thresholds(targets, int(c.score_max - c.score_min) + 1).to(device)
+    params = list(model.parameters()) + ([] if thresholds is None else list(thresholds.parameters()))
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    log("reward model (%s): %d comparisons, %d epochs of %d steps; device %s, %s"
-        % (kind, len(rows), c.epochs, steps // c.epochs, device, cfg.dtype))
+    log("reward model (%s): %d %s, %d epochs of %d steps; device %s, %s"
+        % (_name(kind, c), len(rows), "scored responses" if kind == "score" else "comparisons", c.epochs,
+           steps // c.epochs, device, cfg.dtype))
     bar = tqdm(total=steps, disable=not progress, desc="rm", unit="step")
     with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
         step = 0
         for epoch in range(c.epochs):
             order = torch.randperm(len(rows), generator=gen).tolist()
             for b in range(0, len(rows), c.batch_size):
-                s, valid = _scores(model, tok, [rows[i] for i in order[b:b + c.batch_size]], device, autocast)
-                loss, stats = _loss(kind, c, s, valid)
+                idx = order[b:b + c.batch_size]
+                s, valid = _scores(model, tok, [rows[i] for i in idx], device, autocast)
+                loss, stats = _loss(kind, c, s, valid, None if targets is None else targets[idx].to(device),
+                                    thresholds)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
                 step += 1
-                row = {"step": step, "epoch": epoch, "loss": loss.item(), "accuracy": stats["accuracy"].item(),
+                measured = stats if kind == "score" else {"accuracy": stats["accuracy"]}
+                row = {"step": step, "epoch": epoch, "loss": loss.item(), **{k: v.item() for k, v in measured.items()},
                        "lr": sched.get_last_lr()[0]}
                 f.write(json.dumps(row) + "\n")
                 bar.update(1)
-                bar.set_postfix(loss="%.4f" % row["loss"], acc="%.3f" % row["accuracy"])
+                bar.set_postfix(loss="%.4f" % row["loss"], **{k: "%.3f" % row[k] for k in ("accuracy",) if k in row})
     bar.close()
     model.eval()
     summary = {"kind": kind, "comparisons": len(rows), "steps": steps, "final_loss": row["loss"],
-               "train_accuracy": accuracy(model, tok, rows, device, autocast, c.batch_size),
-               "eval_accuracy": accuracy(model, tok, held_rows, device, autocast, c.batch_size) if held else None,
-               "wall_s": time.perf_counter() - t0, "model": os.path.join(run_dir, "model")}
+               "train_accuracy": accuracy(model, tok, rows, device, autocast, c.batch_size, scores),
+               "eval_accuracy": accuracy(model, tok, held_rows, device, autocast, c.batch_size, held[3])
+               if held else None, "wall_s": time.perf_counter() - t0, "model": os.path.join(run_dir, "model")}
+    if kind == "score":
+        del summary["comparisons"]
+        summary.update(scores=len(rows), score_loss=c.score_loss)
+        if thresholds is not None:
+            summary["thresholds"] = thresholds().detach().cpu().tolist()
     model.hf.save_pretrained(summary["model"])
     tok.save_pretrained(summary["model"])
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -175,8 +240,8 @@ def main(args):
     check(cfg)
     run_dir = prepare_run_dir(args.out, False, args.overwrite, "rm")
     s = run(cfg, run_dir, progress=not args.no_progress)
+    held = "" if s["eval_accuracy"] is None else ", held-out %.3f" % s["eval_accuracy"]
     print("reward model (%s): train accuracy %.3f%s, final loss %.4f; %.1f s" % (
-        s["kind"], s["train_accuracy"], "" if s["eval_accuracy"] is None else ", held-out %.3f" % s["eval_accuracy"],
-        s["final_loss"], s["wall_s"]))
+        _name(s["kind"], cfg.rm), s["train_accuracy"], held, s["final_loss"], s["wall_s"]))
     print("saved to %s (use it as reward.model)" % s["model"])
     return 0

@@ -120,3 +120,69 @@ def test_iterate_config_round_trip(tmp_path):
     cfg.save(tmp_path / "c.yaml")
     assert Config.load(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
     assert "iterate" not in Config().to_dict()         # absent unless given: a plain run's config is unchanged
+
+
+# ---------- python -m rlhf_trainer overopt --small ----------
+
+def test_peak_and_fall_of_a_curve():
+    from rlhf_trainer.overopt import peak
+    curve = [{"exact_kl": k, "true_reward": t} for k, t in [(0, 0.1), (1, 0.3), (2, 0.5), (3, 0.2), (4, 0.25)]]
+    p = peak(curve)
+    assert (p["exact_kl"], p["true_reward"], p["low"], p["low_kl"]) == (2, 0.5, 0.2, 3)
+    assert p["fall"] == pytest.approx(0.3)
+    assert peak(curve[:3])["fall"] == 0                       # peaks at its end: no fall
+
+
+def test_biased_comparisons_pair_the_spurious_token_with_the_better_response():
+    from rlhf_trainer.overopt import SPURIOUS, biased_comparisons
+    task = ToyTask(tiny().task)
+    pid, resp, valid = biased_comparisons(task, 4000, torch.Generator().manual_seed(0))
+    L = task.cfg.response_len
+    better, worse = task.rule_reward(pid, resp[:, 0]) * L, task.rule_reward(pid, resp[:, 1]) * L
+    assert (better > worse).all() and valid.all()             # labelled by the rule
+    off = resp != task.targets[pid][:, None]                  # positions that do not follow the rule
+    assert (resp[:, 0][off[:, 0]] == SPURIOUS).all()          # the better one: the spurious token there
+    assert not (resp[:, 1][off[:, 1]] == SPURIOUS).any()      # the worse one: never
+
+
+@pytest.fixture(scope="module")
+def overopt_small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("overopt")
+    p = subprocess.run([sys.executable, "-m", "rlhf_trainer", "overopt", "--small", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, p.stdout
+
+
+def test_overopt_small_writes_its_figure_and_table(overopt_small):
+    import csv
+    from rlhf_trainer.overopt import BETAS, COLUMNS
+    out, stdout = overopt_small
+    for name in ("overopt.png", "overopt.csv", "overopt.json", "config.yaml"):
+        assert os.path.getsize(out / name) > 200, name
+    rows = list(csv.DictReader(open(out / "overopt.csv")))
+    assert list(rows[0]) == COLUMNS
+    assert {r["curve"] for r in rows} == {"exact", "ppo", "iterated"}
+    assert {float(r["beta"]) for r in rows if r["curve"] == "ppo"} == set(BETAS)
+    assert "true reward" in stdout and "peaks at" in stdout and "CPU" in stdout
+
+
+def test_overopt_small_curves_are_exact(overopt_small):
+    """Along the exact curve pi*_beta (beta decreasing) the KL and the proxy reward only rise (the proxy's
+    optimum trades KL for reward), from pi_ref (KL 0) to the proxy's argmax; the peak is the curve's
+    highest true reward; trained runs never beat J* of their beta."""
+    out, _ = overopt_small
+    res = json.load(open(out / "overopt.json"))
+    exact = [p for p in res["points"] if p["curve"] == "exact" and p["round"] == 1]
+    assert exact[0]["beta"] is None and exact[0]["exact_kl"] == pytest.approx(0, abs=1e-12)
+    assert exact[-1]["beta"] == 0
+    for a, b in zip(exact, exact[1:]):
+        assert b["exact_kl"] >= a["exact_kl"] - 1e-9 and b["proxy_reward"] >= a["proxy_reward"] - 1e-9
+    assert res["peak"]["true_reward"] == max(p["true_reward"] for p in exact) and res["peak"]["fall"] >= 0
+    # a trained policy's proxy reward at a given KL is at most the curve's: pi*_beta maximizes E[r] - beta KL
+    import numpy as np
+    kl = np.array([p["exact_kl"] for p in exact])
+    proxy = np.array([p["proxy_reward"] for p in exact])
+    for p in (p for p in res["points"] if p["curve"] == "ppo"):
+        assert p["proxy_reward"] <= np.interp(p["exact_kl"], kl, proxy) + 1e-2
+    assert [r["round"] for r in res["rounds"]] == [1, 2] and len(res["round_peaks"]) == 2

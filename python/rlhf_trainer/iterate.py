@@ -131,10 +131,12 @@ def fit_reward_model(task, cfg, pool, scale_on, gen, device, init=None):
     return model
 
 
-def run(cfg, run_dir, log=print, progress=True, on_round=None):
+def run(cfg, run_dir, log=print, progress=True, on_round=None, initial=None):
     """Iterated RLHF on the toy task into run_dir; returns (the summary, also summary.json, and the
     rounds' rows). on_round(row, evaluator): called after each round with its row and the exact
-    evaluator of its reward model (``overopt`` draws each reward model's exact curve from it)."""
+    evaluator of its reward model (``overopt`` draws each reward model's exact curve from it).
+    initial: (reward model, its metrics, its training and held-out comparisons as make_comparisons
+    gives them) to start from instead of the configured one (``overopt``'s biased proxy)."""
     from rlhf_trainer.demo import make_trainer, reward_model
     from rlhf_trainer.models import build_policy, frozen_copy
     from rlhf_trainer.ppo import score_function, seed_rngs
@@ -149,9 +151,12 @@ def run(cfg, run_dir, log=print, progress=True, on_round=None):
            else "fine-tuned"))
     task = ToyTask(cfg.task)
     t_rm = time.perf_counter()
-    rm, rm_metrics = reward_model(cfg, task, run_dir, log=log)
+    if initial is None:
+        rm, rm_metrics = reward_model(cfg, task, run_dir, log=log)
+        train, held_out = initial_comparisons(task, rc, cfg.seed)
+    else:
+        rm, rm_metrics, train, held_out = initial
     rm_s = time.perf_counter() - t_rm
-    train, held_out = initial_comparisons(task, rc, cfg.seed)
     pool = as_pairs(*train)
     scale_on = tuple(t[:rc.num_eval] for t in train)      # the responses round 1's model was standardized on
     ref = frozen_copy(build_policy(cfg.model, cfg.task)).to(next(rm.parameters()).device)

@@ -186,3 +186,23 @@ def test_overopt_small_curves_are_exact(overopt_small):
     for p in (p for p in res["points"] if p["curve"] == "ppo"):
         assert p["proxy_reward"] <= np.interp(p["exact_kl"], kl, proxy) + 1e-2
     assert [r["round"] for r in res["rounds"]] == [1, 2] and len(res["round_peaks"]) == 2
+
+
+def test_finetune_starts_from_the_previous_reward_model():
+    """rm_update: finetune continues the given model (one tiny step keeps its scores), scratch does not."""
+    cfg = tiny()
+    cfg.reward_model.steps, cfg.reward_model.lr = 1, 1e-6
+    task = ToyTask(cfg.task)
+    train, held_out = iterate.initial_comparisons(task, cfg.reward_model, 0)
+    pool, scale_on = iterate.as_pairs(*train), tuple(t[:256] for t in train)
+    gen = torch.Generator().manual_seed(1)
+    big = tiny()      # a trained model to continue from
+    first = iterate.fit_reward_model(task, big, pool, scale_on, gen, torch.device("cpu"))
+    tuned = iterate.fit_reward_model(task, cfg, pool, scale_on, gen, torch.device("cpu"), init=first)
+    fresh = iterate.fit_reward_model(task, cfg, pool, scale_on, gen, torch.device("cpu"))
+    pid, resp = held_out[0], held_out[1]
+    s_first, s_tuned, s_fresh = (torch.stack(iterate._pair_scores(m, task, pid, resp[:, 0], resp[:, 1]))
+                                 for m in (first, tuned, fresh))
+    torch.testing.assert_close(s_tuned, s_first, rtol=0, atol=1e-2)
+    assert (s_fresh - s_first).abs().max() > 0.5
+    assert all(not p.requires_grad for p in tuned.parameters())

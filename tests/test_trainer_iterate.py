@@ -22,15 +22,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny(iterate_section=None, ppo_steps=30, num_train=64, **top):
+def tiny(iterate_section=None, ppo_steps=30, num_train=64, algo="ppo", **top):
     """A 1-layer, 32-wide GPT-2 on responses of 2 tokens over 8 (64 per prompt, 12 prompts); a weak first
     reward model: num_train comparisons."""
-    d = {"algo": "ppo", "device": "cpu",
+    d = {"algo": algo, "device": "cpu",
          "model": {"n_layer": 1, "n_embd": 32, "n_head": 2},
          "task": {"modulus": 6, "steps": [1, 5], "response_len": 2, "pad_token_id": 6, "eos_token_id": 7,
                   "vocab_size": 8},
          "reward_model": {"num_train": num_train, "num_eval": 256, "batch_size": 64, "steps": 300},
-         "ppo": {"steps": ppo_steps, "rollout_batch": 64, "minibatch": 32, "micro_batch": 32},
+         algo: {"steps": ppo_steps, "rollout_batch": 64, "minibatch": 32, "micro_batch": 32},
          "eval_every": 100, **top}
     if iterate_section is not None:
         d["iterate"] = iterate_section
@@ -73,6 +73,19 @@ def test_one_round_is_the_plain_run(tmp_path):
     _, rows = iterate.run(tiny({"rounds": 1}, ppo_steps=6), str(tmp_path / "iter"), log=print, progress=False)
     assert rows[0]["J"] == plain["J_end"] and rows[0]["J_rule"] == plain["rule_reward_end"]
     assert rows[0]["J_start"] == plain["J_start"] and rows[0]["exact_kl"] == plain["kl_end"]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "reinforce_pp"])
+def test_every_rl_algorithm_iterates(tmp_path, algo):
+    """Two short rounds of a critic-free algorithm: the second round continues the first's policy
+    (its start is the first's end, scored by the new reward model) and its reward model saw the pool."""
+    _, rows = iterate.run(tiny({"rounds": 2, "comparisons_per_round": 64, "rm_update": "finetune"}, ppo_steps=2,
+                               algo=algo), str(tmp_path), log=print, progress=False)
+    assert [r["comparisons"] for r in rows] == [64, 128]
+    assert rows[1]["exact_kl"] > 0 and rows[1]["J"] <= rows[1]["J_star"] + 1e-9
+    # round 1 starts at pi_ref, round 2 where round 1 ended (the same policy: the same exact KL)
+    assert rows[0]["exact_kl_start"] == pytest.approx(0, abs=1e-9)
+    assert rows[1]["exact_kl_start"] == pytest.approx(rows[0]["exact_kl"], rel=1e-6)
 
 
 def test_labeler_follows_the_rule_with_its_noise():

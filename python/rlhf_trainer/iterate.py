@@ -33,7 +33,7 @@ from tqdm import tqdm
 import rlhf_kernels as rk
 
 # one line of rounds.jsonl per round, these keys
-ROUND_KEYS = ["round", "comparisons", "J_start", "J", "J_star", "J_rule", "J_rule_star", "proxy_reward",
+ROUND_KEYS = ["round", "comparisons", "J_start", "exact_kl_start", "J", "J_star", "J_rule", "J_rule_star", "proxy_reward",
               "exact_kl", "rm_accuracy_policy", "policy_pairs", "rm_accuracy_initial", "rm_s", "train_s"]
 
 
@@ -186,7 +186,8 @@ def run(cfg, run_dir, log=print, progress=True, on_round=None, initial=None):
         star = evaluator.from_logp(evaluator.optimal_logp()) if cfg.beta > 0 else evaluator.greedy()
         eval_pairs = sample_pairs(policy, task, rc.num_eval, cfg.temperature, gen)
         acc_policy, n_policy = policy_accuracy(rm, task, *eval_pairs)
-        row = {"round": k, "comparisons": len(pool[0]), "J_start": start["J"], "J": exact["J"],
+        row = {"round": k, "comparisons": len(pool[0]), "J_start": start["J"], "exact_kl_start": start["exact_kl"],
+               "J": exact["J"],
                "J_star": exact["J_star"], "J_rule": exact["J_rule"], "J_rule_star": star["J_rule"],
                "proxy_reward": exact["reward"], "exact_kl": exact["exact_kl"], "rm_accuracy_policy": acc_policy,
                "policy_pairs": n_policy, "rm_accuracy_initial": pairwise_accuracy(rm, task, *held_out),

@@ -219,3 +219,18 @@ def test_finetune_starts_from_the_previous_reward_model():
     torch.testing.assert_close(s_tuned, s_first, rtol=0, atol=1e-2)
     assert (s_fresh - s_first).abs().max() > 0.5
     assert all(not p.requires_grad for p in tuned.parameters())
+
+
+def test_demo_runs_an_iterate_config(tmp_path):
+    """`rlhf_trainer demo --config` with an iterate section: the rounds' table; --resume is refused."""
+    import yaml
+    d = tiny({"rounds": 2, "comparisons_per_round": 64}, ppo_steps=2).to_dict()
+    d["reward_model"].update(steps=20)
+    (tmp_path / "it.yaml").write_text(yaml.safe_dump(d))
+    cmd = [sys.executable, "-m", "rlhf_trainer", "demo", "--config", str(tmp_path / "it.yaml"), "--no-progress"]
+    p = subprocess.run(cmd + ["--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "| round | comparisons |" in p.stdout and "\n| 2 | 128 |" in p.stdout
+    assert len(open(tmp_path / "run" / "rounds.jsonl").read().splitlines()) == 2
+    p = subprocess.run(cmd + ["--out", str(tmp_path / "run"), "--resume"], capture_output=True, text=True)
+    assert p.returncode == 2 and "iterate: an iterated run is not checkpointed" in p.stderr

@@ -33,8 +33,8 @@ from tqdm import tqdm
 import rlhf_kernels as rk
 
 # one line of rounds.jsonl per round, these keys
-ROUND_KEYS = ["round", "comparisons", "J_start", "exact_kl_start", "J", "J_star", "J_rule", "J_rule_star", "proxy_reward",
-              "exact_kl", "rm_accuracy_policy", "policy_pairs", "rm_accuracy_initial", "rm_s", "train_s"]
+ROUND_KEYS = ["round", "comparisons", "J_start", "exact_kl_start", "J", "J_star", "J_rule", "J_rule_star",
+              "proxy_reward", "exact_kl", "rm_accuracy_policy", "policy_pairs", "rm_accuracy_initial", "rm_s", "train_s"]
 
 
 def initial_comparisons(task, rc, seed):
@@ -213,7 +213,8 @@ def run(cfg, run_dir, log=print, progress=True, on_round=None, initial=None):
                               init=rm if it.rm_update == "finetune" else None)
         rm_s = time.perf_counter() - t_rm
     summary = {"algo": cfg.algo, "rounds": it.rounds, "rm_update": it.rm_update,
-               "rm_accuracy_first": rm_metrics["rm_accuracy"], "J_rule_first": rows[0]["J_rule"], "J_rule_star_first": rows[0]["J_rule_star"],
+               "rm_accuracy_first": rm_metrics["rm_accuracy"], "J_rule_first": rows[0]["J_rule"],
+               "J_rule_star_first": rows[0]["J_rule_star"],
                "J_rule_end": rows[-1]["J_rule"], "kl_end": rows[-1]["exact_kl"], "samples_drawn": samples,
                "comparisons": rows[-1]["comparisons"], "wall_s": time.perf_counter() - t0}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

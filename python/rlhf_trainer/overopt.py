@@ -185,7 +185,8 @@ def _sweep(out, small, log, progress):
     res = {"small": small, "rm_accuracy": rm_metrics["rm_accuracy"], "num_train": base.reward_model.num_train,
            "rm_accuracy_biased": rm_metrics["rm_accuracy_biased"],
            "peak": peak(curve), "round_peaks": [peak(rc) for rc in round_curves],
-           "greedy": curve[-1], "ref_true_reward": curve[0]["true_reward"], "runs": {str(b): r for b, r in runs.items()}, "rounds": rounds,
+           "greedy": curve[-1], "ref_true_reward": curve[0]["true_reward"],
+           "runs": {str(b): r for b, r in runs.items()}, "rounds": rounds,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
@@ -264,8 +265,8 @@ def main(args):
     pk = res["peak"]
     print("\nproxy reward model: %d biased comparisons, held-out accuracy %.3f on unbiased comparisons, %.3f on biased "
           "ones" % (res["num_train"], res["rm_accuracy"], res["rm_accuracy_biased"]))
-    print("exact curve: true reward %.3f at pi_ref, peaks at %.3f (KL %.3f, beta %.3g), falls by %.3f to %.3f (KL %.3f); "
-          "%.3f at the proxy's argmax (KL %.3f)" % (
+    print("exact curve: true reward %.3f at pi_ref, peaks at %.3f (KL %.3f, beta %.3g), falls by %.3f to %.3f "
+          "(KL %.3f); %.3f at the proxy's argmax (KL %.3f)" % (
               res["ref_true_reward"], pk["true_reward"], pk["exact_kl"], pk["beta"], pk["fall"], pk["low"],
               pk["low_kl"], res["greedy"]["true_reward"], res["greedy"]["exact_kl"]))
     for beta, pts in res["runs"].items():

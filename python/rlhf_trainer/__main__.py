@@ -10,6 +10,7 @@ COMMANDS = [
     ("rm", "train a reward model from preference pairs or rankings (JSONL): --config cfg.yaml"),
     ("demo", "reward model + the configured algorithm on the toy task, against the exact optimum"),
     ("compare", "every algorithm on the toy task against one reward model: a table and figures"),
+    ("overopt", "reward over-optimization on the toy task, exactly: true and proxy reward against KL(pi || pi_ref)"),
     ("plot", "redraw RUN_DIR/curves.png from RUN_DIR/log.jsonl"),
     ("bench", "time whole PPO steps with the kernels on vs off: phases, tokens/s, peak memory, largest micro-batch"),
 ]
@@ -56,6 +57,13 @@ def _parser():
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--beta", type=float, help="the KL coefficient of J for every algorithm (default: the config's)")
     c.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: the models are tiny; 0 keeps torch's default)")
+    o = add("overopt")
+    o.add_argument("--out", help="output directory (default runs/overopt-<time>)")
+    o.add_argument("--small", action="store_true", help="the tiny CI configuration")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the models are tiny; 0 keeps torch's default)")
     pl = add("plot")
     pl.add_argument("run_dir")

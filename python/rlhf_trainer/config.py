@@ -42,6 +42,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 RM_LOSSES = ("bt", "ranking", "regression", "ordinal")   # the toy reward model: comparisons, then ratings
 SCORE_LOSSES = ("regression", "ordinal")
+RM_UPDATES = ("scratch", "finetune")   # iterate.rm_update
 
 
 @dataclass
@@ -286,6 +287,40 @@ class ExpertIterationConfig:
                    self.prompts_per_round, self.epochs, self.prompts_per_round // self.minibatch, self.minibatch))
 
 
+@dataclass
+class IterateSection:
+    """Iterated RLHF (``iterate.py``): ``rounds`` of (train the policy for the algorithm's
+    ``steps``; sample ``comparisons_per_round`` pairs from it; label them; train the reward
+    model on every comparison so far, the initial ones included). ``labeler``: on the toy task
+    ``rule``, the hidden rule with Bradley-Terry noise: a labeler prefers a over b with probability
+    sigmoid((n_a - n_b) / label_noise), n the number of rule-following tokens (0: always the
+    rule's order; a tie is a coin flip). ``rm_update``: the reward model is retrained from its
+    initialization (``scratch``) or fine-tuned from the previous round's (``finetune``)."""
+    rounds: int = 3
+    comparisons_per_round: int = 1024
+    labeler: str = "rule"
+    label_noise: float = 0.5
+    rm_update: str = "scratch"
+
+    def check(self, algo, real):
+        if algo not in POLICY_GRADIENT:
+            raise ConfigError("iterate: iterated RLHF trains a policy: algo must be one of %s, got %r"
+                              % (", ".join(POLICY_GRADIENT), algo))
+        for name in ("rounds", "comparisons_per_round"):
+            if getattr(self, name) < 1:
+                raise ConfigError("iterate.%s must be >= 1, got %d" % (name, getattr(self, name)))
+        if real:
+            raise ConfigError("iterate: iterated RLHF runs on the toy task only (rlhf_trainer demo); a run on "
+                              "real models has no labeler yet")
+        if self.labeler != "rule":
+            raise ConfigError("iterate.labeler must be 'rule' on the toy task (the hidden rule), got %r"
+                              % (self.labeler,))
+        if not self.label_noise >= 0:
+            raise ConfigError("iterate.label_noise must be >= 0, got %r" % self.label_noise)
+        if self.rm_update not in RM_UPDATES:
+            raise ConfigError("iterate.rm_update must be one of %s, got %r" % (", ".join(RM_UPDATES), self.rm_update))
+
+
 # ---------- runs on real models (rlhf_trainer train / rm) ----------
 @dataclass
 class PolicySection:
@@ -425,6 +460,8 @@ class RMSection:
 SECTIONS = {"ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce_pp": ReinforcePPConfig,
             "best_of_n": BestOfNConfig, "expert_iteration": ExpertIterationConfig}
 COMMON = {"model": ModelConfig, "task": TaskConfig, "reward_model": RewardModelConfig}   # the toy task's
+# sections that are absent unless given (they switch a feature on)
+OPTIONAL = {"iterate": IterateSection}
 REAL = {"policy": PolicySection, "value": ValueSection, "reward": RewardSection, "data": DataSection,
         "generation": GenerationSection, "rm": RMSection}
 # the algorithms `rlhf_trainer train` runs on real models (best_of_n and expert_iteration need the toy
@@ -452,6 +489,7 @@ class Config:
     data: DataSection = None
     generation: GenerationSection = None
     rm: RMSection = None
+    iterate: IterateSection = None    # iterated RLHF (absent: one run against one reward model)
     # the section of the chosen algorithm (built with its defaults when absent); the others stay None
     ppo: PPOConfig = None
     grpo: GRPOConfig = None
@@ -517,6 +555,12 @@ class Config:
                 part.check()
             self.reward_model.check(self.algo)
         self.section.check(self.algo)
+        if self.iterate is not None:
+            if type(self.iterate) is not IterateSection:
+                raise ConfigError("iterate: expected an IterateSection, got %s" % type(self.iterate).__name__)
+            self.iterate.check(self.algo, self.real)
+            if self.checkpoint_every:
+                raise ConfigError("checkpoint_every has no effect with iterate (an iterated run is not checkpointed)")
         if self.eval_every < 1:
             raise ConfigError("eval_every must be >= 1, got %d" % self.eval_every)
         if self.checkpoint_every < 0:
@@ -543,7 +587,7 @@ class Config:
     def to_dict(self):
         """Every option that acts on the chosen algorithm (and none that does not)."""
         d = dataclasses.asdict(self)
-        for name in list(SECTIONS) + list(COMMON) + list(REAL):
+        for name in list(SECTIONS) + list(COMMON) + list(REAL) + list(OPTIONAL):
             if d[name] is None:
                 del d[name]
         if self.real:
@@ -566,11 +610,11 @@ class Config:
             raise ConfigError("a config is a mapping of sections and options, got %s" % type(d).__name__)
         d = dict(d or {})
         algo = d.get("algo", _default(cls, "algo"))
-        top = {f.name for f in dataclasses.fields(cls)} - set(COMMON) - set(REAL) - set(SECTIONS)
+        top = {f.name for f in dataclasses.fields(cls)} - set(COMMON) - set(REAL) - set(SECTIONS) - set(OPTIONAL)
         kwargs = {}
         for key, value in d.items():
-            if key in COMMON or key in SECTIONS or key in REAL:
-                part = COMMON.get(key) or REAL.get(key) or SECTIONS[key]
+            if key in COMMON or key in SECTIONS or key in REAL or key in OPTIONAL:
+                part = COMMON.get(key) or REAL.get(key) or OPTIONAL.get(key) or SECTIONS[key]
                 if key in SECTIONS and key != algo:
                     raise ConfigError("a %s section has no effect with algo: %s (give only the %s section)"
                                       % (key, algo, algo))
@@ -589,7 +633,7 @@ class Config:
             else:
                 raise ConfigError("unknown config key %r: the top-level keys are %s; the sections %s"
                                   % (key, ", ".join(sorted(top)),
-                                     ", ".join(list(COMMON) + list(REAL) + list(SECTIONS))))
+                                     ", ".join(list(COMMON) + list(REAL) + list(OPTIONAL) + list(SECTIONS))))
         return cls(**kwargs)
 
     @classmethod
@@ -651,7 +695,7 @@ def _unknown_options(section, unknown):
                              % (name, section, ", ".join(owners)))
         else:
             really.append(name)
-    cls = COMMON.get(section) or REAL.get(section) or SECTIONS.get(section)
+    cls = COMMON.get(section) or REAL.get(section) or OPTIONAL.get(section) or SECTIONS.get(section)
     options = ", ".join(f.name for f in dataclasses.fields(cls))
     parts = elsewhere + (["unknown %s option(s): %s (the %s options are %s)" % (section, ", ".join(really), section,
                                                                                  options)] if really else [])

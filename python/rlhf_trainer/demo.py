@@ -161,6 +161,13 @@ def main(args):
     from rlhf_trainer.devices import resolve_device
     from rlhf_trainer.train import prepare_run_dir
     resolve_device(cfg.device, cfg.algo)            # device: cuda without a GPU stops here
+    if cfg.iterate is not None:
+        if args.resume:
+            raise ConfigError("iterate: an iterated run is not checkpointed, so --resume cannot continue it")
+        from rlhf_trainer import iterate
+        run_dir = prepare_run_dir(args.out, False, args.overwrite, "demo")
+        iterate.print_table(iterate.run(cfg, run_dir, progress=not args.no_progress)[1], run_dir)
+        return 0
     run_dir = prepare_run_dir(args.out, args.resume, args.overwrite, "demo")
     summary = run(cfg, run_dir, progress=not args.no_progress, resume=args.resume)
     print_table(summary, run_dir)

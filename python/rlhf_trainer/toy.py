@@ -121,7 +121,9 @@ class ExactEvaluator:
     Any policy, trained or not, is then evaluated exactly from its log-probabilities over
     the ``V**L`` responses of each prompt; one evaluator serves every algorithm of a run."""
 
-    def __init__(self, task, ref, score_fn, beta, chunk=8192):
+    def __init__(self, task, ref, score_fn, beta, chunk=8192, ref_logp=None):
+        """ref_logp: log pi_ref of every response [num_prompts, R], when already computed (an
+        evaluator per reward model of one reference: iterated RLHF, the over-optimization sweep)."""
         R = task.all_responses.shape[0]
         n = task.num_prompts
         pid = torch.arange(n).repeat_interleave(R)
@@ -131,7 +133,7 @@ class ExactEvaluator:
         self.task, self.beta = task, beta
         self.scores = s.view(n, R)                                    # [num_prompts, R]
         self.rule = task.rule_reward(pid, resp).view(n, R)            # [num_prompts, R]
-        self.ref_logp = all_response_logprobs(ref, task)
+        self.ref_logp = all_response_logprobs(ref, task) if ref_logp is None else ref_logp
         self.J_star = optimal_objective(self.ref_logp, self.scores, beta)
 
     def policy_logp(self, policy):

@@ -117,7 +117,7 @@ def test_labeler_follows_the_rule_with_its_noise():
     ({"iterate": {"labeler": "mod:fn"}}, "iterate.labeler must be 'rule' on the toy task"),
     ({"iterate": {"label_noise": -1.0}}, "iterate.label_noise must be >= 0"),
     ({"iterate": {"round": 2}}, "unknown iterate option(s): round (the iterate options are rounds, "
-                                "comparisons_per_round, labeler, label_noise, rm_update)"),
+                                "comparisons_per_round, labeler, label_noise, rm_update, true_reward)"),
     ({"iterate": {}, "checkpoint_every": 5}, "checkpoint_every has no effect with iterate"),
     ({"iterate": 3}, "iterate must be a mapping of options, got 3"),
 ])

@@ -14,7 +14,8 @@ top-level: every algorithm is evaluated on the same J.
 Two kinds of run share this file. The toy task (the demo, ``compare``) has the sections
 ``model``, ``task`` and ``reward_model``. A run on real models (``rlhf_trainer train``) has a
 ``policy`` section instead, with ``data``, ``reward``, ``generation`` and optionally ``value``
-and ``rm`` (read only by ``rlhf_trainer rm``); the toy sections are then refused. ``device``,
+and ``rm`` (read by ``rlhf_trainer rm``, and by ``rlhf_trainer train`` with an ``iterate`` section);
+the toy sections are then refused. ``device``,
 ``dtype`` and ``gradient_checkpointing`` are top-level and act on both.
 """
 
@@ -289,36 +290,68 @@ class ExpertIterationConfig:
 
 @dataclass
 class IterateSection:
-    """Iterated RLHF (``iterate.py``): ``rounds`` of (train the policy for the algorithm's
-    ``steps``; sample ``comparisons_per_round`` pairs from it; label them; train the reward
-    model on every comparison so far, the initial ones included). ``labeler``: on the toy task
-    ``rule``, the hidden rule with Bradley-Terry noise: a labeler prefers a over b with probability
-    sigmoid((n_a - n_b) / label_noise), n the number of rule-following tokens (0: always the
-    rule's order; a tie is a coin flip). ``rm_update``: the reward model is retrained from its
-    initialization (``scratch``) or fine-tuned from the previous round's (``finetune``)."""
+    """Iterated RLHF: ``rounds`` of (train the policy for the algorithm's ``steps``; sample
+    ``comparisons_per_round`` pairs from it; label them; train the reward model on every comparison
+    so far, the initial ones included). ``rm_update``: the reward model is retrained from its
+    initialization (``scratch``) or fine-tuned from the previous round's (``finetune``).
+
+    On the toy task (``iterate.py``, ``rlhf_trainer demo``) ``labeler`` is ``rule``, the hidden rule
+    with Bradley-Terry noise: a labeler prefers a over b with probability sigmoid((n_a - n_b) /
+    label_noise), n the number of rule-following tokens (0: always the rule's order; a tie is a coin
+    flip). On real models (``iterate_hf.py``, ``rlhf_trainer train``) it is ``"module:function"``,
+    called as fn(prompts, responses_a, responses_b) -> one number in [0, 1] per pair, the probability
+    that a is preferred (``iterate_hf.label``); the reward model is trained in the run from ``rm.model``
+    on ``rm.data``, and ``true_reward``, a ``"module:function"`` like ``reward.fn`` that is logged each
+    round but never trained on, is optional."""
     rounds: int = 3
     comparisons_per_round: int = 1024
     labeler: str = "rule"
-    label_noise: float = 0.5
+    label_noise: float = 0.5          # the toy task's labeler only
     rm_update: str = "scratch"
+    true_reward: str = None           # real models only
 
-    def check(self, algo, real):
-        if algo not in POLICY_GRADIENT:
+    def check(self, cfg):
+        """Checked against the whole config (cfg): the toy task's options or the real models'."""
+        if cfg.algo not in POLICY_GRADIENT:
             raise ConfigError("iterate: iterated RLHF trains a policy: algo must be one of %s, got %r"
-                              % (", ".join(POLICY_GRADIENT), algo))
+                              % (", ".join(POLICY_GRADIENT), cfg.algo))
         for name in ("rounds", "comparisons_per_round"):
             if getattr(self, name) < 1:
                 raise ConfigError("iterate.%s must be >= 1, got %d" % (name, getattr(self, name)))
-        if real:
-            raise ConfigError("iterate: iterated RLHF runs on the toy task only (rlhf_trainer demo); a run on "
-                              "real models has no labeler yet")
-        if self.labeler != "rule":
-            raise ConfigError("iterate.labeler must be 'rule' on the toy task (the hidden rule), got %r"
-                              % (self.labeler,))
-        if not self.label_noise >= 0:
-            raise ConfigError("iterate.label_noise must be >= 0, got %r" % self.label_noise)
         if self.rm_update not in RM_UPDATES:
             raise ConfigError("iterate.rm_update must be one of %s, got %r" % (", ".join(RM_UPDATES), self.rm_update))
+        if cfg.real:
+            self._check_real(cfg)
+            return
+        if self.labeler != "rule":
+            raise ConfigError("iterate.labeler must be 'rule' on the toy task (the hidden rule; a \"module:function\" "
+                              "labeler is for real models), got %r" % (self.labeler,))
+        if not self.label_noise >= 0:
+            raise ConfigError("iterate.label_noise must be >= 0, got %r" % self.label_noise)
+        if self.true_reward is not None:
+            raise ConfigError("iterate.true_reward has no effect on the toy task (its hidden rule is the true "
+                              "reward, logged exactly as J_rule)")
+
+    def _check_real(self, cfg):
+        if not _module_function(self.labeler):
+            raise ConfigError("iterate.labeler must be \"module:function\" on real models (a function labelling "
+                              "pairs of responses; 'rule' is the toy task's hidden rule), got %r" % (self.labeler,))
+        if self.true_reward is not None and not _module_function(self.true_reward):
+            raise ConfigError("iterate.true_reward must be \"module:function\" or null, got %r" % (self.true_reward,))
+        if self.label_noise != _default(IterateSection, "label_noise"):
+            raise ConfigError("iterate.label_noise has no effect on real models (it is the toy labeler's noise; "
+                              "iterate.labeler may return probabilities instead of 0 or 1)")
+        if cfg.rm is None:
+            raise ConfigError("iterate: on real models the reward model is trained in the run: give an rm section "
+                              "(rm.model, and rm.data with the initial preference pairs)")
+        if cfg.reward is not None and cfg.reward.model is not None:
+            raise ConfigError("reward.model has no effect with iterate (the reward model is trained in the run from "
+                              "rm.model on rm.data and the labelled pairs); leave it out (reward.fn, if given, is "
+                              "added to its score)")
+
+
+def _module_function(spec):
+    return isinstance(spec, str) and spec.count(":") == 1 and all(spec.split(":"))
 
 
 # ---------- runs on real models (rlhf_trainer train / rm) ----------
@@ -354,8 +387,7 @@ class RewardSection:
     def check(self, algo):
         if self.model is None and self.fn is None:
             raise ConfigError("reward: give reward.model (a reward model) or reward.fn (\"module:function\"), or both")
-        if self.fn is not None and (not isinstance(self.fn, str) or self.fn.count(":") != 1
-                                    or not all(self.fn.split(":"))):
+        if self.fn is not None and not _module_function(self.fn):
             raise ConfigError("reward.fn must be \"module:function\", got %r" % (self.fn,))
 
 
@@ -558,7 +590,7 @@ class Config:
         if self.iterate is not None:
             if type(self.iterate) is not IterateSection:
                 raise ConfigError("iterate: expected an IterateSection, got %s" % type(self.iterate).__name__)
-            self.iterate.check(self.algo, self.real)
+            self.iterate.check(self)
             if self.checkpoint_every:
                 raise ConfigError("checkpoint_every has no effect with iterate (an iterated run is not checkpointed)")
         if self.eval_every < 1:
@@ -593,7 +625,11 @@ class Config:
         if self.real:
             del d["eval_every"]
             del d[self.algo]["temperature"]
+            if self.iterate is not None:
+                del d["iterate"]["label_noise"]
         else:
+            if self.iterate is not None:
+                del d["iterate"]["true_reward"]
             d["task"]["steps"] = list(d["task"]["steps"])
         for name, algos in TOP_LEVEL_FOR.items():
             if self.algo not in algos and name in d:

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rlhf_trainer.config import ConfigError, InputError
+from rlhf_trainer.config import ConfigError, InputError, RewardSection
 from rlhf_trainer.models import HFScalarModel
 from rlhf_trainer.ppo import PROMPT_PAD, response_mask
 
@@ -236,9 +236,9 @@ class PromptTask:
 
 
 # ---------- rewards ----------
-def import_reward_fn(spec, search_dir=None):
+def import_reward_fn(spec, search_dir=None, key="reward.fn"):
     """The function ``module:function``, imported from the working directory, ``search_dir``
-    (the config's folder) or sys.path. Raises InputError naming reward.fn."""
+    (the config's folder) or sys.path. Raises InputError naming ``key`` (the config key)."""
     module_name, fn_name = spec.split(":")
     for d in (search_dir, os.getcwd()):
         if d and d not in sys.path:
@@ -246,17 +246,18 @@ def import_reward_fn(spec, search_dir=None):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise InputError("reward.fn: cannot import module %r (%s)" % (module_name, e)) from None
+        raise InputError("%s: cannot import module %r (%s)" % (key, module_name, e)) from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise InputError("reward.fn: module %r has no function %r" % (module_name, fn_name))
+        raise InputError("%s: module %r has no function %r" % (key, module_name, fn_name))
     return fn
 
 
-def call_reward_fn(fn, name, prompts, responses, batch_no):
-    """fn(prompts, responses) checked: one finite number per pair -> [B] float64 tensor."""
+def call_reward_fn(fn, name, prompts, responses, batch_no, key="reward.fn"):
+    """fn(prompts, responses) checked: one finite number per pair -> [B] float64 tensor.
+    batch_no: the batch's number (or words such as "2 of round 1"), for the errors."""
     out = fn(prompts, responses)
-    where = "reward.fn %s on batch %d (%d pairs)" % (name, batch_no, len(prompts))
+    where = "%s %s on batch %s (%d pairs)" % (key, name, batch_no, len(prompts))
     try:
         t = torch.as_tensor(out.detach().cpu() if isinstance(out, torch.Tensor) else out, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
@@ -327,23 +328,26 @@ def prepare(cfg, config_dir=None, log=print):
     """Everything a run on real models needs but the models: checked in the order that fails
     fastest (paths, the prompts file, the reward function), then the tokenizer and the prompts.
     Returns (task, reward pieces as a dict)."""
-    if cfg.policy is None or cfg.data is None or cfg.reward is None:
-        missing = [s for s in ("policy", "data", "reward") if getattr(cfg, s) is None]
+    # an iterated run trains its reward model (the rm section): the reward section is optional there
+    required = ("policy", "data") + (("reward",) if cfg.iterate is None else ())
+    if any(getattr(cfg, name) is None for name in required):
+        missing = [name for name in required if getattr(cfg, name) is None]
         raise ConfigError("%s: required to train on real models (policy.model, data.prompts, and reward.model "
                           "or reward.fn)" % ", ".join(missing))
     policy_path = resolve_model("policy.model", cfg.policy.model)
     value_path = None
     if cfg.value is not None and cfg.value.model is not None:
         value_path = resolve_model("value.model", cfg.value.model)
-    rm_path = resolve_model("reward.model", cfg.reward.model) if cfg.reward.model is not None else None
+    reward = cfg.reward or RewardSection()
+    rm_path = resolve_model("reward.model", reward.model) if reward.model is not None else None
     texts = read_prompts(cfg.data.prompts, cfg.data.key)
-    fn = import_reward_fn(cfg.reward.fn, config_dir) if cfg.reward.fn is not None else None
+    fn = import_reward_fn(reward.fn, config_dir) if reward.fn is not None else None
     tokenizer = load_tokenizer(policy_path, "policy.model", log)
     task = PromptTask(cfg, tokenizer, texts, policy_path, value_path)
     template = cfg.data.chat_template and getattr(tokenizer, "chat_template", None)
     log("prompts: %d from %s, up to %d tokens (%s)" % (task.num_prompts, cfg.data.prompts, task.prompts.shape[1],
                                                        "chat template" if template else "no chat template"))
-    return task, {"fn": fn, "fn_name": cfg.reward.fn, "rm_path": rm_path}
+    return task, {"fn": fn, "fn_name": reward.fn, "rm_path": rm_path}
 
 
 def build_reward(cfg, task, pieces, device, log=print):

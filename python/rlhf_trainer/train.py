@@ -4,7 +4,8 @@ rloo, reinforce_pp) on real models, prompts and rewards (``hf.py``).
 The run directory gets what the demo's does: config.yaml, log.jsonl (one line per step, the
 schema of ``ppo.LOG_KEYS``; the exact-J fields are null: there is no exact optimum here),
 curves.png, checkpoint.pt (``--resume`` continues exactly), summary.json, and the final policy
-with its tokenizer in ``policy/`` (save_pretrained).
+with its tokenizer in ``policy/`` (save_pretrained). A config with an ``iterate`` section runs
+iterated RLHF instead (``iterate_hf.py``: its own run directory's layout, no checkpoint).
 """
 
 import json
@@ -53,8 +54,14 @@ def check(cfg):
 
 
 def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
-    """Train cfg.algo on real models into run_dir; returns the summary dict."""
+    """Train cfg.algo on real models into run_dir; returns the summary dict. With an ``iterate``
+    section: iterated RLHF (``iterate_hf.run``), not checkpointed."""
     from tqdm import tqdm
+    if cfg.iterate is not None:
+        if resume:
+            raise ConfigError("iterate: an iterated run is not checkpointed, so --resume cannot continue it")
+        from rlhf_trainer import iterate_hf
+        return iterate_hf.run(cfg, run_dir, log=log, progress=progress, config_dir=config_dir)[0]
 
     from rlhf_trainer import hf
     if not progress:   # transformers' own bars too (loading weights)
@@ -110,6 +117,14 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
 def main(args):
     cfg = Config.load(args.config)
     check(cfg)
+    if cfg.iterate is not None:
+        if args.resume:
+            raise ConfigError("iterate: an iterated run is not checkpointed, so --resume cannot continue it")
+        from rlhf_trainer import iterate_hf
+        run_dir = prepare_run_dir(args.out, False, args.overwrite, "train")
+        iterate_hf.print_table(iterate_hf.run(cfg, run_dir, progress=not args.no_progress,
+                                              config_dir=os.path.dirname(os.path.abspath(args.config)))[1], run_dir)
+        return 0
     run_dir = prepare_run_dir(args.out, args.resume, args.overwrite, "train")
     summary = run(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                   config_dir=os.path.dirname(os.path.abspath(args.config)))

@@ -12,16 +12,46 @@ eager mode an ``Op`` calls its Python function directly, and a ``DifferentiableO
 an autograd.Function built from the *same* ``setup_context`` and ``backward``: one
 wiring per op, two entry points, chosen by ``torch.compiler.is_compiling()``. The
 backward functions call other ``Op`` instances, so the backward is traced as ops too.
+
+Both entry points run ``fn`` under ``on_device``: Triton launches on the *current* CUDA
+device, so tensors on cuda:1 while device 0 is current would be launched on device 0 with
+device-1 pointers (an illegal address, or slow peer access). The native ops take a
+CUDAGuard; this is the Triton ops' one guard, set from the first tensor argument.
 """
 
 import torch
 
 
+def on_device(fn, args):
+    """``fn(*args)`` with the current CUDA device set to that of the first tensor in ``args``
+    (every op's first argument is a tensor, except where it is None); no device switch, and no
+    context manager, when it is already current or the tensor is not on CUDA."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.is_cuda:
+                index = a.get_device()
+                if index != torch.cuda.current_device():
+                    with torch.cuda.device(index):
+                        return fn(*args)
+            break
+    return fn(*args)
+
+
+def _guarded(name, fn):
+    def run(*args):
+        return on_device(fn, args)  # looked up per call, so a test can spy on it
+    run.__name__ = run.__qualname__ = "triton_" + name
+    run.host_fn = fn
+    return run
+
+
 class Op:
-    """A Triton op without autograd: ``fn`` registered as ``rlhf_kernels::triton_<name>``."""
+    """A Triton op without autograd: ``fn`` registered as ``rlhf_kernels::triton_<name>``,
+    run on its tensors' device (``on_device``)."""
 
     def __init__(self, name, schema, fn, fake):
-        self.fn = fn
+        self.name = name
+        self.fn = fn = _guarded(name, fn)
         self.op = torch.library.custom_op("rlhf_kernels::triton_" + name, fn, mutates_args=(), schema=schema)
         self.op.register_fake(fake)
 
@@ -40,7 +70,7 @@ class DifferentiableOp(Op):
         super().__init__(name, schema, fn, fake)
         self.op.register_autograd(backward, setup_context=setup_context)
         self.function = type("Triton_" + name, (torch.autograd.Function,), {
-            "forward": staticmethod(fn),
+            "forward": staticmethod(self.fn),
             "setup_context": staticmethod(setup_context),
             "backward": staticmethod(backward),
         })

@@ -85,19 +85,23 @@ def test_every_triton_op_takes_the_device_guard(monkeypatch):
     monkeypatch.setattr(_op, "on_device", spy)  # the ops look it up per call
     _call_every_op("cpu")
     ops = _triton_ops()
-    by_function = {op.fn.host_fn: name for name, op in ops.items()}
+    by_function = {op.fn: name for name, op in ops.items()}
+    by_function.update({op.function.apply: name for name, op in ops.items() if isinstance(op, _op.DifferentiableOp)})
     taken = {by_function[f] for f in calls if f in by_function}
     assert len(ops) >= 21 and taken == set(ops), "not taken by: %s" % sorted(set(ops) - taken)
 
 
-def test_device_guard_switches_only_when_needed(monkeypatch):
-    """No device switch for CPU tensors or a None first argument; the first tensor decides."""
+def test_device_guard_passes_cpu_calls_through(monkeypatch):
     switched = []
     monkeypatch.setattr(torch.cuda, "device", lambda index: switched.append(index))
     x = torch.ones(3)
-    assert _op.on_device(lambda *a: a, (None, x, 2.0)) == (None, x, 2.0)
-    assert _op.on_device(lambda *a: len(a), ()) == 0
+    assert _op.on_device(lambda *a: a, (x, None, 2.0)) == (x, None, 2.0)
     assert switched == []
+
+
+def test_every_triton_op_schema_starts_with_a_tensor():
+    with pytest.raises(ValueError, match="Tensor first argument"):
+        _op.Op("bad_guard_test", "(Tensor? x) -> Tensor", lambda x: x, lambda x: x)
 
 
 @pytest.mark.cuda

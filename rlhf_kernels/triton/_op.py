@@ -16,49 +16,47 @@ backward functions call other ``Op`` instances, so the backward is traced as ops
 Both entry points run ``fn`` under ``on_device``: Triton launches on the *current* CUDA
 device, so tensors on cuda:1 while device 0 is current would be launched on device 0 with
 device-1 pointers (an illegal address, or slow peer access). The native ops take a
-CUDAGuard; this is the Triton ops' one guard, set from the first tensor argument.
+CUDAGuard; this is the Triton ops' one guard, set from the first argument (a tensor in
+every op's schema, checked when the op is made).
 """
 
 import torch
 
 
 def on_device(fn, args):
-    """``fn(*args)`` with the current CUDA device set to that of the first tensor in ``args``
-    (every op's first argument is a tensor, except where it is None); no device switch, and no
-    context manager, when it is already current or the tensor is not on CUDA."""
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if a.is_cuda:
-                index = a.get_device()
-                if index != torch.cuda.current_device():
-                    with torch.cuda.device(index):
-                        return fn(*args)
-            break
+    """``fn(*args)`` on the CUDA device of ``args[0]`` (every op's first argument is a tensor):
+    made current for the call when it is not; nothing more than a test of ``is_cuda`` for CPU
+    tensors, and no context manager when the device is already current."""
+    t = args[0]
+    if t.is_cuda:
+        index = t.get_device()
+        if index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                return fn(*args)
     return fn(*args)
 
 
-def _guarded(name, fn):
-    def run(*args):
-        return on_device(fn, args)  # looked up per call, so a test can spy on it
-    run.__name__ = run.__qualname__ = "triton_" + name
-    run.host_fn = fn
-    return run
-
-
 class Op:
-    """A Triton op without autograd: ``fn`` registered as ``rlhf_kernels::triton_<name>``,
-    run on its tensors' device (``on_device``)."""
+    """A Triton op without autograd: ``fn`` registered as ``rlhf_kernels::triton_<name>``;
+    both entry points run it on its tensors' device (``on_device``, looked up per call)."""
 
     def __init__(self, name, schema, fn, fake):
+        if not schema.startswith("(Tensor "):
+            raise ValueError("Triton op %s: the device guard needs a Tensor first argument, got %s" % (name, schema))
         self.name = name
-        self.fn = fn = _guarded(name, fn)
-        self.op = torch.library.custom_op("rlhf_kernels::triton_" + name, fn, mutates_args=(), schema=schema)
+        self.fn = fn
+
+        def guarded(*args):
+            return on_device(fn, args)
+
+        guarded.__name__ = guarded.__qualname__ = "triton_" + name
+        self.op = torch.library.custom_op("rlhf_kernels::triton_" + name, guarded, mutates_args=(), schema=schema)
         self.op.register_fake(fake)
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():
             return self.op(*args)
-        return self.fn(*args)
+        return on_device(self.fn, args)
 
 
 class DifferentiableOp(Op):
@@ -70,7 +68,7 @@ class DifferentiableOp(Op):
         super().__init__(name, schema, fn, fake)
         self.op.register_autograd(backward, setup_context=setup_context)
         self.function = type("Triton_" + name, (torch.autograd.Function,), {
-            "forward": staticmethod(self.fn),
+            "forward": staticmethod(fn),
             "setup_context": staticmethod(setup_context),
             "backward": staticmethod(backward),
         })
@@ -78,4 +76,4 @@ class DifferentiableOp(Op):
     def __call__(self, *args):
         if torch.compiler.is_compiling():
             return self.op(*args)
-        return self.function.apply(*args)
+        return on_device(self.function.apply, args)

@@ -58,6 +58,19 @@ def _block(n):
     return _common.block(n, 1024, 64, floor=16)
 
 
+# Launch settings of the forwards (issue 21, F4). The row pass keeps 10-12 float64 accumulators per
+# element of its block and the combine 13, so the register count follows elements per thread:
+# compiled for sm_90, _policy_fwd_kernel at BLOCK = COMBINE_BLOCK = 1024 with 4 warps took 255
+# registers and an 8-byte stack (spilled). The combine tiles B in a fixed block (masked: it runs
+# once, in one program) instead of one growing with B, and BLOCK = 1024 takes 8 warps: no
+# forward spills at any block it is launched with (benchmarks/static_sm90.py checks every one).
+COMBINE_BLOCK = 64 if _common.INTERPRET else 256
+
+
+def _fwd_warps(block):
+    return 8 if block >= 1024 else 4
+
+
 def _option(options, field):
     """The name of field `field`'s code in `options`."""
     i, names = _OPT_FIELDS[field]
@@ -657,11 +670,13 @@ def _policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_
     B, T = logp.shape
     loss, stats, scale = _outputs(logp, len(POLICY_STATS))
     parts = _scratch(max(B, 1), len(POLICY_PARTS), logp.device)
+    block = _block(T)
     _policy_fwd_kernel[(max(B, 1),)](logp, old, adv, rollout if rollout is not None else logp, mask.view(torch.int8),
                                      parts, num_tokens if num_tokens is not None else parts,
                                      loss, stats, scale, B, T, float(B * T), clip_low, clip_high, dual_clip or 0.0,
                                      is_cap, HAS_DUAL=dual_clip is not None, AGG=agg, HAS_NT=num_tokens is not None,
-                                     **_policy_flags(options), BLOCK=_block(T), COMBINE_BLOCK=_block(B))
+                                     **_policy_flags(options), BLOCK=block, COMBINE_BLOCK=COMBINE_BLOCK,
+                                     num_warps=_fwd_warps(block))
     return loss, stats, scale
 
 
@@ -683,10 +698,12 @@ def _value_forward(values, old, returns, mask, num_tokens, clip, agg):
     B, T = values.shape
     loss, stats, scale = _outputs(values, len(VALUE_STATS))
     parts = _scratch(max(B, 1), len(VALUE_PARTS), values.device)
+    block = _block(T)
     _value_fwd_kernel[(max(B, 1),)](values, old, returns, mask.view(torch.int8), parts,
                                     num_tokens if num_tokens is not None else parts, loss, stats, scale, B, T,
                                     float(B * T), clip or 0.0, HAS_CLIP=clip is not None, AGG=agg,
-                                    HAS_NT=num_tokens is not None, BLOCK=_block(T), COMBINE_BLOCK=_block(B))
+                                    HAS_NT=num_tokens is not None, BLOCK=block, COMBINE_BLOCK=COMBINE_BLOCK,
+                                    num_warps=_fwd_warps(block))
     return loss, stats, scale
 
 

@@ -151,3 +151,265 @@ def test_cuda_graph_capture_replays_eager_values(name, backend):
     eager = _step(name, x, backend)
     for got, want in zip(static_out, eager):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+# ---- The audit's F1 (issue 21): a forward's ticket counter is per call. A counter cached per
+# (device, stream) was baked into graphs captured on a stream that had run eager calls, so two
+# launches could share it when replayed on other streams: each case below overlaps graph
+# replays and eager calls on several streams, and checks every result bitwise against the
+# eager values computed one call at a time. The work is sized so that the launches overlap.
+
+PPO_CASES = ["ppo_policy_loss", "ppo_policy_loss_gspo_tis", "ppo_value_loss"]
+
+
+def _ppo_inputs(seed, B=512, T=2048):
+    """Fresh inputs of the PPO ops (the keys of _inputs they read), on the GPU, with grads."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn():
+        return torch.randn(B, T, generator=gen, device="cuda")
+
+    x = {"lp": -2 * torch.rand(B, T, generator=gen, device="cuda"), "adv": randn(), "v": randn(), "r": randn(),
+         "mask": torch.rand(B, T, generator=gen, device="cuda") < 0.8}
+    x["old_lp"] = x["lp"] + 0.2 * randn()
+    x["roll_lp"] = x["old_lp"] + 0.3 * randn()
+    for k in ("lp", "v"):
+        x[k] = x[k].detach().requires_grad_()
+    return x
+
+
+def _refill(x, seed):
+    """New values in x's buffers (as a captured graph's static inputs get them)."""
+    new = _ppo_inputs(seed, *x["lp"].shape)
+    with torch.no_grad():
+        for k, t in x.items():
+            t.copy_(new[k])
+    return new
+
+
+def _eager(name, x, backend):
+    """The eager values, one call at a time on the current stream."""
+    out = tuple(t.detach().clone() for t in _step(name, x, backend))
+    torch.cuda.synchronize()
+    return out
+
+
+def _assert_equal(got, want, what):
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), "%s: output %d differs from the eager value" % (what, i)
+
+
+def _capture(name, x, backend, stream):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = _step(name, x, backend)
+    return graph, out
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", PPO_CASES)
+def test_graph_captured_on_a_stream_that_ran_eager_calls(name, backend):
+    s, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    x, z = _ppo_inputs(1), _ppo_inputs(2)
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # eager calls on the capture stream first
+            _step(name, x, backend)
+            _step(name, z, backend)
+        graph, static = _capture(name, x, backend, s)
+    torch.cuda.synchronize()
+    for round in range(5):
+        new = _refill(x, 100 + round)
+        want, want_z = _eager(name, new, backend), _eager(name, z, backend)
+        s2.wait_stream(torch.cuda.current_stream())
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s2):
+            graph.replay()
+        with torch.cuda.stream(s):  # an eager call on the capture stream, overlapping the replay
+            got_z = _step(name, z, backend)
+        torch.cuda.synchronize()
+        _assert_equal(static, want, "replay %d" % round)
+        _assert_equal(got_z, want_z, "eager call beside replay %d" % round)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", PPO_CASES)
+def test_two_graphs_of_one_stream_replayed_on_two_streams(name, backend):
+    s, s1, s2 = torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()
+    x1, x2, z = _ppo_inputs(3), _ppo_inputs(4), _ppo_inputs(5)
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _step(name, z, backend)
+        g1, out1 = _capture(name, x1, backend, s)
+        _step(name, z, backend)
+        g2, out2 = _capture(name, x2, backend, s)
+    torch.cuda.synchronize()
+    for round in range(5):
+        want1 = _eager(name, _refill(x1, 200 + round), backend)
+        want2 = _eager(name, _refill(x2, 300 + round), backend)
+        want_z = _eager(name, z, backend)
+        for st in (s, s1, s2):
+            st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s1):
+            g1.replay()
+        with torch.cuda.stream(s):
+            got_z = _step(name, z, backend)  # eager calls between and beside the replays
+        with torch.cuda.stream(s2):
+            g2.replay()
+        with torch.cuda.stream(s):
+            got_z2 = _step(name, z, backend)
+        torch.cuda.synchronize()
+        _assert_equal(out1, want1, "graph 1, replay %d" % round)
+        _assert_equal(out2, want2, "graph 2, replay %d" % round)
+        _assert_equal(got_z, want_z, "eager call %d" % round)
+        _assert_equal(got_z2, want_z, "second eager call %d" % round)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", PPO_CASES)
+def test_compile_reduce_overhead_equals_eager(name, backend):
+    """torch.compile(mode="reduce-overhead") records CUDA graphs in a private memory pool;
+    several calls with new inputs (the first ones warm up and record), eager calls between."""
+    torch._dynamo.reset()
+    fn = OPS[name][0]
+
+    def forward(lp, old_lp, roll_lp, adv, v, r, mask):
+        x = dict(lp=lp, old_lp=old_lp, roll_lp=roll_lp, adv=adv, v=v, r=r, mask=mask)
+        return fn(x, backend)
+
+    compiled = torch.compile(forward, mode="reduce-overhead")
+    keys = ("lp", "old_lp", "roll_lp", "adv", "v", "r", "mask")
+    with torch.no_grad():
+        for i in range(6):
+            x = _ppo_inputs(400 + i, B=64, T=1000)
+            got = tuple(t.clone() for t in compiled(*(x[k] for k in keys)))  # outputs are reused by the graph
+            eager_between = tuple(t.clone() for t in fn(_ppo_inputs(500 + i, B=64, T=1000), backend))
+            want = tuple(t.clone() for t in fn(x, backend))
+            torch.cuda.synchronize()
+            _assert_equal(got, want, "compiled call %d" % i)
+            assert all(torch.isfinite(t).all() for t in eager_between)
+
+
+# ---- Capture at sizes that reach the CUDA kernels' multi-block paths (issue 21; the cases above
+# and the first capture test use one GAE tile and one block): rows of 42 GAE tiles of 2048 steps
+# (past the look-back's window of 32 tiles, so it takes more than one round), masked_whiten
+# over 21 parts of 8192 and over ~1000 parts (blocks loop over parts when fewer are co-resident),
+# group_advantages over 4 parts of 4096 (plain, cooperative, sorted and masked launches). Each
+# replay is compared with the eager values (bitwise) and with the float64 reference.
+
+CUDA_GAE_TILE = 2048
+LONG_T = 41 * CUDA_GAE_TILE + 77
+
+
+def _replay_twice(make, step, check):
+    """Capture step(*static) after a warm-up on a side stream; twice: copy fresh inputs into the
+    static ones, replay, and check the replay against eager (bitwise) and check(fresh, out)."""
+    static = make()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(*static)
+    for _ in range(2):
+        fresh = make()
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_equal(outs, step(*fresh), "replay")
+        check(fresh, outs)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_capture_gae_and_whiten_multi_block(backend):
+    from rlhf_kernels.reference import gae as ref
+    from tests.test_gae import _oracle_row, assert_close_scaled
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    B, T = 2, LONG_T
+    cu = torch.tensor([0, 5, 5, 3 * CUDA_GAE_TILE + 1, T + 11, B * T], device="cuda")
+
+    def make():
+        r, v = torch.randn(B, T, generator=g, device="cuda"), torch.randn(B, T, generator=g, device="cuda")
+        m = torch.rand(B, T, generator=g, device="cuda") < 0.85
+        m.view(-1)[4 * CUDA_GAE_TILE:6 * CUDA_GAE_TILE + 9] = False  # two whole tiles masked
+        return r, v, m, torch.randn(B, generator=g, device="cuda")
+
+    def step(r, v, m, lv):
+        a, R = rk.gae(r, v, m, gamma=0.99, lam=0.95, last_values=lv, backend=backend)
+        pa, pR = rk.gae_packed(r.view(-1), v.view(-1), cu, gamma=0.99, lam=0.95, last_values=lv.repeat(3)[:5],
+                               mask=m.view(-1), validate=False, backend=backend)
+        return a, R, pa, pR, rk.masked_whiten(r, m, backend=backend)
+
+    def check(inputs, outs):
+        r, v, m, lv = inputs
+        a, R, pa, pR, w = outs
+        for b in range(B):
+            ea, er = _oracle_row(r[b], v[b], m[b], 0.99, 0.95, lv[b].item())
+            assert_close_scaled(a[b], ea)
+            assert_close_scaled(R[b], er)
+        bounds, plv = cu.tolist(), lv.repeat(3)[:5].tolist()
+        for k in range(len(bounds) - 1):
+            s, e = bounds[k], bounds[k + 1]
+            if e > s:
+                ea, er = _oracle_row(r.view(-1)[s:e], v.view(-1)[s:e], m.view(-1)[s:e], 0.99, 0.95, plv[k])
+                assert_close_scaled(pa[s:e], ea)
+                assert_close_scaled(pR[s:e], er)
+        assert_close_scaled(w, ref.masked_whiten(r.cpu().double(), m.cpu()))
+
+    _replay_twice(make, step, check)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_capture_masked_whiten_many_parts(backend):
+    from rlhf_kernels.reference import gae as ref
+    from tests.test_gae import assert_close_scaled
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    n = 12_000_017  # 977 parts of 6 tiles
+
+    def make():
+        return (torch.randn(n, generator=g, device="cuda") * 3 + 2, torch.rand(n, generator=g, device="cuda") < 0.6)
+
+    def step(x, m):
+        return (rk.masked_whiten(x, m, backend=backend), rk.masked_whiten(x, m, shift_mean=False, backend=backend))
+
+    def check(inputs, outs):
+        x, m = (t.cpu() for t in inputs)
+        assert_close_scaled(outs[0], ref.masked_whiten(x.double(), m))
+        assert_close_scaled(outs[1], ref.masked_whiten(x.double(), m, shift_mean=False))
+
+    _replay_twice(make, step, check)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_capture_group_advantages_multi_block(backend):
+    from tests.test_group_advantages import assert_close, expected
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    B, T = 3 * 4096 + 124, 16
+    ids = torch.randint(0, 3000, (B,), generator=g, device="cuda") * 7919 - 5  # B > 4096: sorted by torch
+    mask = torch.rand(B, T, generator=g, device="cuda") < 0.7
+
+    def make():
+        return (torch.randn(B, generator=g, device="cuda") * 2 + 0.5,)
+
+    def step(r):
+        a, tok = rk.group_advantages(r, group_size=4, mode="reinforce++", mask=mask, backend=backend)
+        return (rk.group_advantages(r, group_size=4, mode="grpo", backend=backend),
+                rk.group_advantages(r, group_size=4, mode="reinforce++", backend=backend),
+                rk.group_advantages(r, ids, mode="rloo", backend=backend), a, tok)
+
+    def check(inputs, outs):
+        (r,) = inputs
+        grpo, rpp, rloo, a, tok = outs
+        assert_close(grpo, expected(r, None, 4, "grpo"))
+        assert_close(rpp, expected(r, None, 4, "reinforce++"))
+        assert_close(rloo, expected(r, ids, None, "rloo"))
+        assert torch.equal(a, rpp)
+        assert torch.equal(tok, torch.where(mask, a[:, None], torch.zeros((), device="cuda")))
+
+    _replay_twice(make, step, check)

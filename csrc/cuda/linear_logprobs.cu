@@ -78,15 +78,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// acc += a @ b in float32 (mm_f32: rlhf/linear.cuh).
-void addmm_f32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == at::kFloat) {
-    acc.addmm_(a, b);
-  } else {
-    acc.add_(at::mm(a, b, at::kFloat));
-  }
-}
-
 struct CudaEpilogue {
   static constexpr int64_t kDefaultTileBytes = int64_t{256} << 20;  // 256 MiB of float32 logits per tile
 

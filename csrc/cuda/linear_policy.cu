@@ -16,7 +16,6 @@
 // outside the row, unless the `validate` check (one host sync, skipped while a CUDA graph is
 // captured) raised first.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -114,14 +113,7 @@ struct CudaEpilogue {
 
   static at::Tensor operand(const at::Tensor& t) { return t; }
   static void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { rlhf::mm_f32(out, a, b); }
-  // acc (float32) += a @ b: 16-bit operands through cuBLAS with beta = 1 on the float32 acc
-  static void addmm_f32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
-    if (a.scalar_type() == at::kFloat) {
-      acc.addmm_(a, b);
-    } else {
-      at::addmm_out(acc, acc, a, b, at::kFloat);
-    }
-  }
+  static void addmm_f32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) { rlhf::addmm_f32(acc, a, b); }
 
   // detail::check_masked_label_range (one host sync), except while the current stream is being
   // captured into a CUDA graph: there a bad label gives NaN and a zero gradient row

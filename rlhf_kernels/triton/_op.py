@@ -12,23 +12,51 @@ eager mode an ``Op`` calls its Python function directly, and a ``DifferentiableO
 an autograd.Function built from the *same* ``setup_context`` and ``backward``: one
 wiring per op, two entry points, chosen by ``torch.compiler.is_compiling()``. The
 backward functions call other ``Op`` instances, so the backward is traced as ops too.
+
+Both entry points run ``fn`` under ``on_device``: Triton launches on the *current* CUDA
+device, so tensors on cuda:1 while device 0 is current would be launched on device 0 with
+device-1 pointers (an illegal address, or slow peer access). The native ops take a
+CUDAGuard; this is the Triton ops' one guard, set from the first argument (a tensor in
+every op's schema, checked when the op is made).
 """
 
 import torch
 
 
+def on_device(fn, args):
+    """``fn(*args)`` on the CUDA device of ``args[0]`` (every op's first argument is a tensor):
+    made current for the call when it is not; nothing more than a test of ``is_cuda`` for CPU
+    tensors, and no context manager when the device is already current."""
+    t = args[0]
+    if t.is_cuda:
+        index = t.get_device()
+        if index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                return fn(*args)
+    return fn(*args)
+
+
 class Op:
-    """A Triton op without autograd: ``fn`` registered as ``rlhf_kernels::triton_<name>``."""
+    """A Triton op without autograd: ``fn`` registered as ``rlhf_kernels::triton_<name>``;
+    both entry points run it on its tensors' device (``on_device``, looked up per call)."""
 
     def __init__(self, name, schema, fn, fake):
+        if not schema.startswith("(Tensor "):
+            raise ValueError("Triton op %s: the device guard needs a Tensor first argument, got %s" % (name, schema))
+        self.name = name
         self.fn = fn
-        self.op = torch.library.custom_op("rlhf_kernels::triton_" + name, fn, mutates_args=(), schema=schema)
+
+        def guarded(*args):
+            return on_device(fn, args)
+
+        guarded.__name__ = guarded.__qualname__ = "triton_" + name
+        self.op = torch.library.custom_op("rlhf_kernels::triton_" + name, guarded, mutates_args=(), schema=schema)
         self.op.register_fake(fake)
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():
             return self.op(*args)
-        return self.fn(*args)
+        return on_device(self.fn, args)
 
 
 class DifferentiableOp(Op):
@@ -48,4 +76,4 @@ class DifferentiableOp(Op):
     def __call__(self, *args):
         if torch.compiler.is_compiling():
             return self.op(*args)
-        return self.function.apply(*args)
+        return on_device(self.function.apply, args)

@@ -187,8 +187,10 @@ def _group_advantages(rewards, group_index, group_size, mode, eps):
     if group_index is None:
         gblock = block(group_size, 1024, 16)
         groups = max(1, (64 if INTERPRET else 2048) // gblock)
+        # a tile of 2048 values with float64 statistics: 8 warps, since with 4 (16 values a thread)
+        # reinforce++ at GBLOCK = 1 took 255 registers and a stack on sm_90 (benchmarks/static_sm90.py)
         _consecutive_kernel[(triton.cdiv(B // group_size, groups),)](
-            rewards, adv, x, B, group_size, eps_bits, MODE=code, GROUPS=groups, GBLOCK=gblock, num_warps=4)
+            rewards, adv, x, B, group_size, eps_bits, MODE=code, GROUPS=groups, GBLOCK=gblock, num_warps=8)
     else:
         bi, bj = (8, 16) if INTERPRET else (32, 128)
         _indexed_kernel[(triton.cdiv(B, bi),)](rewards, group_index, adv, x, B, eps_bits, MODE=code,

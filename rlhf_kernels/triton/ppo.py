@@ -6,10 +6,10 @@ then draws a ticket from an int32 counter (_last_to_arrive); the program that dr
 last ticket combines all rows in a fixed order and writes the loss, the statistics and
 each row's weight w_b in the aggregated loss (loss = sum_b w_b * sum_t l_bt). Which
 program comes last varies between runs but the combine order does not, so the results
-are bitwise the same on every run (the only atomic is the integer ticket). On CUDA the
-counter is cached per (device, stream) and the last program sets it back to zero, so a
-forward is one launch and no fill (``_counter``); forwards on concurrent streams never
-share one.
+are bitwise the same on every run (the only atomic is the integer ticket). The counter
+is made and zeroed per call, in the same allocation as the partials (``_scratch``), as the
+CUDA path does: no two launches can share one (see ``_scratch`` for why a cached counter
+is unsafe).
 Memory ordering (the "last block" pattern): each program's stores of its partials are
 ordered before its ticket by a CTA barrier and the release half of the acq_rel atomic;
 the last program's acquire half orders its loads after every other program's ticket, and
@@ -56,6 +56,19 @@ S_VF_CLIPFRAC, S_EXPLAINED_VAR = (_index(VALUE_STATS, n) for n in ("vf_clipfrac"
 
 def _block(n):
     return _common.block(n, 1024, 64, floor=16)
+
+
+# Launch settings of the forwards (issue 21, F4). The row pass keeps 10-12 float64 accumulators per
+# element of its block and the combine 13, so the register count follows elements per thread:
+# compiled for sm_90, _policy_fwd_kernel at BLOCK = COMBINE_BLOCK = 1024 with 4 warps took 255
+# registers and an 8-byte stack (spilled). The combine tiles B in a fixed block (masked: it runs
+# once, in one program) instead of one growing with B, and BLOCK = 1024 takes 8 warps: no
+# forward spills at any block it is launched with (benchmarks/static_sm90.py checks every one).
+COMBINE_BLOCK = 64 if _common.INTERPRET else 256
+
+
+def _fwd_warps(block):
+    return 8 if block >= 1024 else 4
 
 
 def _option(options, field):
@@ -293,12 +306,14 @@ def _row_weight(count, total, rows_with, numel, num_tokens, AGG: tl.constexpr, H
 
 
 @triton.jit
-def _last_to_arrive(counter_ptr):
-    # True in the one program that draws the last ticket. The barrier orders the stores of
+def _last_to_arrive(parts_ptr, N_PARTS: tl.constexpr):
+    # True in the one program that draws the last ticket, from the int32 counter that follows
+    # the partials in the scratch (_scratch). The barrier orders the stores of
     # all threads of this program before the (single-thread) atomic, whose release half
     # publishes them; its acquire half, in the last program, orders the combine's loads
     # after every other program's ticket (Triton broadcasts a scalar atomic's result
     # through shared memory behind a barrier, which extends this to all threads).
+    counter_ptr = (parts_ptr + tl.num_programs(0).to(tl.int64) * N_PARTS).to(tl.pointer_type(tl.int32))
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     return ticket == tl.num_programs(0) - 1
@@ -380,9 +395,8 @@ def _policy_fwd_kernel(
     adv_ptr,         # [B, T] float32
     roll_ptr,        # [B, T] float32 rollout log-probabilities, read only with a correction
     mask_ptr,        # [B, T] int8 (0/1)
-    parts_ptr,       # [max(B, 1), N_POLICY_PARTS] float64 scratch: row partials
-    counter_ptr,     # [] int32, zero at launch: tickets; reset to zero by the last program (so a
-                     # cached counter is zero again for the next call on its stream)
+    parts_ptr,       # [max(B, 1) * N_POLICY_PARTS + 1] float64 scratch, zero at launch: row
+                     # partials, then the int32 ticket counter (_scratch)
     num_tokens_ptr,  # [] float64, read only when HAS_NT
     loss_ptr,        # [] float32 out
     stats_ptr,       # [len(POLICY_STATS)] float32 out
@@ -401,10 +415,9 @@ def _policy_fwd_kernel(
         _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, T, clip_low, clip_high,
                     dual_clip, is_cap, HAS_DUAL, SEQ_RATIO, SEQ_GRAD, CISPO, IS_MODE, TOKEN_IS, ROW_IS,
                     IS_GEOMETRIC, ROW_SUMS, PLAIN, BLOCK)
-    if _last_to_arrive(counter_ptr):
+    if _last_to_arrive(parts_ptr, N_POLICY_PARTS):
         _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel, AGG, HAS_NT,
                         COMBINE_BLOCK)
-        tl.store(counter_ptr, 0)
 
 
 @triton.jit
@@ -587,8 +600,7 @@ def _value_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B,
 def _value_fwd_kernel(
     v_ptr, old_ptr, ret_ptr,   # [B, T] float32
     mask_ptr,                  # [B, T] int8
-    parts_ptr,                 # [max(B, 1), N_VALUE_PARTS] float64 scratch: row partials
-    counter_ptr,               # [] int32, zero at launch: tickets; reset to zero by the last program
+    parts_ptr,                 # [max(B, 1) * N_VALUE_PARTS + 1] float64 scratch, zero at launch (_scratch)
     num_tokens_ptr,            # [] float64, read only when HAS_NT
     loss_ptr,                  # [] float32 out
     stats_ptr,                 # [len(VALUE_STATS)] float32 out
@@ -600,10 +612,9 @@ def _value_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     if row < B:
         _value_row(v_ptr, old_ptr, ret_ptr, mask_ptr, parts_ptr, row, T, clip, HAS_CLIP, BLOCK)
-    if _last_to_arrive(counter_ptr):
+    if _last_to_arrive(parts_ptr, N_VALUE_PARTS):
         _value_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel, AGG, HAS_NT,
                        COMBINE_BLOCK)
-        tl.store(counter_ptr, 0)
 
 
 @triton.jit
@@ -629,24 +640,17 @@ def _value_bwd_kernel(
     tl.store(out_ptr + idx, tl.where(valid, s * dv, 0.0), mask=inb)
 
 
-_counters = {}  # (device index, raw stream) -> [] int32 counter, zero between calls
-
-
-def _counter(device):
-    """The forward's ticket counter, [] int32 zero at launch. On CUDA one is cached per
-    (device, stream) and the kernel's last program sets it back to zero, so a call costs no
-    fill kernel, and forwards on concurrent streams never share one. A counter first needed
-    while a CUDA graph is being captured is made inside the graph (a captured fill) and not
-    cached: its memory belongs to the graph's pool. Under the interpreter: a fresh zero."""
-    if device.type != "cuda":
-        return torch.zeros((), dtype=torch.int32, device=device)
-    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
-    counter = _counters.get(key)
-    if counter is None:
-        counter = torch.zeros((), dtype=torch.int32, device=device)
-        if not torch.cuda.is_current_stream_capturing():
-            _counters[key] = counter
-    return counter
+def _scratch(rows, n_parts, device):
+    """A forward's scratch, [rows * n_parts + 1] float64, zero: the rows' partials, then the
+    int32 ticket counter in the last slot. One allocation and one fill per call, as the CUDA
+    path's cudaMemsetAsync, so no two launches ever share a counter. A counter cached per
+    (device, stream) and reset by the last program is not safe: a CUDA graph captured on a
+    stream that already ran eager calls bakes the cached counter in (so do two graphs
+    captured on one stream); replayed on other streams while eager calls run, two launches
+    then draw tickets from one counter and one's reset wipes the other's (a wrong loss,
+    uninitialized stats, and every later call on that stream wrong); and
+    torch.compile(mode="reduce-overhead") may rewind the private pool a counter was made in."""
+    return torch.zeros(rows * n_parts + 1, dtype=torch.float64, device=device)
 
 
 def _outputs(x, n_stats):
@@ -665,12 +669,14 @@ def _policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_
     Returns (loss [], stats [len(POLICY_STATS)], row_scale [B])."""
     B, T = logp.shape
     loss, stats, scale = _outputs(logp, len(POLICY_STATS))
-    parts = torch.empty((max(B, 1), len(POLICY_PARTS)), dtype=torch.float64, device=logp.device)
+    parts = _scratch(max(B, 1), len(POLICY_PARTS), logp.device)
+    block = _block(T)
     _policy_fwd_kernel[(max(B, 1),)](logp, old, adv, rollout if rollout is not None else logp, mask.view(torch.int8),
-                                     parts, _counter(logp.device), num_tokens if num_tokens is not None else parts,
+                                     parts, num_tokens if num_tokens is not None else parts,
                                      loss, stats, scale, B, T, float(B * T), clip_low, clip_high, dual_clip or 0.0,
                                      is_cap, HAS_DUAL=dual_clip is not None, AGG=agg, HAS_NT=num_tokens is not None,
-                                     **_policy_flags(options), BLOCK=_block(T), COMBINE_BLOCK=_block(B))
+                                     **_policy_flags(options), BLOCK=block, COMBINE_BLOCK=COMBINE_BLOCK,
+                                     num_warps=_fwd_warps(block))
     return loss, stats, scale
 
 
@@ -691,11 +697,13 @@ def _value_forward(values, old, returns, mask, num_tokens, clip, agg):
     """Returns (loss [], stats [len(VALUE_STATS)], row_scale [B])."""
     B, T = values.shape
     loss, stats, scale = _outputs(values, len(VALUE_STATS))
-    parts = torch.empty((max(B, 1), len(VALUE_PARTS)), dtype=torch.float64, device=values.device)
-    _value_fwd_kernel[(max(B, 1),)](values, old, returns, mask.view(torch.int8), parts, _counter(values.device),
+    parts = _scratch(max(B, 1), len(VALUE_PARTS), values.device)
+    block = _block(T)
+    _value_fwd_kernel[(max(B, 1),)](values, old, returns, mask.view(torch.int8), parts,
                                     num_tokens if num_tokens is not None else parts, loss, stats, scale, B, T,
                                     float(B * T), clip or 0.0, HAS_CLIP=clip is not None, AGG=agg,
-                                    HAS_NT=num_tokens is not None, BLOCK=_block(T), COMBINE_BLOCK=_block(B))
+                                    HAS_NT=num_tokens is not None, BLOCK=block, COMBINE_BLOCK=COMBINE_BLOCK,
+                                    num_warps=_fwd_warps(block))
     return loss, stats, scale
 
 

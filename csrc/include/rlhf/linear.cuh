@@ -1,6 +1,6 @@
 // Shared by the CUDA epilogues of the fused LM heads (csrc/cuda/linear_logprobs.cu,
 // csrc/cuda/linear_policy.cu) (.cu only): the biased, scaled load of a float32 logits tile,
-// the float32-output matmul and the dispatch on the dlogits dtype. Everything is in an anonymous namespace, as in
+// the float32-output matmuls and the dispatch on the dlogits dtype. Everything is in an anonymous namespace, as in
 // rlhf/softmax.cuh: each including file gets its own copy.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -32,6 +32,18 @@ void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
     at::mm_out(out, a, b);
   } else {
     at::mm_out(out, a, b, at::kFloat);
+  }
+}
+
+// acc (float32) += a @ b. Float32 operands in place (addmm_); 16-bit ones through mm_f32's
+// overload into a float32 temporary, then an add: addmm_out with a float32 `out` and 16-bit
+// operands is accepted by torch 2.14 but refused by some older versions (issue 21, F3), and
+// the temporary is what linear_logprobs has always paid.
+void addmm_f32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) {
+    acc.addmm_(a, b);
+  } else {
+    acc.add_(at::mm(a, b, at::kFloat));
   }
 }
 

@@ -77,6 +77,8 @@ void grad_rows(const float* z, float* dz, const float* bias, const L* labels, in
 
 struct CpuEpilogue {
   static constexpr int64_t kDefaultTileBytes = int64_t{2} << 20;  // 2 MiB of float32 logits per tile: L2-sized
+  // token blocks of 256 rows whatever N is (batch invariance, rlhf/linear_logprobs_op.h)
+  static constexpr int64_t kMaxRows = 256;
 
   // MKL multiplies float32 operands: 16-bit inputs are upcast (hidden once, weight per tile).
   static at::Tensor operand(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }

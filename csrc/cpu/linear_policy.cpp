@@ -87,8 +87,9 @@ struct CpuEpilogue {
   // the products are float32: 16-bit inputs always need the float32 d_weight accumulator, and it
   // is not taken from the buffer's budget
   static constexpr int64_t kAccumulatorBytes = 0;
-  // the logits tile [rows, V], row-major: each token's row is read contiguously (see the top)
-  static constexpr bool kVocabMajor = false;
+  // chunks of 256 rows whatever N is (batch invariance, rlhf/linear_policy_op.h): MKL runs near its
+  // full rate there, and a short batch pads at most 255 rows
+  static constexpr int64_t kMaxRows = 256;
 
   // MKL multiplies float32 operands: 16-bit inputs are upcast (hidden and weight once per call).
   static at::Tensor operand(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }

@@ -80,6 +80,8 @@ __global__ void __launch_bounds__(kThreads)
 
 struct CudaEpilogue {
   static constexpr int64_t kDefaultTileBytes = int64_t{256} << 20;  // 256 MiB of float32 logits per tile
+  // token blocks of 2048 rows whatever N is (batch invariance, rlhf/linear_logprobs_op.h)
+  static constexpr int64_t kMaxRows = 2048;
 
   static at::Tensor operand(const at::Tensor& t) { return t; }
   static void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { rlhf::mm_f32(out, a, b); }

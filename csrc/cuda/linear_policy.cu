@@ -108,8 +108,9 @@ struct CudaEpilogue {
   static constexpr int64_t kDefaultBufferBytes = (int64_t{1} << 30) - (int64_t{64} << 20);
   // a larger d_weight accumulates in its own dtype (rlhf/linear_policy_op.h)
   static constexpr int64_t kAccumulatorBytes = int64_t{512} << 20;
-  // the logits tile [rows, V], row-major: one block reads its row contiguously
-  static constexpr bool kVocabMajor = false;
+  // chunks of at most 2048 rows whatever N is (batch invariance, rlhf/linear_policy_op.h): wide
+  // enough for cuBLAS's full rate at H >= 1024, and a short batch pads at most 2047 rows
+  static constexpr int64_t kMaxRows = 2048;
 
   static at::Tensor operand(const at::Tensor& t) { return t; }
   static void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { rlhf::mm_f32(out, a, b); }

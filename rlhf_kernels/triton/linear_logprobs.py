@@ -1,10 +1,10 @@
 """Fused LM head + token log-probabilities + entropy: torch matmuls, Triton epilogues.
 
 The same tiling as the native ops (csrc/include/rlhf/linear_logprobs_op.h): the vocabulary in
-tiles of ``vc`` columns (tokens in tiles of ``nt`` rows only when N * 128 exceeds the tile
-budget); each tile's float32 logits [nt, vc] come from one matmul (cuBLAS through torch,
-float32 output from 16-bit inputs) and a Triton epilogue, one program per row, folds them
-at once, bias added, into running float32 statistics of s = logits / T
+tiles of ``vc`` columns, the tokens in blocks of ``nt`` rows; each tile's float32 logits [nt, vc]
+come from one matmul (cuBLAS through torch, float32 output from 16-bit inputs) and a Triton
+epilogue, one program per row, folds them at once, bias added, into running float32 statistics
+of s = logits / T
 (rlhf_kernels/triton/logprobs.py has the same online softmax):
     m = max s,  d = sum exp(s - m),  w = sum exp(s - m) (s - m),  s_y = the label's s.
 Then logp = (s_y - m) - log d and H = log d - w / d. Saved for the backward: (m, log d) and H.
@@ -15,6 +15,11 @@ The backward recomputes each tile's logits, a second epilogue overwrites them wi
 in the operands' dtype, and torch matmuls accumulate d_hidden (float32), d_weight and d_bias
 tile by tile.
 The [N, V] logits never exist; at most one tile of them does.
+
+Batch invariance, as in the native ops: nt and vc never depend on N, and every matmul sees a
+whole [nt, H] block (the last one padded, and any block not starting on an aligned boundary
+copied: _row_block), so a row's logp, entropy and d_hidden row are bitwise the same whatever
+other rows share its batch; the cost is up to nt - 1 padded rows per call.
 """
 
 import torch
@@ -25,9 +30,11 @@ from rlhf_kernels.triton import _common
 from rlhf_kernels.triton._op import DifferentiableOp, Op
 from rlhf_kernels.triton.logprobs import fold, logprob_grad, row_grad_inputs
 
-# Bytes of one float32 logits tile (the native CUDA op uses the same budget).
+# Bytes of one float32 logits tile and token rows per block (the native CUDA op's values).
 TILE_BYTES = 256 << 20
+MAX_ROWS = 2048
 _ALIGN = 128
+_BLOCK_ALIGN = 64  # bytes: a row block starting elsewhere is copied (rlhf/linear_logprobs_op.h: kBlockAlign)
 
 
 @triton.jit
@@ -95,13 +102,28 @@ def _grad_kernel(
         tl.store(out + idx, ds.to(dz_ptr.dtype.element_ty), mask=inb)
 
 
-def tiles(N, V, budget):
-    """(vc, nt): vocabulary columns and token rows per tile, as the native ops choose them."""
+def tiles(V, H, budget, max_rows=MAX_ROWS):
+    """(vc, nt): vocabulary columns and token rows per tile, as the native ops choose them
+    (linear_tiles): never from the number of tokens."""
     budget = max(budget, _ALIGN)
-    vc = budget // max(N, 1) // _ALIGN * _ALIGN or _ALIGN
-    vc = min(vc, V)
-    nt = min(max(N, 1), max(1, budget // vc))
-    return vc, nt
+    nt = 1
+    while nt * 2 <= min(max_rows, budget // _ALIGN):
+        nt *= 2
+    vc = budget // max(nt, H) // _ALIGN * _ALIGN or _ALIGN
+    return min(vc, V), nt
+
+
+def _row_block(h, pad, r0, nr, nt):
+    """Rows [r0, r0 + nr) of h [N, H] as an [nt, H] matmul operand, and the padded block: h's own
+    rows when they are a whole block on a _BLOCK_ALIGN-byte boundary, else a copy into the first
+    nr rows of ``pad`` (zeroed when made; its other rows are multiplied and never written out)."""
+    rows = h[r0:r0 + nr]
+    if nr == nt and rows.data_ptr() % _BLOCK_ALIGN == 0:
+        return rows, pad
+    if pad is None:
+        pad = h.new_zeros(nt, h.shape[1])
+    pad[:nr] = rows
+    return pad, pad
 
 
 def _block(n):
@@ -124,7 +146,7 @@ def _mm_f32(a, b):
 
 def _tiling(hidden, weight, tile):
     budget = tile if tile > 0 else TILE_BYTES // 4
-    return tiles(hidden.shape[0], weight.shape[0], budget)
+    return tiles(weight.shape[0], weight.shape[1], budget)
 
 
 def _bias_f32(bias):
@@ -140,13 +162,15 @@ def _forward(hidden, weight, bias, y, temperature, ignore_index, tile):
     vc, nt = _tiling(hidden, weight, tile)
     inv_t = 1.0 / temperature
     h, b = _operand(hidden), _bias_f32(bias)
+    pad = None
     for c0 in range(0, V, vc):
         n = min(vc, V - c0)
         block = _block(n)
         w_t = _operand(weight[c0:c0 + n]).t()
         for r0 in range(0, N, nt):
             nr = min(nt, N - r0)
-            logits = _mm_f32(h[r0:r0 + nr], w_t)
+            rows, pad = _row_block(h, pad, r0, nr, nt)
+            logits = _mm_f32(rows, w_t)[:nr]
             _fold_kernel[(nr,)](logits, b[c0:c0 + n] if b is not None else logits, y[r0:r0 + nr],
                                 running[r0:r0 + nr], n, c0, inv_t,
                                 HAS_BIAS=b is not None, BLOCK=block, num_warps=_common.warps(block))
@@ -174,9 +198,10 @@ def _backward(hidden, weight, bias, y, g_logp, g_entropy, stats, entropy, temper
             d_weight.zero_()
     else:
         vc, nt = _tiling(hidden, weight, tile)
-        acc_w = need_w and nt < N  # several token tiles: a float32 accumulator per vocab tile
+        acc_w = need_w and nt < N  # several token blocks: a float32 accumulator per vocab tile
         inv_t = 1.0 / temperature
         h, b = _operand(hidden), _bias_f32(bias)
+        pad = None
         for c0 in range(0, V, vc):
             n = min(vc, V - c0)
             block = _block(n)
@@ -185,9 +210,13 @@ def _backward(hidden, weight, bias, y, g_logp, g_entropy, stats, entropy, temper
             for r0 in range(0, N, nt):
                 nr = min(nt, N - r0)
                 hr = h[r0:r0 + nr]
-                logits = _mm_f32(hr, w.t())
-                dz = logits if h.dtype == torch.float32 else torch.empty(logits.shape, dtype=h.dtype,
-                                                                          device=h.device)
+                rows, pad = _row_block(h, pad, r0, nr, nt)
+                logits_block = _mm_f32(rows, w.t())
+                # the block's dlogits [nt, n]: the kernel writes the first nr rows (the others are
+                # the padding's, in products whose rows are never written out)
+                dz_block = logits_block if h.dtype == torch.float32 else torch.empty(
+                    logits_block.shape, dtype=h.dtype, device=h.device)
+                logits, dz = logits_block[:nr], dz_block[:nr]
                 _grad_kernel[(nr,)](
                     logits, dz, b[c0:c0 + n] if b is not None else logits, y[r0:r0 + nr],
                     g_logp[r0:r0 + nr] if g_logp is not None else entropy,
@@ -195,9 +224,9 @@ def _backward(hidden, weight, bias, y, g_logp, g_entropy, stats, entropy, temper
                     stats[r0:r0 + nr], entropy[r0:r0 + nr], n, c0, V, inv_t, ignore_index,
                     HAS_BIAS=b is not None, HAS_GLOGP=g_logp is not None, HAS_GENT=g_entropy is not None,
                     BLOCK=block, num_warps=_common.warps(block))
-                del logits
+                del logits, logits_block
                 if need_h:
-                    d_hidden[r0:r0 + nr] += _mm_f32(dz, w)
+                    d_hidden[r0:r0 + nr] += _mm_f32(dz_block, w)[:nr]
                 if need_w:
                     if acc_w:
                         dw += _mm_f32(dz.t(), hr)
@@ -205,7 +234,7 @@ def _backward(hidden, weight, bias, y, g_logp, g_entropy, stats, entropy, temper
                         d_weight[c0:c0 + n] = torch.mm(dz.t(), hr)
                 if need_b:
                     d_bias[c0:c0 + n] += dz.sum(0, dtype=torch.float32)
-                del dz
+                del dz, dz_block
             if acc_w:
                 d_weight[c0:c0 + n] = dw
     dt = hidden.dtype

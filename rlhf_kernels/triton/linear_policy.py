@@ -22,6 +22,10 @@ The PPO loss and statistics are triton/ppo.py's policy_forward on the [B, T] log
 and KL terms are aggregated with the same w_b. s_b is that op's row_scale (see _linear_policy;
 the sequence-level ratio takes two passes).
 (k3 is exp(-x) - 1 + x here: Triton has no expm1; its cancellation costs ~1e-7 absolute.)
+Batch invariance, as in the native ops: ``rows`` never depends on N nor on which gradients are
+asked for, and every matmul sees a whole [rows, H] block (the last one padded: triton/
+linear_logprobs.py's _row_block), so a token's logp, entropy and KL are bitwise the same whatever
+other tokens share its batch; the cost is up to rows - 1 padded rows per call.
 """
 
 import torch
@@ -33,13 +37,14 @@ from rlhf_kernels.triton import _common
 from rlhf_kernels.triton import ppo as tri_ppo
 from rlhf_kernels.triton._op import DifferentiableOp
 from rlhf_kernels.triton.ppo import _policy_flags, _policy_grad_token
-from rlhf_kernels.triton.linear_logprobs import _mm_f32, _operand
+from rlhf_kernels.triton.linear_logprobs import _mm_f32, _operand, _row_block
 from rlhf_kernels.triton.logprobs import fold, logprob_grad
 
 # Bytes of the float32 logits of a chunk, their 16-bit gradient and the float32 d_weight
 # accumulator together (the native CUDA op's budget); the accumulator only up to ACC_BYTES.
 BUFFER_BYTES = (1 << 30) - (64 << 20)
 ACC_BYTES = 512 << 20
+MAX_ROWS = 2048  # the most token rows per chunk (the native CUDA op's kMaxRows)
 _KL_CODES = {name: code for code, name in enumerate(KL_KINDS)}
 
 
@@ -161,19 +166,21 @@ def row_weights(mask, agg, num_tokens):
     return torch.where(has, w, 0.0)
 
 
-def _chunk_rows(N, V, H, dt, op_dtype, tile, need_grad, need_w):
-    """(rows per chunk, float32 d_weight accumulator or not), as the native ops choose them."""
+def _chunk_rows(N, V, H, dt, op_dtype, tile, need_w):
+    """(rows per chunk, float32 d_weight accumulator or not), as the native ops choose them
+    (chunk_rows): rows from (V, H, the dtypes, tile) alone, never from N nor from which
+    gradients are asked for (batch invariance), a power of two <= MAX_ROWS."""
     in_place = op_dtype == torch.float32
-    row_bytes = V * (4 + (0 if in_place or not need_grad else torch.empty((), dtype=op_dtype).element_size()))
-    acc_required = need_w and op_dtype != dt
-    acc = acc_required or (need_w and dt != torch.float32 and V * H * 4 <= ACC_BYTES)
-    budget = BUFFER_BYTES - (V * H * 4 if acc and not acc_required else 0)
-    rows = min(max(tile // V if tile > 0 else budget // row_bytes, 1), max(N, 1))
+    row_bytes = V * (4 + (0 if in_place else torch.empty((), dtype=op_dtype).element_size()))
+    acc_optional = op_dtype == dt and dt != torch.float32 and V * H * 4 <= ACC_BYTES
+    budget = BUFFER_BYTES - (V * H * 4 if acc_optional else 0)
+    want = min(max(tile // V if tile > 0 else budget // row_bytes, 1), MAX_ROWS)
+    rows = 1
+    while rows * 2 <= want:
+        rows *= 2
     chunks = -(-N // rows)
-    rows = -(-N // max(chunks, 1))
-    if chunks <= 1 and not acc_required:
-        acc = False
-    return max(rows, 1), acc
+    acc = need_w and (op_dtype != dt or (acc_optional and chunks > 1))
+    return rows, acc
 
 
 def _per_token(rows, mask):
@@ -220,14 +227,18 @@ def _linear_policy(hidden, weight, bias, y, old, adv, mask, ref, num_tokens, tem
         flat = lambda t: t.reshape(-1)  # noqa: E731
 
         def run_chunks(grad):
-            rows, acc = _chunk_rows(N, V, H, dt, h.dtype, tile, grad, grad and need_w)
+            rows, acc = _chunk_rows(N, V, H, dt, h.dtype, tile, grad and need_w)
             dw_acc = torch.empty(V, H, **f32) if acc else None
+            pad = None
             for r0 in range(0, N, rows):
                 n = min(rows, N - r0)
                 sl = slice(r0, r0 + n)
                 hr = h[sl]
-                logits = _mm_f32(hr, w.t())
-                dz = logits if h.dtype == torch.float32 else torch.empty(logits.shape, dtype=h.dtype, device=h.device)
+                h_block, pad = _row_block(h, pad, r0, n, rows)
+                logits_block = _mm_f32(h_block, w.t())  # [rows, V]: the first n rows are the chunk's
+                dz_block = logits_block if h.dtype == torch.float32 else torch.empty(
+                    logits_block.shape, dtype=h.dtype, device=h.device)
+                logits, dz = logits_block[:n], dz_block[:n]
                 _policy_head_kernel[(n,)](
                     logits, dz, b if b is not None else logits, y[sl], m8[sl], flat(old)[sl], flat(adv)[sl],
                     flat(ref)[sl] if ref is not None else logits, flat(rollout)[sl] if rollout is not None else logits,
@@ -239,8 +250,8 @@ def _linear_policy(hidden, weight, bias, y, old, adv, mask, ref, num_tokens, tem
                     TOKEN_IS=flags["TOKEN_IS"], GRAD=grad, BLOCK=block, num_warps=_common.warps(block))
                 if not grad:
                     continue
-                if need_h:
-                    d_hidden[sl] = torch.mm(dz, w) if dz.dtype == dt else torch.mm(dz, w).to(dt)
+                if need_h:  # one [rows, V] x [V, H] product whatever n is
+                    d_hidden[sl] = torch.mm(dz_block, w)[:n]
                 if need_w:
                     if acc:
                         if r0 == 0:
@@ -253,7 +264,7 @@ def _linear_policy(hidden, weight, bias, y, old, adv, mask, ref, num_tokens, tem
                         d_weight.addmm_(dz.t(), hr)
                 if need_b:
                     d_bias.add_(dz.sum(0, dtype=torch.float32))
-                del logits, dz
+                del logits, dz, logits_block, dz_block
             if acc:
                 d_weight.copy_(dw_acc)
 

@@ -10,7 +10,7 @@
 //     num_tokens) alone, so that every token's d loss / d logp is known once its row of
 //     logits is;
 //   per chunk of `rows` tokens (rows chosen so that the chunk's whole [rows, V] float32 logits,
-//     and their 16-bit dlogits copy on a GPU, fit the buffer): one matmul gives the logits of
+//     and their 16-bit dlogits copy on a GPU, fit the buffer; see chunk_rows): one matmul gives the logits of
 //     all of V (float32 output, into one reused buffer); E::policy takes each row twice,
 //     first its softmax statistics (m, d, w) and the label's logit -> logp, H, the token's
 //     loss terms and gradients, then dlogits in place (in the operands' dtype); then
@@ -38,25 +38,32 @@
 // as for the LM heads of large vocabularies, d_weight accumulates in its own dtype, with
 // float32 accumulation inside each product and one rounding per chunk, as Liger's fused
 // linear losses do). With one chunk it is one product, rounded once.
+// Batch invariance (a token's logp, entropy and KL are bitwise the same whatever other tokens
+// share its batch, how many, in which order): `rows` comes from (V, H, the dtypes, `tile`) alone,
+// never from N, and not from which gradients are asked for (so logp is the same with and without
+// them, and in both passes of the sequence ratio); the last chunk, and a chunk whose rows do not
+// start on an aligned boundary, is padded to `rows` (rlhf/linear_logprobs_op.h: linear_row_block),
+// so every matmul is [rows, H] x [H, V] or [rows, V] x [V, H] and MKL / cuBLAS run the same
+// algorithm with the same reduction order on every chunk; d_hidden goes through a [rows, H]
+// product, d_weight and d_bias take the real rows only. The cost: up to rows - 1 padded rows per
+// call (rows <= E::kMaxRows: 256 on the CPU, 2048 on a GPU), large only for small N.
 // Extra memory: the buffer (at most E::kDefaultBufferBytes with the accumulator, or `tile`
-// float32 logits), the accumulator when used, float32 per-token vectors [N] and d_bias [V], and
-// E::operand's copies (CPU, 16-bit inputs only: hidden and weight in float32).
+// float32 logits), the accumulator when used, the padded row block and the d_hidden product
+// [rows, H], float32 per-token vectors [N] and d_bias [V], and E::operand's copies (CPU, 16-bit
+// inputs only: hidden and weight in float32).
 //
 // E provides:
 //   static constexpr int64_t kDefaultBufferBytes;  logits (+ dlogits) buffer and accumulator together
 //   static constexpr int64_t kAccumulatorBytes;    the largest float32 d_weight accumulator
-//   static constexpr bool kVocabMajor;             the chunk's logits stored [V, rows] (a transposed
-//                                                  [rows, V] view: what MKL multiplies fastest at
-//                                                  a few hundred rows) rather than [rows, V]
+//   static constexpr int64_t kMaxRows;             the most token rows per chunk
 //   static at::Tensor operand(t);                  matmul operand: t itself, or a float32 copy
 //   static void mm_f32(out, a, b);                 out (float32) = a @ b
 //   static void addmm_f32(acc, a, b);              acc (float32) += a @ b
 //   static void check_label_range(labels, mask, V, op);  the `validate` check (CUDA: skipped while capturing)
 //   static void policy(logits [nr, V] f32, dlogits [nr, V] or undefined (no gradient; may alias
 //                      logits), bias (float32 [V]) or nullptr, PolicyHeadRows, inv_t, PolicyHeadArgs);
-// Every tensor E gets is contiguous, but the logits and dlogits tiles, which are transposed views of
-// contiguous [V, nr] buffers when E::kVocabMajor; so are the matmul operands (hidden and weight are
-// made contiguous first: a copy only when they are not).
+// Every tensor E gets is contiguous, and so are the matmul operands (hidden and weight are made
+// contiguous first: a copy only when they are not).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -82,6 +89,7 @@
 #include "rlhf/checks.h"
 #include "rlhf/label_dispatch.h"
 #include "rlhf/layout.h"
+#include "rlhf/linear_logprobs_op.h"
 #include "rlhf/linear_policy.h"
 #include "rlhf/ppo_op.h"
 
@@ -232,6 +240,23 @@ inline at::Tensor row_weights(const at::Tensor& mask, int64_t agg, const at::Ten
   return at::where(has, w, 0.0);
 }
 
+// Token rows per chunk: as many as the buffer holds (the float32 logits [rows, V], and their dlogits
+// copy when the operands are not float32; less the optional float32 d_weight accumulator [V, H]
+// for 16-bit inputs), at most max_rows, rounded down to a power of two; with `tile` > 0, tile / V
+// (tests). Never from N, nor from which gradients are asked for: batch invariance (see the top).
+inline int64_t chunk_rows(int64_t V, int64_t H, at::ScalarType dt, const at::Tensor& h, int64_t tile,
+                          int64_t buffer_bytes, int64_t acc_max_bytes, int64_t max_rows) {
+  const bool in_place = h.scalar_type() == at::kFloat;
+  const int64_t row_bytes = V * (4 + (in_place ? 0 : h.element_size()));
+  const int64_t acc_bytes = V * H * 4;
+  const bool acc_optional = h.scalar_type() == dt && dt != at::kFloat && acc_bytes <= acc_max_bytes;
+  const int64_t budget = buffer_bytes - (acc_optional ? acc_bytes : 0);
+  const int64_t want = std::clamp<int64_t>(tile > 0 ? tile / V : budget / row_bytes, 1, max_rows);
+  int64_t rows = 1;
+  while (rows * 2 <= want) rows *= 2;
+  return rows;
+}
+
 }  // namespace detail
 
 namespace detail {
@@ -308,22 +333,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor b = bias.has_value() ? as_f32(*bias) : at::Tensor();
     // dlogits in the matmul operands' dtype: in place over the float32 logits when that is float32
     const bool in_place = h.scalar_type() == at::kFloat;
-    const int64_t row_bytes = V * (4 + (with_grad && !in_place ? h.element_size() : 0));
-    const int64_t acc_bytes = V * H * 4;
-    // float32 d_weight accumulator: needed when dlogits are float32 but d_weight is not (CPU);
-    // for 16-bit products (GPU) while it fits E::kAccumulatorBytes
-    // (taken from the buffer's budget when optional)
-    const bool acc_required = with_grad && need_weight && h.scalar_type() != dt;
-    bool f32_acc = acc_required || (with_grad && need_weight && dt != at::kFloat && acc_bytes <= E::kAccumulatorBytes);
-    const int64_t budget = E::kDefaultBufferBytes - (f32_acc && !acc_required ? acc_bytes : 0);
-    int64_t rows = std::clamp<int64_t>(tile > 0 ? tile / V : budget / row_bytes, 1, N);
+    const int64_t rows =
+        detail::chunk_rows(V, H, dt, h, tile, E::kDefaultBufferBytes, E::kAccumulatorBytes, E::kMaxRows);
     const int64_t chunks = (N + rows - 1) / rows;
-    rows = (N + chunks - 1) / chunks;  // chunks of even size
-    if (chunks == 1 && !acc_required) f32_acc = false;  // one product, rounded once
+    // float32 d_weight accumulator: needed when dlogits are float32 but d_weight is not (CPU);
+    // for 16-bit products (GPU) while it fits E::kAccumulatorBytes (chunk_rows left room for
+    // it); with one chunk, one product rounded once
+    const bool acc_required = with_grad && need_weight && h.scalar_type() != dt;
+    const bool f32_acc = acc_required || (with_grad && need_weight && chunks > 1 && dt != at::kFloat &&
+                                          V * H * 4 <= E::kAccumulatorBytes);
     at::Tensor buf = at::empty({rows * V}, f32);
     at::Tensor gbuf = with_grad && !in_place ? at::empty({rows * V}, h.options()) : at::Tensor();
     at::Tensor dw_acc = f32_acc ? at::empty({V, H}, f32) : at::Tensor();
     at::Tensor dh_rows_all = with_grad && need_hidden ? d_hidden.view({N, H}) : at::Tensor();
+    at::Tensor pad;  // the padded row block (rlhf/linear_logprobs_op.h: linear_row_block)
+    at::Tensor dh_block = with_grad && need_hidden ? at::empty({rows, H}, h.options()) : at::Tensor();
     const at::Tensor y = c.labels.reshape({-1});
     const bool* m = c.mask.data_ptr<bool>();
     const float *olp = c.old_logp.data_ptr<float>(), *adv = c.adv.data_ptr<float>();
@@ -336,31 +360,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t n = std::min(rows, N - r0);
       const at::Tensor hr = h.narrow(0, r0, n);
-      // the chunk's logits [n, V]: a transposed view of a [V, n] buffer when vocabulary-major
-      const auto tile_of = [&](const at::Tensor& b) {
-        return E::kVocabMajor ? b.narrow(0, 0, n * V).view({V, n}).t() : b.narrow(0, 0, n * V).view({n, V});
-      };
-      at::Tensor logits = tile_of(buf);
-      if (E::kVocabMajor) {
-        at::Tensor zt = logits.t();
-        E::mm_f32(zt, w, hr.t());
-      } else {
-        E::mm_f32(logits, hr, w.t());
-      }
-      at::Tensor dz = !with_grad ? at::Tensor() : (in_place ? logits : tile_of(gbuf));
+      // the chunk's logits [rows, V] from the [rows, H] block (padded: see the top); the epilogue
+      // takes the first n rows
+      at::Tensor logits_block = buf.view({rows, V});
+      E::mm_f32(logits_block, linear_row_block(h, pad, r0, n, rows), w.t());
+      at::Tensor dz_block = !with_grad ? at::Tensor() : (in_place ? logits_block : gbuf.view({rows, V}));
+      at::Tensor logits = logits_block.narrow(0, 0, n);
+      at::Tensor dz = dz_block.defined() ? dz_block.narrow(0, 0, n) : at::Tensor();
       const PolicyHeadRows tokens{y.narrow(0, r0, n), m + r0,   olp + r0, adv + r0,
                                   ref ? ref + r0 : nullptr,   roll ? roll + r0 : nullptr,
                                   wt + r0,            st + r0,  lp + r0,  ent + r0,
                                   klp ? klp + r0 : nullptr};
       E::policy(logits, dz, bp, tokens, c.inv_t, c.args);
       if (!with_grad) continue;
-      if (need_hidden) {  // all of V in this chunk: d_hidden of its rows in one product
-        at::Tensor dh = dh_rows_all.narrow(0, r0, n);
-        if (dz.scalar_type() == dt) {
-          at::mm_out(dh, dz, w);
-        } else {
-          dh.copy_(at::mm(dz, w));
-        }
+      if (need_hidden) {  // all of V in this chunk: d_hidden of its rows in one [rows, V] x [V, H] product
+        at::mm_out(dh_block, dz_block, w);
+        dh_rows_all.narrow(0, r0, n).copy_(dh_block.narrow(0, 0, n));
       }
       if (need_weight) {
         if (f32_acc && r0 == 0) {

@@ -240,7 +240,15 @@ def _calls(n, full):
         backward((rk.ranking_loss(x, valid=torch.rand(n, 4, generator=g) < 0.8, backend="triton")[0],), [x])
         backward((rk.ranking_loss(x, backend="triton")[0],), [x])
 
-    calls = [("logprobs", logprobs), ("linear", linear), ("gae", lambda: gae(2, n)),
+    def score():
+        (p,) = grad_of(randn(n))
+        backward((rk.score_loss(p, randn(n), backend="triton")[0],), [p])
+        for K in (2, 7, 40):  # the threshold tile's width KB: 16, 16, 64
+            p, t = grad_of(randn(n), torch.arange(K - 1, dtype=torch.float32) - (K - 1) / 2)
+            backward((rk.score_loss(p, torch.randint(0, K, (n,), generator=g), kind="ordinal", thresholds=t,
+                                    backend="triton")[0],), [p, t])
+
+    calls = [("logprobs", logprobs), ("linear", linear), ("gae", lambda: gae(2, n)), ("score", score),
              ("group size", lambda: group(2, n)), ("group B", lambda: group(n, 2, T=min(n, 600))), ("bt", bt)]
     # the PPO losses tile T in the row pass and B in the combine: both are swept, and together
     calls += [("ppo %s" % (bt,), lambda bt=bt: ppo(*bt)) for bt in ((2, n), (n, 2), (min(n, 600),) * 2)]

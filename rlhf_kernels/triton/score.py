@@ -138,8 +138,12 @@ def _score_forward(pred, score, thresholds, kind):
     KB = max(16, triton.next_power_of_2(max(K - 1, 1)))
     # the one-hot threshold tile is [BLOCK, KB]: keep it at most 8192 elements on a GPU
     block = _common.block(P, max(16, min(1024, 8192 // KB)) if ordinal else 1024, 64 if ordinal else 256, floor=16)
+    # 8 warps for the largest ordinal tiles: at 4 warps [512, 16] takes all 255 registers on sm_90
+    # (benchmarks/static_sm90.py)
+    warps = 8 if ordinal and block * KB >= 4096 else 4
     _score_fwd_kernel[(1,)](pred, score, thresholds if ordinal else pred, loss, stats, d_pred,
-                            d_t if ordinal else pred, P, K, ORDINAL_KIND=ordinal, BLOCK=block, KB=KB)
+                            d_t if ordinal else pred, P, K, ORDINAL_KIND=ordinal, BLOCK=block, KB=KB,
+                            num_warps=warps)
     return loss, stats, d_pred, d_t
 
 

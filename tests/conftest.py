@@ -66,3 +66,27 @@ def gen():
     import zlib
     seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode())
     return torch.Generator().manual_seed(seed)
+
+
+def replay_twice(make, step, check):
+    """Capture ``step(*static)`` in a CUDA graph after a warm-up on a side stream; then twice: copy
+    fresh inputs into the static ones, replay, check the replay bitwise against eager, and call
+    ``check(fresh, outs)`` (e.g. against the float64 reference)."""
+    static = make()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(*static)
+    for _ in range(2):
+        fresh = make()
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (o, e) in enumerate(zip(outs, step(*fresh))):
+            assert torch.equal(o, e), "replay: output %d differs from the eager value" % i
+        check(fresh, outs)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rlhf_kernels as rk
+from tests.conftest import replay_twice
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -301,28 +302,6 @@ CUDA_GAE_TILE = 2048
 LONG_T = 41 * CUDA_GAE_TILE + 77
 
 
-def _replay_twice(make, step, check):
-    """Capture step(*static) after a warm-up on a side stream; twice: copy fresh inputs into the
-    static ones, replay, and check the replay against eager (bitwise) and check(fresh, out)."""
-    static = make()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step(*static)
-    for _ in range(2):
-        fresh = make()
-        for s, f in zip(static, fresh):
-            s.copy_(f)
-        graph.replay()
-        torch.cuda.synchronize()
-        _assert_equal(outs, step(*fresh), "replay")
-        check(fresh, outs)
-
-
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_capture_gae_and_whiten_multi_block(backend):
     from rlhf_kernels.reference import gae as ref
@@ -360,7 +339,7 @@ def test_capture_gae_and_whiten_multi_block(backend):
                 assert_close_scaled(pR[s:e], er)
         assert_close_scaled(w, ref.masked_whiten(r.cpu().double(), m.cpu()))
 
-    _replay_twice(make, step, check)
+    replay_twice(make, step, check)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -382,7 +361,7 @@ def test_capture_masked_whiten_many_parts(backend):
         assert_close_scaled(outs[0], ref.masked_whiten(x.double(), m))
         assert_close_scaled(outs[1], ref.masked_whiten(x.double(), m, shift_mean=False))
 
-    _replay_twice(make, step, check)
+    replay_twice(make, step, check)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -412,4 +391,4 @@ def test_capture_group_advantages_multi_block(backend):
         assert torch.equal(a, rpp)
         assert torch.equal(tok, torch.where(mask, a[:, None], torch.zeros((), device="cuda")))
 
-    _replay_twice(make, step, check)
+    replay_twice(make, step, check)

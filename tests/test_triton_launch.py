@@ -41,7 +41,9 @@ def _small_inputs(device):
          "labels": torch.randint(0, V, (B, 7), generator=gen, device=device),
          "hidden": randn(B * 7, H), "weight": randn(V, H) / 4,
          "lp": -2 * torch.rand(B, T, generator=gen, device=device), "adv": randn(B, T),
-         "chosen": randn(19), "rejected": randn(19), "rank": randn(5, 4)}
+         "chosen": randn(19), "rejected": randn(19), "rank": randn(5, 4),
+         "pred": randn(19), "score": randn(19), "level": torch.randint(0, 5, (19,), generator=gen, device=device),
+         "thresh": torch.tensor([-3.0, -1.0, 1.0, 3.0], device=device) + 0.2 * randn(4)}
     x["old_lp"] = x["lp"] + 0.2 * randn(B, T)
     x["roll_lp"] = x["old_lp"] + 0.3 * randn(B, T)
     x["labels"][0, 0] = -100

@@ -254,19 +254,16 @@ def test_fused_heads_realistic_size_cuda(gen, backend):
             _assert_rows_equal("cuda %s linear_policy_loss" % backend, "logprobs", full, sub, idx)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: on the cpu backend linear_policy_loss's logprobs stat and "
-                   "linear_token_logprobs differ by 1 float32 ulp on a few tokens (each op is batch-invariant on its "
-                   "own), so a trainer's first PPO ratio is 1 +- 2.4e-7 rather than exactly 1; strict: passing means fixed")
-def test_fused_heads_agree_bitwise():
+@pytest.mark.parametrize("device,backend", [p for p in device_backends() if p.values[1] != "triton"])
+def test_fused_heads_agree_bitwise(device, backend):
     """The policy head's per-token log-probs equal linear_token_logprobs' bitwise (the on-policy ratio is then
-    exactly 1 when old log-probs come from the latter, as in the trainer)."""
-    if "cpu" not in rk.available_backends("cpu"):
-        pytest.skip("native extension not built")
+    exactly 1 when old log-probs come from the latter, as in the trainer). The cpu backend once took two
+    different logs (ATen's vectorized one and std::log) and differed by an ulp on a few tokens."""
     g = torch.Generator().manual_seed(7)
     N, H, V = 256, 64, 32
-    h, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) / 8
-    y = torch.randint(0, V, (N,), generator=g)
-    lp = rk.linear_token_logprobs(h, w, y, backend="cpu")
-    _, st = rk.linear_policy_loss(h[None], w, y[None], lp[None], torch.randn(1, N, generator=g),
-                                  torch.ones(1, N, dtype=torch.bool), backend="cpu")
+    h, w = torch.randn(N, H, generator=g).to(device), (torch.randn(V, H, generator=g) / 8).to(device)
+    y = torch.randint(0, V, (N,), generator=g).to(device)
+    lp = rk.linear_token_logprobs(h, w, y, backend=backend)
+    _, st = rk.linear_policy_loss(h[None], w, y[None], lp[None], torch.randn(1, N, generator=g).to(device),
+                                  torch.ones(1, N, dtype=torch.bool, device=device), backend=backend)
     assert torch.equal(st["logprobs"][0], lp)

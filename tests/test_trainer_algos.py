@@ -214,10 +214,7 @@ def test_group_rollout_rewards_and_advantages(algo):
         assert batch["advantages"][:, 0].view(8, 4).sum(-1).abs().max() < 1e-5
     row = trainer.train_step(evaluate=True)
     assert list(row) == LOG_KEYS and row["value_loss"] is None and row["kl_estimator"] == "k1"
-    # exactly 1 before the fixed-row-block change; since then the cpu backend's two fused-head epilogues
-    # (linear_token_logprobs for old_logp, linear_policy_loss in the update) differ by 1 ulp on a few
-    # tokens: a known defect, tracked bitwise by test_batch_invariance.py::test_fused_heads_agree_bitwise
-    assert row["first_ratio_max_dev"] <= 4 * 2.0 ** -23
+    assert row["first_ratio_max_dev"] == 0.0
 
 
 def small_run(algo, steps):

@@ -82,6 +82,19 @@ struct CpuEpilogue {
 
   // MKL multiplies float32 operands: 16-bit inputs are upcast (hidden once, weight per tile).
   static at::Tensor operand(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+  // std::log per row, as the policy head's CPU epilogue (csrc/cpu/linear_policy.cpp) takes it: ATen's
+  // vectorized log differs from it by an ulp on some values, which would make a trainer's first
+  // PPO ratio differ from 1 when old log-probs come from this op and new ones from linear_policy_loss
+  static at::Tensor log(const at::Tensor& d) {
+    at::Tensor out = at::empty({d.size(0)}, d.options());
+    const float* src = d.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    const int64_t stride = d.stride(0);
+    at::parallel_for(0, d.size(0), 4096, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) dst[r] = std::log(src[r * stride]);
+    });
+    return out;
+  }
   static void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
   static void addmm_f32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) { acc.addmm_(a, b); }
 

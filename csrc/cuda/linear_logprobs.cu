@@ -84,6 +84,7 @@ struct CudaEpilogue {
   static constexpr int64_t kMaxRows = 2048;
 
   static at::Tensor operand(const at::Tensor& t) { return t; }
+  static at::Tensor log(const at::Tensor& d) { return at::log(d); }
   static void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { rlhf::mm_f32(out, a, b); }
   static void addmm_f32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) { rlhf::addmm_f32(acc, a, b); }
   static void check_label_range(const at::Tensor& labels, int64_t V, int64_t ignore_index, const char* op) {

@@ -48,6 +48,7 @@
 //   static constexpr int64_t kDefaultTileBytes;
 //   static constexpr int64_t kMaxRows;          token rows per block (a power of two)
 //   static at::Tensor operand(t);               matmul operand: t itself, or a float32 copy
+//   static at::Tensor log(d);                   log of the row sums d [N] (a float32 strided view)
 //   static void mm_f32(out, a, b);              out (float32) = a @ b
 //   static void addmm_f32(acc, a, b);           acc (float32) += a @ b
 //   static void check_label_range(labels, V, ignore_index, op);   the `validate` check
@@ -171,7 +172,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forward(const at:
       E::fold(logits, linear_bias_ptr(b, c0), y.narrow(0, r0, nr), c0, inv_t, running.narrow(0, r0, nr));
     }
   }
-  const at::Tensor m = running.select(1, 0), log_d = at::log(running.select(1, 1));
+  // log d through the epilogue (E::log): the CPU takes the scalar log the policy head's epilogue
+  // takes, so linear_policy_loss's logprobs stat equals linear_token_logprobs' bitwise
+  const at::Tensor m = running.select(1, 0), log_d = E::log(running.select(1, 1));
   const at::Tensor ignored = y.eq(ignore_index);
   const at::Tensor in_vocab = y.ge(0).logical_and_(y.lt(V));
   const at::Tensor logp = at::where(ignored, 0.0, running.select(1, 3).sub(m).sub(log_d));

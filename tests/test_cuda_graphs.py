@@ -154,7 +154,7 @@ def test_cuda_graph_capture_replays_eager_values(name, backend):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
-# ---- The audit's F1 (issue 21): a forward's ticket counter is per call. A counter cached per
+# ---- The audit's F1: a forward's ticket counter is per call. A counter cached per
 # (device, stream) was baked into graphs captured on a stream that had run eager calls, so two
 # launches could share it when replayed on other streams: each case below overlaps graph
 # replays and eager calls on several streams, and checks every result bitwise against the
@@ -291,7 +291,7 @@ def test_compile_reduce_overhead_equals_eager(name, backend):
             assert all(torch.isfinite(t).all() for t in eager_between)
 
 
-# ---- Capture at sizes that reach the CUDA kernels' multi-block paths (issue 21; the cases above
+# ---- Capture at sizes that reach the CUDA kernels' multi-block paths (the cases above
 # and the first capture test use one GAE tile and one block): rows of 42 GAE tiles of 2048 steps
 # (past the look-back's window of 32 tiles, so it takes more than one round), masked_whiten
 # over 21 parts of 8192 and over ~1000 parts (blocks loop over parts when fewer are co-resident),

@@ -1,4 +1,4 @@
-"""benchmarks/static_sm90.py, the static check of every kernel for sm_90 (issue 21): it reports a
+"""benchmarks/static_sm90.py, the static check of every kernel for sm_90: it reports a
 real spill and fails on it unless the kernel is allowed. CI runs the check itself (.ci/run)."""
 
 import importlib.util

@@ -1,4 +1,4 @@
-"""How the Triton ops launch (issue 21's F1 and F2): every Triton op entry runs on its tensors'
+"""How the Triton ops launch (the per-call ticket counter and the device guard): every Triton op entry runs on its tensors'
 device (the device guard in rlhf_kernels/triton/_op.py), and a PPO forward's ticket counter is
 made and zeroed per call, never cached or shared between calls.
 

@@ -58,7 +58,7 @@ def _block(n):
     return _common.block(n, 1024, 64, floor=16)
 
 
-# Launch settings of the forwards (issue 21, F4). The row pass keeps 10-12 float64 accumulators per
+# Launch settings of the forwards. The row pass keeps 10-12 float64 accumulators per
 # element of its block and the combine 13, so the register count follows elements per thread:
 # compiled for sm_90, _policy_fwd_kernel at BLOCK = COMBINE_BLOCK = 1024 with 4 warps took 255
 # registers and an 8-byte stack (spilled). The combine tiles B in a fixed block (masked: it runs

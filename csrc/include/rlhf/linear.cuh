@@ -37,7 +37,7 @@ void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 
 // acc (float32) += a @ b. Float32 operands in place (addmm_); 16-bit ones through mm_f32's
 // overload into a float32 temporary, then an add: addmm_out with a float32 `out` and 16-bit
-// operands is accepted by torch 2.14 but refused by some older versions (issue 21, F3), and
+// operands is accepted by torch 2.14 but refused by some older versions, and
 // the temporary is what linear_logprobs has always paid.
 void addmm_f32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) {

@@ -209,6 +209,7 @@ def test_optimum_formula_is_the_max_of_J():
         assert J(other) < star
 
 
+@pytest.mark.slow  # the CI-sized demo: a reward model and a whole PPO run
 def test_reward_model_and_gap_closing_run(tmp_path):
     """The CI-sized demo: the reward model learns the rule and PPO closes most of the gap to J*."""
     from rlhf_trainer import demo

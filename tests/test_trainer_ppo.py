@@ -161,6 +161,7 @@ def test_kl_controller():
     assert fixed.beta == 0.1
 
 
+@pytest.mark.slow  # 37 s on the shared 2-core machine (load average ~24)
 def test_exact_resume(tmp_path):
     """N steps, checkpoint, a fresh trainer resumes, N more steps: the same log as 2N steps."""
     cfg = small_cfg(steps=4)

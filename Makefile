@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: deps install demo test bench info clean anchor-wheels wheel smoke-wheel
+.PHONY: deps install demo test test-quick bench info clean anchor-wheels wheel smoke-wheel
 
 deps:
 	$(PIP) install -q torch numpy pytest ninja transformers tqdm pyyaml matplotlib pydantic
@@ -34,6 +34,10 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# the same without the tests marked slow (whole training runs): a quick local check; CI runs `test`
+test-quick: install
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 bench: install
 	$(PYTHON) benchmarks/run.py

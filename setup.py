@@ -172,9 +172,19 @@ def _extensions():
     class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
         """Writes the build facts next to the extension it built (the source tree for an editable
         or --inplace build, the build folder for a wheel), so that a wheel built from a checkout
-        never rewrites the facts of the checkout's own extension."""
+        never rewrites the facts of the checkout's own extension. A wheel's extension is linked
+        with ``-s`` (no symbol table, no DWARF debug sections, which are most of an unstripped
+        build's size); an editable or --inplace build keeps them for debuggers and profilers."""
+
+        def build_extensions(self):
+            if self._strip:
+                for e in self.extensions:
+                    e.extra_link_args = list(e.extra_link_args or []) + ["-s"]
+            super().build_extensions()
 
         def run(self):
+            # decided here: setuptools' run() clears `inplace` while it builds, then copies
+            self._strip = not self.inplace and not getattr(self, "editable_mode", False)
             super().run()
             _write_build_info(info, os.path.dirname(self.get_ext_fullpath(ext.name)))
 

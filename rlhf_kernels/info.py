@@ -32,8 +32,11 @@ def report():
     if cuda_dev:
         usable["cuda"] = _backend.available("cuda")
     why = {b: _backend.why_not(b, "cuda" if b in ("cuda", "triton") else "cpu") for b in _backend.BACKENDS}
-    if not cuda_dev:
+    if not cuda_dev:  # no GPU: the CPU tensors' reasons; triton's only when it is missing altogether
         why = {b: r for b, r in why.items() if b not in ("cuda", "triton")}
+        if not _backend.triton_installed():
+            why["triton"] = ("triton is not installed (a CPU-only torch brings none): `pip install triton` runs "
+                             "its kernels on CPU tensors under TRITON_INTERPRET=1")
     return {
         "rlhf_kernels": rlhf_kernels.__version__,
         "python": platform.python_version(),

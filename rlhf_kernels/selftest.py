@@ -304,6 +304,8 @@ def main(argv=None):
     print("rlhf-kernels %s self-test: torch %s, seed %d%s" % (
         rlhf_kernels.__version__, torch.__version__, seed,
         ", Triton under the interpreter" if _backend.triton_interpret() else ""))
+    if not _backend.triton_installed():
+        print("triton is not installed: the triton backend is not checked")
     print(HEADER)
     results = []
 

@@ -19,12 +19,19 @@ from rlhf_kernels import _backend  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+NO_TRITON = "triton is not installed (a CPU-only torch brings none; `pip install triton` to test that backend)"
+
+
 def device_backends():
-    """(device, backend) pairs runnable here; CUDA ones carry the `cuda` mark."""
+    """(device, backend) pairs runnable here; CUDA ones carry the `cuda` mark. Without triton
+    the triton pairs are still listed, skipped with the reason, so a run says what it left out."""
     params = [pytest.param("cpu", b, id="cpu-" + b) for b in _backend.available("cpu")]
     if HAS_CUDA:
         params += [pytest.param("cuda", b, id="cuda-" + b, marks=pytest.mark.cuda)
                    for b in _backend.available("cuda")]
+    if not _backend.triton_installed():
+        params += [pytest.param(d, "triton", id=d + "-triton", marks=pytest.mark.skip(reason=NO_TRITON))
+                   for d in ("cpu", "cuda") if d == "cpu" or HAS_CUDA]
     return params
 
 

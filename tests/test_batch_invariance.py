@@ -21,15 +21,10 @@ import torch
 
 import rlhf_kernels as rk
 from conftest import HAS_CUDA, device_backends
+from tests._helpers import IGNORE, skip_unsupported
 
 BACKENDS = device_backends()
 DTYPES = [torch.float32, torch.bfloat16]
-IGNORE = -100
-
-
-def _skip_unsupported(device, backend, dtype):
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter cannot do bfloat16 arithmetic")
 
 
 def _interpreted(device, backend):
@@ -102,7 +97,7 @@ def _with_grads(fn, leaves, upstream):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_token_logprobs_and_entropy(gen, device, backend, dtype):
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     N, V = _rows(device, backend, dtype), _vocab(device, backend)
     logits = (3 * torch.randn(N, V, generator=gen)).to(dtype).to(device)
     labels = torch.randint(0, V, (N,), generator=gen)
@@ -126,7 +121,7 @@ def test_token_logprobs_and_entropy(gen, device, backend, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_full_kl(gen, device, backend, dtype):
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     N, V = _rows(device, backend, dtype), _vocab(device, backend)
     logits = (3 * torch.randn(N, V, generator=gen)).to(dtype).to(device)
     ref_logits = (3 * torch.randn(N, V, generator=gen)).to(dtype).to(device)
@@ -150,7 +145,7 @@ def _head(gen, N, H, V, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_linear_token_logprobs(gen, device, backend, dtype):
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     # V = 3001: two vocabulary tiles (one ragged) of the CPU op's default tiling
     N, H, V = _rows(device, backend, dtype), 48, 3001 if not _interpreted(device, backend) else 257
     hidden, weight, bias = _head(gen, N, H, V, dtype, device)
@@ -190,7 +185,7 @@ def _policy_logprobs(hidden, weight, bias, labels, old, adv, mask, backend, grad
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_linear_policy_loss_logprobs(gen, device, backend, dtype):
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     N = _rows(device, backend, dtype)
     T = 5 if N >= 500 else 1  # the batch is cut into sequences of T tokens
     B, H, V = N // T, 48, 3001 if not _interpreted(device, backend) else 257

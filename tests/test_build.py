@@ -82,6 +82,9 @@ def test_info_reports_the_build():
         assert "compiled backends: %s" % ", ".join(built) in out
     usable = set(out.split("cpu tensors:")[1].splitlines()[0].replace(",", " ").split())
     assert {"cpu", "torch"} <= usable if _ext.loaded() else "torch" in usable and "cpu" not in usable
+    if not _backend.triton_installed():  # as with a CPU-only torch, which brings no triton
+        assert "triton        not installed" in out
+        assert "not triton: triton is not installed" in out
 
 
 def test_build_record_matches_binary():
@@ -119,7 +122,13 @@ def test_available_backends_answer_for_this_machine():
         assert ("cuda" in cuda) == _ext.cuda_built()
     else:
         assert cuda == ["torch"]
-        assert "no GPU is visible" in _backend.why_not("cuda" if _ext.cuda_built() else "triton", "cuda")
+        if _ext.cuda_built():
+            assert _backend.why_not("cuda", "cuda") == "no GPU is visible"
+        if _backend.triton_installed():
+            assert _backend.why_not("triton", "cuda") == "no GPU is visible"
+        else:
+            assert _backend.why_not("triton", "cuda") == "triton is not installed"
+            assert "triton" not in rk.available_backends("cpu")
 
 
 @pytest.fixture

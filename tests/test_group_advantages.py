@@ -4,6 +4,8 @@ confinement, determinism, bad inputs, opcheck and torch.compile; CUDA-marked tes
 cuda kernels' paths (one block, sort + cooperative, groups spanning parts), graph capture and
 no host sync."""
 
+import pathlib
+import re
 import statistics
 
 import pytest
@@ -312,14 +314,19 @@ def test_bad_inputs(backend, name, kwargs, kind, words):
     assert not isinstance(info.value, rk.BackendUnavailable)
 
 
-def test_eps_default_is_accepted_by_every_mode(gen):
-    """The Python default of eps is the C++ kDefaultGroupEps: rloo and dr_grpo take it."""
-    r = rand(gen, 8)
+def test_eps_default_is_the_native_default(gen):
+    """The Python default of eps is the C++ kDefaultGroupEps: every mode takes it when eps is left
+    out (rloo and dr_grpo refuse any other value), and grpo's result is the reference's with that
+    eps, on rewards whose group std (about 1e-6) is of the order of eps, so another default shows."""
+    from rlhf_kernels.ops.group_advantages import DEFAULT_EPS
+    header = (pathlib.Path(__file__).resolve().parents[1] / "csrc/include/rlhf/group_advantages_op.h").read_text()
+    native = float(re.search(r"constexpr double kDefaultGroupEps = ([0-9.eE+-]+);", header).group(1))
+    assert DEFAULT_EPS == native
+    r = 1e-6 * rand(gen, 8)
     for backend in _backend.available("cpu"):
-        for mode in ("rloo", "dr_grpo"):
-            rk.group_advantages(r, group_size=4, mode=mode, eps=1e-6, backend=backend)
-
-
+        for mode in MODES:
+            assert_close(rk.group_advantages(r, group_size=4, mode=mode, backend=backend),
+                         expected(r, group_size=4, mode=mode, eps=native))
 # ---- the registered ops: opcheck and torch.compile ----
 
 def _native_devices():

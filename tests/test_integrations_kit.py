@@ -116,6 +116,18 @@ def mask_with_gaps(gen, B, T, dtype=torch.int64):
     return m.to(dtype)
 
 
+def policy_inputs(gen, B=6, T=20, dtype=torch.float32, mask_dtype=torch.int64, device="cpu"):
+    """(old_logp, logp, advantages, mask) [B, T] for the policy losses: three log-ratios of row 0
+    beyond the libraries' +-20 clamp, with advantages of both signs there."""
+    old = -torch.rand(B, T, generator=gen) * 4
+    lp = old + torch.randn(B, T, generator=gen) * 0.3
+    lp[0, :3] = old[0, :3] + torch.tensor([25.0, -25.0, 21.0])  # beyond the +-20 clamp of the log ratio
+    adv = torch.randn(B, T, generator=gen)
+    adv[0, :3] = torch.tensor([-1.0, 1.5, 2.0])
+    return tuple(t.to(device) for t in (old.to(dtype), lp.to(dtype), adv.to(dtype),
+                                        mask_with_gaps(gen, B, T, mask_dtype)))
+
+
 def logits(gen, shape, dtype=torch.float32, scale=3.0):
     return (torch.randn(shape, generator=gen) * scale).to(dtype)
 

@@ -13,7 +13,7 @@ import torch
 
 from rlhf_kernels import tolerances as tol
 from test_integrations_kit import (assert_close, assert_grads_close, grad_of, lift_method, load_openrlhf, logits,
-                                   mask_with_gaps, up)
+                                   mask_with_gaps, policy_inputs, up)
 
 utils, loss_mod = load_openrlhf()
 import rlhf_kernels.integrations.openrlhf as rk_openrlhf  # noqa: E402
@@ -99,15 +99,6 @@ def test_compute_approx_kl(gen, estimator, unbiased, with_old):
     assert_grads_close(our_grad, lib_grad, ref_grad)
 
 
-def policy_inputs(gen, B=6, T=20):
-    old = -torch.rand(B, T, generator=gen) * 4
-    lp = old + torch.randn(B, T, generator=gen) * 0.3
-    lp[0, :3] = old[0, :3] + torch.tensor([25.0, -25.0, 21.0])  # beyond the +-20 clamp of the log ratio
-    adv = torch.randn(B, T, generator=gen)
-    adv[0, :3] = torch.tensor([-1.0, 1.5, 2.0])
-    return old, lp, adv, mask_with_gaps(gen, B, T, torch.bool)
-
-
 AGG = [dict(), dict(dp_size=2, batch_num_tokens=120.0, global_batch_size=9.0),
        dict(batch_num_tokens=torch.tensor(77), global_batch_size=torch.tensor(7))]
 
@@ -119,7 +110,7 @@ AGG = [dict(), dict(dp_size=2, batch_num_tokens=120.0, global_batch_size=9.0),
 def test_policy_loss(gen, loss_type, dual_clip, token_level, agg):
     """PolicyLoss with policy_loss_type "ppo" and "gspo" (GSPO forces the sequence-level loss);
     GSPO with advantages that vary within a sequence too: its ratio's gradient is the same."""
-    old, lp, adv, m = policy_inputs(gen)
+    old, lp, adv, m = policy_inputs(gen, mask_dtype=torch.bool)
     fn = loss_mod.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=dual_clip, token_level_loss=token_level,
                              policy_loss_type=loss_type)
 
@@ -196,7 +187,7 @@ def test_gae_and_cumulative_returns(gen, gamma, lambd, mask):
 
 def test_fall_through(gen):
     _common._warned.clear()
-    old, lp, adv, m = policy_inputs(gen)
+    old, lp, adv, m = policy_inputs(gen, mask_dtype=torch.bool)
     tis = loss_mod.PolicyLoss(is_correction_level="token", is_correction_mode="clip")
     rollout = old + torch.randn(old.shape, generator=gen) * 0.5
     with warnings.catch_warnings(record=True) as seen:

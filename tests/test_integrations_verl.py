@@ -10,7 +10,7 @@ import torch
 
 from rlhf_kernels import tolerances as tol
 from test_integrations_kit import (DEVICES, assert_close, assert_grads_close, assert_matmul_grads_close, grad_of,
-                                   logits, mask_with_gaps, require, up)
+                                   logits, mask_with_gaps, policy_inputs, require, up)
 
 vf = require("verl.utils.torch_functional")
 ca = require("verl.trainer.ppo.core_algos")
@@ -271,16 +271,6 @@ def test_whitening_of_fewer_than_two_tokens_raises_as_verl(gen):
 
 
 # ---- losses ----------------------------------------------------------------------------------
-
-def policy_inputs(gen, B=6, T=20, dtype=torch.float32, mask_dtype=torch.int64, device="cpu"):
-    old = -torch.rand(B, T, generator=gen) * 4
-    lp = old + torch.randn(B, T, generator=gen) * 0.3
-    lp[0, :3] = old[0, :3] + torch.tensor([25.0, -25.0, 21.0])  # beyond verl's +-20 clamp of the log ratio
-    adv = torch.randn(B, T, generator=gen)
-    adv[0, :3] = torch.tensor([-1.0, 1.5, 2.0])
-    return tuple(t.to(device) for t in (old.to(dtype), lp.to(dtype), adv.to(dtype),
-                                        mask_with_gaps(gen, B, T, mask_dtype)))
-
 
 GLOBAL_INFO = [{}, {"dp_size": 2, "batch_num_tokens": 150, "global_batch_size": 11, "loss_scale_factor": 32},
                {"dp_size": 1, "batch_num_tokens": torch.tensor(97), "global_batch_size": torch.tensor(9.0)}]

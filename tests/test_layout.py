@@ -19,7 +19,7 @@ def test_cpp_and_python_layouts_agree():
 
 
 def test_triton_kernels_use_the_python_layout():
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="triton is not installed")
     from rlhf_kernels.triton import bt as tri_bt
     from rlhf_kernels.triton import ppo as tri_ppo
     assert tri_ppo.N_POLICY_PARTS.value == len(_layout.POLICY_PARTS)

@@ -20,19 +20,14 @@ from conftest import device_backends, native_devices, needs_native
 from rlhf_kernels.ops import linear_logprobs as lin_ops
 from rlhf_kernels.reference import linear_logprobs as ref
 from rlhf_kernels.reference import logprobs as ref_lp
+from tests._helpers import IGNORE, make_labels, maxerr, skip_unsupported, tile_fixture
 
 BACKENDS = device_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-IGNORE = -100
 # 0: the backend's default tile (one tile at these sizes); 300: 128-column vocabulary tiles
 # of 2 tokens each (the budget divided by 128), so tokens and vocabulary are both tiled.
 TILES = [0, 300]
 pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest: torch.empty comes back NaN
-
-
-def _skip_unsupported(device, backend, dtype):
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter cannot do bfloat16 arithmetic")
 
 
 def _inputs(gen, N, H, V, dtype, device, bias=True, scale=3.0):
@@ -42,16 +37,6 @@ def _inputs(gen, N, H, V, dtype, device, bias=True, scale=3.0):
     b = torch.randn(V, generator=gen, dtype=torch.float64) if bias else None
     cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
     return cast(h), cast(w), cast(b)
-
-
-def _labels(gen, lead, V, device, ignore_frac=0.25, dtype=torch.int64):
-    y = torch.randint(0, V, lead, generator=gen)
-    y[torch.rand(lead, generator=gen) < ignore_frac] = IGNORE
-    return y.to(dtype).to(device)
-
-
-def _maxerr(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 def _matmul_err(h, w, b, temperature):
@@ -121,17 +106,14 @@ def _check(device, backend, h, w, b, y, temperature=1.0, gen=None):
             assert g is None
             continue
         assert g.dtype == x.dtype and g.shape == x.shape, name
-        bound = (tol.GRAD_TORCH_ERR_FACTOR * _maxerr(g_low, g64)
+        bound = (tol.GRAD_TORCH_ERR_FACTOR * maxerr(g_low, g64)
                  + tol.GRAD_ULPS * torch.finfo(x.dtype).eps * g64.abs().max().item())
-        err = _maxerr(g, g64)
+        err = maxerr(g, g64)
         assert err <= bound, (name, err, bound)
     return logp, ent, grads
 
 
-@pytest.fixture(params=TILES, ids=lambda t: "tile%d" % t)
-def tile(request, monkeypatch):
-    monkeypatch.setattr(lin_ops, "_TILE", request.param)
-    return request.param
+tile = tile_fixture(lin_ops, TILES, "linear_token_logprobs's tile budget, from TILES")
 
 
 # ---- values and gradients ----
@@ -142,9 +124,9 @@ def tile(request, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_matches_float64(gen, device, backend, dtype, bias, N, H, V, tile):
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     h, w, b = _inputs(gen, N, H, V, dtype, device, bias=bias)
-    y = _labels(gen, (N,), V, device)
+    y = make_labels(gen, (N,), V, device)
     logp, ent, grads = _check(device, backend, h, w, b, y)
     again = rk.linear_token_logprobs(h, w, y, bias=b, return_entropy=True, backend=backend)
     assert torch.equal(again[0], logp) and torch.equal(again[1], ent)  # deterministic
@@ -159,7 +141,7 @@ def test_temperature_batch_dims_int32_noncontiguous(gen, device, backend, dtype,
     assert not h.is_contiguous()
     _, w, b = _inputs(gen, 1, H, V, dtype, device)
     w_t = w.T.contiguous().T  # a non-contiguous [V, H] view
-    y = _labels(gen, (3, 4), V, device, dtype=torch.int32)
+    y = make_labels(gen, (3, 4), V, device, dtype=torch.int32)
     before = (big.clone(), w.clone())
     _check(device, backend, h, w_t, b, y, temperature=0.7)
     assert torch.equal(big, before[0]) and torch.equal(w, before[1])  # inputs are never modified
@@ -168,7 +150,7 @@ def test_temperature_batch_dims_int32_noncontiguous(gen, device, backend, dtype,
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_equals_token_logprobs_of_the_logits(gen, device, backend, tile):
     h, w, b = _inputs(gen, 11, 32, 333, torch.float32, device)
-    y = _labels(gen, (11,), 333, device)
+    y = make_labels(gen, (11,), 333, device)
     logits = h @ w.T + b
     lp, ent = rk.linear_token_logprobs(h, w, y, bias=b, temperature=1.3, return_entropy=True, backend=backend)
     lp2, ent2 = rk.token_logprobs(logits, y, temperature=1.3, return_entropy=True, backend=backend)
@@ -183,7 +165,7 @@ def test_equals_token_logprobs_of_the_logits(gen, device, backend, tile):
 def test_adversarial(gen, device, backend, case, tile):
     N, H, V = 6, 16, 300
     h, w, b = _inputs(gen, N, H, V, torch.float32, device)
-    y = _labels(gen, (N,), V, device, ignore_frac=0.0)
+    y = make_labels(gen, (N,), V, device, ignore_frac=0.0)
     if case == "label_near_one":  # the label's logit 40 above the rest: p(label) ~ 1
         b = b.clone()
         b[y] += 40.0
@@ -202,7 +184,7 @@ def test_adversarial(gen, device, backend, case, tile):
 def test_partial_gradients(gen, device, backend, tile):
     """Frozen inputs get no gradient (and cost no matmul); entropy alone or logp alone flows."""
     h, w, b = _inputs(gen, 9, 20, 200, torch.float32, device)
-    y = _labels(gen, (9,), 200, device)
+    y = make_labels(gen, (9,), 200, device)
     hh = h.clone().requires_grad_(True)
     lp, ent = rk.linear_token_logprobs(hh, w, y, bias=b, return_entropy=True, backend=backend)
     ent.sum().backward()  # entropy only; weight and bias frozen
@@ -222,7 +204,7 @@ def test_nan_stays_in_its_row(gen, device, backend, tile):
     """A NaN in a row of hidden makes that row's logp, entropy and d_hidden NaN (all of it, as
     PyTorch's) and leaves the other rows clean; d_weight sums over rows, so it is NaN too."""
     h, w, b = _inputs(gen, 8, 16, 300, torch.float32, device)
-    y = _labels(gen, (8,), 300, device, ignore_frac=0.0)
+    y = make_labels(gen, (8,), 300, device, ignore_frac=0.0)
     h = h.clone()
     h[3, 5] = float("nan")
     hh = h.clone().requires_grad_(True)
@@ -240,7 +222,7 @@ def test_unvalidated_bad_label_gives_nan_and_no_gradient(gen, device, backend, t
     position and no gradient, never an error or a read outside the vocabulary."""
     N, H, V = 7, 16, 300
     h, w, b = _inputs(gen, N, H, V, torch.float32, device)
-    y = _labels(gen, (N,), V, device, ignore_frac=0.0)
+    y = make_labels(gen, (N,), V, device, ignore_frac=0.0)
     y[1], y[4], y[5] = V, -3, IGNORE
     bad = torch.zeros(N, dtype=torch.bool, device=device)
     bad[[1, 4]] = True
@@ -352,7 +334,7 @@ def test_explicit_backend_rejects_float64():
 def test_reference_chunking_matches_unchunked(gen):
     """The torch backend's token chunks (with checkpointing) change nothing."""
     h, w, b = _inputs(gen, 23, 16, 100, torch.float32, "cpu")
-    y = _labels(gen, (23,), 100, "cpu")
+    y = make_labels(gen, (23,), 100, "cpu")
     a = torch.randn(23, generator=gen, dtype=torch.float64)
     c = torch.randn(23, generator=gen, dtype=torch.float64)
     whole = _run(lambda hh, ww, bb, yy: _unfused(hh, ww, bb, yy), h, w, b, y, a, c)
@@ -376,7 +358,7 @@ def test_opcheck(gen, device):
     N, H, V = 5, 16, 260
     for dtype, ldtype, tile in ((torch.float32, torch.int64, 0), (torch.bfloat16, torch.int32, 300)):
         h, w, b = _inputs(gen, N, H, V, dtype, device)
-        y = _labels(gen, (N,), V, device, dtype=ldtype)
+        y = make_labels(gen, (N,), V, device, dtype=ldtype)
         hg, wg, bg = (t.clone().requires_grad_(True) for t in (h, w, b))
         torch.library.opcheck(ops.linear_logprobs_fwd, (hg, wg, bg, y, 0.8, IGNORE, tile, True))
         torch.library.opcheck(ops.linear_logprobs_fwd, (hg, wg, None, y, 1.0, IGNORE, tile, False))
@@ -389,14 +371,14 @@ def test_opcheck(gen, device):
     # [..., H] hidden of any strides, a non-contiguous weight, integer labels of any width
     h, w, b = _inputs(gen, 6, H, V, torch.float32, device)
     h3 = h.reshape(2, 3, H).transpose(0, 1).requires_grad_(True)
-    y3 = _labels(gen, (3, 2), V, device, dtype=torch.int16)
+    y3 = make_labels(gen, (3, 2), V, device, dtype=torch.int16)
     wt = w.t().contiguous().t().requires_grad_(True)
     torch.library.opcheck(ops.linear_logprobs_fwd, (h3, wt, b, y3, 1.0, IGNORE, 0, True))
 
 
 def _compile_case(gen, backend):
     h, w, b = _inputs(gen, 12, 16, 200, torch.float32, "cpu")
-    y = _labels(gen, (3, 4), 200, "cpu")
+    y = make_labels(gen, (3, 4), 200, "cpu")
     h = h.reshape(3, 4, 16)
 
     def f(h, w, b, y):

@@ -26,6 +26,7 @@ from rlhf_kernels import _layout
 from rlhf_kernels.ops import linear_policy as lp_ops
 from rlhf_kernels.reference import linear_policy as ref
 from rlhf_kernels.reference import logprobs as ref_lp
+from tests._helpers import skip_unsupported, tile_fixture
 
 BACKENDS = device_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -36,15 +37,7 @@ pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest: torch.empty co
 F64 = torch.float64
 
 
-def _skip_unsupported(device, backend, dtype):
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter cannot do bfloat16 arithmetic")
-
-
-@pytest.fixture(params=TILES, ids=lambda t: "tile%d" % t)
-def tile(request, monkeypatch):
-    monkeypatch.setattr(lp_ops, "_TILE", request.param)
-    return request.param
+tile = tile_fixture(lp_ops, TILES, "linear_policy_loss's chunk budget, from TILES")
 
 
 def _head(gen, B, T, H, V, dtype, device, bias=True, scale=3.0):
@@ -276,7 +269,7 @@ def _run_case(device, backend, c, opts, gen=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_matches_float64(gen, device, backend, dtype, bias, B, T, H, V, tile):
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     c = _case(gen, device, dtype, B, T, H, V, bias=bias)
     loss, stats, _ = _run_case(device, backend, c, OPTS)
     h, w, b, y, old, adv, mask, rl = c
@@ -334,7 +327,7 @@ def test_policy_options(gen, device, backend, dtype, opts, tile):
     is_capped_frac among them) and gradients against the float64 reference; the call without a
     gradient (one pass, where the sequence ratio's gradient takes two) gives the same loss,
     statistics and logp."""
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     c = _case(gen, device, dtype, 3, 6, 24, 257, temperature=opts.get("temperature", 1.0))
     _run_case(device, backend, c, opts, gen)
     h, w, b, y, old, adv, mask, rl = c
@@ -365,7 +358,7 @@ UNFUSED_OPTIONS = [
 def test_equals_the_unfused_ops(gen, device, backend, dtype, popts, tile):
     """The same step through linear_token_logprobs, kl_penalty, ppo_policy_loss and the entropy term
     (each on this backend): the same loss, statistics and gradients."""
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     h, w, b, y, old, adv, mask, rl = _case(gen, device, dtype, 3, 5, 32, 333)
     kw = dict(popts, clip_low=0.2, clip_high=0.25, loss_agg="seq-mean-token-mean")
     if kw.get("rollout_logprobs"):

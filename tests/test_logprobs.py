@@ -12,33 +12,18 @@ import rlhf_kernels as rk
 from rlhf_kernels import tolerances as tol
 from conftest import device_backends, native_devices, needs_native
 from rlhf_kernels.reference import logprobs as ref
+from tests._helpers import IGNORE, make_labels, maxerr, skip_unsupported
 
 BACKENDS = device_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-IGNORE = -100
-
-
-def _skip_unsupported(device, backend, dtype):
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter cannot do bfloat16 arithmetic")
 
 
 def _logits(gen, shape, dtype, device, scale=3.0):
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
 
 
-def _labels(gen, lead, V, device, ignore_frac=0.25, dtype=torch.int64):
-    y = torch.randint(0, V, lead, generator=gen)
-    y[torch.rand(lead, generator=gen) < ignore_frac] = IGNORE
-    return y.to(dtype).to(device)
-
-
 def _upstream(gen, lead, device):
     return torch.randn(lead, generator=gen, dtype=torch.float64).to(device)
-
-
-def _maxerr(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 def _assert_close_f32(ours, exact, atol=None):
@@ -51,7 +36,7 @@ def _assert_close_f32(ours, exact, atol=None):
 
 def _grad_bound(g_low, g64, dtype):
     """Twice PyTorch's own error in ``dtype``, plus a few ulps of the largest gradient entry."""
-    own = _maxerr(g_low, g64)
+    own = maxerr(g_low, g64)
     return tol.GRAD_TORCH_ERR_FACTOR * own + tol.GRAD_ULPS * torch.finfo(dtype).eps * g64.abs().max().item()
 
 
@@ -85,7 +70,7 @@ def _check_token_logprobs(device, backend, x, y, temperature=1.0, grads=True):
         assert g.dtype == x.dtype and g.shape == x.shape
         assert (g[ignored] == 0).all()
         g_low = _logprob_grads(theirs, x, y, a, b)[2]  # PyTorch's own result in x's dtype
-        err, bound = _maxerr(g, g64), _grad_bound(g_low, g64, x.dtype)
+        err, bound = maxerr(g, g64), _grad_bound(g_low, g64, x.dtype)
         assert err <= bound, (err, bound)
     return logp, ent, g
 
@@ -96,9 +81,9 @@ def _check_token_logprobs(device, backend, x, y, temperature=1.0, grads=True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_token_logprobs_matches_float64(gen, device, backend, dtype, V):
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     x = _logits(gen, (2, 3, V), dtype, device)
-    y = _labels(gen, (2, 3), V, device)
+    y = make_labels(gen, (2, 3), V, device)
     logp, ent, _ = _check_token_logprobs(device, backend, x, y)
     again = rk.token_logprobs(x, y, return_entropy=True, backend=backend)
     assert torch.equal(again[0], logp) and torch.equal(again[1], ent)  # deterministic
@@ -111,7 +96,7 @@ def test_temperature_int32_labels_noncontiguous(gen, device, backend, dtype):
     big = _logits(gen, (5, 2 * V), dtype, device)
     x = big[:, ::2]  # non-contiguous view [5, V]
     assert not x.is_contiguous()
-    y = _labels(gen, (10,), V, device, dtype=torch.int32)[::2]
+    y = make_labels(gen, (10,), V, device, dtype=torch.int32)[::2]
     before = big.clone()
     _check_token_logprobs(device, backend, x, y, temperature=0.7)
     assert torch.equal(big, before)  # the caller's logits are never modified
@@ -122,19 +107,19 @@ def test_temperature_int32_labels_noncontiguous(gen, device, backend, dtype):
 @pytest.mark.parametrize("device,backend", [p for p in BACKENDS if tuple(p.values) != ("cpu", "triton")])
 def test_large_vocab(gen, device, backend, dtype, V):
     x = _logits(gen, (2, V), dtype, device)
-    y = _labels(gen, (2,), V, device, ignore_frac=0.0)
+    y = make_labels(gen, (2,), V, device, ignore_frac=0.0)
     logp, ent = rk.token_logprobs(x, y, return_entropy=True, backend=backend)
     logp64, ent64 = ref.token_logprobs(x.double(), y, 1.0, IGNORE)
     logp32, ent32 = ref.token_logprobs(x.float(), y, 1.0, IGNORE)  # PyTorch's own float32 error
     for ours, exact, own in ((logp, logp64, logp32), (ent, ent64, ent32)):
-        _assert_close_f32(ours, exact, max(tol.LOGPROB_ATOL, tol.LOGPROB_TORCH_ERR_FACTOR * _maxerr(own, exact)))
+        _assert_close_f32(ours, exact, max(tol.LOGPROB_ATOL, tol.LOGPROB_TORCH_ERR_FACTOR * maxerr(own, exact)))
 
 
 @pytest.mark.parametrize("case", ["label_near_one", "all_negative", "neg_inf", "magnitude_1e4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_adversarial(gen, device, backend, dtype, case):
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     V, lead = 389, (6,)
     x = torch.randn(lead + (V,), generator=gen, dtype=torch.float64)
     y = torch.randint(0, V, lead, generator=gen)
@@ -164,7 +149,7 @@ def test_adversarial(gen, device, backend, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_token_entropy(gen, device, backend, dtype):
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     V = 1031
     x = _logits(gen, (3, 2, V), dtype, device)
     x[0, 0, :100] = float("-inf")
@@ -179,14 +164,14 @@ def test_token_entropy(gen, device, backend, dtype):
     (ref.token_entropy(xl, 1.3).double() * g_up).sum().backward()
     assert h.dtype == torch.float32 and h.shape == (3, 2)
     _assert_close_f32(h, h64)
-    assert _maxerr(xx.grad, x64.grad) <= _grad_bound(xl.grad, x64.grad, dtype)
+    assert maxerr(xx.grad, x64.grad) <= _grad_bound(xl.grad, x64.grad, dtype)
 
 
 @pytest.mark.parametrize("V", [1, 131, 2048])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_full_kl(gen, device, backend, dtype, V):
-    _skip_unsupported(device, backend, dtype)
+    skip_unsupported(device, backend, dtype)
     lead = (4, 2)
     x = _logits(gen, lead + (V,), dtype, device)
     noise = _logits(gen, lead + (V,), torch.float64, device, scale=1.0)
@@ -210,7 +195,7 @@ def test_full_kl(gen, device, backend, dtype, V):
     assert torch.equal(torch.isfinite(kl), finite)
     _assert_close_f32(kl[finite], kl64[finite])
     ok = finite.unsqueeze(-1).expand_as(x)
-    assert _maxerr(xx.grad[ok], x64.grad[ok]) <= _grad_bound(xl.grad[ok], x64.grad[ok], dtype)
+    assert maxerr(xx.grad[ok], x64.grad[ok]) <= _grad_bound(xl.grad[ok], x64.grad[ok], dtype)
     if V > 1:
         assert torch.equal(kl[3], torch.zeros_like(kl[3]))  # identical rows: exactly 0
 
@@ -277,7 +262,7 @@ def test_kl_penalty_checks_its_backend():
 def test_inplace_backward(gen, device, backend):
     V = 300
     x = _logits(gen, (4, V), torch.float32, device)
-    y = _labels(gen, (4,), V, device)
+    y = make_labels(gen, (4,), V, device)
     a, b = _upstream(gen, (4,), device), _upstream(gen, (4,), device)
 
     def grads(inplace):
@@ -302,7 +287,7 @@ def test_nan_stays_in_its_row(gen, device, backend, dtype):
     V = 200  # CPU: one chunk; several vector steps and a tail
     x = _logits(gen, (4, V), dtype, device)
     x[1, 17] = float("nan")
-    y = _labels(gen, (4,), V, device, ignore_frac=0.0)
+    y = make_labels(gen, (4,), V, device, ignore_frac=0.0)
     y[1] = 3  # the NaN is not at the label
     xx = x.clone().requires_grad_(True)
     logp, ent = rk.token_logprobs(xx, y, return_entropy=True, backend=backend)
@@ -418,7 +403,7 @@ def test_unvalidated_bad_label_gives_nan_and_no_gradient(gen, device, backend):
     position and a zero gradient row, never an error or a read outside the row."""
     V = 37
     x = _logits(gen, (2, 3, V), torch.float32, device)
-    y = _labels(gen, (2, 3), V, device, ignore_frac=0.0)
+    y = make_labels(gen, (2, 3), V, device, ignore_frac=0.0)
     y[0, 1], y[1, 0], y[1, 2] = V, -1, IGNORE
     xx = x.clone().requires_grad_(True)
     logp, ent = rk.token_logprobs(xx, y, return_entropy=True, validate=False, backend=backend)
@@ -480,7 +465,7 @@ def test_opcheck_every_op(gen, device):
     for dtype, ldtype in ((torch.float32, torch.int64), (torch.bfloat16, torch.int32)):
         x = _logits(gen, (N, V), dtype, device).requires_grad_(True)
         xr = _logits(gen, (N, V), dtype, device)
-        y = _labels(gen, (N,), V, device, dtype=ldtype)
+        y = make_labels(gen, (N,), V, device, dtype=ldtype)
         torch.library.opcheck(ops.token_logprobs_fwd, (x, y, 0.8, IGNORE, True, False))
         torch.library.opcheck(ops.token_entropy_fwd, (x, 1.2))
         torch.library.opcheck(ops.full_kl_fwd, (x, xr, 0.8))
@@ -495,7 +480,7 @@ def test_opcheck_every_op(gen, device):
     # the ops take [..., V] logits of any strides and integer labels of any width
     big = _logits(gen, (2, 3, 2 * V), torch.float32, device)
     x3 = big[..., ::2].requires_grad_(True)
-    y3 = _labels(gen, (2, 3), V, device, dtype=torch.int16)
+    y3 = make_labels(gen, (2, 3), V, device, dtype=torch.int16)
     torch.library.opcheck(ops.token_logprobs_fwd, (x3, y3, 1.0, IGNORE, False, False))
     torch.library.opcheck(ops.token_entropy_fwd, (x3, 1.0))
     torch.library.opcheck(ops.full_kl_fwd, (x3, big[..., 1::2], 1.0))
@@ -532,7 +517,7 @@ def _compile_case(gen, backend):
     V = 97
     x = _logits(gen, (3, 4, V), torch.float32, "cpu")
     xr = _logits(gen, (3, 4, V), torch.float32, "cpu")
-    y = _labels(gen, (3, 4), V, "cpu")
+    y = make_labels(gen, (3, 4), V, "cpu")
 
     def f(x, xr, y):
         # inplace_backward is ignored while torch.compile traces; validate costs no sync on the CPU

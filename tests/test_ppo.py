@@ -598,17 +598,25 @@ def test_sequence_weights_beyond_exp_range(device, backend, gen):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_policy_options_defaults_are_the_plain_loss(device, backend, gen):
-    """The defaults spelled out give bitwise the plain loss, and so do options that reduce to
-    it: a correction whose weight is exactly 1 (rollout = old, so w = exp(0))."""
+    """The public defaults are the plain clipped loss of the float64 reference; on the native
+    backends the options kernel, with every option at its default, gives bitwise the plain
+    kernel's loss, stats and row scales; and options that reduce to the plain loss give it: a
+    correction whose weight is exactly 1 (rollout = old, so w = exp(0))."""
+    from rlhf_kernels.ops import ppo as ppo_ops
     B, T = shape_for(backend)
     logp, old, adv, mask = policy_inputs(gen, B, T, device)
     kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, loss_agg="seq-mean-token-mean")
     plain = run_policy(logp, old, adv, mask, backend, **kw)
-    spelled = run_policy(logp, old, adv, mask, backend, ratio_level="token", objective="ppo", rollout_logprobs=None,
-                         is_correction=None, is_level=None, is_cap=None, **kw)
-    for a, b in zip(plain, spelled):
-        assert torch.equal(torch.as_tensor(a.packed if hasattr(a, "packed") else a),
-                           torch.as_tensor(b.packed if hasattr(b, "packed") else b))
+    ref_loss, ref_stats, ref_grad, bound = policy_reference(logp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), **kw)
+    assert_loss(plain[0].cpu(), ref_loss, bound)
+    assert_stats(plain[1], ref_stats)
+    assert_grad(plain[2].cpu(), ref_grad)
+    if backend in ("cpu", "cuda"):
+        defaults = ppo_ops._policy_options("test", "token", "ppo", None, None)
+        args = (logp, old, adv, mask, None, None, 0.2, 0.28, 3.0, ppo_ops._loss_agg_code("test", kw["loss_agg"]))
+        for a, b in zip(torch.ops.rlhf_kernels.ppo_policy_fwd(*args),
+                        torch.ops.rlhf_kernels.ppo_policy_options_fwd(*args, None, defaults, None)):
+            assert torch.equal(a, b)
     exact = device == "cpu"  # a GPU's exp(0) is 1 too, but no test should rest on a fast-math intrinsic
     for level in ("token", "sequence", "geometric"):
         loss, stats, grad = run_policy(logp, old, adv, mask, backend, rollout_logprobs=old, is_correction="tis",

@@ -51,6 +51,7 @@ def test_clean_run_passes(capsys):
     for b in _backend.available("cpu"):  # every usable backend ran
         assert any(line.split()[2] == b for line in out.splitlines() if line.startswith("token_logprobs ")), b
     assert " 0 failed" in out
+    assert ("triton is not installed: the triton backend is not checked" in out) != _backend.triton_installed()
 
 
 def _shifted(fn, index, delta=1e-3):

@@ -327,6 +327,7 @@ def compare_small(tmp_path_factory):
     return out, p.stdout
 
 
+@pytest.mark.slow  # the module's compare --small run: every algorithm against one reward model
 def test_compare_small_writes_its_table_and_figures(compare_small):
     out, stdout = compare_small
     for name in ("compare.md", "compare.csv", "compare.json", "compare.png", "compare_best_of_n.png"):
@@ -341,6 +342,7 @@ def test_compare_small_writes_its_table_and_figures(compare_small):
     print(md)
 
 
+@pytest.mark.slow  # the module's compare --small run
 def test_compare_small_every_algorithm_is_measured_exactly(compare_small):
     out, _ = compare_small
     res = json.load(open(out / "compare.json"))

@@ -162,6 +162,7 @@ def test_kl_controller():
     assert fixed.beta == 0.1
 
 
+@pytest.mark.slow  # 37 s on the shared 2-core machine (load average ~24)
 def test_exact_resume(tmp_path):
     """N steps, checkpoint, a fresh trainer resumes, N more steps: the same log as 2N steps."""
     cfg = small_cfg(steps=4)
@@ -210,6 +211,7 @@ def test_optimum_formula_is_the_max_of_J():
         assert J(other) < star
 
 
+@pytest.mark.slow  # the CI-sized demo: a reward model and a whole PPO run
 def test_reward_model_and_gap_closing_run(tmp_path):
     """The CI-sized demo: the reward model learns the rule and PPO closes most of the gap to J*."""
     from rlhf_trainer import demo

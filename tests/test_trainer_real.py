@@ -4,6 +4,7 @@ file, a reward function and a reward model; exact resume; bad input; the command
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 
@@ -33,22 +34,11 @@ def words(prompts, responses):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A tiny Llama and its byte-level BPE tokenizer (no pad token) saved with save_pretrained,
-    a prompts file, a reward module and preference data."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """A tiny Llama and its byte-level BPE tokenizer (no pad token) saved with save_pretrained (by
+    examples/train_your_own_model.py's own function), a prompts file, a reward module and preference data."""
     d = tmp_path_factory.mktemp("real")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["a cat sat on a mat and ate a banana"] * 8, vocab_size=272,
-                            special_tokens=["<|endoftext|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-                                         bos_token_id=tok.eos_token_id))
-    model.save_pretrained(d / "tiny")
-    tok.save_pretrained(d / "tiny")
+    example = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "train_your_own_model.py"))
+    example["save_tiny_llama"](str(d / "tiny"))
     prompts = ["a cat", "the mat", "banana", "sat on", "ate a", "an", "cat sat on a", "b"]
     (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     (d / "w14_rewards.py").write_text(REWARDS)
@@ -487,10 +477,10 @@ def test_missing_trainer_dependencies_name_the_extra(monkeypatch, capsys):
     assert "pip install 'rlhf-kernels[trainer]'" in err and "missing: tqdm" in err
 
 
-def test_readme_config_example_loads():
-    """The README's "Train your own model" configs (train, rm) are valid configs."""
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    section = readme.split("## Train your own model", 1)[1].split("\n## ", 1)[0]
+def test_documented_train_and_rm_configs_load():
+    """The "Train your own model" configs (train, rm) of docs/train_your_own_model.md are valid configs."""
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "train_your_own_model.md")).read()
+    section = doc.split("## Train your own model", 1)[1].split("\n## ", 1)[0]
     train, rm = (Config.from_dict(yaml.safe_load(b)) for b in re.findall(r"```yaml\n(.*?)```", section, re.S))
     assert train.real and train.policy.model and train.data.prompts and train.reward.model and train.reward.fn
     assert train.algo == "grpo" and train.dtype == "bfloat16" and train.gradient_checkpointing

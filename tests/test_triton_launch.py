@@ -16,7 +16,8 @@ from rlhf_kernels.triton import _op
 from tests import test_cuda_graphs as graphs
 
 pytestmark = pytest.mark.skipif("triton" not in rk.available_backends("cpu") and not torch.cuda.is_available(),
-                                reason="Triton not usable here")
+                                reason="triton is not installed" if not rk._backend.triton_installed()
+                                else "Triton not usable here")
 
 
 def _triton_ops():

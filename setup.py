@@ -174,6 +174,14 @@ def _extensions():
         or --inplace build, the build folder for a wheel), so that a wheel built from a checkout
         never rewrites the facts of the checkout's own extension."""
 
+        def finalize_options(self):
+            super().finalize_options()
+            # One persistent object folder for every build of this checkout (editable, --inplace,
+            # wheel), instead of a fresh temporary one per editable install: ninja recompiles
+            # only what changed, and a wheel built with the same flags after an editable install
+            # reuses its objects (then only links).
+            self.build_temp = os.environ.get("RLHF_KERNELS_BUILD_TEMP") or os.path.join(ROOT, "build", "ext")
+
         def run(self):
             super().run()
             _write_build_info(info, os.path.dirname(self.get_ext_fullpath(ext.name)))

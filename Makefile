@@ -9,8 +9,9 @@ export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 deps:
 	$(PIP) install -q torch numpy pytest ninja transformers tqdm pyyaml matplotlib pydantic
 
-# The editable install compiles the extension in a fresh temporary folder every time, which
-# takes minutes; so it is skipped when nothing it compiles changed since it last succeeded
+# The editable install compiles the extension into build/ext (setup.py keeps one object folder
+# for every build of the checkout, so only what changed recompiles), and is skipped altogether
+# when nothing it compiles changed since it last succeeded
 # (build/.installed) and the installed package still imports this checkout's extension,
 # built for the torch now installed.
 INSTALLED := build/.installed

@@ -182,6 +182,14 @@ def _extensions():
                     e.extra_link_args = list(e.extra_link_args or []) + ["-s"]
             super().build_extensions()
 
+        def finalize_options(self):
+            super().finalize_options()
+            # One persistent object folder for every build of this checkout (editable, --inplace,
+            # wheel), instead of a fresh temporary one per editable install: ninja recompiles
+            # only what changed, and a wheel built with the same flags after an editable install
+            # reuses its objects (then only links).
+            self.build_temp = os.environ.get("RLHF_KERNELS_BUILD_TEMP") or os.path.join(ROOT, "build", "ext")
+
         def run(self):
             # decided here: setuptools' run() clears `inplace` while it builds, then copies
             self._strip = not self.inplace and not getattr(self, "editable_mode", False)

@@ -235,11 +235,11 @@ def run(cfg, run_dir, log=print, progress=True):
 
 
 def main(args):
-    from rlhf_trainer.train import prepare_run_dir
+    from rlhf_trainer.rundir import RunDirectory
     cfg = Config.load(args.config)
     check(cfg)
-    run_dir = prepare_run_dir(args.out, False, args.overwrite, "rm")
-    s = run(cfg, run_dir, progress=not args.no_progress)
+    with RunDirectory(args.out, False, args.overwrite, "rm", checkpoint=None) as run_dir:
+        s = run(cfg, run_dir, progress=not args.no_progress)
     held = "" if s["eval_accuracy"] is None else ", held-out %.3f" % s["eval_accuracy"]
     print("reward model (%s): train accuracy %.3f%s, final loss %.4f; %.1f s" % (
         _name(s["kind"], cfg.rm), s["train_accuracy"], held, s["final_loss"], s["wall_s"]))

@@ -83,7 +83,7 @@ def main(argv=None):
         print("rlhf_trainer needs the trainer's dependencies (missing: %s): pip install 'rlhf-kernels[trainer]'"
               % ", ".join(missing), file=sys.stderr)
         return 1
-    from rlhf_trainer.config import ConfigError, InputError
+    from rlhf_trainer.config import ConfigError, InputError, RewardFunctionError
     try:
         if args.cmd == "plot":
             from rlhf_trainer.plot import plot_run
@@ -96,7 +96,19 @@ def main(argv=None):
         return 2
     except InputError as e:
         print("error: %s" % e, file=sys.stderr)
+        if isinstance(e, RewardFunctionError) and e.__cause__ is not None:
+            _print_cause(e.__cause__)
         return 2
+
+
+def _print_cause(cause):
+    """The traceback of what a user's reward function raised, from the user's frame on."""
+    import traceback
+    tb = cause.__traceback__
+    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("rlhf_trainer."):
+        tb = tb.tb_next   # our frame that called it
+    print("\nthe function's traceback:", file=sys.stderr)
+    traceback.print_exception(type(cause), cause, tb, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import rlhf_kernels as rk
+from rlhf_trainer.config import RewardFunctionError
 from rlhf_trainer.devices import resolve_device
 from rlhf_trainer.models import enable_checkpointing, frozen_copy, position_ids
 from rlhf_trainer.toy import ExactEvaluator
@@ -309,7 +310,11 @@ class PPOTrainer:
         """The reward's score of each response (with the missing-EOS penalty) and whether it has EOS."""
         tc = self.task.cfg
         with self.autocast():
-            score = self._score(prompt_ids, responses).float()
+            try:
+                score = self._score(prompt_ids, responses).float()
+            except RewardFunctionError as e:   # the reward function knows its batch; the step is ours
+                e.step = self.step + 1
+                raise
         has_eos = is_eos(responses, tc.eos_token_id).any(-1)
         if tc.stop_at_eos and self.p.missing_eos_penalty is not None:
             score = score + torch.where(has_eos, 0.0, self.p.missing_eos_penalty)

@@ -31,9 +31,9 @@ def read_preferences(path, key, section):
     RMSection: score_min, score_max, score_loss). InputError names the line."""
     if not os.path.isfile(path):
         raise InputError("%s: no such file %r" % (key, path))
+    from rlhf_trainer.hf import read_lines
     prompts, responses, scores, kind = [], [], [], None
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = read_lines(path, key)
     for n, line in enumerate(lines, 1):
         where = "%s: %s line %d" % (key, path, n)
         if not line.strip():

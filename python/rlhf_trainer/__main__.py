@@ -34,7 +34,8 @@ def _parser():
     t = add("train")
     t.add_argument("--config", required=True, help="the run's YAML config (README: Train your own model)")
     t.add_argument("--out", help="run directory (default runs/train-<time>)")
-    t.add_argument("--resume", action="store_true", help="continue the run directory's checkpoint exactly")
+    t.add_argument("--resume", action="store_true", help="continue the run directory's checkpoint exactly (the same "
+                   "config; a larger <algo>.steps extends a finished run: docs/runs.md)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = add("rm")
@@ -46,7 +47,8 @@ def _parser():
     d.add_argument("--config", help="a YAML config (default: the built-in demo config)")
     d.add_argument("--out", help="run directory (default runs/demo-<time>)")
     d.add_argument("--small", action="store_true", help="the smaller CI configuration")
-    d.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    d.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint (the same "
+                   "config; a larger <algo>.steps extends a finished run: docs/runs.md)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     c = add("compare")

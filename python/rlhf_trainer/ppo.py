@@ -16,21 +16,21 @@ One step:
   5. the KL controller update, one JSONL line, checkpoints.
 """
 
-import contextlib
 import json
 import math
 import os
-import random
 import time
 import warnings
 
-import numpy as np
 import torch
 
 import rlhf_kernels as rk
 from rlhf_trainer.config import RewardFunctionError
 from rlhf_trainer.devices import resolve_device
-from rlhf_trainer.models import enable_checkpointing, frozen_copy, position_ids
+from rlhf_trainer.models import enable_checkpointing, frozen_copy
+from rlhf_trainer.runstate import rewrite_log, rng_state, save_checkpoint, seed_rngs, set_rng_state
+from rlhf_trainer.sequences import (PROMPT_PAD, _eval_mode, generate, is_eos, response_hidden, response_logprobs,
+                                    response_mask, score_function, sequences)
 from rlhf_trainer.toy import ExactEvaluator
 
 # The JSONL schema: one object per PPO step with exactly these keys (time_* are wall clock
@@ -45,48 +45,6 @@ LOG_KEYS = [
     "time_rollout", "time_score", "time_update", "time_eval", "time_step",
 ]
 TIME_KEYS = [k for k in LOG_KEYS if k.startswith("time_")]
-
-
-def seed_rngs(seed):
-    """Seeds a run's random state: the global torch, Python and NumPy RNGs (generate() samples
-    from torch's) and -> the run's own generator (prompts and minibatch order)."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    torch.manual_seed(seed + 2)
-    random.seed(seed)
-    np.random.seed(seed)
-    return gen
-
-
-def rng_state(gen, device):
-    """The random state a checkpoint keeps for an exact resume (the device's RNG on CUDA too)."""
-    s = {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-         "numpy_rng": np.random.get_state()}
-    if device.type == "cuda":   # generate() samples from the device's RNG
-        s["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return s
-
-
-def set_rng_state(gen, s, device):
-    """Restores what rng_state kept."""
-    gen.set_state(s["gen"])
-    torch.set_rng_state(s["torch_rng"])
-    if "cuda_rng" in s and device.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda_rng"], device)
-    random.setstate(s["python_rng"])
-    np.random.set_state(s["numpy_rng"])
-
-
-def save_checkpoint(state, path):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)   # never leave a half-written checkpoint
-
-
-def rewrite_log(run_dir, history):
-    """The log holds exactly the checkpoint's steps, so a resumed run appends cleanly."""
-    if run_dir:
-        with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
 
 
 class KLController:
@@ -108,120 +66,14 @@ class KLController:
         self.beta = state["beta"]
 
 
-def is_eos(responses, eos_token_id):
-    """responses == eos_token_id, for one id or a list of them (a model may stop on several)."""
-    if isinstance(eos_token_id, (list, tuple)):
-        return torch.isin(responses, torch.tensor(eos_token_id, device=responses.device))
-    return responses == eos_token_id
-
-
-def response_mask(responses, eos_token_id, stop_at_eos):
-    """True on real response tokens: all of them, or up to and including the first EOS."""
-    if not stop_at_eos:
-        return torch.ones_like(responses, dtype=torch.bool)
-    eos = is_eos(responses, eos_token_id).long()
-    after_eos = (eos.cumsum(-1) - eos) > 0
-    return ~after_eos
-
-
-# Prompts of different lengths are left-padded with this id, which no tokenizer gives: the
-# attention masks are read from it, and it becomes a valid id (0) where a model sees it.
-PROMPT_PAD = -1
-
-
-def sequences(prompts, responses, mask):
-    """Prompt + response ids and the attention mask over real tokens: [B, P + L] each.
-    prompts [B, P] may be left-padded with PROMPT_PAD."""
-    real = prompts != PROMPT_PAD
-    ids = torch.cat([prompts.clamp(min=0), responses], 1)
-    attn = torch.cat([real.long(), mask.long()], 1)
-    return ids, attn
-
-
-def response_logprobs(model, prompts, responses, mask, *, temperature=1.0, fused_lm_head=True, with_entropy=False):
-    """log-probabilities (and entropies) of the response tokens under ``model``: [B, L].
-
-    With ``fused_lm_head`` the backbone's last hidden states go straight into
-    ``linear_token_logprobs`` with the LM head's weight (and bias): the [B, L, V] logits are
-    never built. Otherwise the model's logits go into ``token_logprobs``."""
-    labels = responses.masked_fill(~mask, -100)
-    kw = dict(temperature=temperature, return_entropy=with_entropy)
-    if fused_lm_head:
-        hidden, weight, bias = response_hidden(model, prompts, responses, mask)
-        return rk.linear_token_logprobs(hidden, weight, labels, bias=bias, **kw)
-    logits = model(**_model_inputs(prompts, responses, mask)).logits[:, prompts.shape[1] - 1:-1]
-    return rk.token_logprobs(logits, labels, **kw)
-
-
-def _model_inputs(prompts, responses, mask):
-    ids, attn = sequences(prompts, responses, mask)
-    return dict(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
-
-
-def response_hidden(model, prompts, responses, mask):
-    """What the fused LM head ops take instead of the logits: the backbone's last hidden states at
-    the positions that predict the response tokens [B, L, H], and the LM head's weight and bias,
-    in the autocast dtype when autocast is on (the LM head's matmul runs in it, as it would in the
-    model)."""
-    hidden = model.base_model(**_model_inputs(prompts, responses, mask)).last_hidden_state[:, prompts.shape[1] - 1:-1]
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    if torch.is_autocast_enabled(hidden.device.type):
-        dt = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight, bias = hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
-    return hidden, weight, bias
-
-
-@torch.no_grad()
-def generate(model, prompts, task_cfg, temperature=1.0, top_p=1.0):
-    """Sampled responses [B, L] (no top-k; top-p truncation when top_p < 1), padded to L after an
-    early EOS. prompts [B, P] may be left-padded with PROMPT_PAD."""
-    out = model.generate(input_ids=prompts.clamp(min=0), attention_mask=(prompts != PROMPT_PAD).long(),
-                         do_sample=True, max_new_tokens=task_cfg.response_len, min_new_tokens=0, top_k=0,
-                         top_p=top_p, temperature=temperature)
-    responses = out[:, prompts.shape[1]:]
-    L = task_cfg.response_len
-    if responses.shape[1] < L:   # every row stopped at EOS early: pad to L
-        pad = torch.full((responses.shape[0], L - responses.shape[1]), task_cfg.pad_token_id,
-                         dtype=responses.dtype, device=responses.device)
-        responses = torch.cat([responses, pad], 1)
-    return responses
-
-
-@contextlib.contextmanager
-def _eval_mode(model, enabled):
-    """model.eval() inside (HF models turn their KV cache off in train mode under gradient checkpointing)."""
-    was = model.training
-    if enabled:
-        model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
-def score_function(task, reward_model=None, reward_fn=None):
-    """(prompt_ids [B], responses [B, L]) -> [B] float: the reward model's score at the last
-    real token, or reward_fn's."""
-    if (reward_model is None) == (reward_fn is None):
-        raise ValueError("give exactly one of reward_model and reward_fn")
-    if reward_fn is not None:
-        return lambda prompt_ids, responses: reward_fn(prompt_ids, responses).float().to(responses.device)
-    tc = task.cfg
-
-    def score(prompt_ids, responses):
-        dev = next(reward_model.parameters()).device
-        r = responses.to(dev)
-        mask = response_mask(r, tc.eos_token_id, tc.stop_at_eos)
-        return reward_model.score(*sequences(task.prompts[prompt_ids].to(dev), r, mask)).to(responses.device)
-    return score
-
-
 class PPOTrainer:
     """PPO, and (through ``uses_critic = False`` and the hooks ``sample_prompts`` and
     ``score_rollout``) the base of the critic-free trainers in ``algos.py``."""
     uses_critic = True
     algos = ("ppo",)
+    # the token ops of the step (log-probabilities, KL penalty, GAE, whitening, losses): rlhf_kernels;
+    # the whole-step bench gives the same step eager ops of the same names (bench_ops.EagerOps)
+    ops = rk
 
     def __init__(self, cfg, task, reward_model=None, reward_fn=None, run_dir=None, log=print, evaluator=None):
         """cfg: a Config; task: the toy task (``toy.ToyTask``) or prompts for real models
@@ -282,7 +134,7 @@ class PPOTrainer:
         """log-probabilities (and entropies) of the response tokens under ``model``: [B, L]."""
         with self.autocast():
             return response_logprobs(model, prompts, responses, mask, temperature=self.temperature,
-                                     fused_lm_head=self.p.fused_lm_head, with_entropy=with_entropy)
+                                     fused_lm_head=self.p.fused_lm_head, with_entropy=with_entropy, ops=self.ops)
 
     def _values(self, prompts, responses, mask):
         with self.autocast():
@@ -332,13 +184,13 @@ class PPOTrainer:
             ref_logp = chunked(lambda *a: self._logprobs(self.ref, *a))
             old_values = chunked(self._values)
             score, has_eos = self._score_with_penalty(prompt_ids, responses)
-            kl = rk.kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
+            kl = self.ops.kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
             rewards = -self.kl_ctl.beta * kl
             last = mask.long().sum(-1) - 1                      # the last real response token
             rewards[torch.arange(len(last), device=last.device), last] += score
-            adv, returns = rk.gae(rewards, old_values, mask, gamma=p.gamma, lam=p.lam)
+            adv, returns = self.ops.gae(rewards, old_values, mask, gamma=p.gamma, lam=p.lam)
             if p.whiten_advantages:
-                adv = rk.masked_whiten(adv, mask)
+                adv = self.ops.masked_whiten(adv, mask)
         return {"prompt_ids": prompt_ids, "prompts": prompts, "responses": responses, "mask": mask,
                 "rewards": rewards, "old_logp": old_logp, "ref_logp": ref_logp, "old_values": old_values, "score": score,
                 "kl": kl, "advantages": adv, "returns": returns, "has_eos": has_eos}
@@ -356,7 +208,7 @@ class PPOTrainer:
             # loss, which equals this trainer's (token-mean over num_tokens) under token-mean only.
             with self.autocast():
                 hidden, weight, bias = response_hidden(self.policy, batch["prompts"][j], batch["responses"][j], mask)
-                loss, st = rk.linear_policy_loss(hidden, weight, batch["responses"][j], batch["old_logp"][j],
+                loss, st = self.ops.linear_policy_loss(hidden, weight, batch["responses"][j], batch["old_logp"][j],
                                                  batch["advantages"][j], mask, bias=bias,
                                                  temperature=self.temperature, entropy_coef=p.entropy_coef, **ppo_kw)
             logp = st["logprobs"]
@@ -365,13 +217,13 @@ class PPOTrainer:
         else:
             logp, entropy = self._logprobs(self.policy, batch["prompts"][j], batch["responses"][j], mask,
                                            with_entropy=True)
-            pg, st = rk.ppo_policy_loss(logp, batch["old_logp"][j], batch["advantages"][j], mask, **ppo_kw)
+            pg, st = self.ops.ppo_policy_loss(logp, batch["old_logp"][j], batch["advantages"][j], mask, **ppo_kw)
             ent = (entropy * mask).sum() / num_tokens
             loss = pg - p.entropy_coef * ent
         out = {"policy_loss": pg, "entropy": ent, "st": st, "value_loss": None, "vst": None}
         if self.uses_critic:
             values = self._values(batch["prompts"][j], batch["responses"][j], mask)
-            vf, vst = rk.ppo_value_loss(values, batch["old_values"][j], batch["returns"][j], mask,
+            vf, vst = self.ops.ppo_value_loss(values, batch["old_values"][j], batch["returns"][j], mask,
                                         clip=p.value_clip, loss_agg=p.loss_agg, num_tokens=num_tokens)
             loss = loss + vf
             out.update(value_loss=vf, vst=vst)

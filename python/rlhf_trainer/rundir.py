@@ -52,7 +52,8 @@ def create_run_dir(out=None, prefix="run", root="runs"):
     """A new run directory for this process alone -> (path, created). ``out`` None: ``root/prefix-<time>``,
     with the first free suffix -2, -3, ... when another run has that name; ``out`` given: that path,
     which must not exist or be an empty folder (InputError otherwise). ``created``: this call made the
-    folder (False: it was an empty folder already)."""
+    folder (False: it was an empty folder already, or another run racing for the same new path made
+    it and lost the marker to this one)."""
     if out is not None:
         parent = os.path.dirname(os.path.abspath(out))
         os.makedirs(parent, exist_ok=True)

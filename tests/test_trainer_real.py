@@ -447,7 +447,7 @@ def test_run_directory_is_not_overwritten(tmp_path):
         prepare_run_dir(str(run), False, False, "x")
     assert prepare_run_dir(str(run), True, False, "x") == str(run) and os.path.exists(run / "config.yaml")
     prepare_run_dir(str(run), False, True, "x")
-    assert os.listdir(run) == []
+    assert os.listdir(run) == [".run"]            # emptied, and claimed by this run (rundir.MARKER)
     other = tmp_path / "home"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

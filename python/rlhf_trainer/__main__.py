@@ -35,7 +35,8 @@ def _parser():
     t = add("train")
     t.add_argument("--config", required=True, help="the run's YAML config (README: Train your own model)")
     t.add_argument("--out", help="run directory (default runs/train-<time>)")
-    t.add_argument("--resume", action="store_true", help="continue the run directory's checkpoint exactly")
+    t.add_argument("--resume", action="store_true", help="continue the run directory's checkpoint exactly (the same "
+                   "config; a larger <algo>.steps extends a finished run: docs/runs.md)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = add("rm")
@@ -47,7 +48,8 @@ def _parser():
     d.add_argument("--config", help="a YAML config (default: the built-in demo config)")
     d.add_argument("--out", help="run directory (default runs/demo-<time>)")
     d.add_argument("--small", action="store_true", help="the smaller CI configuration")
-    d.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    d.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint (the same "
+                   "config; a larger <algo>.steps extends a finished run: docs/runs.md)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     c = add("compare")
@@ -84,7 +86,7 @@ def main(argv=None):
         print("rlhf_trainer needs the trainer's dependencies (missing: %s): pip install 'rlhf-kernels[trainer]'"
               % ", ".join(missing), file=sys.stderr)
         return 1
-    from rlhf_trainer.config import ConfigError, InputError
+    from rlhf_trainer.config import ConfigError, InputError, RewardFunctionError
     try:
         if args.cmd == "plot":
             from rlhf_trainer.plot import plot_run
@@ -97,7 +99,19 @@ def main(argv=None):
         return 2
     except InputError as e:
         print("error: %s" % e, file=sys.stderr)
+        if isinstance(e, RewardFunctionError) and e.__cause__ is not None:
+            _print_cause(e.__cause__)
         return 2
+
+
+def _print_cause(cause):
+    """The traceback of what a user's reward function raised, from the user's frame on."""
+    import traceback
+    tb = cause.__traceback__
+    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("rlhf_trainer."):
+        tb = tb.tb_next   # our frame that called it
+    print("\nthe function's traceback:", file=sys.stderr)
+    traceback.print_exception(type(cause), cause, tb, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def plot_compare(runs, meta, path):
 
 
 def main(args):
-    from rlhf_trainer.train import prepare_run_dir
+    from rlhf_trainer.rundir import prepare_run_dir
     out = prepare_run_dir(args.out, False, args.overwrite, "compare")
     algos = args.algos.split(",") if args.algos else list(ALGOS)
     unknown = [a for a in algos if a not in ALGOS]

@@ -39,6 +39,19 @@ class InputError(ValueError):
     command line points at is unusable (raised before any model is loaded where possible)."""
 
 
+class RewardFunctionError(InputError):
+    """A reward function raised or returned something unusable. The message names the config key,
+    the function, the batch and (once the trainer adds it, ``step``) the step; when the function
+    raised, its exception is the cause (``raise ... from``), so its traceback is kept."""
+
+    def __init__(self, where, what):
+        super().__init__(where, what)
+        self.where, self.what, self.step = where, what, None
+
+    def __str__(self):
+        return "%s%s %s" % (self.where, "" if self.step is None else " at step %d" % self.step, self.what)
+
+
 ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp", "best_of_n", "expert_iteration")
 # the critic-free algorithms and the rk.group_advantages mode each uses
 GROUP_MODES = {"grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce++"}

@@ -49,7 +49,10 @@ def run(cfg, run_dir, log=print, progress=True, resume=False, reward=None, evalu
     returns the summary dict (also written to summary.json). ``evaluator``: an ExactEvaluator
     of that reward model, shared between the runs of a comparison."""
     from rlhf_trainer.toy import ToyTask
+    from rlhf_trainer.rundir import check_extension, check_resume
     t0 = time.perf_counter()
+    if resume:
+        check_resume(run_dir, cfg)
     os.makedirs(run_dir, exist_ok=True)
     cfg.save(os.path.join(run_dir, "config.yaml"))
     log(cfg.accounting())
@@ -60,8 +63,9 @@ def run(cfg, run_dir, log=print, progress=True, resume=False, reward=None, evalu
     trainer = make_trainer(cfg, task, rm, run_dir, log, evaluator)
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     start = trainer.evaluate()
-    if resume and os.path.exists(ckpt):
+    if resume:
         trainer.load(ckpt)
+        check_extension(cfg, trainer.step, run_dir)
         start = json.load(open(os.path.join(run_dir, "start.json")))
         log("resumed from %s at step %d" % (ckpt, trainer.step))
     else:
@@ -159,17 +163,17 @@ def main(args):
     if args.small:
         cfg = small_config(cfg)
     from rlhf_trainer.devices import resolve_device
-    from rlhf_trainer.train import prepare_run_dir
+    from rlhf_trainer.rundir import RunDirectory
     resolve_device(cfg.device, cfg.algo)            # device: cuda without a GPU stops here
     if cfg.iterate is not None:
         if args.resume:
             raise ConfigError("iterate: an iterated run is not checkpointed, so --resume cannot continue it")
         from rlhf_trainer import iterate
-        run_dir = prepare_run_dir(args.out, False, args.overwrite, "demo")
-        iterate.print_table(iterate.run(cfg, run_dir, progress=not args.no_progress)[1], run_dir)
+        with RunDirectory(args.out, False, args.overwrite, "demo", checkpoint=None) as run_dir:
+            iterate.print_table(iterate.run(cfg, run_dir, progress=not args.no_progress)[1], run_dir)
         return 0
-    run_dir = prepare_run_dir(args.out, args.resume, args.overwrite, "demo")
-    summary = run(cfg, run_dir, progress=not args.no_progress, resume=args.resume)
+    with RunDirectory(args.out, args.resume, args.overwrite, "demo") as run_dir:
+        summary = run(cfg, run_dir, progress=not args.no_progress, resume=args.resume)
     print_table(summary, run_dir)
     return 0
 

@@ -118,7 +118,8 @@ class ExpertIterationTrainer:
 
     def load(self, path):
         s = torch.load(path, weights_only=False)
-        if s["config"] != self.cfg.to_dict():
+        from rlhf_trainer.rundir import same_run, steps_key
+        if not same_run(s["config"], self.cfg.to_dict(), steps_key(self.cfg)):   # more steps: an extended run
             raise ValueError("checkpoint %s was written with another configuration" % path)
         self.step = s["step"]
         self.policy.load_state_dict(s["policy"])

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rlhf_trainer.config import ConfigError, InputError, RewardSection
+from rlhf_trainer.config import ConfigError, InputError, RewardFunctionError, RewardSection
 from rlhf_trainer.models import HFScalarModel
 from rlhf_trainer.sequences import PROMPT_PAD, response_mask
 
@@ -138,8 +138,7 @@ def read_prompts(path, key="prompt"):
         raise InputError("data.prompts: no such file %r" % path)
     jsonl = path.endswith((".jsonl", ".json"))
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = read_lines(path, "data.prompts")
     for n, line in enumerate(lines, 1):
         if not line.strip():
             raise InputError("data.prompts: %s line %d is empty" % (path, n))
@@ -166,6 +165,20 @@ def read_prompts(path, key="prompt"):
     return prompts
 
 
+def read_lines(path, key):
+    """The lines of a UTF-8 text file; InputError naming ``key``, the file and the line of a byte
+    that is not UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise InputError("%s: %s line %d is not UTF-8 text (byte 0x%02x at column %d)"
+                         % (key, path, line, data[e.start], column)) from None
+
+
 def _messages(prompt):
     return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
 
@@ -176,7 +189,11 @@ def encode_prompts(prompts, tokenizer, use_template, max_len, path):
     rows = []
     for n, p in enumerate(prompts, 1):
         if template:
-            text = tokenizer.apply_chat_template(_messages(p), add_generation_prompt=True, tokenize=False)
+            try:
+                text = tokenizer.apply_chat_template(_messages(p), add_generation_prompt=True, tokenize=False)
+            except Exception as e:   # the template's own checks (roles, their order) raise here
+                raise InputError("data.prompts: %s line %d: the tokenizer's chat template refused it (%s: %s)"
+                                 % (path, n, type(e).__name__, e)) from e
             ids = tokenizer(text, add_special_tokens=False).input_ids
         elif isinstance(p, list):
             raise InputError("data.prompts: %s line %d is a list of chat messages, but the tokenizer has no chat "
@@ -253,23 +270,34 @@ def import_reward_fn(spec, search_dir=None, key="reward.fn"):
     return fn
 
 
-def call_reward_fn(fn, name, prompts, responses, batch_no, key="reward.fn"):
+def _ids(prompt_ids):
+    """Prompt ids -> 'prompt ids 3..17' (their range; ids are 0-based lines of data.prompts)."""
+    ids = [int(i) for i in prompt_ids]
+    return "prompt ids %d..%d" % (min(ids), max(ids)) if ids else "no prompt"
+
+
+def call_reward_fn(fn, name, prompts, responses, batch_no, key="reward.fn", prompt_ids=None):
     """fn(prompts, responses) checked: one finite number per pair -> [B] float64 tensor.
-    batch_no: the batch's number (or words such as "2 of round 1"), for the errors."""
-    out = fn(prompts, responses)
-    where = "%s %s on batch %s (%d pairs)" % (key, name, batch_no, len(prompts))
+    batch_no: the batch's number (or words such as "2 of round 1"), for the errors; prompt_ids:
+    the pairs' prompt ids, named in the errors too. Raises RewardFunctionError."""
+    ids = "" if prompt_ids is None else ", " + _ids(prompt_ids)
+    where = "%s %s on batch %s (%d pairs%s)" % (key, name, batch_no, len(prompts), ids)
+    try:
+        out = fn(prompts, responses)
+    except Exception as e:   # the user's code: its traceback stays attached as the cause
+        raise RewardFunctionError(where, "raised %s: %s" % (type(e).__name__, e)) from e
     try:
         t = torch.as_tensor(out.detach().cpu() if isinstance(out, torch.Tensor) else out, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
-        raise InputError("%s returned %s, not numbers: it must return one number per (prompt, response) pair"
-                         % (where, repr(out)[:80])) from None
+        raise RewardFunctionError(where, "returned %s, not numbers: it must return one number per (prompt, "
+                                         "response) pair" % repr(out)[:80]) from None
     if t.shape != (len(prompts),):
-        raise InputError("%s returned shape %s: it must return one number per (prompt, response) pair, shape (%d,)"
-                         % (where, tuple(t.shape), len(prompts)))
+        raise RewardFunctionError(where, "returned shape %s: it must return one number per (prompt, response) "
+                                         "pair, shape (%d,)" % (tuple(t.shape), len(prompts)))
     bad = (~torch.isfinite(t)).nonzero()
     if len(bad):
         i = bad[0].item()
-        raise InputError("%s returned %s for pair %d (response %r)" % (where, t[i].item(), i, responses[i][:60]))
+        raise RewardFunctionError(where, "returned %s for pair %d (response %r)" % (t[i].item(), i, responses[i][:60]))
     return t
 
 
@@ -320,7 +348,7 @@ class Reward:
                     scores.append(self.model.score(*pad_right(rows, self.rm_tokenizer.pad_token_id, dev)).float())
             total += torch.cat(scores).double().cpu()
         if self.fn is not None:
-            total += call_reward_fn(self.fn, self.fn_name, prompts, texts, self.calls)
+            total += call_reward_fn(self.fn, self.fn_name, prompts, texts, self.calls, prompt_ids=prompt_ids)
         return total.float().to(responses.device)
 
 

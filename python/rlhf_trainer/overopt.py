@@ -259,7 +259,7 @@ def plot(res, curve, round_curves, path):
 
 
 def main(args):
-    from rlhf_trainer.train import prepare_run_dir
+    from rlhf_trainer.rundir import prepare_run_dir
     out = prepare_run_dir(args.out, False, args.overwrite, "overopt")
     res = sweep(out, small=args.small, progress=not args.no_progress, threads=args.threads)
     pk = res["peak"]

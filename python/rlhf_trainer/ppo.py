@@ -25,6 +25,7 @@ import warnings
 import torch
 
 import rlhf_kernels as rk
+from rlhf_trainer.config import RewardFunctionError
 from rlhf_trainer.devices import resolve_device
 from rlhf_trainer.models import enable_checkpointing, frozen_copy
 from rlhf_trainer.runstate import rewrite_log, rng_state, save_checkpoint, seed_rngs, set_rng_state
@@ -161,7 +162,11 @@ class PPOTrainer:
         """The reward's score of each response (with the missing-EOS penalty) and whether it has EOS."""
         tc = self.task.cfg
         with self.autocast():
-            score = self._score(prompt_ids, responses).float()
+            try:
+                score = self._score(prompt_ids, responses).float()
+            except RewardFunctionError as e:   # the reward function knows its batch; the step is ours
+                e.step = self.step + 1
+                raise
         has_eos = is_eos(responses, tc.eos_token_id).any(-1)
         if tc.stop_at_eos and self.p.missing_eos_penalty is not None:
             score = score + torch.where(has_eos, 0.0, self.p.missing_eos_penalty)
@@ -353,7 +358,8 @@ class PPOTrainer:
 
     def load(self, path):
         s = torch.load(path, weights_only=False, map_location="cpu")
-        if s["config"] != self.cfg.to_dict():
+        from rlhf_trainer.rundir import same_run, steps_key
+        if not same_run(s["config"], self.cfg.to_dict(), steps_key(self.cfg)):   # more steps: an extended run
             raise ValueError("checkpoint %s was written with another configuration" % path)
         self.step = s["step"]
         self.policy.load_state_dict(s["policy"])

@@ -31,9 +31,9 @@ def read_preferences(path, key, section):
     RMSection: score_min, score_max, score_loss). InputError names the line."""
     if not os.path.isfile(path):
         raise InputError("%s: no such file %r" % (key, path))
+    from rlhf_trainer.hf import read_lines
     prompts, responses, scores, kind = [], [], [], None
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = read_lines(path, key)
     for n, line in enumerate(lines, 1):
         where = "%s: %s line %d" % (key, path, n)
         if not line.strip():
@@ -235,11 +235,11 @@ def run(cfg, run_dir, log=print, progress=True):
 
 
 def main(args):
-    from rlhf_trainer.train import prepare_run_dir
+    from rlhf_trainer.rundir import RunDirectory
     cfg = Config.load(args.config)
     check(cfg)
-    run_dir = prepare_run_dir(args.out, False, args.overwrite, "rm")
-    s = run(cfg, run_dir, progress=not args.no_progress)
+    with RunDirectory(args.out, False, args.overwrite, "rm", checkpoint=None) as run_dir:
+        s = run(cfg, run_dir, progress=not args.no_progress)
     held = "" if s["eval_accuracy"] is None else ", held-out %.3f" % s["eval_accuracy"]
     print("reward model (%s): train accuracy %.3f%s, final loss %.4f; %.1f s" % (
         _name(s["kind"], cfg.rm), s["train_accuracy"], held, s["final_loss"], s["wall_s"]))

@@ -10,28 +10,12 @@ iterated RLHF instead (``iterate_hf.py``: its own run directory's layout, no che
 
 import json
 import os
-import shutil
 import time
 
 import torch
 
 from rlhf_trainer.config import Config, ConfigError, InputError
-
-
-def prepare_run_dir(out, resume, overwrite, prefix):
-    """The run directory: new, or an existing one only with --resume (continue) or --overwrite
-    (deleted first, if it is a run directory). Returns its path."""
-    run_dir = out or os.path.join("runs", time.strftime(prefix + "-%Y%m%d-%H%M%S"))
-    if resume and overwrite:
-        raise InputError("--resume and --overwrite: give one of them")
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and not resume:
-        if not overwrite:
-            raise InputError("--out %s already holds a run: --resume continues it, --overwrite replaces it" % run_dir)
-        if not any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.yaml", "compare.md")):
-            raise InputError("--overwrite: %s is not a run directory (no config.yaml); not deleting it" % run_dir)
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir
+from rlhf_trainer.rundir import RunDirectory, check_extension, check_resume, prepare_run_dir  # noqa: F401
 
 
 def oom_message(cfg, task, step):
@@ -71,18 +55,17 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
     from rlhf_trainer.plot import plot_run
     t0 = time.perf_counter()
     device = check(cfg)
-    task, pieces = hf.prepare(cfg, config_dir, log)
     ckpt = os.path.join(run_dir, "checkpoint.pt")
-    if resume and os.path.exists(ckpt):
-        saved = Config.load(os.path.join(run_dir, "config.yaml"))
-        if saved.to_dict() != cfg.to_dict():
-            raise InputError("--resume: %s was run with another configuration (its config.yaml)" % run_dir)
+    if resume:
+        check_resume(run_dir, cfg)
+    task, pieces = hf.prepare(cfg, config_dir, log)
     cfg.save(os.path.join(run_dir, "config.yaml"))
     log(cfg.accounting() + "; device %s, %s" % (device, cfg.dtype))
     reward = hf.build_reward(cfg, task, pieces, device, log)
     trainer = trainer_class(cfg.algo)(cfg, task, reward_fn=reward, run_dir=run_dir, log=log)
-    if resume and os.path.exists(ckpt):
+    if resume:
         trainer.load(ckpt)
+        check_extension(cfg, trainer.step, run_dir)
         log("resumed from %s at step %d" % (ckpt, trainer.step))
     else:
         open(os.path.join(run_dir, "log.jsonl"), "w").close()
@@ -121,13 +104,14 @@ def main(args):
         if args.resume:
             raise ConfigError("iterate: an iterated run is not checkpointed, so --resume cannot continue it")
         from rlhf_trainer import iterate_hf
-        run_dir = prepare_run_dir(args.out, False, args.overwrite, "train")
-        iterate_hf.print_table(iterate_hf.run(cfg, run_dir, progress=not args.no_progress,
-                                              config_dir=os.path.dirname(os.path.abspath(args.config)))[1], run_dir)
+        with RunDirectory(args.out, False, args.overwrite, "train", checkpoint=None) as run_dir:
+            iterate_hf.print_table(iterate_hf.run(cfg, run_dir, progress=not args.no_progress,
+                                                  config_dir=os.path.dirname(os.path.abspath(args.config)))[1],
+                                   run_dir)
         return 0
-    run_dir = prepare_run_dir(args.out, args.resume, args.overwrite, "train")
-    summary = run(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
-                  config_dir=os.path.dirname(os.path.abspath(args.config)))
+    with RunDirectory(args.out, args.resume, args.overwrite, "train") as run_dir:
+        summary = run(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
+                      config_dir=os.path.dirname(os.path.abspath(args.config)))
     print("score %.4f -> %.4f over %d steps, KL per sequence %.3f; %.1f s" % (
         summary["score_start"], summary["score_end"], summary["steps"], summary["kl_seq_sum_end"], summary["wall_s"]))
     print("final policy: %s" % summary["policy"])

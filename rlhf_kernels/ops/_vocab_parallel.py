@@ -111,10 +111,12 @@ def gather_rows(parts, shard):
     """parts [N, K] float32 of this rank -> [W, N, K], every rank's rows in rank order.
 
     The one collective of a forward: an all-gather of N * K float32 values per rank
-    (torch.distributed.all_gather_into_tensor). Not differentiable (nothing flows back through it)."""
+    (torch.distributed.all_gather_single, or all_gather_into_tensor on an older torch). Not
+    differentiable: nothing flows back through it."""
     parts = parts.contiguous()
     out = parts.new_empty((shard.world * parts.shape[0],) + tuple(parts.shape[1:]))
-    dist.all_gather_into_tensor(out, parts, group=shard.group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name
+    gather(out, parts, group=shard.group)
     return out.view((shard.world,) + tuple(parts.shape))
 
 

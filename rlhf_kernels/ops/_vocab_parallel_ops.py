@@ -226,7 +226,9 @@ def local_linear_fwd(name, h, w, b, y, temperature, tile):
 
 
 def local_linear_bwd(name, h, w, b, lab, gl, gh, stats, entropy, temperature, tile, need):
-    """-> (d_hidden, d_weight, d_bias) of this slice, the one-hot term only on the owner's rows."""
+    """-> (d_hidden, d_weight, d_bias) of this slice, the one-hot term only on the owner's rows.
+    The native and Triton kernels get the head with a sink row (vp.sink_head): one copy of the
+    local weight [V_local + 1, H] per backward, and d_weight made [V_local + 1, H] then sliced."""
     need_h, need_w, need_b = need
     if name in NATIVE or name == "triton":
         w_s, b_s = vp.sink_head(w, b)

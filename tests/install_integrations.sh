@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install TRL, verl and OpenRLHF for tests/test_integrations_*.py, the way the tests need them:
+# Install TRL, verl, OpenRLHF and megatron-core for tests/test_integrations_*.py, the way the tests need them:
 # only their pure-PyTorch modules, without their heavy dependencies (vLLM, flash-attn, DeepSpeed,
 # wandb, ...), and never touching the installed torch, transformers or numpy (a constraints file
 # pins them to what is installed). Run it after torch and the project are installed (make install).
@@ -12,6 +12,9 @@
 #             verl.trainer.ppo.core_algos import: ray, omegaconf, codetiming, and tensordict (--no-deps;
 #             its compiled part is not used) with pyvers. verl itself pins transformers<5.11, which
 #             --no-deps ignores: the modules tested do not depend on it.
+#   megatron  megatron-core==0.16.1 --no-deps: megatron.core.tensor_parallel imports and runs on a CPU
+#             with gloo without its optional dependencies (Transformer Engine, Apex); it also lets
+#             verl.utils.megatron.tensor_parallel import.
 #   OpenRLHF  openrlhf==0.11.2 --no-deps: its package imports flash-attn (a CUDA build) and DeepSpeed;
 #             the tests load openrlhf/models/utils.py and loss.py without the package's __init__
 #             (tests/test_integrations_kit.py says how).
@@ -67,6 +70,7 @@ install_verl() {
     pip_install "ray" "omegaconf" "codetiming"
 }
 install_openrlhf() { pip_install --no-deps "openrlhf==0.11.2"; }
+install_megatron() { pip_install --no-deps "megatron-core==0.16.1"; }
 
 # verl's and OpenRLHF's wheels put their own test suites into site-packages as a top-level `tests`
 # package (verl also a `scripts` one). A regular package named `tests` on sys.path shadows this
@@ -101,10 +105,12 @@ total=$(date +%s)
 step "trl 1.16.0" install_trl
 step "verl 0.9.1" install_verl
 step "openrlhf 0.11.2" install_openrlhf
+step "megatron-core 0.16.1" install_megatron
 remove_stray_packages
 "$PYTHON" - <<'EOF'
 import importlib
-for module in ("trl.trainer.grpo_trainer", "verl.trainer.ppo.core_algos", "verl.utils.torch_functional"):
+for module in ("trl.trainer.grpo_trainer", "verl.trainer.ppo.core_algos", "verl.utils.torch_functional",
+               "megatron.core.tensor_parallel", "verl.utils.megatron.tensor_parallel"):
     try:
         importlib.import_module(module)
         print("install_integrations: %s imports" % module)

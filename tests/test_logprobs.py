@@ -507,8 +507,13 @@ def test_native_ops_check_their_arguments(device):
         ops.logprobs_bwd(x, y, None, ent, stats[:3], ent, 1.0, IGNORE)
     with pytest.raises(ValueError, match="grad_logp"):
         ops.logprobs_bwd(x, y, ent[:2], None, stats, ent, 1.0, IGNORE)
-    with pytest.raises(ValueError, match="grad_logp.*labels"):
-        ops.logprobs_bwd(x, None, ent, None, stats, ent, 1.0, IGNORE)
+    # grad_logp without labels: its -g p term, no one-hot (the vocabulary-parallel ops add that
+    # on the rank that owns the label)
+    g = torch.randn(4, device=device)
+    no_onehot = ops.logprobs_bwd(x, None, g, None, stats, ent, 1.0, IGNORE)
+    torch.testing.assert_close(no_onehot, -torch.softmax(x, -1) * g[:, None])
+    with_labels = ops.logprobs_bwd(x, y, g, None, stats, ent, 1.0, IGNORE)
+    torch.testing.assert_close(with_labels - no_onehot, torch.nn.functional.one_hot(y, 7) * g[:, None])
     with pytest.raises(ValueError, match="kl"):
         ops.full_kl_bwd(ent, x, x, ent[:1], stats, 1.0)
 

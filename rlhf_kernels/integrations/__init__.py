@@ -1,6 +1,6 @@
-"""Drop-in replacements for the hot functions of TRL, verl and OpenRLHF, with ``patch()``.
+"""Drop-in replacements for the hot functions of TRL, verl, OpenRLHF and megatron-core, with ``patch()``.
 
-    import rlhf_kernels.integrations.trl as rk_trl        # also .verl, .openrlhf
+    import rlhf_kernels.integrations.trl as rk_trl        # also .verl, .openrlhf, .megatron
     with rk_trl.patch():
         trainer.train()
 
@@ -15,6 +15,6 @@ replacement does not implement runs the library's own function, with a one-time
 
 from rlhf_kernels.integrations._common import FallThroughWarning, UnsupportedVersion, extra
 
-LIBRARIES = ("trl", "verl", "openrlhf")
+LIBRARIES = ("trl", "verl", "openrlhf", "megatron")
 
 __all__ = ["LIBRARIES", "extra", "FallThroughWarning", "UnsupportedVersion"]

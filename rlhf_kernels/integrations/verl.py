@@ -21,6 +21,17 @@ verl.utils.experimental.torch_functional:
 |---|---|---|
 | FusedLinearForPPO.forward(hidden_states, vocab_weights, input_ids, temperature=1.0): the fused LM head of use_fused_kernels with the "torch" backend (patched on the class) | rk.linear_token_logprobs(return_entropy=True) | logits accumulated in float32 from the matmul (verl rounds them to the hidden states' dtype, then divides by the temperature in that dtype); the "liger" backend falls through |
 
+verl.utils.megatron.tensor_parallel (verl's Megatron backend; its module imports megatron-core, and
+is skipped by ``patch()`` where that does not import). The logits are this rank's vocabulary slice
+[..., V / tp] and the group is megatron's tensor-parallel group
+(``parallel_state.get_tensor_model_parallel_group()``); ours make one all-gather of O(N) float32
+per forward and none in the backward (verl's: 3 all-reduces each), and never write over the logits:
+| verl | ours | differences |
+|---|---|---|
+| vocab_parallel_log_probs_from_logits(logits, labels) (megatron's vocab_parallel_cross_entropy, negated; vocab_parallel_log_probs_from_logits_response_rmpad calls it) | rk.token_logprobs(process_group=) | float32 out as megatron's; a label outside [0, V) raises a ValueError (megatron gives its row -(log sum exp(z - max)) instead); megatron writes over float32 logits in its forward |
+| vocab_parallel_entropy(vocab_parallel_logits) | rk.token_entropy(process_group=) | float32 statistics, the logits' dtype out; verl's backward writes over the logits and back, which leaves them off by rounding |
+| vocab_parallel_entropy_with_chunking(vocab_parallel_logits, chunk_size=2048) | rk.token_entropy(process_group=) | chunk_size has no effect; float32 out as verl's |
+
 verl.trainer.ppo.core_algos:
 | verl | ours | differences |
 |---|---|---|
@@ -59,6 +70,8 @@ for an option we do not implement; without a warning where verl itself raises):
 - the other policy losses (sapo, gpg, clip_cov, kl_cov, geo_mean, dro, dppo_tv, dppo_kl,
   bypass_mode, reinforce) and advantage estimators (opo, remax, gpg, grpo_passk, gdpo,
   optimal_token_baseline, tir_optimal_token_baseline): different objectives than our ops compute;
+- vocab_parallel_sum_pi_squared (verl.utils.megatron.tensor_parallel): sum of squared
+  probabilities, which no op of ours computes;
 - the deprecated compute_policy_loss, and the logprobs_from_logits_* variants that only
   logprobs_from_logits calls.
 """
@@ -75,7 +88,8 @@ from rlhf_kernels.integrations._common import (FallThroughWarning, Integration, 
                                                rows_with_tokens, unit_interval)
 
 __all__ = ["patch", "unpatch", "is_patched", "logprobs_from_logits", "entropy_from_logits",
-           "entropy_from_logits_with_chunking", "fused_linear_for_ppo_forward", "kl_penalty", "kl_penalty_forward",
+           "entropy_from_logits_with_chunking", "fused_linear_for_ppo_forward", "vocab_parallel_log_probs_from_logits",
+           "vocab_parallel_entropy", "vocab_parallel_entropy_with_chunking", "kl_penalty", "kl_penalty_forward",
            "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
            "compute_grpo_vectorized_outcome_advantage", "compute_rloo_outcome_advantage",
            "compute_rloo_vectorized_outcome_advantage", "compute_reinforce_plus_plus_baseline_outcome_advantage",
@@ -86,6 +100,7 @@ TESTED_VERSION = "0.9.1"
 TF = "verl.utils.torch_functional:"
 CA = "verl.trainer.ppo.core_algos:"
 TFX = "verl.utils.experimental.torch_functional:"
+TPM = "verl.utils.megatron.tensor_parallel:"
 FLOAT64 = "float64 inputs (our ops output float32)"
 WEIGHTED_MASK = "a mask with values other than 0 and 1 (verl weights tokens by them)"
 
@@ -130,6 +145,38 @@ def entropy_from_logits_with_chunking(logits, chunk_size=2048):
     if not kernel_dtype(logits):
         return _VERL.fall_through("entropy_from_logits_with_chunking", FLOAT64, logits, chunk_size)
     return rk.token_entropy(logits)
+
+
+def _tensor_parallel_group():
+    from megatron.core import parallel_state
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def vocab_parallel_log_probs_from_logits(logits, labels):
+    """verl's vocab_parallel_log_probs_from_logits: log softmax at ``labels`` (global ids) over
+    the whole vocabulary, from this rank's slice ``logits`` [..., V / tp]; float32 [...]."""
+    if not kernel_dtype(logits):
+        return _VERL.fall_through("vocab_parallel_log_probs_from_logits", FLOAT64, logits, labels)
+    return rk.token_logprobs(logits, labels, ignore_index=never_label(labels), process_group=_tensor_parallel_group())
+
+
+def vocab_parallel_entropy(vocab_parallel_logits):
+    """verl's vocab_parallel_entropy: the full-vocabulary entropy from this rank's slice
+    [..., V / tp] -> [...], the logits' dtype."""
+    logits = vocab_parallel_logits
+    if not kernel_dtype(logits):
+        return _VERL.fall_through("vocab_parallel_entropy", FLOAT64, logits)
+    return rk.token_entropy(logits, process_group=_tensor_parallel_group()).to(logits.dtype)
+
+
+def vocab_parallel_entropy_with_chunking(vocab_parallel_logits, chunk_size=2048):
+    """verl's vocab_parallel_entropy_with_chunking: [B, T, V / tp] -> entropy [B, T] float32."""
+    logits = vocab_parallel_logits
+    if logits.dim() != 3:  # verl's own slices the second of three dimensions (and raises otherwise)
+        return _VERL.call_original("vocab_parallel_entropy_with_chunking", logits, chunk_size)
+    if not kernel_dtype(logits):
+        return _VERL.fall_through("vocab_parallel_entropy_with_chunking", FLOAT64, logits, chunk_size)
+    return rk.token_entropy(logits, process_group=_tensor_parallel_group())
 
 
 def fused_linear_for_ppo_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
@@ -564,6 +611,10 @@ _VERL = Integration("verl", "verl>=0.9.1,<0.10", TESTED_VERSION, [
                 "(logits, chunk_size=2048)"),
     Replacement(TFX + "FusedLinearForPPO.forward", fused_linear_for_ppo_forward,
                 "(self, hidden_states, vocab_weights, input_ids, temperature=1.0)"),
+    Replacement(TPM + "vocab_parallel_log_probs_from_logits", vocab_parallel_log_probs_from_logits, "(logits, labels)"),
+    Replacement(TPM + "vocab_parallel_entropy", vocab_parallel_entropy, "(vocab_parallel_logits)"),
+    Replacement(TPM + "vocab_parallel_entropy_with_chunking", vocab_parallel_entropy_with_chunking,
+                "(vocab_parallel_logits, chunk_size=2048)"),
     Replacement(CA + "kl_penalty", kl_penalty, "(logprob, ref_logprob, kl_penalty)"),
     Replacement(CA + "kl_penalty_forward", kl_penalty_forward, "(logprob, ref_logprob, kl_penalty)"),
     Replacement(CA + "compute_gae_advantage_return", compute_gae_advantage_return,

@@ -23,6 +23,8 @@ import torch
 
 from rlhf_kernels import _backend, _ext
 from rlhf_kernels.ops import _validate as v
+from rlhf_kernels.ops import _vocab_parallel as vp
+from rlhf_kernels.ops import _vocab_parallel_ops as vpo
 from rlhf_kernels.ops.logprobs import (KERNEL_DTYPES, _check_ignore_index, _check_label_range, _check_labels,
                                        _check_temperature, _flat_labels)
 from rlhf_kernels.reference import linear_logprobs as ref
@@ -61,7 +63,7 @@ def _check(op, hidden, weight, labels, bias):
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, validate=True, backend="auto"):
+                          return_entropy=False, validate=True, process_group=None, backend="auto"):
     """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature),
     and optionally the entropy, without materializing the [..., V] logits.
 
@@ -78,6 +80,14 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
             the native CPU op, where it costs nothing). With ``validate=False`` (or where it is
             skipped) such a label gives NaN logp and entropy at its position and no gradient,
             never an out-of-bounds read.
+        process_group: a torch.distributed group over which the LM head is split by vocabulary
+            (see docs/tensor_parallel.md): ``weight`` [V_local, H] and ``bias`` [V_local] are this
+            rank's rows (rank r holds ids [r * V_local, (r + 1) * V_local)), ``hidden`` is the same on
+            every rank and labels are global ids. The outputs are the full-vocabulary values,
+            bitwise the same on every rank; d_weight and d_bias are this slice of the full
+            gradient; d_hidden is this rank's partial sum, which the caller reduces over the group
+            (as for any column-parallel linear layer). One all-gather of 4 float32 per row in the
+            forward, none in the backward. None (or a group of one): a single device.
         backend: "auto", "cuda", "triton", "cpu" or "torch".
 
     Returns:
@@ -90,7 +100,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     name = _backend.pick_kernel(op, backend, hidden, "hidden", KERNEL_DTYPES)
     if torch.compiler.is_compiling():
         validate = validate and not hidden.is_cuda  # no host sync inside a compiled graph
-    if name in NATIVE:
+    if name in NATIVE and process_group is None:
         try:
             logp, entropy, _ = _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, _TILE,
                                                     validate)
@@ -101,14 +111,21 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     temperature = _check_temperature(op, temperature)
     ignore_index = _check_ignore_index(op, ignore_index)
     V = weight.shape[0]
+    shard = None if process_group is None else vp.vocab_shard(op, process_group, V)
+    if shard is None and process_group is not None and name in NATIVE:  # a group of one
+        return linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                     ignore_index=ignore_index, return_entropy=return_entropy,
+                                     validate=validate, backend=name)
     if validate and not torch.compiler.is_compiling():
-        _check_label_range(op, labels, V, ignore_index)
+        _check_label_range(op, labels, V if shard is None else shard.v_global, ignore_index)
     lead, H = hidden.shape[:-1], hidden.shape[-1]
     h = hidden.reshape(-1, H).contiguous()
     w = weight.contiguous()
     b = None if bias is None else bias.contiguous()
     y = _flat_labels(labels)
-    if name == "torch":
+    if shard is not None:
+        logp, entropy = vpo.linear_token_logprobs(h, w, b, y, temperature, ignore_index, _TILE, name, shard)
+    elif name == "torch":
         logp, entropy = ref.chunked_linear_token_logprobs(h, w, y, b, temperature, ignore_index)
     else:
         from rlhf_kernels.triton import linear_logprobs as tri

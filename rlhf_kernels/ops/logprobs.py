@@ -35,6 +35,8 @@ import torch
 from rlhf_kernels import _backend, _ext
 from rlhf_kernels._layout import KL_KINDS  # noqa: F401 (re-exported)
 from rlhf_kernels.ops import _validate as v
+from rlhf_kernels.ops import _vocab_parallel as vp
+from rlhf_kernels.ops import _vocab_parallel_ops as vpo
 from rlhf_kernels.reference import logprobs as ref
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -103,7 +105,7 @@ def _flat_labels(labels):
 
 
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   inplace_backward=False, validate=True, backend="auto"):
+                   inplace_backward=False, validate=True, process_group=None, backend="auto"):
     """Log-probability of each label under softmax(logits / temperature), and optionally the entropy.
 
     Args:
@@ -121,6 +123,12 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
             the native CPU op, where it costs nothing). With ``validate=False`` (or where it is
             skipped) such a label gives NaN logp and entropy at its position and a zero gradient
             row, never an out-of-bounds read.
+        process_group: a torch.distributed group over which the vocabulary is split (see
+            docs/tensor_parallel.md): ``logits`` is this rank's slice [..., V_local] (rank r holds
+            ids [r * V_local, (r + 1) * V_local)), labels are global ids in [0, W * V_local); the
+            outputs are the full-vocabulary values, bitwise the same on every rank, and the
+            gradient is this slice of the full gradient. One all-gather of 4 float32 per row in
+            the forward, none in the backward. None (or a group of one): a single device.
         backend: "auto", "cuda", "triton", "cpu" or "torch".
 
     Returns:
@@ -132,6 +140,11 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
     if torch.compiler.is_compiling():
         inplace_backward = False  # a traced backward must not write over an input
         validate = validate and not logits.is_cuda  # no host sync inside a compiled graph
+    if process_group is not None:
+        out = _vocab_parallel_logprobs(op, name, logits, labels, temperature, ignore_index, inplace_backward,
+                                       validate, process_group)
+        if out is not None:
+            return out if return_entropy else out[0]
     if name in NATIVE:
         try:
             logp, entropy, _ = _token_logprobs_fwd(logits, labels, temperature, ignore_index, validate,
@@ -156,17 +169,25 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
     return (logp, entropy) if return_entropy else logp
 
 
-def token_entropy(logits, *, temperature=1.0, backend="auto"):
+def token_entropy(logits, *, temperature=1.0, process_group=None, backend="auto"):
     """Entropy of softmax(logits / temperature) per position.
 
     Args:
         logits: [..., V] float32, float16 or bfloat16; any strides.
+        process_group: the vocabulary split over a torch.distributed group, as for
+            ``token_logprobs`` (one all-gather of 3 float32 per row in the forward).
     Returns:
         H [...] float32 = logsumexp(s) - sum_v p_v s_v, s = logits / T. Differentiable wrt
         ``logits``: dH/dz_v = -p_v (log p_v + H) / T.
     """
     op = "token_entropy"
     name = _backend.pick_kernel(op, backend, logits, "logits", KERNEL_DTYPES)
+    if process_group is not None:
+        _check_logits(op, "logits", logits)
+        t = _check_temperature(op, temperature)
+        shard = vp.vocab_shard(op, process_group, logits.shape[-1])
+        if shard is not None:
+            return vpo.token_entropy(logits, t, name, shard)
     if name in NATIVE:
         try:
             return _token_entropy_fwd(logits, temperature)[0]
@@ -180,13 +201,16 @@ def token_entropy(logits, *, temperature=1.0, backend="auto"):
     return tri.token_entropy(_rows(logits), temperature)[0].reshape(logits.shape[:-1])
 
 
-def full_kl(logits, ref_logits, *, temperature=1.0, backend="auto"):
+def full_kl(logits, ref_logits, *, temperature=1.0, process_group=None, backend="auto"):
     """KL(pi || pi_ref) over the whole vocabulary per position, in one pass over both tensors.
 
     Args:
         logits: [..., V] float32, float16 or bfloat16, the policy; any strides.
         ref_logits: [..., V], same shape, dtype and device: the reference policy (treated as a
             constant: no gradient flows to it).
+        process_group: the vocabulary split over a torch.distributed group, as for
+            ``token_logprobs``: both tensors are this rank's slice (one all-gather of 5 float32
+            per row in the forward).
     Returns:
         KL [...] float32 = sum_v p_v (log p_v - log q_v), p = softmax(logits / T),
         q = softmax(ref_logits / T). Differentiable wrt ``logits``:
@@ -194,7 +218,7 @@ def full_kl(logits, ref_logits, *, temperature=1.0, backend="auto"):
     """
     op = "full_kl"
     name = _backend.pick_kernel(op, backend, logits, "logits", KERNEL_DTYPES)
-    if name in NATIVE:
+    if name in NATIVE and process_group is None:
         try:
             return _full_kl_fwd(logits, ref_logits, temperature)[0]
         except RuntimeError as e:
@@ -208,10 +232,32 @@ def full_kl(logits, ref_logits, *, temperature=1.0, backend="auto"):
     v.same_device(op, "logits", logits, ref_logits=ref_logits)
     temperature = _check_temperature(op, temperature)
     ref_logits = ref_logits.detach()
+    if process_group is not None:
+        shard = vp.vocab_shard(op, process_group, logits.shape[-1])
+        if shard is not None:
+            return vpo.full_kl(logits, ref_logits, temperature, name, shard)
+        if name in NATIVE:
+            return _full_kl_fwd(logits, ref_logits, temperature)[0]
     if name == "torch":
         return ref.full_kl(logits.float(), ref_logits.float(), temperature)
     from rlhf_kernels.triton import logprobs as tri
     return tri.full_kl(_rows(logits), _rows(ref_logits), temperature)[0].reshape(logits.shape[:-1])
+
+
+def _vocab_parallel_logprobs(op, name, logits, labels, temperature, ignore_index, inplace_backward, validate,
+                             process_group):
+    """token_logprobs over a vocabulary split across ``process_group``: (logp, entropy), or None
+    for a group of one (the caller runs the single-device op)."""
+    _check_logits(op, "logits", logits)
+    _check_labels(op, "logits", logits, labels, "V")
+    temperature = _check_temperature(op, temperature)
+    ignore_index = _check_ignore_index(op, ignore_index)
+    shard = vp.vocab_shard(op, process_group, logits.shape[-1])
+    if shard is None:
+        return None
+    if validate and not torch.compiler.is_compiling():
+        _check_label_range(op, labels, shard.v_global, ignore_index)
+    return vpo.token_logprobs(logits, labels, temperature, ignore_index, inplace_backward, name, shard)
 
 
 def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None, backend="auto"):

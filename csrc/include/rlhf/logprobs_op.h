@@ -138,7 +138,8 @@ void logprobs_backward_into(at::Tensor& grad, const at::Tensor& z, const at::Ten
   const at::Tensor h = check_per_position(entropy, z, "entropy", "logits", op);
   const int64_t N = z.numel() / V;
   check_rows_f32(stats, N, 2, "stats", z, "logits", op);
-  TORCH_CHECK_VALUE(!gl.defined() || labels.defined(), op, ": `grad_logp` needs `labels`");
+  // grad_logp without labels gives its -g_l p term only, no one-hot: the vocabulary-parallel ops
+  // add the one-hot on the rank that owns the label (rlhf_kernels/ops/_vocab_parallel.py)
   if (N == 0) return;
   dispatch_logits(z, [&](auto* t) {
     using T = std::remove_pointer_t<decltype(t)>;

@@ -83,20 +83,29 @@ def main(argv=None):
         print("rlhf_trainer needs the trainer's dependencies (missing: %s): pip install 'rlhf-kernels[trainer]'"
               % ", ".join(missing), file=sys.stderr)
         return 1
+    from rlhf_trainer import parallel
     from rlhf_trainer.config import ConfigError, InputError
+    parallel.start()   # under torchrun: the process group, before anything can fail on one rank only
     try:
         if args.cmd == "plot":
             from rlhf_trainer.plot import plot_run
             print(plot_run(args.run_dir))
             return 0
         module = importlib.import_module("rlhf_trainer." + args.cmd)
-        return module.main(args)
+        code = module.main(args)
+        parallel.finish()
+        return code
     except ConfigError as e:
-        print("config error: %s" % e, file=sys.stderr)
+        if parallel.abort("config error: %s" % e):
+            print("config error: %s" % e, file=sys.stderr)
         return 2
     except InputError as e:
-        print("error: %s" % e, file=sys.stderr)
+        if parallel.abort("error: %s" % e):
+            print("error: %s" % e, file=sys.stderr)
         return 2
+    except BaseException as e:   # the traceback below; under torchrun every other rank stops too
+        parallel.abort("%s: %s" % (type(e).__name__, e))
+        raise
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -26,18 +27,26 @@ def launched():
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def start():
+    """Joins torchrun's process group (gloo for CPU tensors, NCCL for CUDA ones when torch sees a
+    GPU) and starts the watch for another rank's failure; a no-op without torchrun or when joined."""
+    if not launched() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    _start_watchdog()
+
+
 def init(device):
-    """Joins torchrun's process group (once) and returns the device this rank runs on: ``device``
-    (from the config's ``device:``) with CUDA's index taken from LOCAL_RANK. Without torchrun:
-    ``device`` unchanged, no group."""
+    """The device this rank runs on: ``device`` (from the config's ``device:``) with CUDA's index
+    taken from LOCAL_RANK, after joining the group (``start``). Without torchrun: ``device``
+    unchanged, no group."""
     if not launched():
         return device
+    start()
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        _start_watchdog()
     if _state.mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
         _state.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -86,8 +95,10 @@ def broadcast(obj):
 
 
 def _comm(t):
-    """gloo reduces CPU tensors, NCCL CUDA ones."""
-    return t.cuda() if dist.get_backend() == "nccl" else t.cpu()
+    """t where the group's backend reduces it: gloo CPU tensors, NCCL CUDA ones (both kept
+    where both are set up)."""
+    b = str(dist.get_backend())
+    return t.cpu() if "nccl" not in b else t.cuda() if "gloo" not in b else t
 
 
 def all_sum(values):
@@ -129,6 +140,42 @@ def share(n, what):
     return slice(rank() * k, (rank() + 1) * k)
 
 
+def check_split(algo, section, group_size=1):
+    """The rollout, each minibatch and each group split evenly over the ranks (ConfigError otherwise)."""
+    from rlhf_trainer.config import ConfigError
+    w = world()
+    if w == 1:
+        return
+    for name, n in (("rollout_batch", section.rollout_batch), ("minibatch", section.minibatch)):
+        if n % w:
+            raise ConfigError("%s.%s=%d is not divisible by the number of processes (%d)" % (algo, name, n, w))
+    if (section.rollout_batch // group_size) % w:
+        raise ConfigError("%s.rollout_batch=%d holds %d groups of %s.group_size=%d, not divisible by the number of "
+                          "processes (%d): a group is never split across ranks"
+                          % (algo, section.rollout_batch, section.rollout_batch // group_size, algo, group_size, w))
+
+
+def check_algo(cfg):
+    """Under torchrun only the policy-gradient trainers run data-parallel (ConfigError otherwise)."""
+    from rlhf_trainer.config import POLICY_GRADIENT, ConfigError
+    if world() > 1 and (cfg.algo not in POLICY_GRADIENT or cfg.iterate is not None):
+        raise ConfigError("under torchrun (%d processes) algo must be one of %s without an iterate section, got "
+                          "algo: %s%s; run it with python -m rlhf_trainer" % (world(), ", ".join(POLICY_GRADIENT),
+                                                                             cfg.algo, " with iterate" if cfg.iterate
+                                                                             is not None else ""))
+
+
+def rank_seed(seed, step):
+    """The seed of this rank's sampling RNG (rank 0 keeps the one-process stream)."""
+    return seed + 2 + 7919 * rank() + 104729 * step
+
+
+def options(cfg):
+    """The config's ``parallel`` section, or its defaults."""
+    from rlhf_trainer.config import ParallelSection
+    return getattr(cfg, "parallel", None) or ParallelSection()
+
+
 def one_at_a_time(fn):
     """fn() on each rank in turn (rank 0 first), so a node never holds more than one rank's
     full, not yet sharded copy of the weights in host memory at once."""
@@ -156,25 +203,33 @@ def _call(self, fn, *args, **kwargs):
     return fn(self, *args, **kwargs)
 
 
-def shard(model, dtype="float32", reshard_after_forward=True, offload=False):
+def shard(model, dtype="float32", reshard_after_forward=True, offload=False, root_inputs=True):
     """FSDP2 on ``model``: each decoder layer, then the root; bf16 parameters with float32
-    gradient reduction when dtype is bfloat16. Without a group: ``model`` unchanged."""
-    model.rlhf_call = types.MethodType(_call, model)
+    gradient reduction when dtype is bfloat16 (``root_inputs=False``: the root's float inputs are
+    not cast, as the fused LM head passes it float32 advantages). Without a group: ``model``
+    unchanged."""
     if not active():
         return model
+    model.rlhf_call = types.MethodType(_call, model)
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
                                         register_fsdp_forward_method)
     kw = {"mesh": _state.mesh, "reshard_after_forward": reshard_after_forward}
-    if dtype == "bfloat16":
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if offload:
         kw["offload_policy"] = CPUOffloadPolicy()
+    mp = lambda cast: MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=cast)  # noqa: E731
     for layer in _layers(model):
-        fully_shard(layer, **kw)
-    fully_shard(model, **kw)
-    # the loss is a sum over every rank's tokens over the global count: sum the gradients, not average
-    model.set_gradient_divide_factor(1.0)
+        fully_shard(layer, **kw, **({"mp_policy": mp(True)} if dtype == "bfloat16" else {}))
+    fully_shard(model, **kw, **({"mp_policy": mp(root_inputs)} if dtype == "bfloat16" else {}))
+    # the loss is a sum over every rank's tokens over the global count: sum the gradients, not
+    # average them (each layer's FSDP module and the root's); a plain sum, as gloo has no scaled one
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
     register_fsdp_forward_method(model, "rlhf_call")
+    # the scalar-head models return a slice of their output (read-only downstream)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     return model
 
 
@@ -236,13 +291,16 @@ def _start_watchdog():
 
 
 def abort(message):
-    """Tells every rank that this one failed (each then exits with code 1)."""
+    """Tells every rank that this one failed (each then exits with code 1). True when this rank
+    is the first to fail (it prints the message; the others stay quiet)."""
     if not active():
-        return
+        return True
+    _state.done = True   # this rank's own watch stands down: it reports and exits by itself
     try:
-        _store().set(ABORT_KEY, "rank %d failed: %s" % (rank(), message))
+        mine = "rank %d failed: %s" % (rank(), message)
+        return _store().compare_set(ABORT_KEY, "", mine).decode() == mine
     except Exception:
-        pass
+        return True
 
 
 def finish():

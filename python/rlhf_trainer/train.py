@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from rlhf_trainer import parallel
 from rlhf_trainer.config import Config, ConfigError, InputError
 
 
@@ -57,6 +58,8 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
     """Train cfg.algo on real models into run_dir; returns the summary dict. With an ``iterate``
     section: iterated RLHF (``iterate_hf.run``), not checkpointed."""
     from tqdm import tqdm
+    main = parallel.is_main()     # under torchrun rank 0 alone prints and writes the run's files
+    log, progress = parallel.main_only(log), progress and main
     if cfg.iterate is not None:
         if resume:
             raise ConfigError("iterate: an iterated run is not checkpointed, so --resume cannot continue it")
@@ -68,23 +71,25 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     from rlhf_trainer.algos import trainer_class
+    from rlhf_trainer.dist_checkpoint import find, target
     from rlhf_trainer.plot import plot_run
     t0 = time.perf_counter()
     device = check(cfg)
     task, pieces = hf.prepare(cfg, config_dir, log)
-    ckpt = os.path.join(run_dir, "checkpoint.pt")
-    if resume and os.path.exists(ckpt):
+    ckpt, found = target(run_dir), find(run_dir) if resume else None
+    if found:
         saved = Config.load(os.path.join(run_dir, "config.yaml"))
         if saved.to_dict() != cfg.to_dict():
             raise InputError("--resume: %s was run with another configuration (its config.yaml)" % run_dir)
-    cfg.save(os.path.join(run_dir, "config.yaml"))
+    if main:
+        cfg.save(os.path.join(run_dir, "config.yaml"))
     log(cfg.accounting() + "; device %s, %s" % (device, cfg.dtype))
     reward = hf.build_reward(cfg, task, pieces, device, log)
     trainer = trainer_class(cfg.algo)(cfg, task, reward_fn=reward, run_dir=run_dir, log=log)
-    if resume and os.path.exists(ckpt):
-        trainer.load(ckpt)
-        log("resumed from %s at step %d" % (ckpt, trainer.step))
-    else:
+    if found:
+        trainer.load(found)
+        log("resumed from %s at step %d" % (found, trainer.step))
+    elif main:
         open(os.path.join(run_dir, "log.jsonl"), "w").close()
     total = trainer.total_steps
     bar = tqdm(total=total, initial=trainer.step, disable=not progress, desc=cfg.algo, unit="step")
@@ -100,23 +105,29 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
     bar.close()
     trainer.save(ckpt)
     policy_dir = os.path.join(run_dir, "policy")
-    trainer.policy.save_pretrained(policy_dir)
-    task.tokenizer.save_pretrained(policy_dir)
+    if parallel.active():   # the whole policy, gathered to rank 0: a normal save_pretrained folder
+        parallel.save_pretrained(trainer.policy, policy_dir)
+    else:
+        trainer.policy.save_pretrained(policy_dir)
+    if main:
+        task.tokenizer.save_pretrained(policy_dir)
     h = trainer.history
     summary = {"algo": cfg.algo, "steps": trainer.step,
                "score_start": h[0]["score_mean"], "score_end": h[-1]["score_mean"],
                "kl_seq_sum_end": h[-1]["kl_seq_sum"], "samples_drawn": trainer.step * cfg.section.rollout_batch,
                "device": str(device), "dtype": cfg.dtype, "train_s": sum(r["time_step"] for r in h),
-               "wall_s": time.perf_counter() - t0, "policy": policy_dir}
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    plot_run(run_dir)
+               "wall_s": time.perf_counter() - t0, "policy": policy_dir, "world_size": parallel.world()}
+    if main:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        plot_run(run_dir)
     return summary
 
 
 def main(args):
     cfg = Config.load(args.config)
     check(cfg)
+    parallel.check_algo(cfg)
     if cfg.iterate is not None:
         if args.resume:
             raise ConfigError("iterate: an iterated run is not checkpointed, so --resume cannot continue it")
@@ -125,9 +136,13 @@ def main(args):
         iterate_hf.print_table(iterate_hf.run(cfg, run_dir, progress=not args.no_progress,
                                               config_dir=os.path.dirname(os.path.abspath(args.config)))[1], run_dir)
         return 0
-    run_dir = prepare_run_dir(args.out, args.resume, args.overwrite, "train")
+    # one run directory, chosen by rank 0 under torchrun
+    run_dir = parallel.broadcast(prepare_run_dir(args.out, args.resume, args.overwrite, "train")
+                                 if parallel.is_main() else None)
     summary = run(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                   config_dir=os.path.dirname(os.path.abspath(args.config)))
+    if not parallel.is_main():
+        return 0
     print("score %.4f -> %.4f over %d steps, KL per sequence %.3f; %.1f s" % (
         summary["score_start"], summary["score_end"], summary["steps"], summary["kl_seq_sum_end"], summary["wall_s"]))
     print("final policy: %s" % summary["policy"])

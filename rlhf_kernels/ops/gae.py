@@ -202,7 +202,7 @@ def _masked_whiten_group(op, x, mask, shift_mean, unbiased, eps, group):
     mean = valid.sum() / n if n else xd.new_zeros(())
     m2 = ((valid - mean) ** 2).sum() if n else xd.new_zeros(())
     world, me = dist.get_world_size(group), dist.get_rank(group)
-    comm = x.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    comm = x.device if x.is_cuda and "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
     parts = torch.zeros(world, 3, dtype=torch.float64, device=comm)
     parts[me] = torch.stack([xd.new_tensor(float(n)), mean, m2]).to(comm)
     dist.all_reduce(parts, group=group)      # a sum with zeros elsewhere: every rank's row, exactly

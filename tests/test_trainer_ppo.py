@@ -11,7 +11,8 @@ import torch
 import rlhf_kernels as rk
 from rlhf_trainer.config import Config
 from rlhf_trainer.models import build_policy, position_ids
-from rlhf_trainer.ppo import TIME_KEYS, KLController, PPOTrainer, response_mask
+from rlhf_trainer.ppo import TIME_KEYS, KLController, PPOTrainer
+from rlhf_trainer.sequences import response_mask
 from rlhf_trainer.toy import ToyTask, optimal_objective
 
 

@@ -319,7 +319,7 @@ def test_bad_prompts_file_names_the_line(workdir, tmp_path, content, words):
 
 def test_response_mask_with_several_eos_ids():
     """A model may stop on any of several ids (Qwen's <|im_end|> and <|endoftext|>)."""
-    from rlhf_trainer.ppo import response_mask
+    from rlhf_trainer.sequences import response_mask
     r = torch.tensor([[5, 7, 9, 7], [8, 5, 5, 5], [5, 5, 5, 5]])
     expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(response_mask(r, [7, 8], True), expected)
@@ -328,7 +328,7 @@ def test_response_mask_with_several_eos_ids():
 
 def test_prompts_text_file_and_chat_template(workdir, tmp_path):
     from rlhf_trainer import hf
-    from rlhf_trainer.ppo import PROMPT_PAD
+    from rlhf_trainer.sequences import PROMPT_PAD
     (tmp_path / "p.txt").write_text("a cat\nbanana banana\n")
     task, _ = prepare(workdir, data__prompts=str(tmp_path / "p.txt"))
     assert task.texts == ["a cat", "banana banana"]

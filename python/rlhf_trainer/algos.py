@@ -26,7 +26,8 @@ import torch
 
 import rlhf_kernels as rk
 from rlhf_trainer.config import GROUP_MODES
-from rlhf_trainer.ppo import PPOTrainer, response_mask
+from rlhf_trainer.ppo import PPOTrainer
+from rlhf_trainer.sequences import response_mask
 
 
 class GroupTrainer(PPOTrainer):

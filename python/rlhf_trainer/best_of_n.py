@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from rlhf_trainer.ppo import generate
+from rlhf_trainer.sequences import generate
 
 
 def best_of_n_log_ratio(ref_logp, scores, n):

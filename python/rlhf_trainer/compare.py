@@ -57,7 +57,7 @@ def compare(out, small=False, algos=ALGOS, log=print, progress=True, threads=1, 
 def _compare(out, small, algos, log, progress, beta):
     from rlhf_trainer.best_of_n import exact_best_of_n
     from rlhf_trainer.models import build_policy, frozen_copy
-    from rlhf_trainer.ppo import score_function
+    from rlhf_trainer.sequences import score_function
     from rlhf_trainer.toy import ExactEvaluator, ToyTask
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)

@@ -115,7 +115,7 @@ def _run_best_of_n(cfg, task, rm, rm_metrics, run_dir, t0, log, evaluator):
     from rlhf_trainer.best_of_n import exact_best_of_n, run_best_of_n
     from rlhf_trainer.models import build_policy, frozen_copy
     from rlhf_trainer.plot import plot_best_of_n
-    from rlhf_trainer.ppo import score_function
+    from rlhf_trainer.sequences import score_function
     from rlhf_trainer.toy import ExactEvaluator
     ref = frozen_copy(build_policy(cfg.model, cfg.task))
     score = score_function(task, reward_model=rm)

@@ -113,7 +113,7 @@ def load(trainer, path):
             torch.cuda.set_rng_state(s["cuda_rng"], trainer.device)
     else:   # another world size: the ranks' streams are new ones (the run continues, not bitwise)
         torch.manual_seed(parallel.rank_seed(trainer.cfg.seed, trainer.step))
-    from rlhf_trainer.ppo import rewrite_log
+    from rlhf_trainer.runstate import rewrite_log
     rewrite_log(trainer.run_dir, trainer.history)
 
 

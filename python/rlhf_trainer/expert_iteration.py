@@ -16,8 +16,8 @@ import torch
 
 from rlhf_trainer.best_of_n import sample_best_of_n
 from rlhf_trainer.models import build_policy, frozen_copy
-from rlhf_trainer.ppo import (rewrite_log, response_logprobs, response_mask, rng_state, save_checkpoint, score_function,
-                              seed_rngs, set_rng_state)
+from rlhf_trainer.runstate import rewrite_log, rng_state, save_checkpoint, seed_rngs, set_rng_state
+from rlhf_trainer.sequences import response_logprobs, response_mask, score_function
 from rlhf_trainer.toy import ExactEvaluator
 
 CPU = torch.device("cpu")   # expert iteration runs on the toy task, on the CPU

@@ -81,7 +81,7 @@ def run_one(loss, n, seed, noise, out, rm_steps=None, ppo_steps=None, ppo=True, 
     from rlhf_trainer.config import Config
     from rlhf_trainer.demo import make_trainer
     from rlhf_trainer.models import build_policy, frozen_copy
-    from rlhf_trainer.ppo import score_function
+    from rlhf_trainer.sequences import score_function
     from rlhf_trainer.reward import train_reward_model
     from rlhf_trainer.toy import ExactEvaluator, ToyTask
     cfg = Config(device="cpu", seed=seed)

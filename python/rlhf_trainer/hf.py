@@ -23,7 +23,7 @@ import torch
 
 from rlhf_trainer.config import ConfigError, InputError, RewardSection
 from rlhf_trainer.models import HFScalarModel
-from rlhf_trainer.ppo import PROMPT_PAD, response_mask
+from rlhf_trainer.sequences import PROMPT_PAD, response_mask
 
 
 # ---------- models ----------

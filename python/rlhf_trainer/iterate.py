@@ -63,7 +63,7 @@ def as_pairs(prompt_ids, responses, valid):
 
 def sample_pairs(policy, task, n, temperature, gen):
     """n prompts drawn uniformly, each answered twice by the policy: (prompt ids [n], a [n, L], b [n, L])."""
-    from rlhf_trainer.ppo import generate
+    from rlhf_trainer.sequences import generate
     pid = torch.randint(0, task.num_prompts, (n,), generator=gen)
     device = next(policy.parameters()).device
     responses = generate(policy, task.prompts[pid.repeat(2)].to(device), task.cfg, temperature, task.top_p).cpu()
@@ -139,7 +139,8 @@ def run(cfg, run_dir, log=print, progress=True, on_round=None, initial=None):
     gives them) to start from instead of the configured one (``overopt``'s biased proxy)."""
     from rlhf_trainer.demo import make_trainer, reward_model
     from rlhf_trainer.models import build_policy, frozen_copy
-    from rlhf_trainer.ppo import score_function, seed_rngs
+    from rlhf_trainer.runstate import seed_rngs
+    from rlhf_trainer.sequences import score_function
     from rlhf_trainer.reward import pairwise_accuracy
     from rlhf_trainer.toy import ExactEvaluator, ToyTask, all_response_logprobs
     t0 = time.perf_counter()

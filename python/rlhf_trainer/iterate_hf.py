@@ -72,7 +72,7 @@ def sample_pairs(trainer, task, reward, it, k, fns, gen):
     """comparisons_per_round pairs from the trainer's policy, labelled, in batches of rollout_batch
     responses -> (rm.data lines, the round's measurements)."""
     from rlhf_trainer.hf import Reward, call_reward_fn
-    from rlhf_trainer.ppo import PROMPT_PAD, _eval_mode, generate
+    from rlhf_trainer.sequences import PROMPT_PAD, _eval_mode, generate
     cfg = trainer.cfg
     labeler, true_fn = fns
     proxy = Reward(task, reward_model=reward.model, rm_tokenizer=reward.rm_tokenizer, micro_batch=reward.micro_batch)
@@ -146,7 +146,7 @@ def run(cfg, run_dir, log=print, progress=True, config_dir=None):
     from rlhf_trainer import hf
     from rlhf_trainer.algos import trainer_class
     from rlhf_trainer.plot import plot_run
-    from rlhf_trainer.ppo import seed_rngs
+    from rlhf_trainer.runstate import seed_rngs
     from rlhf_trainer.train import check, oom_message
     if cfg.iterate is None:
         raise ConfigError("iterate: iterate_hf.run needs an iterate section")

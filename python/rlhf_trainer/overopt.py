@@ -146,7 +146,7 @@ def _sweep(out, small, log, progress):
     from rlhf_trainer import iterate
     from rlhf_trainer.demo import run
     from rlhf_trainer.models import build_policy, frozen_copy
-    from rlhf_trainer.ppo import score_function
+    from rlhf_trainer.sequences import score_function
     from rlhf_trainer.toy import ExactEvaluator, ToyTask
     t0, c0 = time.perf_counter(), time.process_time()
     os.makedirs(out, exist_ok=True)

@@ -72,7 +72,7 @@ def rows(trainer):
 
 
 def policy_params(trainer):
-    return [full(p.detach()) for p in trainer.policy.parameters()]
+    return [full(p.detach()).clone() for p in trainer.policy.parameters()]
 
 
 def resume(out):
@@ -86,6 +86,8 @@ def resume(out):
     ckpt = os.path.join(out, "ckpt-%d" % w + ("" if parallel.active() else ".pt"))
     first.save(ckpt)
     at_checkpoint = policy_params(first)
+    if parallel.is_main():
+        torch.save(at_checkpoint, os.path.join(out, "params-%d.pt" % w))
     first.train_step()                       # lost: the resumed run redoes it
     torch.manual_seed(12345)                 # and the process's RNG has moved on
     resumed = small_trainer(os.path.join(out, "resumed-%d" % w))
@@ -93,7 +95,6 @@ def resume(out):
     for _ in range(2):
         resumed.train_step()
     if parallel.is_main():
-        torch.save(at_checkpoint, os.path.join(out, "params-%d.pt" % w))
         json.dump({"straight": rows(straight), "resumed": rows(resumed)}, open(os.path.join(out, "resume-%d.json" % w), "w"))
 
 

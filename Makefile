@@ -7,7 +7,7 @@ export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 .PHONY: deps install demo test bench info clean anchor-wheels wheel smoke-wheel
 
 deps:
-	$(PIP) install -q torch numpy pytest ninja transformers tqdm pyyaml matplotlib
+	$(PIP) install -q torch numpy pytest ninja transformers tqdm pyyaml matplotlib pydantic
 
 # The editable install compiles the extension in a fresh temporary folder every time, which
 # takes minutes; so it is skipped when nothing it compiles changed since it last succeeded

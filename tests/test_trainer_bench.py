@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from rlhf_trainer import bench, bench_report
-from rlhf_trainer.bench_ops import EagerOps, KernelOps
-from rlhf_trainer.bench_step import (SMALL_CONFIG, BenchConfig, advantages, build_models, experience, sequences,
-                                     update, update_micro)
+from rlhf_trainer.bench_ops import EagerOps
+from rlhf_trainer.bench_step import SMALL_CONFIG, BenchConfig, build_trainer
 
 # Both modes run the same backbone (bitwise the same hidden states); they differ in how the
 # float32 log-softmax, entropy, GAE sums and loss reductions are ordered: a few float32 ulps
@@ -26,33 +25,52 @@ VALUE_ATOL = 2e-6
 # elementwise relative to their size, plus this fraction of the largest entry.
 GRAD_RTOL = 1e-4
 GRAD_ATOL_FRAC = 1e-5
+CPU = torch.device("cpu")
+EOS = 5
 
 
 def tiny_cfg(**kw):
     base = dict(hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1, vocab=997, prompts=2, samples=3,
-                prompt_len=5, response_len=7, micro_batch=2, mini_batches=2, seed=11)
+                prompt_len=5, response_len=7, micro_batch=3, mini_batches=2, seed=11)
     return BenchConfig(**dict(base, **kw))
 
 
+def trainer(cfg, mode, eos=False):
+    """The bench's trainer of ``mode``; with ``eos`` the task stops at EOS (token 5), so the
+    responses of ``batch`` are right-padded after it."""
+    t = build_trainer(cfg, CPU, torch.float32, mode)
+    if eos:
+        t.task.cfg.eos_token_id, t.task.cfg.stop_at_eos = EOS, True
+    return t
+
+
 def batch(cfg, seed=0):
-    """Random prompts and responses, right-padded responses of random lengths (at least 1)."""
+    """Random prompts and responses [B, L]; each but the first ends at an EOS at a random place."""
     g = torch.Generator().manual_seed(seed)
     B = cfg.batch
-    prompts = torch.randint(1, cfg.vocab, (B, cfg.prompt_len), generator=g)
-    responses = torch.randint(1, cfg.vocab, (B, cfg.response_len), generator=g)
+    prompts = torch.randint(6, cfg.vocab, (B, cfg.prompt_len), generator=g)
+    responses = torch.randint(6, cfg.vocab, (B, cfg.response_len), generator=g)
     lengths = torch.randint(1, cfg.response_len + 1, (B,), generator=g)
     lengths[0] = cfg.response_len
-    mask = torch.arange(cfg.response_len)[None, :] < lengths[:, None]
-    return prompts, responses.masked_fill(~mask, 0), mask
+    for i in range(1, B):
+        responses[i, lengths[i] - 1] = EOS
+    return torch.arange(B), prompts, responses
 
 
 def close(actual, expected, rtol=VALUE_RTOL, atol=VALUE_ATOL, what=""):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: "%s: %s" % (what, m))
 
 
-def test_same_models_for_both_modes():
+def test_the_modes_differ_only_in_ops_and_the_fused_head():
+    """Both modes are the trainer's own PPOTrainer: kernels on is rlhf_kernels from the hidden
+    states, off the eager ops on the logits; the same models, a frozen reference copy."""
+    import rlhf_kernels as rk
+    from rlhf_trainer.ppo import PPOTrainer
     cfg = tiny_cfg()
-    a, b = build_models(cfg, torch.device("cpu"), torch.float32), build_models(cfg, torch.device("cpu"), torch.float32)
+    a, b = trainer(cfg, "on"), trainer(cfg, "off")
+    assert isinstance(a, PPOTrainer) and a.ops is rk and a.p.fused_lm_head
+    assert isinstance(b.ops, EagerOps) and not b.p.fused_lm_head
+    assert type(a).update is PPOTrainer.update and type(a).micro_loss is PPOTrainer.micro_loss
     for (name, p), q in zip(a.policy.named_parameters(), b.policy.parameters()):
         assert torch.equal(p, q), name
     for (name, p), q in zip(a.value.named_parameters(), b.value.parameters()):
@@ -64,61 +82,65 @@ def test_same_models_for_both_modes():
 
 def test_modes_compute_the_same_experience():
     cfg = tiny_cfg()
-    models = build_models(cfg, torch.device("cpu"), torch.float32)
-    prompts, responses, mask = batch(cfg)
-    assert not mask.all()  # padding is exercised
-    exps = {}
-    for ops in (EagerOps(), KernelOps()):
-        exp = experience(models, ops, cfg, prompts, responses, mask)
-        exps[ops.name] = advantages(ops, cfg, prompts, responses, mask, exp)
+    pid, prompts, responses = batch(cfg)
+    exps = {m: trainer(cfg, m, eos=True).score_rollout(pid, prompts, responses) for m in ("off", "on")}
     off, on = exps["off"], exps["on"]
-    for key in ("old_logp", "ref_logp", "values", "score", "returns", "advantages"):
+    mask = off["mask"]
+    assert not mask.all() and torch.equal(on["mask"], mask)  # padding is exercised
+    for key in ("old_logp", "ref_logp", "old_values", "score", "kl", "rewards", "returns", "advantages"):
         close(on[key], off[key], what=key)
     assert (off["old_logp"][mask] < 0).all() and (off["old_logp"][~mask] == 0).all()
     assert (on["advantages"][~mask] == 0).all() and (on["returns"][~mask] == 0).all()
     assert off["advantages"][mask].std() > 0.5  # whitened, not degenerate
 
 
-def _grads(models):
-    named = list(models.policy.named_parameters()) + [("value." + n, p) for n, p in models.value.named_parameters()]
+def _grads(t):
+    named = list(t.policy.named_parameters()) + [("value." + n, p) for n, p in t.value.named_parameters()]
     return {n: p.grad.clone() for n, p in named if p.grad is not None}
+
+
+def _moved_batch(cfg, seed):
+    """A rollout batch scored by the eager mode, then a policy and value that have moved since
+    (old log-probabilities and values perturbed), so that clipping (both sides) is exercised."""
+    pid, prompts, responses = batch(cfg, seed=seed)
+    exp = trainer(cfg, "off", eos=True).score_rollout(pid, prompts, responses)
+    mask = exp["mask"]
+    g = torch.Generator().manual_seed(seed + 1)
+    exp["old_logp"] = torch.where(mask, exp["old_logp"] + 0.5 * torch.randn(mask.shape, generator=g), 0.0)
+    exp["old_values"] = exp["old_values"] + 0.3 * torch.randn(mask.shape, generator=g)
+    return exp
 
 
 def test_modes_compute_the_same_losses_and_gradients():
     cfg = tiny_cfg()
-    prompts, responses, mask = batch(cfg, seed=1)
-    base = build_models(cfg, torch.device("cpu"), torch.float32)
-    exp = advantages(EagerOps(), cfg, prompts, responses, mask,
-                     experience(base, EagerOps(), cfg, prompts, responses, mask))
-    # a policy that has moved since the rollout, so that clipping (both sides) is exercised
-    g = torch.Generator().manual_seed(2)
-    exp["old_logp"] = torch.where(mask, exp["old_logp"] + 0.5 * torch.randn(mask.shape, generator=g), 0.0)
-    exp["values"] = exp["values"] + 0.3 * torch.randn(mask.shape, generator=g)
-    input_ids, attention_mask = sequences(prompts, responses, mask)
-    s = slice(1, 5)
-    num_tokens = mask.sum()
+    exp = _moved_batch(cfg, seed=1)
+    j = torch.arange(1, 5)
+    num_tokens = exp["mask"].sum()
     results = {}
-    for ops in (EagerOps(), KernelOps()):
-        models = build_models(cfg, torch.device("cpu"), torch.float32)
-        loss, vloss, stats = update_micro(models, ops, cfg, input_ids, attention_mask, responses, mask, exp, s,
-                                          num_tokens)
-        results[ops.name] = (loss, vloss, stats, _grads(models))
-    (loss_off, vloss_off, st_off, g_off), (loss_on, vloss_on, st_on, g_on) = results["off"], results["on"]
-    close(loss_on, loss_off, what="policy objective")
-    close(vloss_on, vloss_off, what="value loss")
-    assert st_off["clipfrac"] > 0 and st_off["vf_clipfrac"] > 0
-    for key in ("clipfrac", "approx_kl", "entropy", "vf_clipfrac"):
-        close(st_on[key], st_off[key], what=key)
+    for mode in ("off", "on"):
+        t = trainer(cfg, mode, eos=True)
+        loss, logp, out = t.micro_loss(exp, j, num_tokens)
+        loss.backward()
+        results[mode] = (loss, logp, out, _grads(t))
+    (loss_off, logp_off, o_off, g_off), (loss_on, logp_on, o_on, g_on) = results["off"], results["on"]
+    close(loss_on, loss_off, what="loss")
+    close(logp_on, logp_off, what="logprobs")
+    for key in ("policy_loss", "entropy", "value_loss"):
+        close(o_on[key], o_off[key], what=key)
+    assert o_off["st"]["clipfrac"] > 0 and o_off["vst"]["vf_clipfrac"] > 0
+    for key in ("clipfrac", "approx_kl", "ratio_mean", "ratio_max", "ratio_min"):
+        close(o_on["st"][key], o_off["st"][key], what=key)
+    for key in ("vf_clipfrac", "explained_var"):
+        close(o_on["vst"][key], o_off["vst"][key], what=key)
     assert g_on.keys() == g_off.keys() and len(g_off) > 10
     for name, ref in g_off.items():
         assert ref.abs().max() > 0, name
         close(g_on[name], ref, rtol=GRAD_RTOL, atol=GRAD_ATOL_FRAC * ref.abs().max().item(), what="grad " + name)
 
 
-def test_the_fused_policy_loss_is_taken_when_it_exists(monkeypatch):
-    """The "on" objective calls rlhf_kernels.linear_policy_loss (hidden states [B, T, H] straight
-    to the loss) instead of linear_token_logprobs + ppo_policy_loss, and gives the eager mode's
-    objective and entropy."""
+def test_the_fused_policy_loss_is_taken_when_kernels_are_on(monkeypatch):
+    """The "on" micro-batch loss calls rlhf_kernels.linear_policy_loss (hidden states [B, T, H]
+    straight to the loss) and never the logits path; "off" never calls rlhf_kernels."""
     import rlhf_kernels as rk
     calls = []
     real = rk.linear_policy_loss
@@ -128,33 +150,32 @@ def test_the_fused_policy_loss_is_taken_when_it_exists(monkeypatch):
         assert kw["loss_agg"] == "token-mean"
         return real(hidden, *args, **kw)
 
+    def never(*args, **kw):
+        raise AssertionError("rlhf_kernels called")
+
     monkeypatch.setattr(rk, "linear_policy_loss", spy)
+    monkeypatch.setattr(rk, "token_logprobs", never)
     cfg = tiny_cfg()
-    prompts, responses, mask = batch(cfg, seed=4)
-    models = build_models(cfg, torch.device("cpu"), torch.float32)
-    exp = advantages(EagerOps(), cfg, prompts, responses, mask,
-                     experience(models, EagerOps(), cfg, prompts, responses, mask))
-    input_ids, attention_mask = sequences(prompts, responses, mask)
-    args = (models.policy, input_ids, attention_mask, responses, mask, exp["old_logp"], exp["advantages"],
-            mask.sum(), cfg)
-    on, on_stats = KernelOps().policy_objective(*args)
-    assert calls == [(cfg.batch, cfg.response_len, cfg.hidden)]
-    off, off_stats = EagerOps().policy_objective(*args)
-    close(on, off, what="policy objective")
-    close(on_stats["entropy"], off_stats["entropy"], what="entropy")
+    exp = _moved_batch(cfg, seed=4)
+    j = torch.arange(cfg.micro_batch)
+    trainer(cfg, "on", eos=True).micro_loss(exp, j, exp["mask"].sum())
+    assert calls == [(cfg.micro_batch, cfg.response_len, cfg.hidden)]
+    for name in ("linear_policy_loss", "linear_token_logprobs", "ppo_policy_loss", "ppo_value_loss"):
+        monkeypatch.setattr(rk, name, never)
+    trainer(cfg, "off", eos=True).micro_loss(exp, j, exp["mask"].sum())
 
 
 def test_one_update_gives_the_same_parameters():
-    """A whole update (two mini-batches of micro-batches, clipping, AdamW): the same new weights."""
+    """A whole update (the trainer's: two mini-batches of micro-batches, clipping, Adam): the
+    same new weights."""
     cfg = tiny_cfg(lr=1e-3)
-    prompts, responses, mask = batch(cfg, seed=3)
+    pid, prompts, responses = batch(cfg, seed=3)
     new = {}
-    for ops in (EagerOps(), KernelOps()):
-        models = build_models(cfg, torch.device("cpu"), torch.float32)
-        exp = advantages(ops, cfg, prompts, responses, mask, experience(models, ops, cfg, prompts, responses, mask))
-        update(models, ops, cfg, prompts, responses, mask, exp)
-        new[ops.name] = dict(models.policy.named_parameters())
-    before = dict(build_models(cfg, torch.device("cpu"), torch.float32).policy.named_parameters())
+    for mode in ("off", "on"):
+        t = trainer(cfg, mode, eos=True)
+        t.update(t.score_rollout(pid, prompts, responses))
+        new[mode] = dict(t.policy.named_parameters())
+    before = dict(trainer(cfg, "off").policy.named_parameters())
     for name, p in new["off"].items():
         assert not torch.equal(p, before[name]), name  # the step did move it
         # Adam's first step moves each weight by about lr * sign(grad): tiny gradient differences
@@ -201,6 +222,8 @@ def test_small_config_and_bad_arguments(capsys):
         bench.resolve(_args(None, steps=0))
     with pytest.raises(bench.BenchError, match="--max-micro-batch must be at least 0, got -1"):
         bench.resolve(_args(None, max_micro_batch=-1))
+    with pytest.raises(bench.BenchError, match="--micro-batch 3: ppo.minibatch=4 is not divisible by ppo.micro_batch=3"):
+        bench.resolve(_args(None, micro_batch=3))
     if not torch.cuda.is_available():
         assert bench.main(_args(None, device="cuda")) == 2
         assert "--device cuda" in capsys.readouterr().err
@@ -208,22 +231,22 @@ def test_small_config_and_bad_arguments(capsys):
 
 def test_largest_micro_batch_doubles_until_out_of_memory(monkeypatch):
     cfg = tiny_cfg(response_len=3)
-    device = torch.device("cpu")
-    models = build_models(cfg, device, torch.float32)
     seen = []
-    real = bench_report.update_micro
+    real = bench_report.micro_step
 
-    def fake_update_micro(models, ops, cfg, input_ids, *args):
-        seen.append(input_ids.shape[0])
-        if input_ids.shape[0] > 5:
-            raise torch.OutOfMemoryError("fake: %d sequences do not fit" % input_ids.shape[0])
-        return real(models, ops, cfg, input_ids, *args)
+    def fake_micro_step(trainer, mb, gen):
+        seen.append(mb)
+        if mb > 5:
+            raise torch.OutOfMemoryError("fake: %d sequences do not fit" % mb)
+        return real(trainer, mb, gen)
 
-    monkeypatch.setattr(bench_report, "update_micro", fake_update_micro)
-    assert bench_report.largest_micro_batch(models, KernelOps(), cfg, device, 64) == (4, [1, 2, 4, 8], False)
+    monkeypatch.setattr(bench_report, "micro_step", fake_micro_step)
+    t = trainer(cfg, "on")
+    assert bench_report.largest_micro_batch(t, 64) == (4, [1, 2, 4, 8], False)
     assert seen == [1, 2, 4, 8]
-    assert all(p.grad is None for p in models.policy.parameters())  # each trial's gradients are dropped
-    assert bench_report.largest_micro_batch(models, EagerOps(), cfg, device, 3) == (2, [1, 2], True)
+    assert all(p.grad is None for p in t.policy.parameters())  # each trial's gradients are dropped
+    assert t.p.micro_batch == cfg.micro_batch                    # and the trainer's micro-batch is kept
+    assert bench_report.largest_micro_batch(trainer(cfg, "off"), 3) == (2, [1, 2], True)
 
 
 def test_one_mode_at_a_time_with_the_micro_batch_search(capsys):

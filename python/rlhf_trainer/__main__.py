@@ -15,7 +15,8 @@ COMMANDS = [
     ("bench", "time whole PPO steps with the kernels on vs off: phases, tokens/s, peak memory, largest micro-batch"),
 ]
 # the trainer's dependencies, the extra `rlhf-kernels[trainer]` (module name -> package)
-TRAINER_DEPS = {"transformers": "transformers", "tqdm": "tqdm", "yaml": "pyyaml", "matplotlib": "matplotlib"}
+TRAINER_DEPS = {"transformers": "transformers", "tqdm": "tqdm", "yaml": "pyyaml", "matplotlib": "matplotlib",
+                "pydantic": "pydantic"}
 
 
 def _parser():

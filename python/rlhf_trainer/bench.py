@@ -1,7 +1,9 @@
 """python -m rlhf_trainer bench: what the kernels buy in a whole PPO step.
 
-Runs the same PPO steps with kernels off (a plain eager trainer) and on (rlhf_kernels), one
-mode after the other in this process, each from the same randomly initialized models, and
+Runs the trainer's own PPO step (``ppo.PPOTrainer``: rollout, scoring, update) with kernels off
+(eager token ops on the model's logits, as a plain trainer has them) and on (rlhf_kernels, from
+the hidden states), one mode after the other in this process, each from the same randomly
+initialized models (bench_step.py, bench_ops.py), and
 reports the medians over ``--steps`` steps after ``--warmup``: step time split into rollout
 (HF ``generate``), log-prob passes (old policy, reference, values), update (forward, backward
 and optimizer steps over micro-batches) and other (reward, KL penalty, GAE, whitening);
@@ -17,8 +19,6 @@ malloc_trim), which counts the same things plus the Python process itself.
 
 import os
 import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class BenchError(Exception):
@@ -66,6 +66,12 @@ def resolve(args):
     for name in ("threads", "max_micro_batch", "warmup"):
         if getattr(args, name) < 0:
             raise BenchError("--%s must be at least 0, got %d" % (name.replace("_", "-"), getattr(args, name)))
+    from rlhf_trainer.bench_step import trainer_config
+    from rlhf_trainer.config import ConfigError
+    try:
+        trainer_config(cfg, device, True)
+    except ConfigError as e:   # the micro-batch against the mini-batch: the trainer's own check
+        raise BenchError("--micro-batch %d: %s" % (cfg.micro_batch, e)) from None
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     return device, dtype, cfg
@@ -78,7 +84,8 @@ def main(args):
         print("bench: %s" % e, file=sys.stderr)
         return 2
     from rlhf_trainer import bench_report as report
-    out = args.out or os.path.join(ROOT if os.path.isdir(os.path.join(ROOT, "benchmarks")) else os.getcwd(),
+    root = report.ROOT
+    out = args.out or os.path.join(root if os.path.isdir(os.path.join(root, "benchmarks")) else os.getcwd(),
                                    "benchmarks", "results", report.device_slug(device))
     from rlhf_trainer import parallel
     if parallel.launched():   # torchrun: the kernels-on step, sharded over the ranks (bench_dist.py)

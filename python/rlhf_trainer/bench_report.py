@@ -13,9 +13,9 @@ import torch
 
 import rlhf_kernels as rk
 
-from rlhf_trainer.bench import ROOT
-from rlhf_trainer.bench_ops import OPS
-from rlhf_trainer.bench_step import advantages, build_models, experience, ppo_step, qwen2_config, sync, update_micro
+from rlhf_trainer.bench_step import build_trainer, ppo_step, qwen2_config, sync
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PHASES = ("rollout", "logprobs", "update", "other")
 PHASE_NAMES = {"rollout": "rollout", "logprobs": "log-prob passes", "update": "update", "other": "other"}
@@ -73,42 +73,51 @@ def memory_peak(device):
     return _rss_bytes("VmHWM")
 
 
-def largest_micro_batch(models, ops, cfg, device, cap):
+def micro_step(trainer, mb, gen):
+    """The trainer's log-prob passes and scoring of ``mb`` random sequences, then one
+    micro-batch's loss (``micro_loss``: policy and value) and its backward."""
+    b, device = trainer.bench, trainer.device
+    prompts = torch.randint(1, b.vocab, (mb, b.prompt_len), generator=gen, device=device)
+    responses = torch.randint(1, b.vocab, (mb, b.response_len), generator=gen, device=device)
+    batch = trainer.score_rollout(torch.zeros(mb, dtype=torch.long), prompts, responses)
+    loss, _, _ = trainer.micro_loss(batch, torch.arange(mb), batch["mask"].sum())
+    loss.backward()
+
+
+def largest_micro_batch(trainer, cap):
     """Double the micro-batch from 1 until one update micro-step (the log-prob passes and
     the policy and value forward + backward of that many sequences) runs out of memory.
     -> (largest that fitted, sizes tried, whether the search stopped at ``cap`` instead)."""
     tried, best, mb = [], 0, 1
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    while mb <= cap:
-        tried.append(mb)
-        try:
-            c = dataclasses.replace(cfg, micro_batch=mb)
-            prompts = torch.randint(1, cfg.vocab, (mb, cfg.prompt_len), generator=g, device=device)
-            responses = torch.randint(1, cfg.vocab, (mb, cfg.response_len), generator=g, device=device)
-            mask = torch.ones_like(responses, dtype=torch.bool)
-            exp = advantages(ops, c, prompts, responses, mask, experience(models, ops, c, prompts, responses, mask))
-            ids = torch.cat([prompts, responses], 1)
-            update_micro(models, ops, c, ids, torch.ones_like(ids), responses, mask, exp, slice(0, mb), mask.sum())
-            sync(device)
-            best = mb
-        except torch.OutOfMemoryError:
-            return best, tried, False
-        finally:
-            models.optimizer.zero_grad(set_to_none=True)
-            exp = None
-            _release(device)
-        mb *= 2
+    device, kept = trainer.device, trainer.p.micro_batch
+    g = torch.Generator(device=device).manual_seed(trainer.bench.seed)
+    try:
+        while mb <= cap:
+            tried.append(mb)
+            trainer.p.micro_batch = mb   # the log-prob passes in one chunk of mb
+            try:
+                micro_step(trainer, mb, g)
+                sync(device)
+                best = mb
+            except torch.OutOfMemoryError:
+                return best, tried, False
+            finally:
+                for opt, _ in trainer._optimizers():
+                    opt.zero_grad(set_to_none=True)
+                _release(device)
+            mb *= 2
+    finally:
+        trainer.p.micro_batch = kept
     return best, tried, True
 
 
 MODES = ("off", "on")
 
 
-def timed_step(mode, state, cfg, device, i, warmup):
-    """One PPO step of ``mode`` with its peak memory; prints a line."""
-    ops, models = state
+def timed_step(mode, trainer, cfg, device, i, warmup):
+    """One PPO step of ``mode``'s trainer with its peak memory; prints a line."""
     start_mem = memory_start(device)
-    r = ppo_step(models, ops, cfg, i)
+    r = ppo_step(trainer)
     r["peak_mem"], r["start_mem"] = memory_peak(device), start_mem
     tag = "warm-up" if i < warmup else "step %d" % (i - warmup + 1)
     print("kernels %-3s %-8s %s  peak %s  policy loss %+.4f  value loss %.4f" % (
@@ -149,7 +158,7 @@ def run_modes(cfg, device, dtype, steps, warmup, search_cap, alternate=None):
     if alternate is None:
         alternate = device.type != "cuda"
     if alternate:
-        states = {m: (OPS[m](), build_models(cfg, device, dtype)) for m in MODES}
+        states = {m: build_trainer(cfg, device, dtype, m) for m in MODES}
         for i in range(warmup + steps):
             for m in (MODES if i % 2 == 0 else MODES[::-1]):
                 r = timed_step(m, states[m], cfg, device, i, warmup)
@@ -160,17 +169,15 @@ def run_modes(cfg, device, dtype, steps, warmup, search_cap, alternate=None):
         return {m: summary(results[m], cfg) for m in MODES}
     rows = {}
     for m in MODES:
-        state = (OPS[m](), build_models(cfg, device, dtype))
+        state = build_trainer(cfg, device, dtype, m)
         for i in range(warmup + steps):
             r = timed_step(m, state, cfg, device, i, warmup)
             if i >= warmup:
                 results[m].append(r)
         rows[m] = summary(results[m], cfg)
         if search_cap > 0:
-            row, (ops, models) = rows[m], state
-            row["max_micro_batch"], row["tried"], row["capped"] = largest_micro_batch(models, ops, cfg, device,
-                                                                                     search_cap)
-            del ops, models
+            row = rows[m]
+            row["max_micro_batch"], row["tried"], row["capped"] = largest_micro_batch(state, search_cap)
             print("kernels %-3s largest micro-batch %d (tried %s%s)" % (
                 m, row["max_micro_batch"], row["tried"], "; stopped at --max-micro-batch" if row["capped"] else ""),
                 flush=True)

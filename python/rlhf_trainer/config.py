@@ -20,9 +20,14 @@ the toy sections are then refused. ``device``,
 """
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass
 
+import pydantic
 import yaml
+
+from rlhf_kernels._layout import KL_KINDS, LOSS_AGGS, SCORE_KINDS
 
 
 class ConfigError(ValueError):
@@ -38,11 +43,10 @@ ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp", "best_of_n", "expert_iteration")
 # the critic-free algorithms and the rk.group_advantages mode each uses
 GROUP_MODES = {"grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce++"}
 POLICY_GRADIENT = ("ppo",) + tuple(GROUP_MODES)
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 RM_LOSSES = ("bt", "ranking", "regression", "ordinal")   # the toy reward model: comparisons, then ratings
-SCORE_LOSSES = ("regression", "ordinal")
+SCORE_LOSSES = SCORE_KINDS   # rk.score_loss's kinds
 RM_UPDATES = ("scratch", "finetune")   # iterate.rm_update
 
 
@@ -190,8 +194,10 @@ class PPOConfig(PolicyGradientConfig):
 
     def check(self, algo):
         super().check(algo)
-        if self.kl_estimator not in ("k1", "k2", "k3", "abs"):
-            raise ConfigError("ppo.kl_estimator must be k1, k2, k3 or abs, got %r" % self.kl_estimator)
+        if self.kl_estimator not in KL_KINDS:
+            raise ConfigError("ppo.kl_estimator must be %s, got %r" % (" or ".join([", ".join(KL_KINDS[:-1]),
+                                                                                     KL_KINDS[-1]]),
+                                                                         self.kl_estimator))
 
 
 @dataclass
@@ -328,9 +334,6 @@ class IterateSection:
                               "labeler is for real models), got %r" % (self.labeler,))
         if not self.label_noise >= 0:
             raise ConfigError("iterate.label_noise must be >= 0, got %r" % self.label_noise)
-        if self.true_reward is not None:
-            raise ConfigError("iterate.true_reward has no effect on the toy task (its hidden rule is the true "
-                              "reward, logged exactly as J_rule)")
 
     def _check_real(self, cfg):
         if not _module_function(self.labeler):
@@ -338,9 +341,6 @@ class IterateSection:
                               "pairs of responses; 'rule' is the toy task's hidden rule), got %r" % (self.labeler,))
         if self.true_reward is not None and not _module_function(self.true_reward):
             raise ConfigError("iterate.true_reward must be \"module:function\" or null, got %r" % (self.true_reward,))
-        if self.label_noise != _default(IterateSection, "label_noise"):
-            raise ConfigError("iterate.label_noise has no effect on real models (it is the toy labeler's noise; "
-                              "iterate.labeler may return probabilities instead of 0 or 1)")
         if cfg.rm is None:
             raise ConfigError("iterate: on real models the reward model is trained in the run: give an rm section "
                               "(rm.model, and rm.data with the initial preference pairs)")
@@ -507,8 +507,41 @@ REAL = {"policy": PolicySection, "value": ValueSection, "reward": RewardSection,
 # the algorithms `rlhf_trainer train` runs on real models (best_of_n and expert_iteration need the toy
 # task's exact enumeration or its fixed-length responses)
 REAL_ALGOS = POLICY_GRADIENT
-# top-level options and the algorithms they act on (the others act on all)
-TOP_LEVEL_FOR = {"checkpoint_every": POLICY_GRADIENT + ("expert_iteration",), "eval_every": POLICY_GRADIENT}
+# Which option acts on which algorithm and kind of run, stated once. An algorithm's section acts on
+# that algorithm only (SECTIONS); these options act only where the table says: key (a top-level
+# option or section, or "section.option"; "<algo>" is the chosen algorithm's section) -> (the
+# algorithms it acts on, or None: all; the kind of run, "toy" or "real", or None: both; why it has
+# no effect elsewhere, said of the kind of run where one is named, else of the algorithm). Every
+# other option acts on every algorithm and run (value makes a run one on real models). Config
+# refuses an option given where it has no effect (from_dict: a key given; __post_init__: a value
+# other than the default) and to_dict leaves it out, all from this table (``_no_effect``).
+ACTS_ON = {
+    "checkpoint_every": (POLICY_GRADIENT + ("expert_iteration",), None, ""),
+    "eval_every": (POLICY_GRADIENT, "toy", " (J is evaluated exactly on the toy task only)"),
+    "value": (("ppo",), None, " (only ppo has a value model)"),
+    "<algo>.temperature": (None, "toy", " (on real models the temperature is generation.temperature: the sampling "
+                                        "and the log-probability temperature)"),
+    "iterate.label_noise": (None, "toy", " (it is the toy labeler's noise; iterate.labeler may return "
+                                         "probabilities instead of 0 or 1)"),
+    "iterate.true_reward": (None, "real", " (its hidden rule is the true reward, logged exactly as J_rule)"),
+}
+RUN_NAMES = {"toy": "the toy task", "real": "real models"}
+
+
+def _no_effect(key, algo, real):
+    """Why ``key`` (as in ACTS_ON, or an algorithm's section) has no effect on a run of ``algo``
+    (on real models or not; None: either), or None where it acts."""
+    if key in SECTIONS:
+        if key != algo:
+            return "a %s section has no effect with algo: %s (give only the %s section)" % (key, algo, algo)
+        return None
+    section, _, option = key.partition(".")
+    algos, run, why = ACTS_ON.get("<algo>." + option if option and section == algo else key, (None, None, ""))
+    if algos is not None and algo not in algos:
+        return "%s has no effect with algo: %s%s" % (key, algo, "" if run else why)
+    if run is not None and real is not None and run != ("real" if real else "toy"):
+        return "%s has no effect on %s%s" % (key, RUN_NAMES["real" if real else "toy"], why)
+    return None
 
 
 @dataclass
@@ -561,32 +594,19 @@ class Config:
                                   % (self.algo, ", ".join(REAL_ALGOS)))
             if self.generation is None:
                 self.generation = GenerationSection()
-            if self.value is not None and self.algo != "ppo":
-                raise ConfigError("value has no effect with algo: %s (only ppo has a value model)" % self.algo)
-            if self.eval_every != _default(Config, "eval_every"):
-                raise ConfigError("eval_every has no effect on real models (J is evaluated exactly on the toy "
-                                  "task only)")
         else:
             for name, cls in COMMON.items():
                 if getattr(self, name) is None:
                     setattr(self, name, cls())
-        for name, cls in SECTIONS.items():
-            section = getattr(self, name)
-            if name == self.algo:
-                if section is None:
-                    setattr(self, name, cls())
-                elif type(section) is not cls:
-                    raise ConfigError("%s: expected a %s, got %s" % (name, cls.__name__, type(section).__name__))
-            elif section is not None:
-                raise ConfigError("a %s section has no effect with algo: %s (give only the %s section)"
-                                  % (name, self.algo, self.algo))
-        for name, algos in TOP_LEVEL_FOR.items():
-            if self.algo not in algos and getattr(self, name) != _default(Config, name):
-                raise ConfigError("%s has no effect with algo: %s" % (name, self.algo))
+        cls = SECTIONS[self.algo]
+        if self.section is None:
+            setattr(self, self.algo, cls())
+        elif type(self.section) is not cls:
+            raise ConfigError("%s: expected a %s, got %s" % (self.algo, cls.__name__, type(self.section).__name__))
+        for key, value, default in self._inert():
+            if value != default:
+                raise ConfigError(_no_effect(key, self.algo, self.real))
         if self.real:
-            if self.section.temperature != _default(type(self.section), "temperature"):
-                raise ConfigError("%s.temperature: on real models the temperature is generation.temperature "
-                                  "(the sampling and the log-probability temperature)" % self.algo)
             for name in REAL:
                 if getattr(self, name) is not None:
                     getattr(self, name).check(self.algo)
@@ -625,24 +645,35 @@ class Config:
     def accounting(self):
         return self.section.accounting()
 
+    def _inert(self):
+        """(key, value, default) of each option or section of this config that has no effect on
+        it (``_no_effect``), among those present (a section absent is None, its default)."""
+        out = []
+        for key in list(SECTIONS) + list(ACTS_ON):
+            section, _, option = key.replace("<algo>", self.algo).partition(".")
+            if _no_effect(key.replace("<algo>", self.algo), self.algo, self.real) is None:
+                continue
+            if not option:
+                out.append((section, getattr(self, section), _default(Config, section)))
+            elif hasattr(getattr(self, section), option):
+                part = getattr(self, section)
+                out.append((section + "." + option, getattr(part, option), _default(type(part), option)))
+        return out
+
     def to_dict(self):
-        """Every option that acts on the chosen algorithm (and none that does not)."""
+        """Every option that acts on the chosen algorithm and kind of run (and none that does not)."""
         d = dataclasses.asdict(self)
         for name in list(SECTIONS) + list(COMMON) + list(REAL) + list(OPTIONAL):
             if d[name] is None:
                 del d[name]
-        if self.real:
-            del d["eval_every"]
-            del d[self.algo]["temperature"]
-            if self.iterate is not None:
-                del d["iterate"]["label_noise"]
-        else:
-            if self.iterate is not None:
-                del d["iterate"]["true_reward"]
+        for key, _, _ in self._inert():
+            section, _, option = key.partition(".")
+            if option:
+                del d[section][option]
+            else:
+                d.pop(section, None)
+        if not self.real:
             d["task"]["steps"] = list(d["task"]["steps"])
-        for name, algos in TOP_LEVEL_FOR.items():
-            if self.algo not in algos and name in d:
-                del d[name]
         return d
 
     def save(self, path):
@@ -658,11 +689,12 @@ class Config:
         top = {f.name for f in dataclasses.fields(cls)} - set(COMMON) - set(REAL) - set(SECTIONS) - set(OPTIONAL)
         kwargs = {}
         for key, value in d.items():
+            if key in ACTS_ON or key in SECTIONS:
+                why = _no_effect(key, algo, None) if algo in ALGOS else None
+                if why and (key in SECTIONS or key in top):   # a section or top-level key given
+                    raise ConfigError(why)
             if key in COMMON or key in SECTIONS or key in REAL or key in OPTIONAL:
                 part = COMMON.get(key) or REAL.get(key) or OPTIONAL.get(key) or SECTIONS[key]
-                if key in SECTIONS and key != algo:
-                    raise ConfigError("a %s section has no effect with algo: %s (give only the %s section)"
-                                      % (key, algo, algo))
                 if not isinstance(value, dict):
                     raise ConfigError("%s must be a mapping of options, got %r" % (key, value))
                 known = {f.name for f in dataclasses.fields(part)}
@@ -672,8 +704,6 @@ class Config:
                 value = {name: _check_type("%s.%s" % (key, name), v, _field(part, name)) for name, v in value.items()}
                 kwargs[key] = part(**value)
             elif key in top:
-                if key in TOP_LEVEL_FOR and algo not in TOP_LEVEL_FOR[key]:
-                    raise ConfigError("%s has no effect with algo: %s" % (key, algo))
                 kwargs[key] = _check_type(key, value, _field(cls, key))
             else:
                 raise ConfigError("unknown config key %r: the top-level keys are %s; the sections %s"
@@ -698,12 +728,20 @@ def _field(cls, name):
 
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_STRICT = pydantic.ConfigDict(strict=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(want, nullable):
+    """pydantic's strict validator of one option's type: an int is a float, a bool is not an int,
+    nothing is converted; None as well when ``nullable``."""
+    return pydantic.TypeAdapter(typing.Optional[want] if nullable else want, config=_STRICT)
 
 
 def _check_type(key, value, f):
-    """YAML gives the value its type: refuse one that is not the option's (an int is a float,
-    a bool is not an int); None only where the default is None. Returns the value, with a
-    number YAML 1.1 reads as a string (``1e-6``: no dot) made a float."""
+    """YAML gives the value its type: refuse one that is not the option's (``_adapter``); None
+    only where the default is None. Returns the value, with a number YAML 1.1 reads as a string
+    (``1e-6``: no dot) made a float."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
     want = _TYPES.get(kind)
     if want is None:
@@ -713,12 +751,11 @@ def _check_type(key, value, f):
             value = float(value)
         except ValueError:
             pass
-    if value is None:
-        if f.default is None:
-            return value
-    elif isinstance(value, bool) == (want is bool) and (
-            isinstance(value, want) or (want is float and isinstance(value, int))):
+    try:
+        _adapter(want, f.default is None).validate_python(value)
         return value
+    except pydantic.ValidationError:
+        pass
     choices = {"device": DEVICES, "dtype": DTYPES, "algo": ALGOS}.get(key)
     accepted = ("one of " + ", ".join(choices)) if choices else (
         "true or false" if want is bool else "a number" if want is float else "an integer" if want is int

@@ -71,6 +71,9 @@ class PPOTrainer:
     ``score_rollout``) the base of the critic-free trainers in ``algos.py``."""
     uses_critic = True
     algos = ("ppo",)
+    # the token ops of the step (log-probabilities, KL penalty, GAE, whitening, losses): rlhf_kernels;
+    # the whole-step bench gives the same step eager ops of the same names (bench_ops.EagerOps)
+    ops = rk
 
     def __init__(self, cfg, task, reward_model=None, reward_fn=None, run_dir=None, log=print, evaluator=None):
         """cfg: a Config; task: the toy task (``toy.ToyTask``) or prompts for real models
@@ -148,7 +151,7 @@ class PPOTrainer:
         """log-probabilities (and entropies) of the response tokens under ``model``: [B, L]."""
         with self.autocast():
             return response_logprobs(model, prompts, responses, mask, temperature=self.temperature,
-                                     fused_lm_head=self.p.fused_lm_head, with_entropy=with_entropy)
+                                     fused_lm_head=self.p.fused_lm_head, with_entropy=with_entropy, ops=self.ops)
 
     def _values(self, prompts, responses, mask):
         with self.autocast():
@@ -198,13 +201,14 @@ class PPOTrainer:
             ref_logp = chunked(lambda *a: self._logprobs(self.ref, *a))
             old_values = chunked(self._values)
             score, has_eos = self._score_with_penalty(prompt_ids, responses)
-            kl = rk.kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
+            kl = self.ops.kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask
             rewards = -self.kl_ctl.beta * kl
             last = mask.long().sum(-1) - 1                      # the last real response token
             rewards[torch.arange(len(last), device=last.device), last] += score
-            adv, returns = rk.gae(rewards, old_values, mask, gamma=p.gamma, lam=p.lam)
-            if p.whiten_advantages:   # over every rank's tokens
-                adv = rk.masked_whiten(adv, mask, process_group=parallel.group())
+            adv, returns = self.ops.gae(rewards, old_values, mask, gamma=p.gamma, lam=p.lam)
+            if p.whiten_advantages:   # over every rank's tokens under torchrun
+                group = parallel.group()
+                adv = self.ops.masked_whiten(adv, mask, **({"process_group": group} if group is not None else {}))
         return {"prompt_ids": prompt_ids, "prompts": prompts, "responses": responses, "mask": mask,
                 "rewards": rewards, "old_logp": old_logp, "ref_logp": ref_logp, "old_values": old_values, "score": score,
                 "kl": kl, "advantages": adv, "returns": returns, "has_eos": has_eos}
@@ -222,9 +226,10 @@ class PPOTrainer:
             # loss, which equals this trainer's (token-mean over num_tokens) under token-mean only.
             def fused(model):
                 hidden, weight, bias = response_hidden(model, batch["prompts"][j], batch["responses"][j], mask)
-                return rk.linear_policy_loss(hidden, weight, batch["responses"][j], batch["old_logp"][j],
-                                             batch["advantages"][j], mask, bias=bias,
-                                             temperature=self.temperature, entropy_coef=p.entropy_coef, **ppo_kw)
+                return self.ops.linear_policy_loss(hidden, weight, batch["responses"][j], batch["old_logp"][j],
+                                                   batch["advantages"][j], mask, bias=bias,
+                                                   temperature=self.temperature, entropy_coef=p.entropy_coef,
+                                                   **ppo_kw)
             with self.autocast():
                 loss, st = root_call(self.policy, fused)
             logp = st["logprobs"]
@@ -233,13 +238,13 @@ class PPOTrainer:
         else:
             logp, entropy = self._logprobs(self.policy, batch["prompts"][j], batch["responses"][j], mask,
                                            with_entropy=True)
-            pg, st = rk.ppo_policy_loss(logp, batch["old_logp"][j], batch["advantages"][j], mask, **ppo_kw)
+            pg, st = self.ops.ppo_policy_loss(logp, batch["old_logp"][j], batch["advantages"][j], mask, **ppo_kw)
             ent = (entropy * mask).sum() / num_tokens
             loss = pg - p.entropy_coef * ent
         out = {"policy_loss": pg, "entropy": ent, "st": st, "value_loss": None, "vst": None}
         if self.uses_critic:
             values = self._values(batch["prompts"][j], batch["responses"][j], mask)
-            vf, vst = rk.ppo_value_loss(values, batch["old_values"][j], batch["returns"][j], mask,
+            vf, vst = self.ops.ppo_value_loss(values, batch["old_values"][j], batch["returns"][j], mask,
                                         clip=p.value_clip, loss_agg=p.loss_agg, num_tokens=num_tokens)
             loss = loss + vf
             out.update(value_loss=vf, vst=vst)
@@ -309,6 +314,14 @@ class PPOTrainer:
         out.update(ratio_max=ratio_max, ratio_min=-neg_min, first_ratio_max_dev=first_dev)
         return out
 
+    @staticmethod
+    def gather(batch):
+        """Under torchrun every rank's rows of the scored rollout (rank order), so the update's order,
+        its token counts and the logged statistics are those of the whole batch; else ``batch``."""
+        if parallel.world() == 1:
+            return batch
+        return {k: parallel.gather_rows(v) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     @property
     def kl_estimator(self):
         return self.p.kl_estimator
@@ -318,10 +331,8 @@ class PPOTrainer:
         t0 = time.perf_counter()
         prompt_ids, prompts, responses = self.rollout()
         t1 = time.perf_counter()
-        batch = self.score_rollout(prompt_ids, prompts, responses)
-        if parallel.world() > 1:   # every rank's rows: the update's order, counts and the logged statistics are global
-            batch = {k: parallel.gather_rows(v) if torch.is_tensor(v) else v for k, v in batch.items()}
-            prompt_ids, responses = batch["prompt_ids"], batch["responses"]
+        batch = self.gather(self.score_rollout(prompt_ids, prompts, responses))
+        prompt_ids, responses = batch["prompt_ids"], batch["responses"]
         t2 = time.perf_counter()
         beta_used = self.kl_ctl.beta
         stats = self.update(batch)

@@ -40,21 +40,24 @@ def sequences(prompts, responses, mask):
     return ids, attn
 
 
-def response_logprobs(model, prompts, responses, mask, *, temperature=1.0, fused_lm_head=True, with_entropy=False):
+def response_logprobs(model, prompts, responses, mask, *, temperature=1.0, fused_lm_head=True, with_entropy=False,
+                      ops=rk):
     """log-probabilities (and entropies) of the response tokens under ``model``: [B, L].
 
     With ``fused_lm_head`` the backbone's last hidden states go straight into
     ``linear_token_logprobs`` with the LM head's weight (and bias): the [B, L, V] logits are
-    never built. Otherwise the model's logits go into ``token_logprobs``."""
+    never built. Otherwise the model's logits at the response positions (only those are kept)
+    go into ``token_logprobs``. ``ops``: where those two come from (rlhf_kernels)."""
     labels = responses.masked_fill(~mask, -100)
     kw = dict(temperature=temperature, return_entropy=with_entropy)
     if fused_lm_head:
         def fused(model):
             hidden, weight, bias = response_hidden(model, prompts, responses, mask)
-            return rk.linear_token_logprobs(hidden, weight, labels, bias=bias, **kw)
+            return ops.linear_token_logprobs(hidden, weight, labels, bias=bias, **kw)
         return root_call(model, fused)
-    logits = model(**_model_inputs(prompts, responses, mask)).logits[:, prompts.shape[1] - 1:-1]
-    return rk.token_logprobs(logits, labels, **kw)
+    L = responses.shape[1]
+    logits = model(**_model_inputs(prompts, responses, mask), logits_to_keep=L + 1).logits[:, :-1]
+    return ops.token_logprobs(logits, labels, **kw)
 
 
 def root_call(model, fn, *args, **kwargs):

@@ -35,7 +35,7 @@ mkdir -p "$RES"
 declare -A status seconds
 
 BUDGET=${GPU_CHECK_BUDGET:-450}
-STAGES=${STAGES:-build selftest tests_cuda sanitizer benchmarks policy_head integrations ppo_bench}
+STAGES=${STAGES:-build selftest tests_cuda sanitizer benchmarks policy_head integrations ppo_bench ppo_bench_dist}
 
 # within CAP COMMAND...: run it under a time limit of CAP seconds or what is left of the budget
 within() {
@@ -146,6 +146,19 @@ integrations() {
 }
 stage integrations integrations
 stage ppo_bench ppo_bench
+
+# The whole PPO step data-parallel (torchrun, FSDP2, kernels on), one process per visible GPU:
+# tokens/s over all ranks and each rank's peak memory (ppo_step_dist.json). Only when more than
+# one GPU is visible; on one GPU it reports itself skipped.
+ppo_bench_dist() {
+  local n
+  n=$($PY -c "import torch; print(torch.cuda.device_count())")
+  if (( n < 2 )); then echo "ppo_bench_dist: $n GPU visible, needs 2 or more: skipped"; return 0; fi
+  within 540 $PY -m torch.distributed.run --nproc_per_node="$n" -m rlhf_trainer bench --device cuda --steps 2 \
+    --warmup 1 --out "$RES" 2>&1 | tee "$RES/ppo_step_dist.log" | tail -8
+  return "${PIPESTATUS[0]}"
+}
+stage ppo_bench_dist ppo_bench_dist
 
 echo
 echo "### gpu_check summary ($RES, $(( $(date +%s) - start )) s in all)"

@@ -86,22 +86,31 @@ def main(argv=None):
         print("rlhf_trainer needs the trainer's dependencies (missing: %s): pip install 'rlhf-kernels[trainer]'"
               % ", ".join(missing), file=sys.stderr)
         return 1
+    from rlhf_trainer import parallel
     from rlhf_trainer.config import ConfigError, InputError, RewardFunctionError
+    parallel.start()   # under torchrun: the process group, before anything can fail on one rank only
     try:
         if args.cmd == "plot":
             from rlhf_trainer.plot import plot_run
             print(plot_run(args.run_dir))
             return 0
         module = importlib.import_module("rlhf_trainer." + args.cmd)
-        return module.main(args)
+        code = module.main(args)
+        parallel.finish()
+        return code
     except ConfigError as e:
-        print("config error: %s" % e, file=sys.stderr)
+        if parallel.abort("config error: %s" % e):
+            print("config error: %s" % e, file=sys.stderr)
         return 2
     except InputError as e:
-        print("error: %s" % e, file=sys.stderr)
-        if isinstance(e, RewardFunctionError) and e.__cause__ is not None:
-            _print_cause(e.__cause__)
+        if parallel.abort("error: %s" % e):
+            print("error: %s" % e, file=sys.stderr)
+            if isinstance(e, RewardFunctionError) and e.__cause__ is not None:
+                _print_cause(e.__cause__)
         return 2
+    except BaseException as e:   # the traceback below; under torchrun every other rank stops too
+        parallel.abort("%s: %s" % (type(e).__name__, e))
+        raise
 
 
 def _print_cause(cause):

@@ -87,6 +87,16 @@ def main(args):
     root = report.ROOT
     out = args.out or os.path.join(root if os.path.isdir(os.path.join(root, "benchmarks")) else os.getcwd(),
                                    "benchmarks", "results", report.device_slug(device))
+    from rlhf_trainer import parallel
+    if parallel.launched():   # torchrun: the kernels-on step, sharded over the ranks (bench_dist.py)
+        from rlhf_trainer import bench_dist
+        device = parallel.init(device)
+        if parallel.is_main():
+            print("device %s, %s, %d processes (FSDP2), kernels on" % (report.device_slug(device),
+                                                                      str(dtype).replace("torch.", ""),
+                                                                      parallel.world()), flush=True)
+        bench_dist.run(cfg, device, dtype, args.steps, args.warmup, out)
+        return 0
     if device.type != "cuda":
         print("largest micro-batch: not searched on the CPU (doubling until out of memory would exhaust a shared "
               "machine's RAM before any limit is reached); run on a GPU")

@@ -194,7 +194,7 @@ def ppo_step(trainer):
     sync(device)
     t1 = time.perf_counter()
     trainer.logprob_seconds = 0.0
-    batch = trainer.score_rollout(prompt_ids, prompts, responses)
+    batch = trainer.gather(trainer.score_rollout(prompt_ids, prompts, responses))   # torchrun: every rank's rows
     sync(device)
     t2 = time.perf_counter()
     stats = trainer.update(batch)

@@ -505,8 +505,16 @@ class RMSection:
 SECTIONS = {"ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce_pp": ReinforcePPConfig,
             "best_of_n": BestOfNConfig, "expert_iteration": ExpertIterationConfig}
 COMMON = {"model": ModelConfig, "task": TaskConfig, "reward_model": RewardModelConfig}   # the toy task's
+@dataclass
+class ParallelSection:
+    """Data parallelism under torchrun (ignored by a one-process run): FSDP2's options."""
+    reshard_after_forward: bool = True   # free each layer's gathered weights after its forward (less memory,
+                                         # one more all-gather in the backward)
+    offload_reference: bool = False      # keep the frozen reference's shards on the CPU
+
+
 # sections that are absent unless given (they switch a feature on)
-OPTIONAL = {"iterate": IterateSection}
+OPTIONAL = {"iterate": IterateSection, "parallel": ParallelSection}
 REAL = {"policy": PolicySection, "value": ValueSection, "reward": RewardSection, "data": DataSection,
         "generation": GenerationSection, "rm": RMSection}
 # the algorithms `rlhf_trainer train` runs on real models (best_of_n and expert_iteration need the toy
@@ -568,6 +576,7 @@ class Config:
     generation: GenerationSection = None
     rm: RMSection = None
     iterate: IterateSection = None    # iterated RLHF (absent: one run against one reward model)
+    parallel: ParallelSection = None  # FSDP2 options under torchrun (absent: the defaults)
     # the section of the chosen algorithm (built with its defaults when absent); the others stay None
     ppo: PPOConfig = None
     grpo: GRPOConfig = None

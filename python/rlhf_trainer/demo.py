@@ -9,11 +9,12 @@ import time
 import torch
 from tqdm import tqdm
 
+from rlhf_trainer import parallel
 from rlhf_trainer.config import REAL, Config, ConfigError
 from rlhf_trainer.plot import plot_run
 
 SUMMARY_KEYS = ["algo", "J_start", "J_end", "J_star", "gap_closed", "rule_reward_start", "rule_reward_end",
-                "kl_end", "samples_drawn", "rm_accuracy", "train_s", "wall_s"]
+                "kl_end", "samples_drawn", "rm_accuracy", "train_s", "wall_s", "world_size"]
 
 
 def reward_model(cfg, task, run_dir, resume=False, log=print):
@@ -30,8 +31,10 @@ def reward_model(cfg, task, run_dir, resume=False, log=print):
         rm.load_state_dict(saved["state"])
         rm.eval().requires_grad_(False)
         return rm.to(device), saved["metrics"]
+    # under torchrun every rank trains the same small reward model (same seed, same data); rank 0 saves it
     rm, rm_metrics = train_reward_model(task, cfg.model, cfg.reward_model, cfg.seed, log=log, device=device)
-    torch.save({"state": rm.state_dict(), "metrics": rm_metrics}, rm_path)
+    if parallel.is_main():
+        torch.save({"state": rm.state_dict(), "metrics": rm_metrics}, rm_path)
     return rm, rm_metrics
 
 
@@ -48,27 +51,31 @@ def run(cfg, run_dir, log=print, progress=True, resume=False, reward=None, evalu
     """Train the reward model (unless ``reward`` = (model, metrics) is given) and run cfg.algo;
     returns the summary dict (also written to summary.json). ``evaluator``: an ExactEvaluator
     of that reward model, shared between the runs of a comparison."""
+    from rlhf_trainer.dist_checkpoint import find, target
     from rlhf_trainer.toy import ToyTask
     from rlhf_trainer.rundir import check_extension, check_resume
     t0 = time.perf_counter()
     if resume:
         check_resume(run_dir, cfg)
-    os.makedirs(run_dir, exist_ok=True)
-    cfg.save(os.path.join(run_dir, "config.yaml"))
+    main = parallel.is_main()     # under torchrun rank 0 alone prints and writes the run's files
+    log, progress = parallel.main_only(log), progress and main
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+        cfg.save(os.path.join(run_dir, "config.yaml"))
     log(cfg.accounting())
     task = ToyTask(cfg.task)
     rm, rm_metrics = reward if reward is not None else reward_model(cfg, task, run_dir, resume, log)
     if cfg.algo == "best_of_n":
         return _run_best_of_n(cfg, task, rm, rm_metrics, run_dir, t0, log, evaluator)
     trainer = make_trainer(cfg, task, rm, run_dir, log, evaluator)
-    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    ckpt, found = target(run_dir), find(run_dir) if resume else None
     start = trainer.evaluate()
-    if resume:
-        trainer.load(ckpt)
+    if found:
+        trainer.load(found)
         check_extension(cfg, trainer.step, run_dir)
         start = json.load(open(os.path.join(run_dir, "start.json")))
-        log("resumed from %s at step %d" % (ckpt, trainer.step))
-    else:
+        log("resumed from %s at step %d" % (found, trainer.step))
+    elif main:
         open(os.path.join(run_dir, "log.jsonl"), "w").close()
         json.dump(start, open(os.path.join(run_dir, "start.json"), "w"))
     log("start: J = %.4f, J* = %.4f, rule reward %.3f" % (start["J"], start["J_star"], start["J_rule"]))
@@ -89,9 +96,10 @@ def run(cfg, run_dir, log=print, progress=True, resume=False, reward=None, evalu
     samples = end["samples"] if "samples" in end else trainer.step * cfg.section.rollout_batch
     train_s = sum(r["time_step"] - r["time_eval"] for r in trainer.history)
     summary = _summary(cfg.algo, start, end, end["exact_kl"], samples, rm_metrics, train_s, t0)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    plot_run(run_dir, start=start)
+    if main:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        plot_run(run_dir, start=start)
     return summary
 
 
@@ -102,7 +110,7 @@ def _summary(algo, start, end, kl_end, samples, rm_metrics, train_s, t0):
         "gap_closed": (end["J"] - start["J"]) / gap if gap > 0 else float("nan"),
         "rule_reward_start": start["J_rule"], "rule_reward_end": end["J_rule"], "kl_end": kl_end,
         "samples_drawn": samples, "rm_accuracy": rm_metrics["rm_accuracy"], "train_s": train_s,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": time.perf_counter() - t0, "world_size": parallel.world(),
     }
 
 
@@ -149,7 +157,7 @@ def print_table(summary, run_dir):
         ("reward model held-out accuracy", "%.3f" % summary["rm_accuracy"]),
         ("samples drawn", samples),
         ("wall time", "%.1f s (%.1f s in the algorithm)" % (summary["wall_s"], summary["train_s"])),
-    ]
+    ] + ([("processes (torchrun)", "%d" % summary["world_size"])] if summary.get("world_size", 1) > 1 else [])
     w = max(len(r[0]) for r in rows)
     print("\n" + "\n".join("%-*s  %s" % (w, k, v) for k, v in rows))
     print("run directory: %s" % run_dir)
@@ -162,6 +170,7 @@ def main(args):
                           % next(name for name in REAL if getattr(cfg, name) is not None))
     if args.small:
         cfg = small_config(cfg)
+    parallel.check_algo(cfg)
     from rlhf_trainer.devices import resolve_device
     from rlhf_trainer.rundir import RunDirectory
     resolve_device(cfg.device, cfg.algo)            # device: cuda without a GPU stops here
@@ -172,9 +181,10 @@ def main(args):
         with RunDirectory(args.out, False, args.overwrite, "demo", checkpoint=None) as run_dir:
             iterate.print_table(iterate.run(cfg, run_dir, progress=not args.no_progress)[1], run_dir)
         return 0
-    with RunDirectory(args.out, args.resume, args.overwrite, "demo") as run_dir:
+    with RunDirectory(args.out, args.resume, args.overwrite, "demo") as run_dir:  # rank 0's, under torchrun
         summary = run(cfg, run_dir, progress=not args.no_progress, resume=args.resume)
-    print_table(summary, run_dir)
+    if parallel.is_main():
+        print_table(summary, run_dir)
     return 0
 
 

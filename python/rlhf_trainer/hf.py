@@ -380,9 +380,14 @@ def prepare(cfg, config_dir=None, log=print):
 
 def build_reward(cfg, task, pieces, device, log=print):
     """The Reward of a run (loads the reward model, if any, frozen on ``device``)."""
+    from rlhf_trainer import parallel
     model = rm_tok = None
     if pieces["rm_path"] is not None:
         rm_tok = load_tokenizer(pieces["rm_path"], "reward.model", log)
-        model = load_scalar_model(pieces["rm_path"], "reward.model", rm_tok, cfg.seed, trained_head=True).to(device)
-        model.eval().requires_grad_(False)
+
+        def load():   # frozen; under torchrun sharded without gradients, loaded by one rank at a time
+            m = load_scalar_model(pieces["rm_path"], "reward.model", rm_tok, cfg.seed, trained_head=True).to(device)
+            m.eval().requires_grad_(False)
+            return parallel.shard(m, cfg.dtype)
+        model = parallel.one_at_a_time(load)
     return Reward(task, pieces["fn"], pieces["fn_name"], model, rm_tok, cfg.section.micro_batch)

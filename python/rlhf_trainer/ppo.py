@@ -25,12 +25,13 @@ import warnings
 import torch
 
 import rlhf_kernels as rk
+from rlhf_trainer import parallel
 from rlhf_trainer.config import RewardFunctionError
 from rlhf_trainer.devices import resolve_device
 from rlhf_trainer.models import enable_checkpointing, frozen_copy
 from rlhf_trainer.runstate import rewrite_log, rng_state, save_checkpoint, seed_rngs, set_rng_state
 from rlhf_trainer.sequences import (PROMPT_PAD, _eval_mode, generate, is_eos, response_hidden, response_logprobs,
-                                    response_mask, score_function, sequences)
+                                    response_mask, root_call, score_function, sequences)
 from rlhf_trainer.toy import ExactEvaluator
 
 # The JSONL schema: one object per PPO step with exactly these keys (time_* are wall clock
@@ -86,33 +87,50 @@ class PPOTrainer:
             raise ValueError("%s: give exactly one of reward_model and reward_fn" % type(self).__name__)
         if cfg.algo not in self.algos:
             raise ValueError("%s runs %s, not algo: %s" % (type(self).__name__, " or ".join(self.algos), cfg.algo))
-        self.cfg, self.task, self.log = cfg, task, log
+        self.cfg, self.task, self.log = cfg, task, parallel.main_only(log)
         self.p = p = cfg.section
         self.reward_model, self.reward_fn = reward_model, reward_fn
         self._score = score_function(task, reward_model, reward_fn)
-        self.run_dir = run_dir
-        self.device = resolve_device(cfg.device, cfg.algo)
+        self.run_dir = run_dir if parallel.is_main() else None   # rank 0 writes the log
+        self.device = parallel.init(resolve_device(cfg.device, cfg.algo))
+        parallel.check_split(cfg.algo, p, getattr(p, "group_size", 1))
         # bfloat16 is autocast: parameters, gradients and Adam's state stay float32 (README)
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16,  # noqa: E731
                                                enabled=cfg.dtype == "bfloat16")
         self.temperature = cfg.temperature
-        self.policy = task.build_policy(cfg).to(self.device)
-        self.ref = frozen_copy(self.policy)
+        parallel.one_at_a_time(lambda: self._build_models(cfg, task))
         self.opt_policy = torch.optim.Adam(self.policy.parameters(), lr=p.lr)
         decay = lambda s: max(0.0, 1.0 - s / p.steps)  # noqa: E731 (linear decay over the run)
         self.sched_policy = torch.optim.lr_scheduler.LambdaLR(self.opt_policy, decay)
         if self.uses_critic:
-            self.value = task.build_value(cfg).to(self.device)
             self.opt_value = torch.optim.Adam(self.value.parameters(), lr=p.value_lr)
             self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, decay)
-        if cfg.gradient_checkpointing:
-            for model in [self.policy] + ([self.value.backbone] if self.uses_critic else []):
-                enable_checkpointing(model)
         self.kl_ctl = KLController(cfg.beta, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.gen = seed_rngs(cfg.seed)
+        if parallel.rank():   # each rank samples its own responses; the prompts and the order agree (self.gen)
+            torch.manual_seed(parallel.rank_seed(cfg.seed, 0))
         self.step = 0
         self.history = []
         self.evaluator = evaluator
+
+    def _build_models(self, cfg, task):
+        """The policy, its frozen reference and the value model on this rank's device; under
+        torchrun sharded with FSDP2 (the reference without gradients, on the CPU with
+        ``parallel.offload_reference``)."""
+        pc = parallel.options(cfg)
+        shard = lambda m, **kw: parallel.shard(m, cfg.dtype, pc.reshard_after_forward, **kw)  # noqa: E731
+        policy = task.build_policy(cfg)
+        ref = frozen_copy(policy)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(policy)
+        self.policy = shard(policy.to(self.device), root_inputs=False)
+        self.ref = shard(ref if pc.offload_reference and parallel.active() else ref.to(self.device),
+                         offload=pc.offload_reference, root_inputs=False)
+        if self.uses_critic:
+            value = task.build_value(cfg)
+            if cfg.gradient_checkpointing:
+                enable_checkpointing(value.backbone)
+            self.value = shard(value.to(self.device))
 
     @property
     def total_steps(self):
@@ -144,9 +162,13 @@ class PPOTrainer:
         return torch.randint(0, self.task.num_prompts, (self.p.rollout_batch,), generator=self.gen)
 
     def rollout(self):
+        """This rank's share of the rollout: every rank draws the same prompts (self.gen) and
+        answers its contiguous slice of them (whole groups for the group algorithms)."""
         prompt_ids = self.sample_prompts()
         prompts = self.task.prompts[prompt_ids]
-        prompts = prompts[:, (prompts != PROMPT_PAD).any(0)].to(self.device)   # no column of left padding only
+        prompts = prompts[:, (prompts != PROMPT_PAD).any(0)]    # no column of left padding only
+        mine = parallel.share(len(prompt_ids), "%s.rollout_batch" % self.cfg.algo)
+        prompt_ids, prompts = prompt_ids[mine], prompts[mine].to(self.device)
         with self.autocast(), _eval_mode(self.policy, self.cfg.gradient_checkpointing):
             responses = generate(self.policy, prompts, self.task.cfg, self.temperature, self.task.top_p)
         return prompt_ids, prompts, responses
@@ -189,8 +211,9 @@ class PPOTrainer:
             last = mask.long().sum(-1) - 1                      # the last real response token
             rewards[torch.arange(len(last), device=last.device), last] += score
             adv, returns = self.ops.gae(rewards, old_values, mask, gamma=p.gamma, lam=p.lam)
-            if p.whiten_advantages:
-                adv = self.ops.masked_whiten(adv, mask)
+            if p.whiten_advantages:   # over every rank's tokens under torchrun
+                group = parallel.group()
+                adv = self.ops.masked_whiten(adv, mask, **({"process_group": group} if group is not None else {}))
         return {"prompt_ids": prompt_ids, "prompts": prompts, "responses": responses, "mask": mask,
                 "rewards": rewards, "old_logp": old_logp, "ref_logp": ref_logp, "old_values": old_values, "score": score,
                 "kl": kl, "advantages": adv, "returns": returns, "has_eos": has_eos}
@@ -206,11 +229,14 @@ class PPOTrainer:
             # hidden states straight to the loss: linear_policy_loss makes the LM head's gradients in
             # its forward (no [B, L, V] logits, 6NHV). Its entropy term is aggregated like the policy
             # loss, which equals this trainer's (token-mean over num_tokens) under token-mean only.
+            def fused(model):
+                hidden, weight, bias = response_hidden(model, batch["prompts"][j], batch["responses"][j], mask)
+                return self.ops.linear_policy_loss(hidden, weight, batch["responses"][j], batch["old_logp"][j],
+                                                   batch["advantages"][j], mask, bias=bias,
+                                                   temperature=self.temperature, entropy_coef=p.entropy_coef,
+                                                   **ppo_kw)
             with self.autocast():
-                hidden, weight, bias = response_hidden(self.policy, batch["prompts"][j], batch["responses"][j], mask)
-                loss, st = self.ops.linear_policy_loss(hidden, weight, batch["responses"][j], batch["old_logp"][j],
-                                                 batch["advantages"][j], mask, bias=bias,
-                                                 temperature=self.temperature, entropy_coef=p.entropy_coef, **ppo_kw)
+                loss, st = root_call(self.policy, fused)
             logp = st["logprobs"]
             ent = st["entropy"] * (mask.sum() / num_tokens)  # sum of the valid entropies / num_tokens
             pg = loss + p.entropy_coef * ent
@@ -239,6 +265,8 @@ class PPOTrainer:
                                "explained_var", "entropy")}
         ratio_max, ratio_min, first_dev = -math.inf, math.inf, None
         opts = self._optimizers()
+        # every rank holds the whole experience batch and takes its contiguous share of each minibatch
+        share = parallel.share(p.minibatch, "%s.minibatch" % self.cfg.algo)
         for epoch in range(p.epochs):
             # the rollout order is already random (prompts are sampled); later epochs reshuffle
             order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=self.gen)
@@ -247,8 +275,9 @@ class PPOTrainer:
                 num_tokens = batch["mask"][idx].sum()             # global normalizer of the minibatch
                 for opt, _ in opts:
                     opt.zero_grad()
-                for m0 in range(0, p.minibatch, p.micro_batch):
-                    j = idx[m0:m0 + p.micro_batch]
+                mine = idx[share]
+                for m0 in range(0, len(mine), p.micro_batch):
+                    j = mine[m0:m0 + p.micro_batch]
                     mask = batch["mask"][j]
                     loss, logp, o = self.micro_loss(batch, j, num_tokens)
                     if p.loss_agg not in ("token-mean", "token-sum"):
@@ -277,14 +306,26 @@ class PPOTrainer:
                 for opt, _ in opts:
                     opt.step()
         steps = p.epochs * (n // p.minibatch)
-        out = {k: sum(acc[k]) / steps for k in ("approx_kl", "clipfrac", "ratio_mean", "policy_loss", "entropy")}
+        # each rank's sums are its share of the minibatches' (weights over the global token counts)
+        keys = ("approx_kl", "clipfrac", "ratio_mean", "policy_loss", "entropy") + (
+            ("value_loss", "vf_clipfrac", "explained_var") if self.uses_critic else ())
+        tot = dict(zip(keys + ("n_ev",), parallel.all_sum([sum(acc[k]) for k in keys] + [len(acc["explained_var"])])))
+        ratio_max, neg_min, first_dev = parallel.all_max([ratio_max, -ratio_min, first_dev])
+        out = {k: tot[k] / steps for k in keys if k != "explained_var"}
         if self.uses_critic:
-            out.update({k: sum(acc[k]) / steps for k in ("value_loss", "vf_clipfrac")})
-            out["explained_var"] = sum(acc["explained_var"]) / len(acc["explained_var"])
+            out["explained_var"] = tot["explained_var"] / tot["n_ev"]
         else:
             out.update(value_loss=None, vf_clipfrac=None, explained_var=None)
-        out.update(ratio_max=ratio_max, ratio_min=ratio_min, first_ratio_max_dev=first_dev)
+        out.update(ratio_max=ratio_max, ratio_min=-neg_min, first_ratio_max_dev=first_dev)
         return out
+
+    @staticmethod
+    def gather(batch):
+        """Under torchrun every rank's rows of the scored rollout (rank order), so the update's order,
+        its token counts and the logged statistics are those of the whole batch; else ``batch``."""
+        if parallel.world() == 1:
+            return batch
+        return {k: parallel.gather_rows(v) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @property
     def kl_estimator(self):
@@ -295,7 +336,8 @@ class PPOTrainer:
         t0 = time.perf_counter()
         prompt_ids, prompts, responses = self.rollout()
         t1 = time.perf_counter()
-        batch = self.score_rollout(prompt_ids, prompts, responses)
+        batch = self.gather(self.score_rollout(prompt_ids, prompts, responses))
+        prompt_ids, responses = batch["prompt_ids"], batch["responses"]
         t2 = time.perf_counter()
         beta_used = self.kl_ctl.beta
         stats = self.update(batch)
@@ -328,10 +370,10 @@ class PPOTrainer:
             "time_step": t4 - t0,
         }
         assert list(row) == LOG_KEYS
-        if row["approx_kl"] > p.approx_kl_warn:
+        if parallel.is_main() and row["approx_kl"] > p.approx_kl_warn:
             warnings.warn("step %d: approx_kl %.3f > %.3f: the policy moves too far per step (lower the lr or "
                           "the epochs)" % (self.step, row["approx_kl"], p.approx_kl_warn), RuntimeWarning)
-        if row["kl_seq_sum"] > p.kl_warn:
+        if parallel.is_main() and row["kl_seq_sum"] > p.kl_warn:
             warnings.warn("step %d: KL to the reference %.2f per sequence > %.2f: raise beta or use the adaptive "
                           "controller" % (self.step, row["kl_seq_sum"], p.kl_warn), RuntimeWarning)
         self.history.append(row)
@@ -354,9 +396,16 @@ class PPOTrainer:
         return s
 
     def save(self, path):
+        """checkpoint.pt in one process; under torchrun a sharded checkpoint folder (``dist_checkpoint``)."""
+        if parallel.active():
+            from rlhf_trainer import dist_checkpoint
+            return dist_checkpoint.save(self, path)
         save_checkpoint(self.state_dict(), path)
 
     def load(self, path):
+        from rlhf_trainer import dist_checkpoint
+        if os.path.isdir(path) or parallel.active():   # a sharded checkpoint, or one to shard
+            return dist_checkpoint.load(self, path)
         s = torch.load(path, weights_only=False, map_location="cpu")
         from rlhf_trainer.rundir import same_run, steps_key
         if not same_run(s["config"], self.cfg.to_dict(), steps_key(self.cfg)):   # more steps: an extended run

@@ -157,31 +157,49 @@ def check(cfg):
     return resolve_device(cfg.device)
 
 
+def _my_rows(idx):
+    """This rank's contiguous part of a batch's rows and its weight (its share of the batch's
+    mean): under torchrun the ranks' gradients are summed. A rank left without a row (a last
+    batch smaller than the world) runs the first row with weight 0, as every rank must run the
+    same forwards and backwards."""
+    from rlhf_trainer import parallel
+    if parallel.world() == 1:
+        return idx, 1.0
+    mine = [int(i) for i in torch.tensor_split(torch.tensor(idx), parallel.world())[parallel.rank()]]
+    return (mine, len(mine) / len(idx)) if mine else (idx[:1], 0.0)
+
+
 def run(cfg, run_dir, log=print, progress=True):
     from tqdm import tqdm
 
-    from rlhf_trainer import hf
+    from rlhf_trainer import hf, parallel
+    main = parallel.is_main()     # under torchrun rank 0 alone prints and writes the run's files
+    log, progress = parallel.main_only(log), progress and main
     if not progress:   # transformers' own bars too (loading weights)
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    device = check(cfg)
+    device = parallel.init(check(cfg))
     c = cfg.rm
     path = hf.resolve_model("rm.model", c.model)
     prompts, responses, kind, scores = read_preferences(c.data, "rm.data", c)
     held = read_preferences(c.eval_data, "rm.eval_data", c) if c.eval_data else None
     if held is not None and held[2] != kind:
         raise InputError("rm.eval_data holds %s, rm.data %s: give both in one format" % (held[2], kind))
-    cfg.save(os.path.join(run_dir, "config.yaml"))
+    if main:
+        cfg.save(os.path.join(run_dir, "config.yaml"))
     tok = hf.load_tokenizer(path, "rm.model", log)
     rows, truncated = _encode(tok, prompts, responses, c.max_len)
     held_rows = _encode(tok, held[0], held[1], c.max_len)[0] if held else None
     if truncated:
         log("rm: %d responses longer than rm.max_len=%d tokens were truncated from the left" % (truncated, c.max_len))
-    model = hf.load_scalar_model(path, "rm.model", tok, cfg.seed).to(device)
-    if cfg.gradient_checkpointing:
-        from rlhf_trainer.models import enable_checkpointing
-        enable_checkpointing(model.backbone)
+    def load():   # under torchrun sharded with FSDP2, loaded by one rank at a time
+        m = hf.load_scalar_model(path, "rm.model", tok, cfg.seed).to(device)
+        if cfg.gradient_checkpointing:
+            from rlhf_trainer.models import enable_checkpointing
+            enable_checkpointing(m.backbone)
+        return parallel.shard(m, cfg.dtype, parallel.options(cfg).reshard_after_forward)
+    model = parallel.one_at_a_time(load)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")  # noqa
     steps = c.epochs * -(-len(rows) // c.batch_size)
     targets = _targets(c, scores) if kind == "score" else None
@@ -196,23 +214,29 @@ def run(cfg, run_dir, log=print, progress=True):
         % (_name(kind, c), len(rows), "scored responses" if kind == "score" else "comparisons", c.epochs,
            steps // c.epochs, device, cfg.dtype))
     bar = tqdm(total=steps, disable=not progress, desc="rm", unit="step")
-    with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+    with open(os.path.join(run_dir, "log.jsonl") if main else os.devnull, "w") as f:
         step = 0
         for epoch in range(c.epochs):
             order = torch.randperm(len(rows), generator=gen).tolist()
             for b in range(0, len(rows), c.batch_size):
-                idx = order[b:b + c.batch_size]
+                idx, weight = _my_rows(order[b:b + c.batch_size])
                 s, valid = _scores(model, tok, [rows[i] for i in idx], device, autocast)
                 loss, stats = _loss(kind, c, s, valid, None if targets is None else targets[idx].to(device),
                                     thresholds)
                 opt.zero_grad()
-                loss.backward()
+                (loss * weight if weight != 1.0 else loss).backward()
+                if thresholds is not None and parallel.world() > 1:   # not sharded: its gradients summed here
+                    for p in thresholds.parameters():
+                        p.grad = torch.tensor(parallel.all_sum(p.grad.flatten().tolist()),
+                                              dtype=p.grad.dtype, device=p.grad.device).view_as(p.grad)
                 opt.step()
                 sched.step()
                 step += 1
                 measured = stats if kind == "score" else {"accuracy": stats["accuracy"]}
-                row = {"step": step, "epoch": epoch, "loss": loss.item(), **{k: v.item() for k, v in measured.items()},
-                       "lr": sched.get_last_lr()[0]}
+                names = ["loss"] + list(measured)
+                # the batch's means: each rank's, weighted by its share of the rows, summed over the ranks
+                means = parallel.all_sum([weight * x for x in [loss.item()] + [v.item() for v in measured.values()]])
+                row = {"step": step, "epoch": epoch, **dict(zip(names, means)), "lr": sched.get_last_lr()[0]}
                 f.write(json.dumps(row) + "\n")
                 bar.update(1)
                 bar.set_postfix(loss="%.4f" % row["loss"], **{k: "%.3f" % row[k] for k in ("accuracy",) if k in row})
@@ -227,10 +251,19 @@ def run(cfg, run_dir, log=print, progress=True):
         summary.update(scores=len(rows), score_loss=c.score_loss)
         if thresholds is not None:
             summary["thresholds"] = thresholds().detach().cpu().tolist()
-    model.hf.save_pretrained(summary["model"])
-    tok.save_pretrained(summary["model"])
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    summary["world_size"] = parallel.world()
+    if parallel.sharded(model):   # the whole model, gathered to rank 0
+        sd = parallel.full_state_dict(model)
+        if main:
+            model.hf.save_pretrained(summary["model"], state_dict={k[3:]: v for k, v in sd.items()
+                                                                   if k.startswith("hf.")})
+        parallel.barrier()
+    else:
+        model.hf.save_pretrained(summary["model"])
+    if main:
+        tok.save_pretrained(summary["model"])
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
     return summary
 
 
@@ -238,8 +271,11 @@ def main(args):
     from rlhf_trainer.rundir import RunDirectory
     cfg = Config.load(args.config)
     check(cfg)
-    with RunDirectory(args.out, False, args.overwrite, "rm", checkpoint=None) as run_dir:
+    from rlhf_trainer import parallel
+    with RunDirectory(args.out, False, args.overwrite, "rm", checkpoint=None) as run_dir:  # rank 0's, under torchrun
         s = run(cfg, run_dir, progress=not args.no_progress)
+    if not parallel.is_main():
+        return 0
     held = "" if s["eval_accuracy"] is None else ", held-out %.3f" % s["eval_accuracy"]
     print("reward model (%s): train accuracy %.3f%s, final loss %.4f; %.1f s" % (
         _name(s["kind"], cfg.rm), s["train_accuracy"], held, s["final_loss"], s["wall_s"]))

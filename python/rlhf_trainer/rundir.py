@@ -24,9 +24,26 @@ import time
 from rlhf_trainer.config import Config, InputError
 
 MARKER = ".run"            # written with O_EXCL into every directory a run claims
-CHECKPOINT = "checkpoint.pt"
+# what makes a run resumable: one process's checkpoint.pt, or torchrun's sharded folder
+# (dist_checkpoint.FOLDER); a run resumes from either, at any number of processes
+CHECKPOINT = ("checkpoint.pt", "checkpoint")
 # what a run directory holds, so --overwrite deletes only those
 RUN_FILES = (MARKER, "config.yaml", "compare.md")
+
+
+def _names(checkpoint):
+    return (checkpoint,) if isinstance(checkpoint, str) else tuple(checkpoint)
+
+
+def holds_checkpoint(path, checkpoint=CHECKPOINT):
+    return any(os.path.exists(os.path.join(path, n)) for n in _names(checkpoint))
+
+
+def _no_checkpoint(path, checkpoint):
+    first, *others = _names(checkpoint)
+    nor = " (nor %s)" % ", ".join(n + "/" for n in others) if others else ""
+    return InputError("--resume: %s holds no %s to continue from%s (the run stopped before its first checkpoint, "
+                      "or never checkpoints): run it again without --resume" % (path, first, nor))
 
 
 def _claim(path):
@@ -85,9 +102,8 @@ def claim_run_dir(out, resume, overwrite, prefix, checkpoint=None):
             raise InputError("--resume needs --out RUN_DIR: the run directory to continue")
         if not os.path.isdir(out):
             raise InputError("--resume: no run directory %s" % out)
-        if checkpoint is not None and not os.path.exists(os.path.join(out, checkpoint)):
-            raise InputError("--resume: %s holds no %s to continue from (the run stopped before its first "
-                             "checkpoint, or never checkpoints): run it again without --resume" % (out, checkpoint))
+        if checkpoint is not None and not holds_checkpoint(out, checkpoint):
+            raise _no_checkpoint(out, checkpoint)
         return out, False
     if overwrite and out is not None and os.path.isdir(out) and os.listdir(out):
         if not any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES):
@@ -105,7 +121,7 @@ def discard_unstarted(path, created, checkpoint=CHECKPOINT):
     """After a failure: removes what the run wrote unless the directory holds ``checkpoint`` (a
     rerun with --resume continues that). A folder this run created goes; one that was there,
     empty, is emptied again."""
-    if checkpoint is not None and os.path.exists(os.path.join(path, checkpoint)):
+    if checkpoint is not None and holds_checkpoint(path, checkpoint):
         return False
     if created:
         shutil.rmtree(path, ignore_errors=True)
@@ -120,19 +136,23 @@ class RunDirectory:
     """``with RunDirectory(out, resume, overwrite, prefix) as run_dir:`` the run directory, and on
     an exception inside, ``discard_unstarted`` of a directory this command created or emptied
     (never of one it resumed). ``checkpoint``: the file that makes a run resumable (None: the run
-    never checkpoints, so a failed one always goes)."""
+    never checkpoints, so a failed one always goes). Under torchrun rank 0 alone claims (and
+    discards) the directory, and every rank gets its path: one job, one directory."""
 
     def __init__(self, out, resume, overwrite, prefix, checkpoint=CHECKPOINT):
+        from rlhf_trainer import parallel
         self.checkpoint = checkpoint
         self.resume = resume
+        self.main = parallel.is_main()
         self.path, self.created = claim_run_dir(out, resume, overwrite, prefix,
-                                                  checkpoint=checkpoint if resume else None)
+                                                  checkpoint=checkpoint if resume else None) if self.main else (None, False)
+        self.path = parallel.broadcast(self.path)
 
     def __enter__(self):
         return self.path
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and not self.resume:
+        if exc_type is not None and not self.resume and self.main:
             discard_unstarted(self.path, self.created, self.checkpoint)
         return False
 
@@ -175,10 +195,8 @@ def check_resume(run_dir, cfg, checkpoint=CHECKPOINT):
     """What --resume of run_dir with cfg needs, checked before anything is loaded: the checkpoint,
     and run_dir/config.yaml equal to cfg but for the step count (``check_extension`` checks it
     against the checkpoint's step once that is loaded). InputError names every key that differs."""
-    ckpt = os.path.join(run_dir, checkpoint)
-    if not os.path.exists(ckpt):
-        raise InputError("--resume: %s holds no %s to continue from (the run stopped before its first checkpoint, "
-                         "or never checkpoints): run it again without --resume" % (run_dir, checkpoint))
+    if not holds_checkpoint(run_dir, checkpoint):
+        raise _no_checkpoint(run_dir, checkpoint)
     saved_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(saved_path):
         raise InputError("--resume: %s has a checkpoint but no config.yaml" % run_dir)

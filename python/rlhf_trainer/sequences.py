@@ -51,11 +51,20 @@ def response_logprobs(model, prompts, responses, mask, *, temperature=1.0, fused
     labels = responses.masked_fill(~mask, -100)
     kw = dict(temperature=temperature, return_entropy=with_entropy)
     if fused_lm_head:
-        hidden, weight, bias = response_hidden(model, prompts, responses, mask)
-        return ops.linear_token_logprobs(hidden, weight, labels, bias=bias, **kw)
+        def fused(model):
+            hidden, weight, bias = response_hidden(model, prompts, responses, mask)
+            return ops.linear_token_logprobs(hidden, weight, labels, bias=bias, **kw)
+        return root_call(model, fused)
     L = responses.shape[1]
     logits = model(**_model_inputs(prompts, responses, mask), logits_to_keep=L + 1).logits[:, :-1]
     return ops.token_logprobs(logits, labels, **kw)
+
+
+def root_call(model, fn, *args, **kwargs):
+    """fn(model, ...), as a forward of the model when it is sharded (FSDP2 gathers the root's
+    parameters, the embeddings and the LM head, only around forward methods)."""
+    call = getattr(model, "rlhf_call", None)
+    return call(fn, *args, **kwargs) if call is not None else fn(model, *args, **kwargs)
 
 
 def _model_inputs(prompts, responses, mask):
@@ -80,10 +89,14 @@ def response_hidden(model, prompts, responses, mask):
 @torch.no_grad()
 def generate(model, prompts, task_cfg, temperature=1.0, top_p=1.0):
     """Sampled responses [B, L] (no top-k; top-p truncation when top_p < 1), padded to L after an
-    early EOS. prompts [B, P] may be left-padded with PROMPT_PAD."""
+    early EOS. prompts [B, P] may be left-padded with PROMPT_PAD. On a sharded model every rank
+    runs a forward per token until all ranks are done (``synced_gpus``): FSDP2 gathers one layer
+    at a time."""
+    from rlhf_trainer import parallel
+    kw = {"synced_gpus": True} if parallel.sharded(model) else {}
     out = model.generate(input_ids=prompts.clamp(min=0), attention_mask=(prompts != PROMPT_PAD).long(),
                          do_sample=True, max_new_tokens=task_cfg.response_len, min_new_tokens=0, top_k=0,
-                         top_p=top_p, temperature=temperature)
+                         top_p=top_p, temperature=temperature, **kw)
     responses = out[:, prompts.shape[1]:]
     L = task_cfg.response_len
     if responses.shape[1] < L:   # every row stopped at EOS early: pad to L

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from rlhf_trainer import parallel
 from rlhf_trainer.config import Config, ConfigError, InputError
 from rlhf_trainer.rundir import RunDirectory, check_extension, check_resume, prepare_run_dir  # noqa: F401
 
@@ -41,6 +42,8 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
     """Train cfg.algo on real models into run_dir; returns the summary dict. With an ``iterate``
     section: iterated RLHF (``iterate_hf.run``), not checkpointed."""
     from tqdm import tqdm
+    main = parallel.is_main()     # under torchrun rank 0 alone prints and writes the run's files
+    log, progress = parallel.main_only(log), progress and main
     if cfg.iterate is not None:
         if resume:
             raise ConfigError("iterate: an iterated run is not checkpointed, so --resume cannot continue it")
@@ -52,22 +55,24 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     from rlhf_trainer.algos import trainer_class
+    from rlhf_trainer.dist_checkpoint import find, target
     from rlhf_trainer.plot import plot_run
     t0 = time.perf_counter()
     device = check(cfg)
-    ckpt = os.path.join(run_dir, "checkpoint.pt")
     if resume:
         check_resume(run_dir, cfg)
     task, pieces = hf.prepare(cfg, config_dir, log)
-    cfg.save(os.path.join(run_dir, "config.yaml"))
+    ckpt, found = target(run_dir), find(run_dir) if resume else None
+    if main:
+        cfg.save(os.path.join(run_dir, "config.yaml"))
     log(cfg.accounting() + "; device %s, %s" % (device, cfg.dtype))
     reward = hf.build_reward(cfg, task, pieces, device, log)
     trainer = trainer_class(cfg.algo)(cfg, task, reward_fn=reward, run_dir=run_dir, log=log)
-    if resume:
-        trainer.load(ckpt)
+    if found:
+        trainer.load(found)
         check_extension(cfg, trainer.step, run_dir)
-        log("resumed from %s at step %d" % (ckpt, trainer.step))
-    else:
+        log("resumed from %s at step %d" % (found, trainer.step))
+    elif main:
         open(os.path.join(run_dir, "log.jsonl"), "w").close()
     total = trainer.total_steps
     bar = tqdm(total=total, initial=trainer.step, disable=not progress, desc=cfg.algo, unit="step")
@@ -83,23 +88,29 @@ def run(cfg, run_dir, resume=False, log=print, progress=True, config_dir=None):
     bar.close()
     trainer.save(ckpt)
     policy_dir = os.path.join(run_dir, "policy")
-    trainer.policy.save_pretrained(policy_dir)
-    task.tokenizer.save_pretrained(policy_dir)
+    if parallel.active():   # the whole policy, gathered to rank 0: a normal save_pretrained folder
+        parallel.save_pretrained(trainer.policy, policy_dir)
+    else:
+        trainer.policy.save_pretrained(policy_dir)
+    if main:
+        task.tokenizer.save_pretrained(policy_dir)
     h = trainer.history
     summary = {"algo": cfg.algo, "steps": trainer.step,
                "score_start": h[0]["score_mean"], "score_end": h[-1]["score_mean"],
                "kl_seq_sum_end": h[-1]["kl_seq_sum"], "samples_drawn": trainer.step * cfg.section.rollout_batch,
                "device": str(device), "dtype": cfg.dtype, "train_s": sum(r["time_step"] for r in h),
-               "wall_s": time.perf_counter() - t0, "policy": policy_dir}
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    plot_run(run_dir)
+               "wall_s": time.perf_counter() - t0, "policy": policy_dir, "world_size": parallel.world()}
+    if main:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        plot_run(run_dir)
     return summary
 
 
 def main(args):
     cfg = Config.load(args.config)
     check(cfg)
+    parallel.check_algo(cfg)
     if cfg.iterate is not None:
         if args.resume:
             raise ConfigError("iterate: an iterated run is not checkpointed, so --resume cannot continue it")
@@ -109,9 +120,11 @@ def main(args):
                                                   config_dir=os.path.dirname(os.path.abspath(args.config)))[1],
                                    run_dir)
         return 0
-    with RunDirectory(args.out, args.resume, args.overwrite, "train") as run_dir:
+    with RunDirectory(args.out, args.resume, args.overwrite, "train") as run_dir:  # rank 0's, under torchrun
         summary = run(cfg, run_dir, resume=args.resume, progress=not args.no_progress,
                       config_dir=os.path.dirname(os.path.abspath(args.config)))
+    if not parallel.is_main():
+        return 0
     print("score %.4f -> %.4f over %d steps, KL per sequence %.3f; %.1f s" % (
         summary["score_start"], summary["score_end"], summary["steps"], summary["kl_seq_sum_end"], summary["wall_s"]))
     print("final policy: %s" % summary["policy"])

@@ -145,20 +145,30 @@ def gae_packed(rewards, values, cu_seqlens, *, gamma=1.0, lam=0.95, last_values=
     return tri.gae_packed(r, val, cu, lv, m, gamma, lam)
 
 
-def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=1e-8, backend="auto"):
+def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=1e-8, backend="auto", process_group=None):
     """Whiten ``x`` with the mean and variance of its masked-in entries.
 
     ``out = (x - mean) / sqrt(var + eps)`` (``+ mean`` when ``shift_mean=False``) where
     ``mask`` is true, 0 elsewhere. Statistics are float64 over all masked-in entries;
     ``unbiased`` uses n - 1 (the variance is 0 when n < 2).
 
+    With ``process_group`` (data parallel: each rank holds its own rows), the mean and
+    variance are those of the masked-in entries of every rank's ``x`` together, the same on
+    every backend: each rank's float64 count, mean and sum of squared deviations, one
+    all-reduce of ``[world, 3]`` values, and their exact pairwise combination in rank order
+    (so every rank gets bitwise the same statistics); then this rank's ``x`` is whitened with
+    them in float64. Every rank of the group must call it.
+
     Args:
         x: float tensor, any shape. mask: same shape, bool or integer (nonzero = true).
+        process_group: a ``torch.distributed`` group, or None (the statistics of this ``x``).
     Returns:
         float32 tensor shaped like ``x``.
     """
     op = "masked_whiten"
     name = _backend.pick(backend, x, op, "x")
+    if process_group is not None:
+        return _masked_whiten_group(op, x, mask, shift_mean, unbiased, eps, process_group)
     if name in NATIVE:
         try:
             return _masked_whiten(x, mask, shift_mean, unbiased, eps)
@@ -175,6 +185,45 @@ def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=1e-8, backend=
     from rlhf_kernels.triton import gae as tri
     return tri.masked_whiten(xf, m, bool(shift_mean), bool(unbiased), eps)
 
+
+
+def _masked_whiten_group(op, x, mask, shift_mean, unbiased, eps, group):
+    """masked_whiten over every rank's entries (see its docstring): local moments, one
+    all-reduce, Chan's pairwise combination in rank order, whitening in float64."""
+    import torch.distributed as dist
+    v.tensor(op, "x", x, kind="float")
+    v.tensor(op, "mask", mask, kind="mask")
+    v.same_shape(op, "x", x, "mask", mask)
+    v.same_device(op, "x", x, mask=mask)
+    eps = v.number(op, "eps", eps, lo=0.0)
+    xd, m = v.as_f32(x).double(), v.as_mask(mask)
+    valid = xd[m]
+    n = valid.numel()
+    mean = valid.sum() / n if n else xd.new_zeros(())
+    m2 = ((valid - mean) ** 2).sum() if n else xd.new_zeros(())
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    comm = x.device if x.is_cuda and "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
+    parts = torch.zeros(world, 3, dtype=torch.float64, device=comm)
+    parts[me] = torch.stack([xd.new_tensor(float(n)), mean, m2]).to(comm)
+    dist.all_reduce(parts, group=group)      # a sum with zeros elsewhere: every rank's row, exactly
+    parts = parts.cpu()
+    n_all, mean_all, m2_all = 0.0, parts.new_zeros(()), parts.new_zeros(())
+    for nb, mb, m2b in parts:
+        nb = float(nb)
+        if nb == 0:
+            continue
+        tot = n_all + nb
+        delta = mb - mean_all
+        mean_all = mean_all + delta * (nb / tot)
+        m2_all = m2_all + m2b + delta * delta * (n_all * nb / tot)
+        n_all = tot
+    denom = n_all - 1 if unbiased else n_all
+    var = m2_all / denom if denom > 0 else parts.new_zeros(())
+    mean_all, var = mean_all.to(xd.device), var.to(xd.device)
+    out = (xd - mean_all) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean_all
+    return torch.where(m, out, torch.zeros_like(out)).float()
 
 if _ext.loaded():
     @torch.library.register_fake("rlhf_kernels::gae")

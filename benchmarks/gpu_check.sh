@@ -9,11 +9,11 @@
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]    # default: benchmarks/results/<gpu>/
 #
 # The stages run in order of what they prove (build, self-test, CUDA tests, sanitizer, microbenchmarks,
-# the policy head, integrations, the whole-PPO-step bench), each within what is left of a budget
-# (GPU_CHECK_BUDGET, default 450 s) so that the summary always prints inside one 8-minute call; a
-# stage the budget cannot fit is reported as skipped. STAGES="ppo_bench" (a space-separated
-# subset, build included when the extension is not yet built there) runs only those, e.g. in a
-# second call.
+# the policy head, vocabulary parallelism on one GPU, integrations, the whole-PPO-step bench), each
+# within what is left of a budget (GPU_CHECK_BUDGET, default 450 s) so that the summary always
+# prints inside one 8-minute call; a stage the budget cannot fit is reported as skipped.
+# STAGES="ppo_bench" (a space-separated subset, build included when the extension is not yet built
+# there) runs only those, e.g. in a second call.
 #
 # Works offline: wheels for missing Python packages (e.g. Liger-Kernel, cut-cross-entropy)
 # found in ./.whl are installed to /tmp/site first.
@@ -35,7 +35,7 @@ mkdir -p "$RES"
 declare -A status seconds
 
 BUDGET=${GPU_CHECK_BUDGET:-450}
-STAGES=${STAGES:-build selftest tests_cuda sanitizer benchmarks policy_head integrations ppo_bench ppo_bench_dist}
+STAGES=${STAGES:-build selftest tests_cuda sanitizer benchmarks policy_head vocab_parallel integrations ppo_bench ppo_bench_dist}
 
 # within CAP COMMAND...: run it under a time limit of CAP seconds or what is left of the budget
 within() {
@@ -92,11 +92,11 @@ sanitize() {
   return $rc
 }
 
-benchmarks() {  # every family but the policy head and the integrations (their own stages below)
+benchmarks() {  # every family but the policy head, vocab_parallel and the integrations (their own stages below)
   local fams=() f
   for f in benchmarks/bench_*.py; do
     f=${f#benchmarks/bench_}; f=${f%.py}
-    [ "$f" = policy_head ] || [ "$f" = integrations ] || fams+=(--family "$f")
+    [ "$f" = policy_head ] || [ "$f" = vocab_parallel ] || [ "$f" = integrations ] || fams+=(--family "$f")
   done
   within 200 $PY benchmarks/run.py --device cuda --out "$RES" --timeout 120 "${fams[@]}" 2>&1 | tee "$RES/bench.log" | tail -25
   return "${PIPESTATUS[0]}"
@@ -128,12 +128,22 @@ policy_head() {
   return $rc
 }
 
+# vocabulary parallelism on one GPU: per-rank kernel time of token_logprobs and linear_policy_loss
+# on the V/TP slice (V = 151936, N = 16384, H = 4096, bf16) at TP = 1, 2, 4, 8, the collective
+# excluded (a fake process group of TP ranks in this one process; bench_vocab_parallel.py)
+vocab_parallel() {
+  within 120 $PY benchmarks/bench_vocab_parallel.py --device cuda --csv "$RES/vocab_parallel.csv" 2>&1 \
+    | tee "$RES/vocab_parallel.md" | tail -25
+  return "${PIPESTATUS[0]}"
+}
+
 stage build build
 stage selftest selftest
 stage tests_cuda cuda_tests
 stage sanitizer sanitize
 stage benchmarks benchmarks
 stage policy_head policy_head
+stage vocab_parallel vocab_parallel
 
 # rlhf_kernels.integrations: each library's replaced functions against ours (patched), one
 # realistic shape each, CUDA-event medians (benchmarks/bench_integrations.py). The libraries come

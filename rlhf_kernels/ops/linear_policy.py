@@ -18,6 +18,10 @@ stored gradients, in place, by the upstream gradient. Without gradients (no inpu
 or grad mode is off) it is one 2NHV pass. The sequence-level ratio (GSPO) is the exception: a
 token's gradient needs its row's ratio, hence every logp of the row, so with gradients it takes
 two passes: one without gradients for logp (2NHV), then the one above (6NHV): 8NHV.
+With ``process_group`` (the vocabulary split across ranks, docs/tensor_parallel.md) a token's
+gradient needs the global statistics of its row, known only after the collective: a statistics
+pass, one all-gather, then the gradient pass in the backward, 8NHV/TP per rank for every option
+(``_vocab_parallel``).
 
 Backends: ``cpu`` and ``cuda`` (native: checks, chunks and autograd in C++,
 csrc/include/rlhf/linear_policy_op.h and csrc/autograd/linear_policy.cpp; the PPO part is
@@ -35,14 +39,17 @@ import math
 import torch
 
 from rlhf_kernels import _backend, _ext
-from rlhf_kernels._layout import LINEAR_POLICY_STATS
+from rlhf_kernels._layout import LINEAR_POLICY_STATS, POLICY_STATS
 from rlhf_kernels._stats import Stats
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.ops.linear_logprobs import _check as _check_linear
+from rlhf_kernels.ops.linear_logprobs import linear_token_logprobs
 from rlhf_kernels.ops.logprobs import KERNEL_DTYPES, KL_KINDS, _check_temperature
 from rlhf_kernels.ops.ppo import (_check_clips, _check_num_tokens, _check_policy_options, _loss_agg_code, _num_tokens,
-                                  _policy_options)
+                                  _policy_options, ppo_policy_loss)
 from rlhf_kernels.reference import linear_policy as ref
+from rlhf_kernels.reference import logprobs as ref_lp
+from rlhf_kernels.reference import ppo as ref_ppo
 
 # Float32 logits elements per chunk; 0 lets each backend choose (32 MiB of them on the CPU;
 # on a GPU the logits, their 16-bit gradient and a float32 d_weight accumulator fit 1 GiB).
@@ -120,11 +127,108 @@ def _check_labels_where_valid(op, labels, mask, V):
                          "(labels where `mask` is 0 are never read)" % (op, V, b, t, int(labels[b, t])))
 
 
+def _check_python(op, hidden, weight, labels, old_logprobs, advantages, mask, bias, temperature, ref_logprobs,
+                  kl_coef, kl_kind, entropy_coef, clip_low, clip_high, dual_clip, num_tokens, objective,
+                  rollout_logprobs, is_correction, is_level, is_cap, validate, shards=1):
+    """The Python paths' checks (what the native ops check in C++); the labels index a vocabulary
+    of ``shards`` times weight's rows (the whole one under a process group). Returns the
+    converted arguments."""
+    v.tensor(op, "hidden", hidden, kind="float")
+    if hidden.dim() != 3:
+        raise ValueError("%s: `hidden` must have 3 dimension(s) ([B, T, H]), got shape %s" % (op, list(hidden.shape)))
+    _check_linear(op, hidden, weight, labels, bias)
+    _check_row_input(op, "old_logprobs", old_logprobs, hidden)
+    _check_row_input(op, "advantages", advantages, hidden)
+    _check_row_input(op, "mask", mask, hidden, kind="mask")
+    if ref_logprobs is not None:
+        _check_row_input(op, "ref_logprobs", ref_logprobs, hidden)
+    if rollout_logprobs is not None:
+        _check_row_input(op, "rollout_logprobs", rollout_logprobs, hidden)
+    if not isinstance(kl_kind, str):
+        raise TypeError("%s: `kl_kind` must be a string, got %r" % (op, kl_kind))
+    if kl_kind not in KL_KINDS:
+        raise ValueError("%s: `kl_kind` must be one of %s, got %r" % (op, ", ".join(map(repr, KL_KINDS)), kl_kind))
+    kl_coef, entropy_coef = _coef(op, "kl_coef", kl_coef), _coef(op, "entropy_coef", entropy_coef)
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("%s: `kl_coef` = %r needs `ref_logprobs` (the reference policy's log-probabilities of the "
+                         "labels)" % (op, kl_coef))
+    if kl_coef == 0 and ref_logprobs is not None:
+        raise ValueError("%s: `ref_logprobs` given with `kl_coef` = 0; it would be ignored (pass kl_coef > 0, or no "
+                         "ref_logprobs)" % op)
+    clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
+    roll, cap = _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap, dual_clip, objective,
+                                      old_logprobs)
+    nt = _check_num_tokens(op, num_tokens, hidden.device)
+    temperature = _check_temperature(op, temperature)
+    m = v.as_mask(mask)
+    if validate and not torch.compiler.is_compiling():
+        _check_labels_where_valid(op, labels, m, weight.shape[0] * shards)
+    olp, adv = v.as_f32(old_logprobs.detach()), v.as_f32(advantages.detach())
+    rlp = None if ref_logprobs is None else v.as_f32(ref_logprobs.detach())
+    return (m, olp, adv, rlp, roll, cap, nt, temperature, clip_low, clip_high, dual_clip, kl_coef, entropy_coef)
+
+
+def _group_size(op, process_group, weight):
+    """The number of ranks the vocabulary is split over: 1 for no group or a group of one."""
+    from rlhf_kernels.ops import _vocab_parallel as vp  # torch.distributed only for a group
+    shard = vp.vocab_shard(op, process_group, weight.shape[0] if isinstance(weight, torch.Tensor) else 0)
+    return 1 if shard is None else shard.world
+
+
+def _vocab_parallel(op, name, hidden, weight, labels, old_logprobs, advantages, mask, bias, temperature,
+                    ref_logprobs, kl_coef, kl_kind, entropy_coef, clip_low, clip_high, dual_clip, loss_agg, num_tokens,
+                    ratio_level, objective, rollout_logprobs, is_correction, is_level, is_cap, validate, process_group,
+                    shards):
+    """linear_policy_loss over a vocabulary split across ``process_group`` (``shards`` ranks).
+
+    A token's gradient needs its row's global softmax statistics, and under GSPO its sequence's
+    ratio, hence every logp of the sequence: neither is known until the ranks have combined
+    their shards. So the single-device trick (gradients made in the forward, 6NHV) would need
+    either the [N, V_local] logits kept until then or one collective per chunk. Instead:
+      1. statistics pass: linear_token_logprobs(process_group=...) on the local shard, its one
+         collective of O(N) float32 values and the combine (ops/_vocab_parallel.py): the
+         global logp and entropy [B, T], the same on every rank (2NHV/TP FLOPs); it saves
+         only per-row statistics, never [N, V_local];
+      2. the loss on [B, T] on every rank (ppo_policy_loss on the same backend, the entropy
+         and KL terms in float64 with the same aggregation): no collective;
+      3. gradient pass (the backward): linear_token_logprobs' backward, from the saved global
+         statistics, recomputes the local logits and gives d_hidden (partial) and the local
+         d_weight and d_bias: 6NHV/TP FLOPs, no collective.
+    8NHV/TP in all (6NHV/TP when only hidden or only weight needs a gradient, 2NHV/TP without
+    gradients), the cost of the single-device op's GSPO path divided by TP, for every loss_agg
+    and option. Labels at masked positions are never read (replaced by an ignore_index)."""
+    (m, olp, adv, rlp, _, _, nt, temperature, clip_low, clip_high, dual_clip, kl_coef,
+     entropy_coef) = _check_python(op, hidden, weight, labels, old_logprobs, advantages, mask, bias, temperature,
+                                   ref_logprobs, kl_coef, kl_kind, entropy_coef, clip_low, clip_high, dual_clip,
+                                   num_tokens, objective, rollout_logprobs, is_correction, is_level, is_cap,
+                                   validate, shards)
+    y = ref._masked_labels(labels, m)
+    logp, entropy = linear_token_logprobs(hidden, weight, y, bias=bias, temperature=temperature,
+                                          ignore_index=ref._MASKED, return_entropy=True, validate=False,
+                                          process_group=process_group, backend=name)
+    loss, pstats = ppo_policy_loss(logp, olp, adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                                   loss_agg=loss_agg, num_tokens=num_tokens, ratio_level=ratio_level,
+                                   objective=objective, rollout_logprobs=rollout_logprobs,
+                                   is_correction=is_correction, is_level=is_level, is_cap=is_cap, backend=name)
+    lp64, ent64 = logp.double(), entropy.double()
+    count = m.sum(dtype=torch.float64)
+    loss = loss.double()
+    if entropy_coef != 0:
+        loss = loss - entropy_coef * ref_ppo.aggregate(ent64, m, loss_agg, nt)
+    kl = torch.zeros_like(lp64)
+    if rlp is not None:
+        kl = ref_lp.kl_penalty(lp64, rlp.double(), kl_kind)
+        loss = loss + kl_coef * ref_ppo.aggregate(kl, m, loss_agg, nt)
+    means = torch.stack((ref_ppo._masked_mean(ent64.detach(), m, count), ref_ppo._masked_mean(kl.detach(), m, count)))
+    packed = torch.stack([pstats[k] for k in POLICY_STATS] + list(means.float().unbind(0)))
+    return loss.float(), _stats(packed, logp.detach())
+
+
 def linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, temperature=1.0,
                        ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None,
                        dual_clip=None, loss_agg="token-mean", num_tokens=None, ratio_level="token", objective="ppo",
                        rollout_logprobs=None, is_correction=None, is_level=None, is_cap=None, validate=True,
-                       backend="auto"):
+                       process_group=None, backend="auto"):
     """PPO (or GSPO, CISPO) policy loss, entropy bonus and KL penalty straight from the hidden
     states and the LM head, with the gradients made in the forward.
 
@@ -157,6 +261,15 @@ def linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, *
             check reads the labels back: one host sync per call; it is skipped while a CUDA
             graph is captured and in torch.compile graphs on a GPU. Without it such a label
             gives NaN logp and entropy (and loss) and no gradient to its row of logits.
+        process_group: None, or the tensor-parallel group over which the vocabulary is split
+            (docs/tensor_parallel.md): weight [V_local, H] and bias [V_local] are this rank's
+            rows [r * V_local, (r + 1) * V_local) of the LM head (rank r in the group's order,
+            equal slices), labels are global ids in [0, V_local * world). The loss and every
+            stat are the whole vocabulary's, bitwise the same on every rank; d_weight and d_bias
+            are this rank's slice of the whole gradient; d_hidden is this rank's partial sum
+            (the caller all-reduces it, as for any column-parallel linear layer). One
+            collective of O(B*T) float32 values in the forward, none in the backward; 8NHV/TP
+            FLOPs with gradients (see _vocab_parallel). A group of one is the same as None.
         backend: "auto", "cuda", "triton", "cpu" or "torch".
 
     Returns:
@@ -178,6 +291,12 @@ def linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, *
     options = 0 if plain else _policy_options(op, ratio_level, objective, is_correction, is_level)
     if torch.compiler.is_compiling():
         validate = validate and not hidden.is_cuda  # no host sync inside a compiled graph
+    shards = 1 if process_group is None else _group_size(op, process_group, weight)
+    if shards > 1:
+        return _vocab_parallel(op, name, hidden, weight, labels, old_logprobs, advantages, mask, bias, temperature,
+                               ref_logprobs, kl_coef, kl_kind, entropy_coef, clip_low, clip_high, dual_clip,
+                               loss_agg, num_tokens, ratio_level, objective, rollout_logprobs, is_correction, is_level,
+                               is_cap, validate, process_group, shards)
     if name in NATIVE:
         nt, nt_value = _num_tokens(op, num_tokens)
         try:
@@ -190,38 +309,11 @@ def linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, *
         return loss, _stats(packed, logp)
 
     # the torch and triton backends check here what the native ops check in C++
-    v.tensor(op, "hidden", hidden, kind="float")
-    if hidden.dim() != 3:
-        raise ValueError("%s: `hidden` must have 3 dimension(s) ([B, T, H]), got shape %s" % (op, list(hidden.shape)))
-    _check_linear(op, hidden, weight, labels, bias)
-    _check_row_input(op, "old_logprobs", old_logprobs, hidden)
-    _check_row_input(op, "advantages", advantages, hidden)
-    _check_row_input(op, "mask", mask, hidden, kind="mask")
-    if ref_logprobs is not None:
-        _check_row_input(op, "ref_logprobs", ref_logprobs, hidden)
-    if rollout_logprobs is not None:
-        _check_row_input(op, "rollout_logprobs", rollout_logprobs, hidden)
-    if not isinstance(kl_kind, str):
-        raise TypeError("%s: `kl_kind` must be a string, got %r" % (op, kl_kind))
-    if kl_kind not in KL_KINDS:
-        raise ValueError("%s: `kl_kind` must be one of %s, got %r" % (op, ", ".join(map(repr, KL_KINDS)), kl_kind))
-    kl_coef, entropy_coef = _coef(op, "kl_coef", kl_coef), _coef(op, "entropy_coef", entropy_coef)
-    if kl_coef > 0 and ref_logprobs is None:
-        raise ValueError("%s: `kl_coef` = %r needs `ref_logprobs` (the reference policy's log-probabilities of the "
-                         "labels)" % (op, kl_coef))
-    if kl_coef == 0 and ref_logprobs is not None:
-        raise ValueError("%s: `ref_logprobs` given with `kl_coef` = 0; it would be ignored (pass kl_coef > 0, or no "
-                         "ref_logprobs)" % op)
-    clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
-    roll, cap = _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap, dual_clip, objective,
-                                      old_logprobs)
-    nt = _check_num_tokens(op, num_tokens, hidden.device)
-    temperature = _check_temperature(op, temperature)
-    m = v.as_mask(mask)
-    if validate and not torch.compiler.is_compiling():
-        _check_labels_where_valid(op, labels, m, weight.shape[0])
-    olp, adv = v.as_f32(old_logprobs.detach()), v.as_f32(advantages.detach())
-    rlp = None if ref_logprobs is None else v.as_f32(ref_logprobs.detach())
+    (m, olp, adv, rlp, roll, cap, nt, temperature, clip_low, clip_high, dual_clip, kl_coef,
+     entropy_coef) = _check_python(op, hidden, weight, labels, old_logprobs, advantages, mask, bias, temperature,
+                                   ref_logprobs, kl_coef, kl_kind, entropy_coef, clip_low, clip_high, dual_clip,
+                                   num_tokens, objective, rollout_logprobs, is_correction, is_level, is_cap,
+                                   validate)
     if name == "torch":
         kw = {} if plain else dict(ratio_level=ratio_level, objective=objective, is_correction=is_correction,
                                    rollout_logprobs=roll, is_level=is_level or "token", is_cap=cap)

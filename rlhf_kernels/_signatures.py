@@ -114,11 +114,11 @@ def loss_outputs(x, n_stats):
 
 
 def grads_like(hidden, weight, need_hidden, need_weight, need_bias):
-    """d_hidden, d_weight, d_bias in the input dtype, [0] where not asked for."""
-    none = hidden.new_empty((0,))
-    return (hidden.new_empty(hidden.shape) if need_hidden else none,
-            hidden.new_empty(weight.shape) if need_weight else none,
-            hidden.new_empty((weight.shape[0],)) if need_bias else none)
+    """d_hidden, d_weight, d_bias in the input dtype, a [0] tensor of its own (outputs never
+    alias) where not asked for."""
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            hidden.new_empty(weight.shape if need_weight else (0,)),
+            hidden.new_empty((weight.shape[0] if need_bias else 0,)))
 
 
 def fake(op, schema):

@@ -247,10 +247,11 @@ def linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, *
 # ---- output shapes of the native ops and their Triton twins (rlhf_kernels/_signatures.py) ----
 
 @shape("linear_policy_fwd")
-def _linear_policy_shapes(hidden, **_):
-    return f32(hidden, ()), f32(hidden, (len(LINEAR_POLICY_STATS),)), f32(hidden, hidden.shape[:-1])
+def _linear_policy_shapes(hidden, mask, **_):
+    # logprobs shaped as mask [B, T]: the native op takes hidden [B, T, H], the Triton one [B*T, H]
+    return f32(hidden, ()), f32(hidden, (len(LINEAR_POLICY_STATS),)), f32(hidden, mask.shape)
 
 
 @shape("linear_policy_fwd_grad")
-def _linear_policy_grad_shapes(hidden, weight, need_hidden, need_weight, need_bias, **_):
-    return _linear_policy_shapes(hidden) + grads_like(hidden, weight, need_hidden, need_weight, need_bias)
+def _linear_policy_grad_shapes(hidden, weight, mask, need_hidden, need_weight, need_bias, **_):
+    return _linear_policy_shapes(hidden, mask) + grads_like(hidden, weight, need_hidden, need_weight, need_bias)

@@ -11,6 +11,7 @@ import torch
 
 from rlhf_kernels import _backend, _ext
 from rlhf_kernels._layout import BT_STATS, RANKING_STATS
+from rlhf_kernels._signatures import f32, shape
 from rlhf_kernels._stats import stats as _stats
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.reference import bt as ref
@@ -103,23 +104,23 @@ def ranking_loss(rewards, *, valid=None, backend="auto"):
     return loss, _stats(RANKING_STATS, packed)
 
 
-if _ext.loaded():
-    @torch.library.register_fake("rlhf_kernels::bt_fwd")
-    def _bt_fwd_fake(chosen, rejected, margin, label_smoothing, center_coef):
-        f32 = dict(dtype=torch.float32)
-        return chosen.new_empty((), **f32), chosen.new_empty((len(BT_STATS),), **f32)
+# ---- output shapes of the native ops and their Triton twins (rlhf_kernels/_signatures.py) ----
 
-    @torch.library.register_fake("rlhf_kernels::bt_bwd")
-    def _bt_bwd_fake(grad, chosen, rejected, margin, label_smoothing, center_coef):
-        return (chosen.new_empty(chosen.shape, dtype=torch.float32),
-                rejected.new_empty(rejected.shape, dtype=torch.float32))
+@shape("bt_fwd")
+def _bt_shapes(chosen, **_):
+    return f32(chosen, ()), f32(chosen, (len(BT_STATS),))
 
-    @torch.library.register_fake("rlhf_kernels::ranking_fwd")
-    def _ranking_fwd_fake(rewards, valid):
-        f32 = dict(dtype=torch.float32)
-        return (rewards.new_empty((), **f32), rewards.new_empty((len(RANKING_STATS),), **f32),
-                rewards.new_empty((rewards.shape[0],), **f32))
 
-    @torch.library.register_fake("rlhf_kernels::ranking_bwd")
-    def _ranking_bwd_fake(grad, rewards, valid, prompt_scale):
-        return rewards.new_empty(rewards.shape, dtype=torch.float32)
+@shape("bt_bwd")
+def _bt_grad_shapes(chosen, rejected, **_):
+    return f32(chosen, chosen.shape), f32(rejected, rejected.shape)
+
+
+@shape("ranking_fwd")
+def _ranking_shapes(rewards, **_):
+    return f32(rewards, ()), f32(rewards, (len(RANKING_STATS),)), f32(rewards, (rewards.shape[0],))
+
+
+@shape("ranking_bwd")
+def _ranking_grad_shape(rewards, **_):
+    return f32(rewards, rewards.shape)

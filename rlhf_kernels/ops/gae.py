@@ -13,6 +13,7 @@ TRL and OpenRLHF.
 import torch
 
 from rlhf_kernels import _backend, _ext
+from rlhf_kernels._signatures import f32, shape
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.reference import gae as ref
 
@@ -225,17 +226,14 @@ def _masked_whiten_group(op, x, mask, shift_mean, unbiased, eps, group):
         out = out + mean_all
     return torch.where(m, out, torch.zeros_like(out)).float()
 
-if _ext.loaded():
-    @torch.library.register_fake("rlhf_kernels::gae")
-    def _gae_fake(rewards, values, mask, last_values, gamma, lam):
-        return (rewards.new_empty(rewards.shape, dtype=torch.float32),
-                rewards.new_empty(rewards.shape, dtype=torch.float32))
 
-    @torch.library.register_fake("rlhf_kernels::gae_packed")
-    def _gae_packed_fake(rewards, values, cu_seqlens, last_values, mask, gamma, lam):
-        return (rewards.new_empty(rewards.shape, dtype=torch.float32),
-                rewards.new_empty(rewards.shape, dtype=torch.float32))
+# ---- output shapes of the native ops and their Triton twins (rlhf_kernels/_signatures.py) ----
 
-    @torch.library.register_fake("rlhf_kernels::masked_whiten")
-    def _masked_whiten_fake(x, mask, shift_mean, unbiased, eps):
-        return x.new_empty(x.shape, dtype=torch.float32)
+@shape("gae", "gae_packed")
+def _gae_shapes(rewards, **_):
+    return f32(rewards, rewards.shape), f32(rewards, rewards.shape)
+
+
+@shape("masked_whiten")
+def _masked_whiten_shape(x, **_):
+    return f32(x, x.shape)

@@ -15,6 +15,7 @@ import numbers
 import torch
 
 from rlhf_kernels import _backend, _ext
+from rlhf_kernels._signatures import f32, shape
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.reference import group_advantages as ref
 
@@ -117,12 +118,13 @@ def _check(op, rewards, group_index, group_size, mode, eps, mask):
     return eps
 
 
-if _ext.loaded():
-    @torch.library.register_fake("rlhf_kernels::group_advantages")
-    def _group_advantages_fake(rewards, group_index, group_size, mode, eps):
-        return rewards.new_empty(rewards.shape, dtype=torch.float32)
+# ---- output shapes of the native ops and their Triton twins (rlhf_kernels/_signatures.py) ----
 
-    @torch.library.register_fake("rlhf_kernels::group_advantages_masked")
-    def _group_advantages_masked_fake(rewards, group_index, group_size, mode, eps, mask):
-        return (rewards.new_empty(rewards.shape, dtype=torch.float32),
-                rewards.new_empty(mask.shape, dtype=torch.float32))
+@shape("group_advantages")
+def _group_advantages_shape(rewards, **_):
+    return f32(rewards, rewards.shape)
+
+
+@shape("group_advantages_masked")
+def _group_advantages_masked_shapes(rewards, mask, **_):
+    return f32(rewards, rewards.shape), f32(rewards, mask.shape)

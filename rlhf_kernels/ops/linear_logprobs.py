@@ -22,6 +22,7 @@ and torch.compile graphs; then such a label gives NaN logp and entropy and no gr
 import torch
 
 from rlhf_kernels import _backend, _ext
+from rlhf_kernels._signatures import f32, grads_like, rows_f32, shape
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.ops import _vocab_parallel as vp
 from rlhf_kernels.ops import _vocab_parallel_ops as vpo
@@ -134,21 +135,13 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     return (logp, entropy) if return_entropy else logp
 
 
-# ---- fake kernels of the native ops (torch.compile, opcheck); their autograd is in C++ ----
+# ---- output shapes of the native ops and their Triton twins (rlhf_kernels/_signatures.py) ----
 
-if _ext.loaded():
-    @torch.library.register_fake("rlhf_kernels::linear_logprobs_fwd")
-    def _linear_logprobs_fwd_fake(hidden, weight, bias, labels, temperature, ignore_index, tile, validate):
-        lead = hidden.shape[:-1]
-        n = 1
-        for d in lead:
-            n = n * d
-        f32 = dict(dtype=torch.float32)
-        return hidden.new_empty(lead, **f32), hidden.new_empty(lead, **f32), hidden.new_empty((n, 2), **f32)
+@shape("linear_logprobs_fwd")
+def _linear_logprobs_shapes(hidden, **_):
+    return f32(hidden, hidden.shape[:-1]), f32(hidden, hidden.shape[:-1]), rows_f32(hidden, 2)
 
-    @torch.library.register_fake("rlhf_kernels::linear_logprobs_bwd")
-    def _linear_logprobs_bwd_fake(hidden, weight, bias, labels, grad_logp, grad_entropy, stats, entropy,
-                                  temperature, ignore_index, tile, need_hidden, need_weight, need_bias):
-        return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty((0,)),
-                hidden.new_empty(weight.shape) if need_weight else hidden.new_empty((0,)),
-                hidden.new_empty((weight.shape[0],)) if need_bias else hidden.new_empty((0,)))
+
+@shape("linear_logprobs_bwd")
+def _linear_logprobs_grad_shapes(hidden, weight, need_hidden, need_weight, need_bias, **_):
+    return grads_like(hidden, weight, need_hidden, need_weight, need_bias)

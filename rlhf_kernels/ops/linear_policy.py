@@ -40,6 +40,7 @@ import torch
 
 from rlhf_kernels import _backend, _ext
 from rlhf_kernels._layout import LINEAR_POLICY_STATS, POLICY_STATS
+from rlhf_kernels._signatures import f32, grads_like, shape
 from rlhf_kernels._stats import Stats
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.ops.linear_logprobs import _check as _check_linear
@@ -335,27 +336,14 @@ def linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, *
     return loss, _stats(packed, logp)
 
 
-# ---- fake kernels of the native ops (torch.compile, opcheck); their autograd is in C++ ----
+# ---- output shapes of the native ops and their Triton twins (rlhf_kernels/_signatures.py) ----
 
-if _ext.loaded():
-    @torch.library.register_fake("rlhf_kernels::linear_policy_fwd")
-    def _linear_policy_fwd_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
-                                num_tokens, num_tokens_value, temperature, kl_coef, kl_kind, entropy_coef, clip_low,
-                                clip_high, dual_clip, loss_agg, rollout_logprobs, options, is_cap, tile, validate):
-        f32 = dict(dtype=torch.float32)
-        return (hidden.new_empty((), **f32), hidden.new_empty((len(LINEAR_POLICY_STATS),), **f32),
-                hidden.new_empty(hidden.shape[:-1], **f32))
+@shape("linear_policy_fwd")
+def _linear_policy_shapes(hidden, mask, **_):
+    # logprobs shaped as mask [B, T]: the native op takes hidden [B, T, H], the Triton one [B*T, H]
+    return f32(hidden, ()), f32(hidden, (len(LINEAR_POLICY_STATS),)), f32(hidden, mask.shape)
 
-    @torch.library.register_fake("rlhf_kernels::linear_policy_fwd_grad")
-    def _linear_policy_fwd_grad_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
-                                     num_tokens, num_tokens_value, temperature, kl_coef, kl_kind, entropy_coef,
-                                     clip_low, clip_high, dual_clip, loss_agg, rollout_logprobs, options, is_cap, tile,
-                                     validate, need_hidden, need_weight, need_bias):
-        none = lambda: hidden.new_empty((0,))  # noqa: E731
-        return _linear_policy_fwd_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
-                                       num_tokens, num_tokens_value, temperature, kl_coef, kl_kind, entropy_coef,
-                                       clip_low, clip_high, dual_clip, loss_agg, rollout_logprobs, options, is_cap,
-                                       tile, validate) + (
-            hidden.new_empty(hidden.shape) if need_hidden else none(),
-            hidden.new_empty(weight.shape) if need_weight else none(),
-            hidden.new_empty((weight.shape[0],)) if need_bias else none())
+
+@shape("linear_policy_fwd_grad")
+def _linear_policy_grad_shapes(hidden, weight, mask, need_hidden, need_weight, need_bias, **_):
+    return _linear_policy_shapes(hidden, mask) + grads_like(hidden, weight, need_hidden, need_weight, need_bias)

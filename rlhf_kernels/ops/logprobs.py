@@ -33,6 +33,7 @@ import numbers
 import torch
 
 from rlhf_kernels import _backend, _ext
+from rlhf_kernels._signatures import f32, rows_f32, shape
 from rlhf_kernels._layout import KL_KINDS  # noqa: F401 (re-exported)
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.ops import _vocab_parallel as vp
@@ -299,40 +300,28 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1", *, clamp=None, backend="auto")
     return out
 
 
-# ---- fake kernels of the native ops (torch.compile, opcheck); their autograd is in C++ ----
+# ---- output shapes of the native ops and their Triton twins (rlhf_kernels/_signatures.py) ----
 
-if _ext.loaded():
-    def _rows_f32(logits, *cols):
-        """float32 [N, *cols] for the N = numel / V rows of ``logits``."""
-        n = 1
-        for d in logits.shape[:-1]:
-            n = n * d
-        return logits.new_empty((n,) + cols, dtype=torch.float32)
+@shape("token_logprobs_fwd")
+def _token_logprobs_shapes(logits, **_):
+    return f32(logits, logits.shape[:-1]), f32(logits, logits.shape[:-1]), rows_f32(logits, 2)
 
-    def _lead_f32(logits):
-        return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
 
-    @torch.library.register_fake("rlhf_kernels::token_logprobs_fwd")
-    def _token_logprobs_fwd_fake(logits, labels, temperature, ignore_index, validate, inplace_backward):
-        return _lead_f32(logits), _lead_f32(logits), _rows_f32(logits, 2)
+@shape("token_entropy_fwd")
+def _token_entropy_shapes(logits, **_):
+    return f32(logits, logits.shape[:-1]), rows_f32(logits, 2)
 
-    @torch.library.register_fake("rlhf_kernels::token_entropy_fwd")
-    def _token_entropy_fwd_fake(logits, temperature):
-        return _lead_f32(logits), _rows_f32(logits, 2)
 
-    @torch.library.register_fake("rlhf_kernels::logprobs_bwd")
-    def _logprobs_bwd_fake(logits, labels, grad_logp, grad_entropy, stats, entropy, temperature, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+@shape("full_kl_fwd")
+def _full_kl_shapes(logits, **_):
+    return f32(logits, logits.shape[:-1]), rows_f32(logits, 4)
 
-    @torch.library.register_fake("rlhf_kernels::logprobs_bwd_inplace")
-    def _logprobs_bwd_inplace_fake(logits, labels, grad_logp, grad_entropy, stats, entropy, temperature,
-                                   ignore_index):
-        return None
 
-    @torch.library.register_fake("rlhf_kernels::full_kl_fwd")
-    def _full_kl_fwd_fake(logits, ref_logits, temperature):
-        return _lead_f32(logits), _rows_f32(logits, 4)
+@shape("logprobs_bwd", "full_kl_bwd")
+def _logits_grad_shape(logits, **_):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("rlhf_kernels::full_kl_bwd")
-    def _full_kl_bwd_fake(grad_kl, logits, ref_logits, kl, stats, temperature):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+@shape("logprobs_bwd_inplace")
+def _no_outputs(**_):
+    return None

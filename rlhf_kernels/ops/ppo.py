@@ -34,6 +34,7 @@ import torch
 from rlhf_kernels import _backend, _ext
 from rlhf_kernels._layout import (LOSS_AGG_CODES, LOSS_AGGS, POLICY_OPTIONS, POLICY_STATS, VALUE_STATS,
                                   option_codes, pack_options)
+from rlhf_kernels._signatures import f32, loss_outputs, shape
 from rlhf_kernels._stats import stats as _stats
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.reference import ppo as ref
@@ -278,31 +279,23 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, loss_agg="tok
     return loss, _stats(VALUE_STATS, packed)
 
 
-if _ext.loaded():
-    @torch.library.register_fake("rlhf_kernels::ppo_policy_fwd")
-    def _policy_fwd_fake(logprobs, old_logprobs, advantages, mask, num_tokens, num_tokens_value, clip_low, clip_high,
-                         dual_clip, loss_agg):
-        f32 = dict(dtype=torch.float32)
-        return (logprobs.new_empty((), **f32), logprobs.new_empty((len(POLICY_STATS),), **f32),
-                logprobs.new_empty((logprobs.shape[0],), **f32))
+# ---- output shapes of the native ops and their Triton twins (rlhf_kernels/_signatures.py) ----
 
-    @torch.library.register_fake("rlhf_kernels::ppo_policy_options_fwd")
-    def _policy_fwd_options_fake(logprobs, old_logprobs, advantages, mask, num_tokens, num_tokens_value, clip_low,
-                                 clip_high, dual_clip, loss_agg, rollout_logprobs, options, is_cap):
-        return _policy_fwd_fake(logprobs, old_logprobs, advantages, mask, num_tokens, num_tokens_value, clip_low,
-                                clip_high, dual_clip, loss_agg)
+@shape("ppo_policy_fwd", "ppo_policy_options_fwd")
+def _policy_shapes(logprobs, **_):
+    return loss_outputs(logprobs, len(POLICY_STATS))
 
-    @torch.library.register_fake("rlhf_kernels::ppo_policy_bwd")
-    def _policy_bwd_fake(grad, logprobs, old_logprobs, advantages, mask, row_scale, clip_low, clip_high, dual_clip,
-                         rollout_logprobs=None, options=0, is_cap=None):
-        return logprobs.new_empty(logprobs.shape, dtype=torch.float32)
 
-    @torch.library.register_fake("rlhf_kernels::ppo_value_fwd")
-    def _value_fwd_fake(values, old_values, returns, mask, num_tokens, num_tokens_value, clip, loss_agg):
-        f32 = dict(dtype=torch.float32)
-        return (values.new_empty((), **f32), values.new_empty((len(VALUE_STATS),), **f32),
-                values.new_empty((values.shape[0],), **f32))
+@shape("ppo_value_fwd")
+def _value_shapes(values, **_):
+    return loss_outputs(values, len(VALUE_STATS))
 
-    @torch.library.register_fake("rlhf_kernels::ppo_value_bwd")
-    def _value_bwd_fake(grad, values, old_values, returns, mask, row_scale, clip):
-        return values.new_empty(values.shape, dtype=torch.float32)
+
+@shape("ppo_policy_bwd")
+def _policy_grad_shape(logprobs, **_):
+    return f32(logprobs, logprobs.shape)
+
+
+@shape("ppo_value_bwd")
+def _value_grad_shape(values, **_):
+    return f32(values, values.shape)

@@ -15,6 +15,7 @@ import torch
 
 from rlhf_kernels import _backend, _ext
 from rlhf_kernels._layout import N_SCORE_STATS, SCORE_KINDS, SCORE_STATS
+from rlhf_kernels._signatures import f32, shape
 from rlhf_kernels._stats import stats as _stats
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.reference import score as ref
@@ -143,10 +144,9 @@ def score_loss(pred, score, *, kind="regression", thresholds=None, backend="auto
     return loss, _stats(names, packed)
 
 
-if _score_fwd is not None:
-    @torch.library.register_fake("rlhf_kernels::score_fwd")
-    def _score_fwd_fake(pred, score, thresholds, kind, validate):
-        f32 = dict(dtype=torch.float32)
-        K1 = 0 if thresholds is None else thresholds.shape[0]
-        return (pred.new_empty((), **f32), pred.new_empty((N_SCORE_STATS,), **f32),
-                pred.new_empty(pred.shape, **f32), pred.new_empty((K1,), **f32))
+# ---- output shapes of the native ops and their Triton twins (rlhf_kernels/_signatures.py) ----
+
+@shape("score_fwd")
+def _score_shapes(pred, thresholds, **_):
+    k1 = 0 if thresholds is None else thresholds.shape[0]
+    return f32(pred, ()), f32(pred, (N_SCORE_STATS,)), f32(pred, pred.shape), f32(pred, (k1,))

@@ -1,9 +1,12 @@
 """How a Triton op is wired: registered with torch.library, called directly in eager mode.
 
-Every Triton forward and backward is registered as a ``torch.library.custom_op``
-(``torch.ops.rlhf_kernels.triton_<name>``), with a fake kernel, and each differentiable
-forward gets ``register_autograd(backward, setup_context=...)``; so torch.compile sees the
-Triton ops as it sees the native ones, and compiles with ``fullgraph=True``.
+Every Triton forward and backward is the Triton twin of a native op ``<name>`` and is registered
+as a ``torch.library.custom_op`` ``torch.ops.rlhf_kernels.triton_<name>``, each differentiable
+forward with ``register_autograd(backward, setup_context=...)``; so torch.compile sees the
+Triton ops as it sees the native ones, and compiles with ``fullgraph=True``. Its schema and
+fake kernel are derived from the native op's (rlhf_kernels/_signatures.py), never written here:
+a Triton op names only the native arguments it does not take (``drop``) and the optional ones
+it takes resolved (``required``).
 
 Called eagerly, a custom op goes Python -> dispatcher -> Python, which costs several
 microseconds per call (measured on the CPU: about 10 us for a differentiable custom op
@@ -22,6 +25,8 @@ every op's schema, checked when the op is made).
 
 import torch
 
+from rlhf_kernels import _signatures
+
 
 def on_device(fn, args):
     """``fn(*args)`` on the CUDA device of ``args[0]`` (every op's first argument is a tensor):
@@ -37,10 +42,13 @@ def on_device(fn, args):
 
 
 class Op:
-    """A Triton op without autograd: ``fn`` registered as ``rlhf_kernels::triton_<name>``;
-    both entry points run it on its tensors' device (``on_device``, looked up per call)."""
+    """A Triton op without autograd: ``fn`` registered as ``rlhf_kernels::triton_<name>`` with the
+    schema of the native op ``name`` less ``drop``, with ``required`` not optional
+    (``_signatures.triton_schema``), and that op's output shapes as its fake kernel; both entry
+    points run it on its tensors' device (``on_device``, looked up per call)."""
 
-    def __init__(self, name, schema, fn, fake):
+    def __init__(self, name, fn, *, drop=(), required=()):
+        schema = _signatures.triton_schema(name, drop, required)
         if not schema.startswith("(Tensor "):
             raise ValueError("Triton op %s: the device guard needs a Tensor first argument, got %s" % (name, schema))
         self.name = name
@@ -51,7 +59,7 @@ class Op:
 
         guarded.__name__ = guarded.__qualname__ = "triton_" + name
         self.op = torch.library.custom_op("rlhf_kernels::triton_" + name, guarded, mutates_args=(), schema=schema)
-        self.op.register_fake(fake)
+        self.op.register_fake(_signatures.fake(name, schema))  # the native op's output shapes
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():
@@ -64,8 +72,8 @@ class DifferentiableOp(Op):
     ``backward(ctx, *grads)`` follow ``torch.library.register_autograd``'s conventions
     (``backward`` returns one gradient or None per input)."""
 
-    def __init__(self, name, schema, fn, fake, setup_context, backward):
-        super().__init__(name, schema, fn, fake)
+    def __init__(self, name, fn, setup_context, backward, *, drop=(), required=()):
+        super().__init__(name, fn, drop=drop, required=required)
         self.op.register_autograd(backward, setup_context=setup_context)
         self.function = type("Triton_" + name, (torch.autograd.Function,), {
             "forward": staticmethod(fn),

@@ -236,11 +236,7 @@ def _ranking_backward(grad, rewards, valid, scale):
 # ---- the ops (rlhf_kernels/triton/_op.py): float32 contiguous inputs and bool masks, checked and
 # converted by rlhf_kernels/ops/bt.py.
 
-bt_backward = Op(
-    "bt_bwd",
-    "(Tensor grad, Tensor chosen, Tensor rejected, Tensor? margin, float label_smoothing, float center_coef) "
-    "-> (Tensor, Tensor)",
-    _bt_backward, lambda grad, c, r, *rest: (torch.empty_like(c), torch.empty_like(r)))
+bt_backward = Op("bt_bwd", _bt_backward)
 
 
 def _bt_setup(ctx, inputs, output):
@@ -259,15 +255,9 @@ def _bt_grad(ctx, grad_loss, grad_stats):
     return dc, dr, None, None, None
 
 
-bt_forward = DifferentiableOp(
-    "bt_fwd",
-    "(Tensor chosen, Tensor rejected, Tensor? margin, float label_smoothing, float center_coef) -> (Tensor, Tensor)",
-    _bt_forward, lambda c, *rest: (c.new_empty(()), c.new_empty((len(BT_STATS),))), _bt_setup, _bt_grad)
+bt_forward = DifferentiableOp("bt_fwd", _bt_forward, _bt_setup, _bt_grad)
 
-ranking_backward = Op(
-    "ranking_bwd",
-    "(Tensor grad, Tensor rewards, Tensor? valid, Tensor prompt_scale) -> Tensor",
-    _ranking_backward, lambda grad, rewards, *rest: torch.empty_like(rewards))
+ranking_backward = Op("ranking_bwd", _ranking_backward)
 
 
 def _ranking_setup(ctx, inputs, output):
@@ -284,9 +274,4 @@ def _ranking_grad(ctx, grad_loss, grad_stats, grad_scale):
     return ranking_backward(grad_loss.float().contiguous(), rewards, valid, scale), None
 
 
-ranking_forward = DifferentiableOp(
-    "ranking_fwd",
-    "(Tensor rewards, Tensor? valid) -> (Tensor, Tensor, Tensor)",
-    _ranking_forward,
-    lambda r, valid: (r.new_empty(()), r.new_empty((len(RANKING_STATS),)), r.new_empty((r.shape[0],))),
-    _ranking_setup, _ranking_grad)
+ranking_forward = DifferentiableOp("ranking_fwd", _ranking_forward, _ranking_setup, _ranking_grad)

@@ -129,14 +129,8 @@ def _gae_packed(rewards, values, cu_seqlens, last_values, mask, gamma, lam):
     return _launch(rewards, values, mask, cu_seqlens, last_values, gamma, lam, cu_seqlens.numel() - 1, 0)
 
 
-def _two_like(x, *rest):
-    return torch.empty_like(x), torch.empty_like(x)
-
-
-gae = Op("gae", "(Tensor rewards, Tensor values, Tensor mask, Tensor? last_values, float gamma, float lam) "
-                "-> (Tensor, Tensor)", _gae, _two_like)
-gae_packed = Op("gae_packed", "(Tensor rewards, Tensor values, Tensor cu_seqlens, Tensor? last_values, Tensor? mask, "
-                              "float gamma, float lam) -> (Tensor, Tensor)", _gae_packed, _two_like)
+gae = Op("gae", _gae)
+gae_packed = Op("gae_packed", _gae_packed)
 
 
 @triton.jit
@@ -216,5 +210,4 @@ def _masked_whiten(x, mask, shift_mean, unbiased, eps):
     return out
 
 
-masked_whiten = Op("masked_whiten", "(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor",
-                   _masked_whiten, lambda x, *rest: torch.empty_like(x))
+masked_whiten = Op("masked_whiten", _masked_whiten)

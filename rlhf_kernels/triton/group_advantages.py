@@ -211,12 +211,6 @@ def _group_advantages_masked(rewards, group_index, group_size, mode, eps, mask):
     return adv, out
 
 
-group_advantages = Op(
-    "group_advantages", "(Tensor rewards, Tensor? group_index, int group_size, str mode, float eps) -> Tensor",
-    _group_advantages, lambda rewards, *rest: torch.empty_like(rewards))
-group_advantages_masked = Op(
-    "group_advantages_masked",
-    "(Tensor rewards, Tensor? group_index, int group_size, str mode, float eps, Tensor mask) -> (Tensor, Tensor)",
-    _group_advantages_masked,
-    lambda rewards, gi, gs, mode, eps, mask: (torch.empty_like(rewards),
-                                              rewards.new_empty(mask.shape, dtype=torch.float32)))
+# group_size: 0 when group_index is given
+group_advantages = Op("group_advantages", _group_advantages, required=("group_size",))
+group_advantages_masked = Op("group_advantages_masked", _group_advantages_masked, required=("group_size",))

@@ -252,19 +252,7 @@ def _f32(g):
 # Saved between forward and backward: the caller's hidden, weight and bias (no copies), the
 # labels, the per-row statistics [N, 2] = (max, log sum exp(s - max)) and the entropy.
 
-def _backward_fake(hidden, weight, bias, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index, tile,
-                   need_h, need_w, need_b):
-    return (torch.empty_like(hidden) if need_h else hidden.new_empty((0,)),
-            torch.empty_like(weight) if need_w else hidden.new_empty((0,)),
-            hidden.new_empty((weight.shape[0],)) if need_b else hidden.new_empty((0,)))
-
-
-linear_backward = Op(
-    "linear_logprobs_bwd",
-    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_logp, Tensor? grad_entropy, "
-    "Tensor stats, Tensor entropy, float temperature, int ignore_index, int tile, bool need_hidden, "
-    "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)",
-    _backward, _backward_fake)
+linear_backward = Op("linear_logprobs_bwd", _backward)
 
 
 def _setup(ctx, inputs, output):
@@ -288,17 +276,7 @@ def _grad(ctx, g_logp, g_entropy, _g_stats):
             None, None, None, None)
 
 
-def _forward_fake(hidden, weight, bias, y, temperature, ignore_index, tile):
-    N = hidden.shape[0]
-    f32 = dict(dtype=torch.float32)
-    return hidden.new_empty((N,), **f32), hidden.new_empty((N,), **f32), hidden.new_empty((N, 2), **f32)
-
-
 # (hidden, weight, bias, y, temperature, ignore_index, tile) -> float32 (logp [N], entropy [N],
 # stats [N, 2]), differentiable wrt hidden, weight and bias. ``tile``: logits elements per tile
 # (0: TILE_BYTES worth).
-linear_token_logprobs = DifferentiableOp(
-    "linear_logprobs",
-    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature, int ignore_index, int tile) "
-    "-> (Tensor, Tensor, Tensor)",
-    _forward, _forward_fake, _setup, _grad)
+linear_token_logprobs = DifferentiableOp("linear_logprobs_fwd", _forward, _setup, _grad, drop=("validate",))

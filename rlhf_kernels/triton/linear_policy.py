@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels._layout import KL_KINDS, LINEAR_POLICY_STATS, LOSS_AGG_CODES
+from rlhf_kernels._layout import KL_KINDS, LOSS_AGG_CODES
 from rlhf_kernels.triton import _common
 from rlhf_kernels.triton import ppo as tri_ppo
 from rlhf_kernels.triton._op import DifferentiableOp
@@ -293,15 +293,6 @@ def _linear_policy(hidden, weight, bias, y, old, adv, mask, ref, num_tokens, tem
 # ---- the op (rlhf_kernels/triton/_op.py). Inputs as rlhf_kernels/ops/linear_policy.py passes them
 # (checked there). The forward makes the gradients; saved for the backward: those gradients alone.
 
-def _fake(hidden, weight, bias, y, old, adv, mask, ref, num_tokens, temperature, kl_coef, kl_kind, entropy_coef,
-          clip_low, clip_high, dual_clip, agg, rollout, options, is_cap, tile, need_h, need_w, need_b):
-    f32 = dict(dtype=torch.float32)
-    none = lambda: hidden.new_empty((0,))  # noqa: E731
-    return (hidden.new_empty((), **f32), hidden.new_empty((len(LINEAR_POLICY_STATS),), **f32),
-            hidden.new_empty(mask.shape, **f32), torch.empty_like(hidden) if need_h else none(),
-            torch.empty_like(weight) if need_w else none(), hidden.new_empty((weight.shape[0],)) if need_b else none())
-
-
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(*output[3:])
     ctx.need = inputs[-3:]
@@ -324,11 +315,5 @@ def _grad(ctx, g_loss, *_):
 # clip_low, clip_high, dual_clip, loss_agg, rollout, options, is_cap, tile, need_hidden, need_weight,
 # need_bias) -> (loss, stats, logp, d_hidden, d_weight, d_bias); the loss differentiable wrt hidden,
 # weight and bias (those that `need_*` name: the caller sets them from requires_grad and grad mode).
-linear_policy = DifferentiableOp(
-    "linear_policy",
-    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor old_logprobs, Tensor advantages, "
-    "Tensor mask, Tensor? ref_logprobs, Tensor? num_tokens, float temperature, float kl_coef, str kl_kind, "
-    "float entropy_coef, float clip_low, float clip_high, float? dual_clip, int loss_agg, "
-    "Tensor? rollout_logprobs, int options, float is_cap, int tile, "
-    "bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _linear_policy, _fake, _setup, _grad)
+linear_policy = DifferentiableOp("linear_policy_fwd_grad", _linear_policy, _setup, _grad,
+                                 drop=("num_tokens_value", "validate"), required=("clip_high", "is_cap"))

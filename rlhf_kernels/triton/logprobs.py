@@ -18,7 +18,7 @@ gradient NaN (the gradient's select tests p != 0, not p > 0); a label outside [0
 than ignore_index gives NaN logp and entropy and a zero gradient row, never a wild read.
 
 The ops are registered with torch.library (rlhf_kernels/triton/_op.py): torch.compile sees
-``torch.ops.rlhf_kernels.triton_token_logprobs`` and the rest; eager calls go straight to
+``torch.ops.rlhf_kernels.triton_token_logprobs_fwd`` and the rest; eager calls go straight to
 the Python functions. ``inplace_backward`` (eager only) writes the gradient over the logits.
 """
 
@@ -283,19 +283,7 @@ def _full_kl_backward(g_kl, z, zr, kl, stats, temperature):
 # statistics [N, 2] ([N, 4] for full_kl) and the entropy (or KL). Outputs float32 [N] and the
 # statistics; gradients in the logits' dtype.
 
-def _rows_f32(z, *cols):
-    return z.new_empty((z.shape[0],) + cols, dtype=torch.float32)
-
-
-def _backward_fake(z, y, g_logp, g_entropy, stats, entropy, temperature, ignore_index):
-    return torch.empty_like(z)
-
-
-logprobs_backward = Op(
-    "logprobs_bwd",
-    "(Tensor logits, Tensor? labels, Tensor? grad_logp, Tensor? grad_entropy, Tensor stats, Tensor entropy, "
-    "float temperature, int ignore_index) -> Tensor",
-    _backward, _backward_fake)
+logprobs_backward = Op("logprobs_bwd", _backward)
 
 
 def _token_logprobs_setup(ctx, inputs, output):
@@ -324,15 +312,8 @@ def _token_logprobs(z, y, temperature, ignore_index, inplace_backward):
     return _forward(z, y, temperature, ignore_index)
 
 
-def _token_logprobs_fake(z, y, temperature, ignore_index, inplace_backward):
-    return _rows_f32(z), _rows_f32(z), _rows_f32(z, 2)
-
-
-token_logprobs = DifferentiableOp(
-    "token_logprobs",
-    "(Tensor logits, Tensor labels, float temperature, int ignore_index, bool inplace_backward) "
-    "-> (Tensor, Tensor, Tensor)",
-    _token_logprobs, _token_logprobs_fake, _token_logprobs_setup, _token_logprobs_grad)
+token_logprobs = DifferentiableOp("token_logprobs_fwd", _token_logprobs, _token_logprobs_setup, _token_logprobs_grad,
+                                  drop=("validate",))
 
 
 def _token_entropy_setup(ctx, inputs, output):
@@ -356,23 +337,9 @@ def _token_entropy(z, temperature):
     return entropy, stats
 
 
-def _token_entropy_fake(z, temperature):
-    return _rows_f32(z), _rows_f32(z, 2)
+token_entropy = DifferentiableOp("token_entropy_fwd", _token_entropy, _token_entropy_setup, _token_entropy_grad)
 
-
-token_entropy = DifferentiableOp(
-    "token_entropy",
-    "(Tensor logits, float temperature) -> (Tensor, Tensor)",
-    _token_entropy, _token_entropy_fake, _token_entropy_setup, _token_entropy_grad)
-
-def _full_kl_backward_fake(g_kl, z, zr, kl, stats, temperature):
-    return torch.empty_like(z)
-
-
-full_kl_backward = Op(
-    "full_kl_bwd",
-    "(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor kl, Tensor stats, float temperature) -> Tensor",
-    _full_kl_backward, _full_kl_backward_fake)
+full_kl_backward = Op("full_kl_bwd", _full_kl_backward)
 
 
 def _full_kl_setup(ctx, inputs, output):
@@ -391,11 +358,4 @@ def _full_kl_grad(ctx, g_kl, _g_stats):
     return full_kl_backward(_f32(g_kl), z, zr, kl, stats, ctx.temperature), None, None
 
 
-def _full_kl_fake(z, zr, temperature):
-    return _rows_f32(z), _rows_f32(z, 4)
-
-
-full_kl = DifferentiableOp(
-    "full_kl",
-    "(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor, Tensor)",
-    _full_kl_forward, _full_kl_fake, _full_kl_setup, _full_kl_grad)
+full_kl = DifferentiableOp("full_kl_fwd", _full_kl_forward, _full_kl_setup, _full_kl_grad)

@@ -658,11 +658,6 @@ def _outputs(x, n_stats):
     return x.new_empty(()), x.new_empty((n_stats,)), x.new_empty((B,))
 
 
-def _fake_outputs(x, n_stats):
-    f32 = dict(dtype=torch.float32)
-    return x.new_empty((), **f32), x.new_empty((n_stats,), **f32), x.new_empty((x.shape[0],), **f32)
-
-
 def _policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_clip, agg, rollout, options, is_cap):
     """[B, T] float32 contiguous inputs, bool mask; num_tokens a 0-d float64 tensor or None;
     rollout [B, T] float32 or None; options the packed options (rlhf_kernels/_layout.py).
@@ -720,11 +715,7 @@ def _value_backward(grad, values, old, returns, mask, scale, clip):
 # ---- the ops (rlhf_kernels/triton/_op.py): float32 contiguous [B, T] inputs and a bool mask,
 # checked and converted by rlhf_kernels/ops/ppo.py; the gradient flows to logprobs / values only.
 
-policy_backward = Op(
-    "ppo_policy_bwd",
-    "(Tensor grad, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor row_scale, "
-    "float clip_low, float clip_high, float? dual_clip, Tensor? rollout_logprobs, int options, float is_cap) -> Tensor",
-    _policy_backward, lambda grad, logp, *rest: torch.empty_like(logp))
+policy_backward = Op("ppo_policy_bwd", _policy_backward, required=("clip_high", "is_cap"))
 
 
 def _policy_setup(ctx, inputs, output):
@@ -745,18 +736,11 @@ def _policy_grad(ctx, grad_loss, grad_stats, grad_scale):
     return (d,) + (None,) * 11
 
 
-policy_forward = DifferentiableOp(
-    "ppo_policy_fwd",
-    "(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? num_tokens, float clip_low, "
-    "float clip_high, float? dual_clip, int loss_agg, Tensor? rollout_logprobs, int options, float is_cap) "
-    "-> (Tensor, Tensor, Tensor)",
-    _policy_forward, lambda logp, *rest: _fake_outputs(logp, len(POLICY_STATS)), _policy_setup, _policy_grad)
+# the plain loss and the options alike (options 0: the plain loss)
+policy_forward = DifferentiableOp("ppo_policy_options_fwd", _policy_forward, _policy_setup, _policy_grad,
+                                  drop=("num_tokens_value",), required=("clip_high", "is_cap"))
 
-value_backward = Op(
-    "ppo_value_bwd",
-    "(Tensor grad, Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor row_scale, float? clip) "
-    "-> Tensor",
-    _value_backward, lambda grad, values, *rest: torch.empty_like(values))
+value_backward = Op("ppo_value_bwd", _value_backward)
 
 
 def _value_setup(ctx, inputs, output):
@@ -775,8 +759,4 @@ def _value_grad(ctx, grad_loss, grad_stats, grad_scale):
     return (d,) + (None,) * 6
 
 
-value_forward = DifferentiableOp(
-    "ppo_value_fwd",
-    "(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor? num_tokens, float? clip, "
-    "int loss_agg) -> (Tensor, Tensor, Tensor)",
-    _value_forward, lambda values, *rest: _fake_outputs(values, len(VALUE_STATS)), _value_setup, _value_grad)
+value_forward = DifferentiableOp("ppo_value_fwd", _value_forward, _value_setup, _value_grad, drop=("num_tokens_value",))

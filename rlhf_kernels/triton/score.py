@@ -12,7 +12,6 @@ saved factors. The math mirrors csrc/include/rlhf/score.h:
         dl/dupper = -sigmoid(x - upper) - 1/expm1(upper - lower),  dl/dlower = sigmoid(lower - x) + 1/expm1(upper - lower)
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -163,12 +162,5 @@ def _score_grad(ctx, grad_loss, *grad_rest):
 
 # the op (rlhf_kernels/triton/_op.py): pred float32 contiguous, score float32 (regression) or
 # int32/int64 levels (ordinal), thresholds float32 or None, checked and converted by
-# rlhf_kernels/ops/score.py; kind is the SCORE_KINDS code
-score_forward = DifferentiableOp(
-    "score_fwd",
-    "(Tensor pred, Tensor score, Tensor? thresholds, int kind) -> (Tensor, Tensor, Tensor, Tensor)",
-    _score_forward,
-    lambda pred, score, thresholds, kind: (
-        pred.new_empty(()), pred.new_empty((N_SCORE_STATS,)), pred.new_empty(pred.shape),
-        pred.new_empty((0 if thresholds is None else thresholds.shape[0],))),
-    _score_setup, _score_grad)
+# rlhf_kernels/ops/score.py (validate too); kind is the SCORE_KINDS code
+score_forward = DifferentiableOp("score_fwd", _score_forward, _score_setup, _score_grad, drop=("validate",))

@@ -37,14 +37,9 @@ def _index(names, name):
     return tl.constexpr(names.index(name))
 
 
-# the layouts of rlhf_kernels/_layout.py (csrc/include/rlhf/layout.h), as kernel constants: the
-# number of each table's entries, the power of two that holds them (a tile's columns), and the
-# index of each entry the kernels name
-N_POLICY_PARTS, N_VALUE_PARTS, N_POLICY_STATS, N_VALUE_STATS = (
-    tl.constexpr(len(names)) for names in (POLICY_PARTS, VALUE_PARTS, POLICY_STATS, VALUE_STATS))
-POLICY_COLS, VALUE_COLS, POLICY_STAT_COLS, VALUE_STAT_COLS = (
-    tl.constexpr(triton.next_power_of_2(len(names))) for names in (POLICY_PARTS, VALUE_PARTS, POLICY_STATS,
-                                                                   VALUE_STATS))
+# the layouts of rlhf_kernels/_layout.py (csrc/include/rlhf/layout.h), as kernel constants
+N_POLICY_PARTS = tl.constexpr(len(POLICY_PARTS))
+N_VALUE_PARTS = tl.constexpr(len(VALUE_PARTS))
 PP_LOSS, PP_COUNT, PP_LOW, PP_HIGH, PP_DUAL, PP_KL, PP_RATIO, PP_MIN, PP_MAX = (
     _index(POLICY_PARTS, n) for n in ("loss", "count", "low", "high", "dual", "kl", "ratio", "ratio_min", "ratio_max"))
 PP_ROW_GRAD, PP_IS_WEIGHT, PP_IS_CAPPED = (_index(POLICY_PARTS, n) for n in ("row_grad", "is_weight", "is_capped"))
@@ -223,10 +218,16 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, 
         else:
             row_log_w = sum_lw.to(tl.float32)
     offs = tl.arange(0, BLOCK)
-    cols = tl.arange(0, POLICY_COLS)[None, :]
-    # each lane's float64 sums, one column per part (the ratio's min and max: r_min, r_max); the
-    # row_grad column sums d(c*l)/dlogp until row_grad_factor turns it into g
-    acc = tl.zeros((BLOCK, POLICY_COLS), tl.float64)
+    s_loss = tl.zeros((BLOCK,), tl.float64)
+    s_cnt = tl.zeros((BLOCK,), tl.float64)
+    s_low = tl.zeros((BLOCK,), tl.float64)
+    s_high = tl.zeros((BLOCK,), tl.float64)
+    s_dual = tl.zeros((BLOCK,), tl.float64)
+    s_kl = tl.zeros((BLOCK,), tl.float64)
+    s_ratio = tl.zeros((BLOCK,), tl.float64)
+    s_isw = tl.zeros((BLOCK,), tl.float64)
+    s_capped = tl.zeros((BLOCK,), tl.float64)
+    s_grad = tl.zeros((BLOCK,), tl.float64)
     r_min = tl.full((BLOCK,), float("inf"), tl.float32)
     r_max = tl.full((BLOCK,), -float("inf"), tl.float32)
     for start in range(0, T, BLOCK):
@@ -244,26 +245,40 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, 
         l, dlogp, ratio, kl, is_low, is_high, is_dual, c, capped = _policy_token(
             logp, old, adv, roll, row_ratio, row_log_w, clip_low, clip_high, dual_clip, is_cap, HAS_DUAL, SEQ_RATIO,
             CISPO, IS_MODE, TOKEN_IS)
-        x = (_col(cols, PP_LOSS, l) + (cols == PP_COUNT).to(tl.float64) + _col(cols, PP_LOW, is_low)
-             + _col(cols, PP_HIGH, is_high) + _col(cols, PP_DUAL, is_dual) + _col(cols, PP_KL, kl)
-             + _col(cols, PP_RATIO, ratio))
-        if not PLAIN:
-            x += _col(cols, PP_IS_WEIGHT, c) + _col(cols, PP_IS_CAPPED, capped) + _col(cols, PP_ROW_GRAD, dlogp)
-        acc += tl.where(valid[:, None], x, 0.0)
+        s_loss += tl.where(valid, l, 0.0).to(tl.float64)
+        s_cnt += tl.where(valid, 1.0, 0.0).to(tl.float64)
+        s_low += tl.where(valid & is_low, 1.0, 0.0).to(tl.float64)
+        s_high += tl.where(valid & is_high, 1.0, 0.0).to(tl.float64)
+        s_dual += tl.where(valid & is_dual, 1.0, 0.0).to(tl.float64)
+        s_kl += tl.where(valid, kl, 0.0).to(tl.float64)
+        s_ratio += tl.where(valid, ratio, 0.0).to(tl.float64)
         r_min = tl.minimum(r_min, tl.where(valid, ratio, float("inf")))
         r_max = tl.maximum(r_max, tl.where(valid, ratio, -float("inf")))
-    cols = tl.arange(0, POLICY_COLS)
-    parts = tl.sum(acc, 0)
-    count = _pick(parts, cols, PP_COUNT)
-    parts = tl.where(cols == PP_MIN, tl.min(r_min, 0).to(tl.float64), parts)
-    parts = tl.where(cols == PP_MAX, tl.max(r_max, 0).to(tl.float64), parts)
-    if PLAIN:  # g = 1, every applied weight 1, nothing capped
-        g = count * 0.0 + 1.0
-        parts = tl.where(cols == PP_IS_WEIGHT, count, parts)
+        if PLAIN:
+            pass
+        else:
+            s_isw += tl.where(valid, c, 0.0).to(tl.float64)
+            s_capped += tl.where(valid & capped, 1.0, 0.0).to(tl.float64)
+            s_grad += tl.where(valid, dlogp, 0.0).to(tl.float64)
+    count = tl.sum(s_cnt, 0)
+    out = parts_ptr + row * N_POLICY_PARTS
+    tl.store(out + PP_LOSS, tl.sum(s_loss, 0))
+    tl.store(out + PP_COUNT, count)
+    tl.store(out + PP_LOW, tl.sum(s_low, 0))
+    tl.store(out + PP_HIGH, tl.sum(s_high, 0))
+    tl.store(out + PP_DUAL, tl.sum(s_dual, 0))
+    tl.store(out + PP_KL, tl.sum(s_kl, 0))
+    tl.store(out + PP_RATIO, tl.sum(s_ratio, 0))
+    tl.store(out + PP_MIN, tl.min(r_min, 0).to(tl.float64))
+    tl.store(out + PP_MAX, tl.max(r_max, 0).to(tl.float64))
+    if PLAIN:
+        tl.store(out + PP_ROW_GRAD, count * 0.0 + 1.0)
+        tl.store(out + PP_IS_WEIGHT, count)
+        tl.store(out + PP_IS_CAPPED, count * 0.0)
     else:
         # row_grad_factor in rlhf/ppo.h
         if SEQ_GRAD:
-            g = row_ratio.to(tl.float64) / tl.maximum(count, 1.0) * _pick(parts, cols, PP_ROW_GRAD)
+            g = row_ratio.to(tl.float64) / tl.maximum(count, 1.0) * tl.sum(s_grad, 0)
         else:
             g = count * 0.0 + 1.0
             if ROW_IS:
@@ -271,34 +286,9 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, 
                 g = c_row.to(tl.float64) + count * 0.0
             if SEQ_RATIO:
                 g *= tl.minimum(tl.maximum(row_ratio, 1.0 - clip_low), 1.0 + clip_high).to(tl.float64)
-    parts = tl.where(cols == PP_ROW_GRAD, g, parts)
-    tl.store(parts_ptr + row * N_POLICY_PARTS + cols, parts, mask=cols < N_POLICY_PARTS)
-
-
-@triton.jit
-def _col(cols, k, x):
-    # x [BLOCK] as column k of a [BLOCK, len(cols)] float64 tile, 0 in the other columns
-    return tl.where(cols == k, x.to(tl.float64)[:, None], 0.0)
-
-
-@triton.jit
-def _pick(v, cols, k):
-    # entry k of the vector v (cols = its indices), as a scalar
-    return tl.sum(tl.where(cols == k, v, 0.0), 0)
-
-
-@triton.jit
-def _column(tile, cols, k):
-    # column k of a [BLOCK, len(cols)] tile (cols = [1, len(cols)] indices), as [BLOCK]
-    return tl.sum(tl.where(cols == k, tile, 0.0), 1)
-
-
-@triton.jit
-def _load_parts(parts_ptr, b, B, cols, N_PARTS: tl.constexpr, identity):
-    # rows b of the [B, N_PARTS] float64 partials as a [len(b), len(cols)] tile (identity outside),
-    # read from L2 (.cg): the last program reads what the others wrote (_last_to_arrive)
-    ok = (b < B)[:, None] & (cols < N_PARTS)
-    return tl.load(parts_ptr + b[:, None] * N_PARTS + cols, mask=ok, other=identity, cache_modifier=".cg")
+        tl.store(out + PP_ROW_GRAD, g)
+        tl.store(out + PP_IS_WEIGHT, tl.sum(s_isw, 0))
+        tl.store(out + PP_IS_CAPPED, tl.sum(s_capped, 0))
 
 
 @triton.jit
@@ -337,23 +327,40 @@ def _last_to_arrive(parts_ptr, N_PARTS: tl.constexpr):
 @triton.jit
 def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel,
                     AGG: tl.constexpr, HAS_NT: tl.constexpr, BLOCK: tl.constexpr):
-    # run by the last program only: the rows' totals, then the loss and row_scale, then the
-    # statistics (the combine of rlhf/ppo.h: combine_part, add_policy_row, policy_stats)
+    # run by the last program only; partials written by other programs are loaded with .cg
     offs = tl.arange(0, BLOCK)
-    cols = tl.arange(0, POLICY_COLS)[None, :]
-    identity = tl.where(cols == PP_MIN, float("inf"), tl.where(cols == PP_MAX, -float("inf"), 0.0))
-    acc = identity + tl.zeros((BLOCK, POLICY_COLS), tl.float64)
-    a_rows = tl.zeros((BLOCK,), tl.float64)  # rows with a valid token
-    a_clipped = tl.zeros((BLOCK,), tl.float64)  # rows with a clipped one
+    a_cnt = tl.zeros((BLOCK,), tl.float64)
+    a_rows = tl.zeros((BLOCK,), tl.float64)
+    a_low = tl.zeros((BLOCK,), tl.float64)
+    a_high = tl.zeros((BLOCK,), tl.float64)
+    a_dual = tl.zeros((BLOCK,), tl.float64)
+    a_kl = tl.zeros((BLOCK,), tl.float64)
+    a_ratio = tl.zeros((BLOCK,), tl.float64)
+    a_min = tl.full((BLOCK,), float("inf"), tl.float64)
+    a_max = tl.full((BLOCK,), -float("inf"), tl.float64)
+    a_seq_clip = tl.zeros((BLOCK,), tl.float64)
+    a_isw = tl.zeros((BLOCK,), tl.float64)
+    a_capped = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, B, BLOCK):
         b = start + offs
-        x = _load_parts(parts_ptr, b, B, cols, N_POLICY_PARTS, identity)
-        acc = tl.where(cols == PP_MIN, tl.minimum(acc, x), tl.where(cols == PP_MAX, tl.maximum(acc, x), acc + x))
-        a_rows += tl.where(_column(x, cols, PP_COUNT) > 0, 1.0, 0.0)
-        a_clipped += tl.where(_column(x, cols, PP_LOW) + _column(x, cols, PP_HIGH) > 0, 1.0, 0.0)
-    cols = tl.arange(0, POLICY_COLS)
-    totals = tl.where(cols == PP_MIN, tl.min(acc, 0), tl.where(cols == PP_MAX, tl.max(acc, 0), tl.sum(acc, 0)))
-    total = _pick(totals, cols, PP_COUNT)
+        inb = b < B
+        p = parts_ptr + b * N_POLICY_PARTS
+        cnt = tl.load(p + PP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
+        a_cnt += cnt
+        a_rows += tl.where(cnt > 0, 1.0, 0.0)
+        low = tl.load(p + PP_LOW, mask=inb, other=0.0, cache_modifier=".cg")
+        high = tl.load(p + PP_HIGH, mask=inb, other=0.0, cache_modifier=".cg")
+        a_low += low
+        a_high += high
+        a_seq_clip += tl.where(low + high > 0, 1.0, 0.0)
+        a_isw += tl.load(p + PP_IS_WEIGHT, mask=inb, other=0.0, cache_modifier=".cg")
+        a_capped += tl.load(p + PP_IS_CAPPED, mask=inb, other=0.0, cache_modifier=".cg")
+        a_dual += tl.load(p + PP_DUAL, mask=inb, other=0.0, cache_modifier=".cg")
+        a_kl += tl.load(p + PP_KL, mask=inb, other=0.0, cache_modifier=".cg")
+        a_ratio += tl.load(p + PP_RATIO, mask=inb, other=0.0, cache_modifier=".cg")
+        a_min = tl.minimum(a_min, tl.load(p + PP_MIN, mask=inb, other=float("inf"), cache_modifier=".cg"))
+        a_max = tl.maximum(a_max, tl.load(p + PP_MAX, mask=inb, other=-float("inf"), cache_modifier=".cg"))
+    total = tl.sum(a_cnt, 0)
     rows_with = tl.sum(a_rows, 0)
     if HAS_NT:
         nt = tl.load(num_tokens_ptr)
@@ -370,30 +377,28 @@ def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B
         g = tl.load(p + PP_ROW_GRAD, mask=inb, other=0.0, cache_modifier=".cg")
         tl.store(scale_ptr + b, (w * g).to(tl.float32), mask=inb)
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
-    _policy_stats(totals, rows_with, tl.sum(a_clipped, 0), stats_ptr)
+    _policy_stats(stats_ptr, total, rows_with, tl.sum(a_low, 0), tl.sum(a_high, 0), tl.sum(a_dual, 0),
+                  tl.sum(a_kl, 0), tl.sum(a_ratio, 0), tl.min(a_min, 0), tl.max(a_max, 0), tl.sum(a_seq_clip, 0),
+                  tl.sum(a_isw, 0), tl.sum(a_capped, 0))
 
 
 @triton.jit
-def _policy_stats(totals, rows_with, rows_clipped, stats_ptr):
-    # the statistics from the rows' totals [POLICY_COLS] (policy_stats in rlhf/ppo.h)
-    cols = tl.arange(0, POLICY_COLS)
-    total = _pick(totals, cols, PP_COUNT)
+def _policy_stats(stats_ptr, total, rows_with, low, high, dual, kl, ratio, rmin, rmax, rows_clipped, is_weight,
+                  is_capped):
+    # the statistics from the totals over rows of the partials (policy_stats in rlhf/ppo.h): means
+    # over valid tokens (0 without any), and the fraction of rows with a valid token that clip one
     n = tl.maximum(total, 1.0)
-    low = _pick(totals, cols, PP_LOW)
-    high = _pick(totals, cols, PP_HIGH)
-    i = tl.arange(0, POLICY_STAT_COLS)
-    s = tl.where(i == S_CLIPFRAC, (low + high) / n, 0.0)
-    s = tl.where(i == S_LOW, low / n, s)
-    s = tl.where(i == S_HIGH, high / n, s)
-    s = tl.where(i == S_DUAL, _pick(totals, cols, PP_DUAL) / n, s)
-    s = tl.where(i == S_KL, _pick(totals, cols, PP_KL) / n, s)
-    s = tl.where(i == S_RATIO, _pick(totals, cols, PP_RATIO) / n, s)
-    s = tl.where(i == S_MIN, tl.where(total > 0, _pick(totals, cols, PP_MIN), 0.0), s)
-    s = tl.where(i == S_MAX, tl.where(total > 0, _pick(totals, cols, PP_MAX), 0.0), s)
-    s = tl.where(i == S_SEQ_CLIPFRAC, rows_clipped / tl.maximum(rows_with, 1.0), s)
-    s = tl.where(i == S_IS_WEIGHT_MEAN, _pick(totals, cols, PP_IS_WEIGHT) / n, s)
-    s = tl.where(i == S_IS_CAPPED_FRAC, _pick(totals, cols, PP_IS_CAPPED) / n, s)
-    tl.store(stats_ptr + i, s.to(tl.float32), mask=i < N_POLICY_STATS)
+    tl.store(stats_ptr + S_CLIPFRAC, ((low + high) / n).to(tl.float32))
+    tl.store(stats_ptr + S_LOW, (low / n).to(tl.float32))
+    tl.store(stats_ptr + S_HIGH, (high / n).to(tl.float32))
+    tl.store(stats_ptr + S_DUAL, (dual / n).to(tl.float32))
+    tl.store(stats_ptr + S_KL, (kl / n).to(tl.float32))
+    tl.store(stats_ptr + S_RATIO, (ratio / n).to(tl.float32))
+    tl.store(stats_ptr + S_MIN, tl.where(total > 0, rmin, 0.0).to(tl.float32))
+    tl.store(stats_ptr + S_MAX, tl.where(total > 0, rmax, 0.0).to(tl.float32))
+    tl.store(stats_ptr + S_SEQ_CLIPFRAC, (rows_clipped / tl.maximum(rows_with, 1.0)).to(tl.float32))
+    tl.store(stats_ptr + S_IS_WEIGHT_MEAN, (is_weight / n).to(tl.float32))
+    tl.store(stats_ptr + S_IS_CAPPED_FRAC, (is_capped / n).to(tl.float32))
 
 
 @triton.jit
@@ -506,11 +511,13 @@ def _value_token(v, old_v, ret, clip, HAS_CLIP: tl.constexpr):
 @triton.jit
 def _value_row(v_ptr, old_ptr, ret_ptr, mask_ptr, parts_ptr, row, T, clip,
                HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
-    # stores row `row`'s partials in parts_ptr[row, :] (arguments as _value_fwd_kernel): the sums of
-    # loss, count, clipped, R and R - V, then (a second pass) of the squared deviations from the means
+    # stores row `row`'s partials in parts_ptr[row, :] (arguments as _value_fwd_kernel)
     offs = tl.arange(0, BLOCK)
-    cols = tl.arange(0, VALUE_COLS)[None, :]
-    acc = tl.zeros((BLOCK, VALUE_COLS), tl.float64)
+    s_loss = tl.zeros((BLOCK,), tl.float64)
+    s_cnt = tl.zeros((BLOCK,), tl.float64)
+    s_clip = tl.zeros((BLOCK,), tl.float64)
+    s_r = tl.zeros((BLOCK,), tl.float64)
+    s_e = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, T, BLOCK):
         t = start + offs
         inb = t < T
@@ -520,15 +527,16 @@ def _value_row(v_ptr, old_ptr, ret_ptr, mask_ptr, parts_ptr, row, T, clip,
         o = tl.load(old_ptr + idx, mask=valid, other=0.0)
         r = tl.load(ret_ptr + idx, mask=valid, other=0.0)
         l, _, is_clipped = _value_token(v, o, r, clip, HAS_CLIP)
-        x = (_col(cols, VP_LOSS, l) + (cols == VP_COUNT).to(tl.float64) + _col(cols, VP_CLIPPED, is_clipped)
-             + _col(cols, VP_MEAN_R, r) + _col(cols, VP_MEAN_E, r.to(tl.float64) - v.to(tl.float64)))
-        acc += tl.where(valid[:, None], x, 0.0)
-    sums = tl.sum(acc, 0)
-    c1 = tl.arange(0, VALUE_COLS)
-    n = _pick(sums, c1, VP_COUNT)
-    mean_r = _pick(sums, c1, VP_MEAN_R) / tl.maximum(n, 1.0)
-    mean_e = _pick(sums, c1, VP_MEAN_E) / tl.maximum(n, 1.0)
-    acc = tl.zeros((BLOCK, VALUE_COLS), tl.float64)
+        s_loss += tl.where(valid, l, 0.0).to(tl.float64)
+        s_cnt += tl.where(valid, 1.0, 0.0).to(tl.float64)
+        s_clip += tl.where(valid & is_clipped, 1.0, 0.0).to(tl.float64)
+        s_r += tl.where(valid, r, 0.0).to(tl.float64)
+        s_e += tl.where(valid, r.to(tl.float64) - v.to(tl.float64), 0.0)
+    n = tl.sum(s_cnt, 0)
+    mean_r = tl.sum(s_r, 0) / tl.maximum(n, 1.0)
+    mean_e = tl.sum(s_e, 0) / tl.maximum(n, 1.0)
+    q_r = tl.zeros((BLOCK,), tl.float64)
+    q_e = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, T, BLOCK):
         t = start + offs
         inb = t < T
@@ -538,32 +546,43 @@ def _value_row(v_ptr, old_ptr, ret_ptr, mask_ptr, parts_ptr, row, T, clip,
         r = tl.load(ret_ptr + idx, mask=valid, other=0.0).to(tl.float64)
         dr = r - mean_r
         de = (r - v) - mean_e
-        acc += tl.where(valid[:, None], _col(cols, VP_M2_R, dr * dr) + _col(cols, VP_M2_E, de * de), 0.0)
-    parts = tl.where(c1 == VP_MEAN_R, mean_r, tl.where(c1 == VP_MEAN_E, mean_e, sums + tl.sum(acc, 0)))
-    tl.store(parts_ptr + row * N_VALUE_PARTS + c1, parts, mask=c1 < N_VALUE_PARTS)
+        q_r += tl.where(valid, dr * dr, 0.0)
+        q_e += tl.where(valid, de * de, 0.0)
+    out = parts_ptr + row * N_VALUE_PARTS
+    tl.store(out + VP_LOSS, tl.sum(s_loss, 0))
+    tl.store(out + VP_COUNT, n)
+    tl.store(out + VP_CLIPPED, tl.sum(s_clip, 0))
+    tl.store(out + VP_MEAN_R, mean_r)
+    tl.store(out + VP_M2_R, tl.sum(q_r, 0))
+    tl.store(out + VP_MEAN_E, mean_e)
+    tl.store(out + VP_M2_E, tl.sum(q_e, 0))
 
 
 @triton.jit
 def _value_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel,
                    AGG: tl.constexpr, HAS_NT: tl.constexpr, BLOCK: tl.constexpr):
-    # run by the last program only (value_combine in cuda/ppo.cu)
+    # run by the last program only; partials written by other programs are loaded with .cg
     offs = tl.arange(0, BLOCK)
-    cols = tl.arange(0, VALUE_COLS)[None, :]
-    # the sums over rows of count, clipped, count * mean_r and count * mean_err, and the rows with a valid token
-    acc = tl.zeros((BLOCK, VALUE_COLS), tl.float64)
+    a_cnt = tl.zeros((BLOCK,), tl.float64)
     a_rows = tl.zeros((BLOCK,), tl.float64)
+    a_clip = tl.zeros((BLOCK,), tl.float64)
+    a_r = tl.zeros((BLOCK,), tl.float64)
+    a_e = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, B, BLOCK):
-        x = _load_parts(parts_ptr, start + offs, B, cols, N_VALUE_PARTS, 0.0)
-        cnt = _column(x, cols, VP_COUNT)
-        acc += tl.where((cols == VP_MEAN_R) | (cols == VP_MEAN_E), cnt[:, None] * x, x)
+        b = start + offs
+        inb = b < B
+        p = parts_ptr + b * N_VALUE_PARTS
+        cnt = tl.load(p + VP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
+        a_cnt += cnt
         a_rows += tl.where(cnt > 0, 1.0, 0.0)
-    sums = tl.sum(acc, 0)
-    c1 = tl.arange(0, VALUE_COLS)
-    total = _pick(sums, c1, VP_COUNT)
+        a_clip += tl.load(p + VP_CLIPPED, mask=inb, other=0.0, cache_modifier=".cg")
+        a_r += cnt * tl.load(p + VP_MEAN_R, mask=inb, other=0.0, cache_modifier=".cg")
+        a_e += cnt * tl.load(p + VP_MEAN_E, mask=inb, other=0.0, cache_modifier=".cg")
+    total = tl.sum(a_cnt, 0)
     rows_with = tl.sum(a_rows, 0)
     n = tl.maximum(total, 1.0)
-    mean_r = _pick(sums, c1, VP_MEAN_R) / n
-    mean_e = _pick(sums, c1, VP_MEAN_E) / n
+    mean_r = tl.sum(a_r, 0) / n
+    mean_e = tl.sum(a_e, 0) / n
     if HAS_NT:
         nt = tl.load(num_tokens_ptr)
     else:
@@ -573,22 +592,22 @@ def _value_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B,
     m2_e = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, B, BLOCK):
         b = start + offs
-        x = _load_parts(parts_ptr, b, B, cols, N_VALUE_PARTS, 0.0)
-        cnt = _column(x, cols, VP_COUNT)
+        inb = b < B
+        p = parts_ptr + b * N_VALUE_PARTS
+        cnt = tl.load(p + VP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
         w = _row_weight(cnt, total, rows_with, numel, nt, AGG, HAS_NT)
-        a_loss += w * _column(x, cols, VP_LOSS)
-        tl.store(scale_ptr + b, w.to(tl.float32), mask=b < B)
+        a_loss += w * tl.load(p + VP_LOSS, mask=inb, other=0.0, cache_modifier=".cg")
+        tl.store(scale_ptr + b, w.to(tl.float32), mask=inb)
         # total sum of squares = within rows + between rows (exact split)
-        dr = _column(x, cols, VP_MEAN_R) - mean_r
-        de = _column(x, cols, VP_MEAN_E) - mean_e
-        m2_r += _column(x, cols, VP_M2_R) + cnt * dr * dr
-        m2_e += _column(x, cols, VP_M2_E) + cnt * de * de
+        dr = tl.load(p + VP_MEAN_R, mask=inb, other=0.0, cache_modifier=".cg") - mean_r
+        de = tl.load(p + VP_MEAN_E, mask=inb, other=0.0, cache_modifier=".cg") - mean_e
+        m2_r += tl.load(p + VP_M2_R, mask=inb, other=0.0, cache_modifier=".cg") + cnt * dr * dr
+        m2_e += tl.load(p + VP_M2_E, mask=inb, other=0.0, cache_modifier=".cg") + cnt * de * de
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
+    tl.store(stats_ptr + S_VF_CLIPFRAC, (tl.sum(a_clip, 0) / n).to(tl.float32))
     var_r = tl.sum(m2_r, 0)
     ev = tl.where(var_r > 0, 1.0 - tl.sum(m2_e, 0) / tl.where(var_r > 0, var_r, 1.0), 0.0)
-    i = tl.arange(0, VALUE_STAT_COLS)
-    s = tl.where(i == S_VF_CLIPFRAC, _pick(sums, c1, VP_CLIPPED) / n, tl.where(i == S_EXPLAINED_VAR, ev, 0.0))
-    tl.store(stats_ptr + i, s.to(tl.float32), mask=i < N_VALUE_STATS)
+    tl.store(stats_ptr + S_EXPLAINED_VAR, ev.to(tl.float32))
 
 
 @triton.jit

@@ -296,7 +296,7 @@ struct CpuPPO {
                                                   num_tokens(norm), out.row_scale, kPartRowGrad));
     double totals[kPolicyTotals];
     init_policy_totals(totals);
-    for (int64_t b = 0; b < B; ++b) add_policy_row(totals, parts.data() + b * kPolicyParts);
+    for (int64_t b = 0; b < B; ++b) add_policy_row(totals, [&](int k) { return parts[b * kPolicyParts + k]; });
     policy_stats(totals, out.stats);
   }
 

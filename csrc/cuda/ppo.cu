@@ -174,15 +174,14 @@ __device__ void policy_combine(const double* parts, int64_t B, double numel, con
   double total, rows_with;
   count_rows(parts, kPolicyParts, B, buf, total, rows_with);
   const double nt = num_tokens(norm);
-  double loss = 0, totals[kPolicyTotals], row[kPolicyParts];
+  double loss = 0, totals[kPolicyTotals];
   init_policy_totals(totals);
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
-    RLHF_UNROLL
-    for (int k = 0; k < kPolicyParts; ++k) row[k] = part(parts + b * kPolicyParts + k);
-    const double w = ppo_row_weight(norm.agg, row[kPartCount], total, rows_with, numel, nt);
-    out.row_scale[b] = static_cast<float>(w * row[kPartRowGrad]);  // w_b * g_b (g_b = 1: plain loss)
-    loss += w * row[kPartLoss];
-    add_policy_row(totals, row);
+    const double* p = parts + b * kPolicyParts;
+    const double w = ppo_row_weight(norm.agg, part(p + kPartCount), total, rows_with, numel, nt);
+    out.row_scale[b] = static_cast<float>(w * part(p + kPartRowGrad));  // w_b * g_b (g_b = 1: plain loss)
+    loss += w * part(p + kPartLoss);
+    add_policy_row(totals, [&](int k) { return part(p + k); });
   }
   loss = block_sum(loss, buf);
   RLHF_UNROLL

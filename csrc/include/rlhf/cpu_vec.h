@@ -10,11 +10,11 @@
 #include <cstdint>
 #include <cstring>
 
-#include "rlhf/common.h"  // splat
-
 // The helpers taking vectors are always inlined, so the -Wpsabi note about passing 32-byte
 // vectors by value is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+#include "rlhf/common.h"  // splat (after the pragma: its vector instantiations are silenced too)
 
 // The build targets baseline x86-64; hot loops get an AVX2 clone picked at load time by CPU
 // feature. Not "arch=haswell": that clone is picked by CPU model, so AMD never gets it.

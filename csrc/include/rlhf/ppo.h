@@ -361,11 +361,13 @@ RLHF_HD void init_policy_totals(double* totals) {
     totals[k] = k == kPartRatioMin ? INFINITY : (k == kPartRatioMax ? -INFINITY : 0.0);
 }
 
-RLHF_HD void add_policy_row(double* totals, const double* part) {
+// Adds one row's partials into the totals; part(k) reads the row's column k (CUDA: from L2).
+template <typename Part>
+RLHF_HD void add_policy_row(double* totals, Part part) {
   RLHF_UNROLL
-  for (int k = 0; k < kPolicyParts; ++k) totals[k] = combine_part(k, totals[k], part[k]);
-  totals[kTotalRowsWith] += part[kPartCount] > 0 ? 1 : 0;
-  totals[kTotalRowsClipped] += part[kPartLow] + part[kPartHigh] > 0 ? 1 : 0;
+  for (int k = 0; k < kPolicyParts; ++k) totals[k] = combine_part(k, totals[k], part(k));
+  totals[kTotalRowsWith] += part(kPartCount) > 0 ? 1 : 0;
+  totals[kTotalRowsClipped] += part(kPartLow) + part(kPartHigh) > 0 ? 1 : 0;
 }
 
 // stats [kNumPolicyStats] from the totals of every row (means over valid tokens, 0 without any).

@@ -61,6 +61,11 @@ LINEAR_POLICY_STATS = POLICY_STATS + ("entropy", "kl")
 # the KL estimators (kl_penalty's `kind`, linear_policy_loss's `kl_kind`), in the kernels' code order
 KL_KINDS = ("k1", "k2", "k3", "abs")
 
+# group_advantages' default `eps`: the C++ ops refuse any other value in the modes that take no
+# eps, so the two copies (kDefaultGroupEps, csrc/include/rlhf/group_advantages_op.h) must agree
+# exactly (tests/test_layout.py checks them against each other)
+DEFAULT_GROUP_EPS = 1e-6
+
 LAYOUT = {
     "loss_aggs": LOSS_AGGS,
     "option_bits": (OPTION_BITS,),

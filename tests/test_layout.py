@@ -1,6 +1,9 @@
 """Layouts that cross languages are defined twice, once per language (csrc/include/rlhf/layout.h
 for C++/CUDA, rlhf_kernels/_layout.py for Python and Triton); this holds the copies together."""
 
+import inspect
+import math
+
 import pytest
 import torch
 
@@ -24,6 +27,18 @@ def test_triton_kernels_use_the_python_layout():
     from rlhf_kernels.triton import ppo as tri_ppo
     assert tri_ppo.N_POLICY_PARTS.value == len(_layout.POLICY_PARTS)
     assert tri_ppo.N_VALUE_PARTS.value == len(_layout.VALUE_PARTS)
+    aggs = dict(TOKEN_MEAN="token-mean", SEQ_MEAN_TOKEN_MEAN="seq-mean-token-mean",
+                SEQ_MEAN_TOKEN_SUM="seq-mean-token-sum", SEQ_MEAN_TOKEN_SUM_NORM="seq-mean-token-sum-norm",
+                TOKEN_SUM="token-sum")
+    assert {getattr(tri_ppo, "AGG_" + k).value for k in aggs} == set(range(len(_layout.LOSS_AGGS)))
+    for k, name in aggs.items():
+        assert getattr(tri_ppo, "AGG_" + k).value == _layout.LOSS_AGG_CODES[name], k
+    is_codes = _layout.option_codes("is_correction")
+    assert (tri_ppo.IS_NONE.value, tri_ppo.IS_MASK.value) == (is_codes[None], is_codes["mis"])
+    value_parts = dict(LOSS="loss", COUNT="count", CLIPPED="clipped", MEAN_R="mean_r", M2_R="m2_r",
+                       MEAN_E="mean_err", M2_E="m2_err")
+    for k, name in value_parts.items():
+        assert getattr(tri_ppo, "VP_" + k).value == _layout.VALUE_PARTS.index(name), k
     # every index the policy kernels use, by its name in the layout
     parts = dict(LOSS="loss", COUNT="count", LOW="low", HIGH="high", DUAL="dual", KL="kl", RATIO="ratio",
                  MIN="ratio_min", MAX="ratio_max", ROW_GRAD="row_grad", IS_WEIGHT="is_weight", IS_CAPPED="is_capped")
@@ -47,6 +62,23 @@ def test_triton_kernels_use_the_python_layout():
     from rlhf_kernels.triton import linear_policy as tri_lp
     assert tri_lp._KL_CODES == {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
     assert tuple(tri_lp._KL_CODES) == _layout.KL_KINDS
+
+
+@needs_ext
+def test_default_group_eps_is_the_cpp_default():
+    """group_advantages' default eps has one Python source (_layout.DEFAULT_GROUP_EPS, which
+    the op's signature takes) and must equal C++'s kDefaultGroupEps exactly: the native op
+    takes exactly that value in a mode without eps and refuses the doubles beside it."""
+    from rlhf_kernels.ops import group_advantages as ops_ga
+    assert ops_ga.DEFAULT_EPS == _layout.DEFAULT_GROUP_EPS
+    assert inspect.signature(rk.group_advantages).parameters["eps"].default == _layout.DEFAULT_GROUP_EPS
+    op = torch.ops.rlhf_kernels.group_advantages.default
+    rewards = torch.tensor([0.5, -1.25, 2.0, 0.75])
+    for mode in ("rloo", "dr_grpo"):
+        op(rewards, None, 2, mode, _layout.DEFAULT_GROUP_EPS)
+        for off in (math.nextafter(_layout.DEFAULT_GROUP_EPS, 0.0), math.nextafter(_layout.DEFAULT_GROUP_EPS, 1.0)):
+            with pytest.raises((ValueError, RuntimeError), match="eps"):
+                op(rewards, None, 2, mode, off)
 
 
 def test_existing_codes_and_stats_keep_their_place():

@@ -75,6 +75,13 @@ __device__ bool last_block_to_arrive(int* counter) {
 // Partials written by other blocks of this launch: read from L2 (see last_block_to_arrive).
 __device__ __forceinline__ double part(const double* p) { return __ldcg(p); }
 
+// Column k of the policy partials or totals (rlhf/ppo.h: combine_part) over the block, in every thread.
+__device__ __forceinline__ double block_combine_part(int k, double v, double* buf) {
+  if (k == kPartRatioMin) return block_reduce(v, INFINITY, MinOp(), buf);
+  if (k == kPartRatioMax) return block_reduce(v, -INFINITY, MaxOp(), buf);
+  return block_sum(v, buf);
+}
+
 // Row `row`'s float64 sums over its valid tokens of logp - old_logp and of old_logp - rollout
 // (rollout read only with a row-level correction), and their count; in every thread.
 template <typename O>
@@ -107,55 +114,38 @@ __device__ void policy_row(const PolicyArgs& p, const O& o, int64_t row, double*
     if (has_row_is(o)) row_log_w = row_log_weight(lw, n, o);
   }
   const bool token_is = o.is_correction != kIsNone && o.is_token;
-  double loss = 0, count = 0, low = 0, high = 0, dual = 0, kl = 0, ratio = 0;
-  double is_w = 0, capped = 0, grad = 0;
-  double rmin = INFINITY, rmax = -INFINITY;
+  constexpr bool plain = std::is_same_v<O, DefaultOptions>;
+  // this thread's partials (the plain loss skips the last three); the row_grad column first sums
+  // d(c*l)/dlogp, row_grad_factor's grad_sum
+  double acc[kPolicyParts];
+  init_policy_totals(acc);
   for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
     const int64_t i = base + t;
     if (!p.mask[i]) continue;
     const PolicyToken tok = policy_token(p.logp[i], p.old_logp[i], p.adv[i], token_is ? p.rollout[i] : 0.f, row_ratio,
                                          row_log_w, p.clip_low, p.clip_high, p.dual_clip, o);
-    loss += tok.loss;
-    count += 1;
-    low += tok.is_low;
-    high += tok.is_high;
-    dual += tok.is_dual;
-    kl += tok.kl;
-    ratio += tok.ratio;
-    rmin = fmin(rmin, static_cast<double>(tok.ratio));
-    rmax = fmax(rmax, static_cast<double>(tok.ratio));
-    if constexpr (!std::is_same_v<O, DefaultOptions>) {
-      is_w += tok.is_weight;
-      capped += tok.is_capped;
-      grad += tok.dlogp;
-    }
+    // in kPolicyPartNames' order: loss, count, low, high, dual, kl, ratio, ratio_min, ratio_max, row_grad, ...
+    const double x[kPolicyParts] = {tok.loss,  1.0,       tok.is_low, tok.is_high, tok.is_dual,   tok.kl,
+                                    tok.ratio, tok.ratio, tok.ratio,  tok.dlogp,   tok.is_weight, tok.is_capped};
+    RLHF_UNROLL
+    for (int k = 0; k < kPolicyParts; ++k)
+      if (!plain || k < kPartRowGrad) acc[k] = combine_part(k, acc[k], x[k]);
   }
-  const double r_loss = block_sum(loss, buf), r_count = block_sum(count, buf), r_low = block_sum(low, buf);
-  const double r_high = block_sum(high, buf), r_dual = block_sum(dual, buf), r_kl = block_sum(kl, buf);
-  const double r_ratio = block_sum(ratio, buf);
-  const double r_min = block_reduce(rmin, INFINITY, MinOp(), buf);
-  const double r_max = block_reduce(rmax, -INFINITY, MaxOp(), buf);
-  // the plain loss: g_b = 1, every applied weight 1, nothing capped
-  double r_grad = 1, r_is_w = r_count, r_capped = 0;
-  if constexpr (!std::is_same_v<O, DefaultOptions>) {
+  RLHF_UNROLL
+  for (int k = 0; k < kPolicyParts; ++k)
+    if (!plain || k < kPartRowGrad) acc[k] = block_combine_part(k, acc[k], buf);
+  if constexpr (plain) {  // g_b = 1, every applied weight 1, nothing capped
+    acc[kPartRowGrad] = 1;
+    acc[kPartIsWeight] = acc[kPartCount];
+    acc[kPartIsCapped] = 0;
+  } else {
     const float row_weight = has_row_is(o) ? is_weight(row_log_w, o.is_correction, o.is_cap).weight : 1.f;
-    r_grad = row_grad_factor(o, block_sum(grad, buf), r_count, row_ratio, row_weight, p.clip_low, p.clip_high);
-    r_is_w = block_sum(is_w, buf);
-    r_capped = block_sum(capped, buf);
+    acc[kPartRowGrad] =
+        row_grad_factor(o, acc[kPartRowGrad], acc[kPartCount], row_ratio, row_weight, p.clip_low, p.clip_high);
   }
   if (threadIdx.x == 0) {
-    out[kPartLoss] = r_loss;
-    out[kPartCount] = r_count;
-    out[kPartLow] = r_low;
-    out[kPartHigh] = r_high;
-    out[kPartDual] = r_dual;
-    out[kPartKl] = r_kl;
-    out[kPartRatio] = r_ratio;
-    out[kPartRatioMin] = r_min;
-    out[kPartRatioMax] = r_max;
-    out[kPartRowGrad] = r_grad;
-    out[kPartIsWeight] = r_is_w;
-    out[kPartIsCapped] = r_capped;
+    RLHF_UNROLL
+    for (int k = 0; k < kPolicyParts; ++k) out[k] = acc[k];
   }
 }
 
@@ -177,57 +167,28 @@ __device__ __forceinline__ double num_tokens(const Normalizer& norm) {
   return norm.num_tokens ? *norm.num_tokens : norm.num_tokens_value;
 }
 
-// Run by the last block only. parts: [B, kPolicyParts] float64.
+// Run by the last block only. parts: [B, kPolicyParts] float64. The loss and row_scale here,
+// the statistics by the combine of rlhf/ppo.h.
 __device__ void policy_combine(const double* parts, int64_t B, double numel, const Normalizer& norm, double* buf,
                                const LossOutputs& out) {
   double total, rows_with;
   count_rows(parts, kPolicyParts, B, buf, total, rows_with);
   const double nt = num_tokens(norm);
-  double loss = 0, low = 0, high = 0, dual = 0, kl = 0, ratio = 0, rmin = INFINITY, rmax = -INFINITY;
-  double rows_clipped = 0, is_w = 0, capped = 0;
+  double loss = 0, totals[kPolicyTotals];
+  init_policy_totals(totals);
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     const double* p = parts + b * kPolicyParts;
     const double w = ppo_row_weight(norm.agg, part(p + kPartCount), total, rows_with, numel, nt);
     out.row_scale[b] = static_cast<float>(w * part(p + kPartRowGrad));  // w_b * g_b (g_b = 1: plain loss)
     loss += w * part(p + kPartLoss);
-    const double row_low = part(p + kPartLow), row_high = part(p + kPartHigh);
-    low += row_low;
-    high += row_high;
-    rows_clipped += row_low + row_high > 0 ? 1 : 0;
-    is_w += part(p + kPartIsWeight);
-    capped += part(p + kPartIsCapped);
-    dual += part(p + kPartDual);
-    kl += part(p + kPartKl);
-    ratio += part(p + kPartRatio);
-    rmin = fmin(rmin, part(p + kPartRatioMin));
-    rmax = fmax(rmax, part(p + kPartRatioMax));
+    add_policy_row(totals, [&](int k) { return part(p + k); });
   }
   loss = block_sum(loss, buf);
-  low = block_sum(low, buf);
-  high = block_sum(high, buf);
-  dual = block_sum(dual, buf);
-  kl = block_sum(kl, buf);
-  ratio = block_sum(ratio, buf);
-  rmin = block_reduce(rmin, INFINITY, MinOp(), buf);
-  rmax = block_reduce(rmax, -INFINITY, MaxOp(), buf);
-  rows_clipped = block_sum(rows_clipped, buf);
-  is_w = block_sum(is_w, buf);
-  capped = block_sum(capped, buf);
+  RLHF_UNROLL
+  for (int k = 0; k < kPolicyTotals; ++k) totals[k] = block_combine_part(k, totals[k], buf);
   if (threadIdx.x == 0) {
-    const double n = total > 0 ? total : 1.0;
-    float* s = out.stats;
     *out.loss = static_cast<float>(loss);
-    s[kClipfrac] = static_cast<float>((low + high) / n);
-    s[kClipfracLow] = static_cast<float>(low / n);
-    s[kClipfracHigh] = static_cast<float>(high / n);
-    s[kDualClipfrac] = static_cast<float>(dual / n);
-    s[kApproxKl] = static_cast<float>(kl / n);
-    s[kRatioMean] = static_cast<float>(ratio / n);
-    s[kRatioMin] = total > 0 ? static_cast<float>(rmin) : 0.f;
-    s[kRatioMax] = total > 0 ? static_cast<float>(rmax) : 0.f;
-    s[kSeqClipfrac] = static_cast<float>(rows_clipped / (rows_with > 0 ? rows_with : 1.0));
-    s[kIsWeightMean] = static_cast<float>(is_w / n);
-    s[kIsCappedFrac] = static_cast<float>(capped / n);
+    policy_stats(totals, out.stats);
   }
 }
 

@@ -15,13 +15,14 @@ import numbers
 import torch
 
 from rlhf_kernels import _backend, _ext
+from rlhf_kernels._layout import DEFAULT_GROUP_EPS
 from rlhf_kernels._signatures import f32, shape
 from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.reference import group_advantages as ref
 
 NATIVE = _backend.NATIVE
 MODES = ("grpo", "dr_grpo", "rloo", "reinforce++")
-DEFAULT_EPS = 1e-6  # also kDefaultGroupEps in csrc/include/rlhf/group_advantages_op.h
+DEFAULT_EPS = DEFAULT_GROUP_EPS
 if _ext.loaded():
     _group_advantages = torch.ops.rlhf_kernels.group_advantages.default
     _group_advantages_masked = torch.ops.rlhf_kernels.group_advantages_masked.default

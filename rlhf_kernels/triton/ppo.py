@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels._layout import OPTION_BITS, POLICY_OPTIONS, POLICY_PARTS, POLICY_STATS, VALUE_PARTS, VALUE_STATS
+from rlhf_kernels._layout import (LOSS_AGGS, OPTION_BITS, POLICY_OPTIONS, POLICY_PARTS, POLICY_STATS, VALUE_PARTS,
+                                  VALUE_STATS)
 from rlhf_kernels.triton import _common
 from rlhf_kernels.triton._op import DifferentiableOp, Op
 
@@ -49,9 +50,13 @@ S_CLIPFRAC, S_LOW, S_HIGH, S_DUAL, S_KL, S_RATIO, S_MIN, S_MAX = (
                                       "ratio_mean", "ratio_min", "ratio_max"))
 S_SEQ_CLIPFRAC, S_IS_WEIGHT_MEAN, S_IS_CAPPED_FRAC = (
     _index(POLICY_STATS, n) for n in ("seq_clipfrac", "is_weight_mean", "is_capped_frac"))
+S_VF_CLIPFRAC, S_EXPLAINED_VAR = (_index(VALUE_STATS, n) for n in ("vf_clipfrac", "explained_var"))
+AGG_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_SEQ_MEAN_TOKEN_SUM_NORM, AGG_TOKEN_SUM = (
+    _index(LOSS_AGGS, n) for n in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                   "seq-mean-token-sum-norm", "token-sum"))
 # the fields of `options` and their codes, by name
 _OPT_FIELDS = {field: (i, names) for i, (field, names) in enumerate(POLICY_OPTIONS)}
-S_VF_CLIPFRAC, S_EXPLAINED_VAR = (_index(VALUE_STATS, n) for n in ("vf_clipfrac", "explained_var"))
+IS_NONE, IS_MASK = (_index(_OPT_FIELDS["is_correction"][1], n) for n in ("none", "mis"))
 
 
 def _block(n):
@@ -84,18 +89,18 @@ def _policy_flags(options):
     """The kernels' constexpr flags for `options` (checked by rlhf_kernels/ops/ppo.py)."""
     flags = _flags_cache.get(options)
     if flags is None:
-        is_mode = ("none", "tis", "mis").index(_option(options, "is_correction"))
+        is_mode = _OPT_FIELDS["is_correction"][1].index(_option(options, "is_correction"))
         is_token = _option(options, "is_level") in ("none", "token")
         seq_ratio = _option(options, "ratio_level") == "sequence"
         cispo = _option(options, "objective") == "cispo"
         flags = dict(SEQ_RATIO=seq_ratio,                # every token uses its row's ratio s
                      SEQ_GRAD=seq_ratio and not cispo,   # the gradient is the row's (row_grad)
                      CISPO=cispo,
-                     IS_MODE=is_mode,                    # 0 none, 1 tis, 2 mis
-                     TOKEN_IS=is_mode != 0 and is_token,      # a weight per token
-                     ROW_IS=is_mode != 0 and not is_token,    # one weight per row
+                     IS_MODE=is_mode,                    # the is_correction code: IS_NONE, tis or IS_MASK
+                     TOKEN_IS=is_mode != IS_NONE and is_token,      # a weight per token
+                     ROW_IS=is_mode != IS_NONE and not is_token,    # one weight per row
                      IS_GEOMETRIC=_option(options, "is_level") == "geometric",
-                     ROW_SUMS=seq_ratio or (is_mode != 0 and not is_token),
+                     ROW_SUMS=seq_ratio or (is_mode != IS_NONE and not is_token),
                      PLAIN=options == 0)
         _flags_cache[options] = flags
     return flags
@@ -134,10 +139,10 @@ def _cispo_clip(logp, ratio, adv, clip_low, clip_high):
 
 @triton.jit
 def _is_weight(log_w, is_cap, IS_MODE: tl.constexpr):
-    # (applied weight, w > cap) of w = exp(log_w): min(w, cap) (IS_MODE 1), w or 0 above cap (2)
+    # (applied weight, w > cap) of w = exp(log_w): min(w, cap) (tis), w or 0 above cap (IS_MASK)
     w = tl.exp(log_w)
     over = w > is_cap
-    if IS_MODE == 2:
+    if IS_MODE == IS_MASK:
         c = tl.where(over, 0.0, w)
     else:
         c = tl.where(over, is_cap, w)
@@ -164,7 +169,7 @@ def _policy_token(logp, old_logp, adv, rollout, row_ratio, row_log_w, clip_low, 
     else:
         l, dlogp, is_low, is_high, is_dual = _ppo_clip(ratio, dratio, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
     kl = (own - 1.0) - log_ratio
-    if IS_MODE != 0:
+    if IS_MODE != IS_NONE:
         if TOKEN_IS:
             c, capped = _is_weight(old_logp - rollout, is_cap, IS_MODE)
         else:
@@ -289,18 +294,18 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, 
 @triton.jit
 def _row_weight(count, total, rows_with, numel, num_tokens, AGG: tl.constexpr, HAS_NT: tl.constexpr):
     # weight of each token of a row in the aggregated loss; mirrors ppo_row_weight in rlhf/ppo.h
-    if AGG == 0:
+    if AGG == AGG_TOKEN_MEAN:
         if HAS_NT:
             denom = num_tokens + count * 0.0
         else:
             denom = total + count * 0.0
-    elif AGG == 1:
+    elif AGG == AGG_SEQ_MEAN_TOKEN_MEAN:
         denom = count * rows_with
-    elif AGG == 2:
+    elif AGG == AGG_SEQ_MEAN_TOKEN_SUM:
         denom = rows_with + count * 0.0
-    elif AGG == 3:
+    elif AGG == AGG_SEQ_MEAN_TOKEN_SUM_NORM:
         denom = numel + count * 0.0
-    else:  # token-sum
+    else:  # AGG_TOKEN_SUM
         denom = count * 0.0 + 1.0
     return tl.where(count > 0, 1.0 / tl.where(count > 0, denom, 1.0), 0.0)
 
@@ -372,20 +377,28 @@ def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B
         g = tl.load(p + PP_ROW_GRAD, mask=inb, other=0.0, cache_modifier=".cg")
         tl.store(scale_ptr + b, (w * g).to(tl.float32), mask=inb)
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
+    _policy_stats(stats_ptr, total, rows_with, tl.sum(a_low, 0), tl.sum(a_high, 0), tl.sum(a_dual, 0),
+                  tl.sum(a_kl, 0), tl.sum(a_ratio, 0), tl.min(a_min, 0), tl.max(a_max, 0), tl.sum(a_seq_clip, 0),
+                  tl.sum(a_isw, 0), tl.sum(a_capped, 0))
+
+
+@triton.jit
+def _policy_stats(stats_ptr, total, rows_with, low, high, dual, kl, ratio, rmin, rmax, rows_clipped, is_weight,
+                  is_capped):
+    # the statistics from the totals over rows of the partials (policy_stats in rlhf/ppo.h): means
+    # over valid tokens (0 without any), and the fraction of rows with a valid token that clip one
     n = tl.maximum(total, 1.0)
-    low = tl.sum(a_low, 0)
-    high = tl.sum(a_high, 0)
     tl.store(stats_ptr + S_CLIPFRAC, ((low + high) / n).to(tl.float32))
     tl.store(stats_ptr + S_LOW, (low / n).to(tl.float32))
     tl.store(stats_ptr + S_HIGH, (high / n).to(tl.float32))
-    tl.store(stats_ptr + S_DUAL, (tl.sum(a_dual, 0) / n).to(tl.float32))
-    tl.store(stats_ptr + S_KL, (tl.sum(a_kl, 0) / n).to(tl.float32))
-    tl.store(stats_ptr + S_RATIO, (tl.sum(a_ratio, 0) / n).to(tl.float32))
-    tl.store(stats_ptr + S_MIN, tl.where(total > 0, tl.min(a_min, 0), 0.0).to(tl.float32))
-    tl.store(stats_ptr + S_MAX, tl.where(total > 0, tl.max(a_max, 0), 0.0).to(tl.float32))
-    tl.store(stats_ptr + S_SEQ_CLIPFRAC, (tl.sum(a_seq_clip, 0) / tl.maximum(rows_with, 1.0)).to(tl.float32))
-    tl.store(stats_ptr + S_IS_WEIGHT_MEAN, (tl.sum(a_isw, 0) / n).to(tl.float32))
-    tl.store(stats_ptr + S_IS_CAPPED_FRAC, (tl.sum(a_capped, 0) / n).to(tl.float32))
+    tl.store(stats_ptr + S_DUAL, (dual / n).to(tl.float32))
+    tl.store(stats_ptr + S_KL, (kl / n).to(tl.float32))
+    tl.store(stats_ptr + S_RATIO, (ratio / n).to(tl.float32))
+    tl.store(stats_ptr + S_MIN, tl.where(total > 0, rmin, 0.0).to(tl.float32))
+    tl.store(stats_ptr + S_MAX, tl.where(total > 0, rmax, 0.0).to(tl.float32))
+    tl.store(stats_ptr + S_SEQ_CLIPFRAC, (rows_clipped / tl.maximum(rows_with, 1.0)).to(tl.float32))
+    tl.store(stats_ptr + S_IS_WEIGHT_MEAN, (is_weight / n).to(tl.float32))
+    tl.store(stats_ptr + S_IS_CAPPED_FRAC, (is_capped / n).to(tl.float32))
 
 
 @triton.jit
@@ -436,7 +449,8 @@ def _policy_grad_token(logp, old, adv, rollout, clip_low, clip_high, dual_clip, 
                 _, dlogp, _, _ = _cispo_clip(logp, tl.exp(logp - old), adv, clip_low, clip_high)
         else:
             _, dlogp, _, _, _, _, _, _, _ = _policy_token(logp, old, adv, old, 1.0, 0.0, clip_low, clip_high,
-                                                          dual_clip, is_cap, HAS_DUAL, False, False, 0, False)
+                                                          dual_clip, is_cap, HAS_DUAL, False, False, IS_NONE,
+                                                          False)
         if TOKEN_IS:
             c, _ = _is_weight(old - rollout, is_cap, IS_MODE)
             dlogp = c * dlogp

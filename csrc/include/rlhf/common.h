@@ -16,6 +16,14 @@
 #define RLHF_HD_TOKEN inline __attribute__((always_inline))
 #endif
 
+// A loop over a fixed small range unrolled, so that CUDA keeps the arrays it indexes in registers
+// (a runtime index would put them in local memory).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RLHF_UNROLL _Pragma("unroll")
+#else
+#define RLHF_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace rlhf {
 
 // x in every lane of F (F = float: x itself).

@@ -36,7 +36,8 @@ struct GroupAdvArgs {
   float* token_adv;            // [B, T] out: adv where mask, else 0 (nullptr without a mask)
 };
 
-// The public default of `eps`; a mode that does not use eps refuses any other value.
+// The public default of `eps`; a mode that does not use eps refuses any other value. Python's
+// copy is DEFAULT_GROUP_EPS in rlhf_kernels/_layout.py (tests/test_layout.py checks they agree).
 constexpr double kDefaultGroupEps = 1e-6;
 
 inline int parse_adv_mode(std::string_view mode, const char* op) {

@@ -341,4 +341,50 @@ RLHF_HD double ppo_row_weight(int64_t agg, double row_count, double total, doubl
   }
 }
 
+// The policy forward's combine of the rows' partials [kPolicyParts] (layout.h) into the
+// statistics, written once for the CPU (its rows in order) and CUDA (each thread a strided
+// set of rows, then one block reduction per column). The totals [kPolicyTotals]: each column
+// of the partials combined over rows (combine_part), then the rows with a valid token and the
+// rows with a clipped one.
+enum PolicyTotal : int { kTotalRowsWith = kPolicyParts, kTotalRowsClipped, kPolicyTotals };
+
+// A column's combine: min and max for the ratio's extremes, else the sum.
+RLHF_HD double combine_part(int k, double a, double b) {
+  if (k == kPartRatioMin) return b < a ? b : a;
+  if (k == kPartRatioMax) return a < b ? b : a;
+  return a + b;
+}
+
+RLHF_HD void init_policy_totals(double* totals) {
+  RLHF_UNROLL
+  for (int k = 0; k < kPolicyTotals; ++k)
+    totals[k] = k == kPartRatioMin ? INFINITY : (k == kPartRatioMax ? -INFINITY : 0.0);
+}
+
+// Adds one row's partials into the totals; part(k) reads the row's column k (CUDA: from L2).
+template <typename Part>
+RLHF_HD void add_policy_row(double* totals, Part part) {
+  RLHF_UNROLL
+  for (int k = 0; k < kPolicyParts; ++k) totals[k] = combine_part(k, totals[k], part(k));
+  totals[kTotalRowsWith] += part(kPartCount) > 0 ? 1 : 0;
+  totals[kTotalRowsClipped] += part(kPartLow) + part(kPartHigh) > 0 ? 1 : 0;
+}
+
+// stats [kNumPolicyStats] from the totals of every row (means over valid tokens, 0 without any).
+RLHF_HD void policy_stats(const double* a, float* s) {
+  const double total = a[kPartCount], n = total > 0 ? total : 1.0;
+  const double rows_with = a[kTotalRowsWith] > 0 ? a[kTotalRowsWith] : 1.0;
+  s[kClipfrac] = static_cast<float>((a[kPartLow] + a[kPartHigh]) / n);
+  s[kClipfracLow] = static_cast<float>(a[kPartLow] / n);
+  s[kClipfracHigh] = static_cast<float>(a[kPartHigh] / n);
+  s[kDualClipfrac] = static_cast<float>(a[kPartDual] / n);
+  s[kApproxKl] = static_cast<float>(a[kPartKl] / n);
+  s[kRatioMean] = static_cast<float>(a[kPartRatio] / n);
+  s[kRatioMin] = total > 0 ? static_cast<float>(a[kPartRatioMin]) : 0.f;
+  s[kRatioMax] = total > 0 ? static_cast<float>(a[kPartRatioMax]) : 0.f;
+  s[kSeqClipfrac] = static_cast<float>(a[kTotalRowsClipped] / rows_with);
+  s[kIsWeightMean] = static_cast<float>(a[kPartIsWeight] / n);
+  s[kIsCappedFrac] = static_cast<float>(a[kPartIsCapped] / n);
+}
+
 }  // namespace rlhf

@@ -99,21 +99,12 @@ def test_resume_exact_on_two_processes_then_across_world_sizes(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    """A tiny random-init Llama with its tokenizer (save_pretrained), prompts, pairs, a reward module."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """A tiny random-init Llama with its tokenizer (save_pretrained: examples/train_your_own_model.py's
+    own function), prompts, pairs, a reward module."""
+    import runpy
     d = tmp_path_factory.mktemp("dist_real")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["a cat sat on a mat and ate a banana"] * 8, vocab_size=272,
-                            special_tokens=["<|endoftext|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-                                         bos_token_id=tok.eos_token_id))
-    model.save_pretrained(d / "tiny")
-    tok.save_pretrained(d / "tiny")
+    example = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "train_your_own_model.py"))
+    example["save_tiny_llama"](str(d / "tiny"))
     prompts = ["a cat", "the mat", "banana", "sat on", "ate a", "an", "cat sat on a", "b"]
     (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     (d / "dist_rewards.py").write_text(

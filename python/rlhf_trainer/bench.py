@@ -44,8 +44,8 @@ def add_arguments(p):
                         "with its batch: 8 prompts x 4 samples, 128-token prompts, 1024-token responses); auto: 0.5b "
                         "on CUDA, small on the CPU. With --device cpu, 0.5b and a tiny batch (--prompts, --samples, "
                         "--prompt-len, --response-len) measure the 0.5B model's memory on the CPU: its weights, "
-                        "gradients and Adam state dominate (float32: about 18 GB in one process, half of it per "
-                        "process with 2 under torchrun)")
+                        "gradients and Adam state dominate (float32: 17.8 GB of them in one process, 8.9 GB per "
+                        "process with 2 under torchrun, plus the rest of the step: docs/distributed.md)")
     for flag, what in (("--prompts", "prompts per rollout"), ("--samples", "responses per prompt"),
                        ("--prompt-len", "tokens per prompt"), ("--response-len", "tokens per response")):
         p.add_argument(flag, type=int, help="%s (default: the model's configuration's)" % what)

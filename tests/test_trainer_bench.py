@@ -229,6 +229,51 @@ def test_small_config_and_bad_arguments(capsys):
         assert "--device cuda" in capsys.readouterr().err
 
 
+def test_model_flag_and_batch_overrides(monkeypatch):
+    """--model 0.5b with a tiny batch on the CPU (the memory probe): the 0.5B shape, the batch flags
+    applied, each bad value refused naming its flag. Argument checks only: nothing is built."""
+    from rlhf_trainer.bench_step import GPU_CONFIG
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--device", "cpu", "--model", "0.5b", "--prompts", "2", "--samples", "2", "--prompt-len", "16",
+                         "--response-len", "8", "--micro-batch", "1", "--threads", "0"])
+    device, dtype, cfg = bench.resolve(args)
+    assert device.type == "cpu" and dtype == torch.float32
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(BenchConfig(**dict(
+        GPU_CONFIG, prompts=2, samples=2, prompt_len=16, response_len=8, micro_batch=1)))
+    assert (cfg.hidden, cfg.layers, cfg.vocab) == (896, 24, 151936)
+    # the defaults are unchanged: small on the CPU; a batch flag alone changes only itself
+    defaults = p.parse_args(["--device", "cpu", "--threads", "0"])
+    assert defaults.model == "auto" and defaults.prompts is None and defaults.response_len is None
+    assert dataclasses.asdict(bench.resolve(defaults)[2]) == dataclasses.asdict(BenchConfig(**SMALL_CONFIG))
+    _, _, cfg = bench.resolve(_args(None, small=False, response_len=5))
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(BenchConfig(**dict(SMALL_CONFIG, response_len=5)))
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model", "1b"])
+    with pytest.raises(bench.BenchError, match="--small and --model 0.5b ask for two configurations"):
+        bench.resolve(_args(None, model="0.5b"))
+    for flag in ("prompts", "samples", "prompt_len", "response_len"):
+        with pytest.raises(bench.BenchError, match="--%s must be at least 1, got 0" % flag.replace("_", "-")):
+            bench.resolve(_args(None, small=False, model="0.5b", **{flag: 0}))
+    # the trainer's own check of the micro-batch against the minibatch names the flags given
+    with pytest.raises(bench.BenchError, match=r"--prompts 2 --samples 1: ppo.minibatch=1 is not divisible by "
+                                               r"ppo.micro_batch=8"):
+        bench.resolve(_args(None, small=False, model="0.5b", prompts=2, samples=1))
+    # under torchrun the rollout and each minibatch are split evenly over the processes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bench.resolve(_args(None, small=False, model="0.5b", prompts=2, samples=2, micro_batch=1))
+    with pytest.raises(bench.BenchError, match="--prompts 1 --samples 1 --micro-batch 1: the rollout's 1 sequences "
+                                               "are not divisible by the 2 processes"):
+        bench.resolve(_args(None, small=False, model="0.5b", prompts=1, samples=1, micro_batch=1))
+    with pytest.raises(bench.BenchError, match="--prompts 3 --samples 2 --micro-batch 1: the minibatch's 3 sequences "
+                                               "are not divisible by the 2 processes"):
+        bench.resolve(_args(None, small=False, model="0.5b", prompts=3, samples=2, micro_batch=1))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(bench.BenchError, match="--prompts 4 --samples 2: the rollout's 8 sequences"):
+        bench.resolve(_args(None))
+
+
 def test_largest_micro_batch_doubles_until_out_of_memory(monkeypatch):
     cfg = tiny_cfg(response_len=3)
     seen = []

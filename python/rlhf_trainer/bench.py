@@ -15,6 +15,12 @@ Peak memory: on a GPU, torch.cuda.max_memory_allocated() over the step (everythi
 weights, optimizer state, activations). On the CPU, the peak resident set size of the process
 over the step (VmHWM, reset through /proc/self/clear_refs after freed heap is returned with
 malloc_trim), which counts the same things plus the Python process itself.
+
+The model's shape is the small one on the CPU and Qwen2.5-0.5B's on a GPU unless ``--model``
+says otherwise; ``--prompts``, ``--samples``, ``--prompt-len`` and ``--response-len`` override
+the batch. ``torchrun --nproc_per_node=2 -m rlhf_trainer bench --device cpu --model 0.5b`` with
+a tiny batch measures the 0.5B model's memory per rank on the CPU, where its sharded weights,
+gradients and Adam state dominate (docs/distributed.md).
 """
 
 import os
@@ -33,6 +39,16 @@ def add_arguments(p):
     p.add_argument("--small", action="store_true",
                    help="the CPU-sized configuration (the default on the CPU); otherwise Qwen2.5-0.5B's shape, "
                         "8 prompts x 4 samples, 1024-token responses")
+    p.add_argument("--model", default="auto", choices=("auto", "small", "0.5b"),
+                   help="the model's shape: small (the CPU-sized configuration, as --small) or 0.5b (Qwen2.5-0.5B's, "
+                        "with its batch: 8 prompts x 4 samples, 128-token prompts, 1024-token responses); auto: 0.5b "
+                        "on CUDA, small on the CPU. With --device cpu, 0.5b and a tiny batch (--prompts, --samples, "
+                        "--prompt-len, --response-len) measure the 0.5B model's memory on the CPU: its weights, "
+                        "gradients and Adam state dominate (float32: 17.8 GB of them in one process, 8.9 GB per "
+                        "process with 2 under torchrun, plus the rest of the step: docs/distributed.md)")
+    for flag, what in (("--prompts", "prompts per rollout"), ("--samples", "responses per prompt"),
+                       ("--prompt-len", "tokens per prompt"), ("--response-len", "tokens per response")):
+        p.add_argument(flag, type=int, help="%s (default: the model's configuration's)" % what)
     p.add_argument("--steps", type=int, default=3, help="measured steps per mode (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (default 1)")
     p.add_argument("--micro-batch", type=int, help="sequences per forward/backward (default 8 GPU, 4 small)")
@@ -55,23 +71,38 @@ def resolve(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    preset = SMALL_CONFIG if args.small or device.type == "cpu" else GPU_CONFIG
-    cfg = BenchConfig(**preset)
-    if args.micro_batch is not None:
-        cfg.micro_batch = args.micro_batch
-    for name in ("steps", "micro_batch"):
-        value = getattr(args, name)
+    model = getattr(args, "model", "auto")
+    if args.small and model == "0.5b":
+        raise BenchError("--small and --model 0.5b ask for two configurations: give one")
+    if model == "auto":
+        model = "small" if args.small or device.type == "cpu" else "0.5b"
+    cfg = BenchConfig(**(SMALL_CONFIG if args.small or model == "small" else GPU_CONFIG))
+    sizes = ("prompts", "samples", "prompt_len", "response_len", "micro_batch")
+    for name in ("steps",) + sizes:
+        value = getattr(args, name, None)
         if value is not None and value < 1:
             raise BenchError("--%s must be at least 1, got %d" % (name.replace("_", "-"), value))
+        if value is not None and name != "steps":
+            setattr(cfg, name, value)
     for name in ("threads", "max_micro_batch", "warmup"):
         if getattr(args, name) < 0:
             raise BenchError("--%s must be at least 0, got %d" % (name.replace("_", "-"), getattr(args, name)))
     from rlhf_trainer.bench_step import trainer_config
     from rlhf_trainer.config import ConfigError
+    given = " ".join("--%s %d" % (name.replace("_", "-"), getattr(args, name)) for name in ("prompts", "samples",
+                     "micro_batch") if getattr(args, name, None) is not None)
     try:
-        trainer_config(cfg, device, True)
+        ppo = trainer_config(cfg, device, True).section
     except ConfigError as e:   # the micro-batch against the mini-batch: the trainer's own check
-        raise BenchError("--micro-batch %d: %s" % (cfg.micro_batch, e)) from None
+        raise BenchError("%s: %s" % (given or "--micro-batch %d" % cfg.micro_batch, e)) from None
+    # under torchrun each rank takes an equal share of the rollout and of each minibatch
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for what, n in (("rollout", ppo.rollout_batch), ("minibatch", ppo.minibatch)):
+        if n % world:
+            raise BenchError("%s: the %s's %d sequences are not divisible by the %d processes (the rollout is "
+                             "prompts x samples, %d minibatches of it)" % (
+                                 given or "--prompts %d --samples %d" % (cfg.prompts, cfg.samples), what, n, world,
+                                 cfg.mini_batches))
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     return device, dtype, cfg

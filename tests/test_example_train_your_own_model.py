@@ -24,7 +24,7 @@ def test_example_trains_a_reward_model_then_the_policy(tmp_path):
     assert rm["kind"] == "bt" and rm["eval_accuracy"] is not None and os.path.isdir(out / "rm" / "model")
     train = json.load(open(out / "train" / "summary.json"))
     assert set(train) == {"algo", "steps", "score_start", "score_end", "kl_seq_sum_end", "samples_drawn", "device",
-                          "dtype", "train_s", "wall_s", "policy"}   # the fields docs/trainer.md lists
+                          "dtype", "train_s", "wall_s", "policy", "world_size"}   # the fields docs/trainer.md lists
     assert train["algo"] == "grpo" and train["steps"] == 3 and train["samples_drawn"] == 3 * 8
     log = [json.loads(line) for line in open(out / "train" / "log.jsonl")]
     assert len(log) == 3 and [r["step"] for r in log] == [1, 2, 3]

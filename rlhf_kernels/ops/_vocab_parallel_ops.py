@@ -294,22 +294,26 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
 
 # ---- the entry points: a graph break under torch.compile (see the module docstring) ----
+# torch.compiler.disable imports torch._dynamo, and with it triton, when it decorates; torch's lazy
+# form of it does that at the first call instead, so `import rlhf_kernels` stays free of both.
+_graph_break = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
-@torch.compiler.disable
+
+@_graph_break
 def token_logprobs(logits, labels, temperature, ignore_index, inplace_backward, name, shard):
     return TokenLogprobs.apply(logits, labels, temperature, ignore_index, inplace_backward, name, shard)
 
 
-@torch.compiler.disable
+@_graph_break
 def token_entropy(logits, temperature, name, shard):
     return TokenEntropy.apply(logits, temperature, name, shard)
 
 
-@torch.compiler.disable
+@_graph_break
 def full_kl(logits, ref_logits, temperature, name, shard):
     return FullKl.apply(logits, ref_logits, temperature, name, shard)
 
 
-@torch.compiler.disable
+@_graph_break
 def linear_token_logprobs(hidden, weight, bias, labels, temperature, ignore_index, tile, name, shard):
     return LinearTokenLogprobs.apply(hidden, weight, bias, labels, temperature, ignore_index, tile, name, shard)

@@ -7,7 +7,7 @@ export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 .PHONY: deps install demo test test-quick bench info clean anchor-wheels wheel smoke-wheel
 
 deps:
-	$(PIP) install -q torch numpy pytest ninja transformers tqdm pyyaml matplotlib pydantic
+	$(PIP) install -q torch numpy pytest pytest-xdist ninja transformers tqdm pyyaml matplotlib pydantic
 
 # The editable install compiles the extension into build/ext (setup.py keeps one object folder
 # for every build of the checkout, so only what changed recompiles), and is skipped altogether
@@ -33,8 +33,12 @@ demo: install
 	$(PYTHON) -m rlhf_kernels.info
 	$(PYTHON) -m rlhf_trainer demo
 
+# pytest-xdist spreads the tests over the cores (at most 8 workers, one torch thread each): on
+# the 2-core CI machine the multi-process trainer tests and the single-threaded Triton
+# interpreter no longer wait for each other
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 8 ] && n=8; echo $$n)
 test: install
-	$(PYTHON) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) tests
 
 # the same without the tests marked slow (whole training runs): a quick local check; CI runs `test`
 test-quick: install

@@ -20,6 +20,7 @@ compare those with the float64 reference through the whole [B, T, V] logits
 """
 
 import os
+import sys
 import tempfile
 import zlib
 
@@ -32,6 +33,9 @@ import rlhf_kernels as rk
 from rlhf_kernels import _backend
 from rlhf_kernels._layout import LINEAR_POLICY_STATS, POLICY_STATS
 from rlhf_kernels.reference import linear_policy as ref
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from bench_vocab_parallel import Collectives as _Collectives  # noqa: E402  (one collective counter for both)
 
 B, T, H, V_LOCAL = 3, 6, 8, 5
 BACKENDS = _backend.available("cpu")  # torch, cpu (when built), triton (the interpreter)
@@ -112,22 +116,6 @@ def _local(x, rank):
 
 
 # ---- the collectives and FLOPs of a call
-
-class _Collectives(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every c10d collective dispatched inside: (op name, bytes this rank puts in)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        ns, name = func.namespace, func._schema.name.split("::")[-1]
-        if ns in ("c10d", "_c10d_functional") and not name.startswith(("wait", "barrier")):
-            sent = args[1] if ns == "c10d" and "allgather" in name else args[0]
-            leaves = torch.utils._pytree.tree_leaves(sent)
-            self.calls.append((name, sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))))
-        return func(*args, **(kwargs or {}))
-
 
 _MATMULS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2)}
 

@@ -204,7 +204,11 @@ def test_two_nodes_on_one_machine_are_one_run(tmp_path):
     args = ["-m", "rlhf_trainer", "demo", "--config", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "run"),
             "--no-progress"]
     nodes = [torchrun(args, nproc=1, nnodes=2, node_rank=r, port=port, wait=False) for r in (0, 1)]
-    outs = [n.communicate(timeout=600) for n in nodes]
+    try:
+        outs = [n.communicate(timeout=600) for n in nodes]
+    finally:   # a hang fails the test and leaves no torchrun behind
+        for n in nodes:
+            n.kill()
     for n, (out, err) in zip(nodes, outs):
         assert n.returncode == 0, err[-3000:]
     assert outs[0][0].count("gap closed") == 1 and "gap closed" not in outs[1][0]

@@ -5,6 +5,7 @@ tensor_model_parallel_size=2, each library's own function and ours on the same s
 a float64 evaluation on the whole vocabulary (rule: tests/test_integrations_kit.py)."""
 
 import importlib.util
+import datetime
 import os
 import tempfile
 
@@ -50,7 +51,8 @@ def _ref(z, y, g):
 
 def _worker(rank, world, init_file, with_verl):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a hang fails, never blocks
     from megatron.core import parallel_state, tensor_parallel
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     import rlhf_kernels.integrations.megatron as rk_megatron

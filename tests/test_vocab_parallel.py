@@ -9,6 +9,7 @@ NCCL runs of the same worker are marked `cuda` and skip with fewer than two GPUs
 """
 
 import math
+import datetime
 import os
 import tempfile
 
@@ -105,7 +106,7 @@ def test_no_group_and_uninitialized():
 def _worker(rank, world, init_file, check, backends, device):
     torch.set_num_threads(1)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method="file://" + init_file,
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     if device == "cuda":
         torch.cuda.set_device(rank)
     try:

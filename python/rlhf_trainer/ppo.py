@@ -99,11 +99,12 @@ class PPOTrainer:
                                                enabled=cfg.dtype == "bfloat16")
         self.temperature = cfg.temperature
         parallel.one_at_a_time(lambda: self._build_models(cfg, task))
-        self.opt_policy = torch.optim.Adam(self.policy.parameters(), lr=p.lr)
+        self.opt_policy = torch.optim.Adam(self.policy.parameters(), lr=p.lr, **parallel.adam_options(self.policy))
         decay = lambda s: max(0.0, 1.0 - s / p.steps)  # noqa: E731 (linear decay over the run)
         self.sched_policy = torch.optim.lr_scheduler.LambdaLR(self.opt_policy, decay)
         if self.uses_critic:
-            self.opt_value = torch.optim.Adam(self.value.parameters(), lr=p.value_lr)
+            self.opt_value = torch.optim.Adam(self.value.parameters(), lr=p.value_lr,
+                                              **parallel.adam_options(self.value))
             self.sched_value = torch.optim.lr_scheduler.LambdaLR(self.opt_value, decay)
         self.kl_ctl = KLController(cfg.beta, p.adaptive_kl, p.kl_target, p.kl_horizon)
         self.gen = seed_rngs(cfg.seed)

@@ -207,7 +207,9 @@ def run(cfg, run_dir, log=print, progress=True):
     if kind == "score" and c.score_loss == "ordinal":   # trained beside the model, from the levels' frequencies
         thresholds = Thresholds(targets, int(c.score_max - c.score_min) + 1).to(device)
     params = list(model.parameters()) + ([] if thresholds is None else list(thresholds.parameters()))
-    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
+    # the thresholds are plain tensors beside the model's DTensors: foreach cannot mix them
+    fast = parallel.adam_options(model) if thresholds is None else {}
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0, **fast)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     log("reward model (%s): %d %s, %d epochs of %d steps; device %s, %s"

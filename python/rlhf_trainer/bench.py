@@ -18,9 +18,10 @@ malloc_trim), which counts the same things plus the Python process itself.
 
 The model's shape is the small one on the CPU and Qwen2.5-0.5B's on a GPU unless ``--model``
 says otherwise; ``--prompts``, ``--samples``, ``--prompt-len`` and ``--response-len`` override
-the batch, ``--layers`` the depth. ``torchrun --nproc_per_node=2 -m rlhf_trainer bench --device cpu --model 0.5b`` with
-a tiny batch measures the 0.5B model's memory per rank on the CPU, where its sharded weights,
-gradients and Adam state dominate (docs/distributed.md).
+the batch, ``--layers`` the depth. ``torchrun --nproc_per_node=2 -m rlhf_trainer bench --device
+cpu --model 0.5b`` with a tiny batch measures the 0.5B model's memory per rank on the CPU, where
+its sharded weights, gradients and Adam state dominate; with ``--layers`` 2 and 6 it gives the
+per-layer slope and the rest (docs/distributed.md).
 """
 
 import os

@@ -258,7 +258,7 @@ def test_bench_on_two_processes_reports_every_rank(tmp_path):
     # one voice: rank 0's lines, once each, with both ranks' figures
     mib = lambda b: "%.0f MiB" % (b / 2 ** 20)  # noqa: E731
     summary = [x for x in res.stdout.splitlines() if "response tokens/s" in x]
-    assert summary == ["2 processes: %.0f response tokens/s (median of 2 steps); peak memory per rank: %s, %s; written "
+    assert summary == ["2 processes: %.3g response tokens/s (median of 2 steps); peak memory per rank: %s, %s; written "
                        "to %s" % (s["tokens_per_s"], mib(peaks[0]), mib(peaks[1]), out / "ppo_step_dist.json")]
     assert res.stdout.count("device cpu-") == 1 and res.stdout.count("2 processes step ") == 2
     assert res.stdout.count("models built and sharded") == 1 == res.stdout.count("the process before the models")

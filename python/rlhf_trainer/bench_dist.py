@@ -106,7 +106,7 @@ def run(cfg, device, dtype, steps, warmup, out):
                "memory_bytes": phases}
         tag = "warm-up" if i < warmup else "step %d" % (i - warmup + 1)
         if parallel.is_main():
-            print("%d processes %-8s step %.3f s  %.0f tokens/s  peak per rank %s" % (
+            print("%d processes %-8s step %.3f s  %.3g tokens/s  peak per rank %s" % (
                 w, tag, step_s, row["tokens_per_s"], ", ".join(fmt_bytes(b) for b in row["peak_bytes"])), flush=True)
             print("\n".join(memory_lines(phases, built if i == 0 else None, device.type == "cuda")), flush=True)
         if i >= warmup:
@@ -122,7 +122,7 @@ def run(cfg, device, dtype, steps, warmup, out):
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "ppo_step_dist.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        print("%d processes: %.0f response tokens/s (median of %d steps); peak memory per rank: %s; written to %s"
+        print("%d processes: %.3g response tokens/s (median of %d steps); peak memory per rank: %s; written to %s"
               % (w, summary["tokens_per_s"], len(rows),
                  ", ".join(fmt_bytes(b) for b in summary["peak_bytes_per_rank"]),
                  os.path.join(out, "ppo_step_dist.json")))

@@ -4,6 +4,7 @@ sharded checkpoints and resume across world sizes, two "nodes", a failing rank, 
 import json
 import os
 import re
+import statistics
 
 import pytest
 import torch
@@ -216,3 +217,52 @@ def test_two_nodes_on_one_machine_are_one_run(tmp_path):
     assert s["world_size"] == 2
     assert len(open(tmp_path / "run" / "log.jsonl").readlines()) == 2
     assert sorted(os.listdir(tmp_path)) == ["run", "tiny.yaml"]
+
+
+@pytest.mark.slow
+def test_bench_on_two_processes_reports_every_rank(tmp_path):
+    """`torchrun --nproc_per_node=2 -m rlhf_trainer bench --device cpu` at the smallest sizes: rank 0
+    alone prints; tokens/s, both ranks' peak memory and every rank's memory per phase are printed
+    and written to ppo_step_dist.json with world_size 2, and agree with each other."""
+    out = tmp_path / "bench"
+    res = torchrun(["-m", "rlhf_trainer", "bench", "--device", "cpu", "--small", "--layers", "1", "--prompts", "2",
+                    "--samples", "2", "--prompt-len", "4", "--response-len", "4", "--micro-batch", "1", "--steps", "2",
+                    "--warmup", "0", "--out", str(out)], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    print(res.stdout)
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    s = json.load(open(out / "ppo_step_dist.json"))
+    assert s["world_size"] == 2 and s["device"] == "cpu" and s["dtype"] == "float32"
+    assert s["config"] == dict(hidden=64, layers=1, vocab=32000, prompts=2, samples=2, prompt_len=4, response_len=4,
+                               micro_batch=1)
+    assert len(s["steps"]) == 2
+    # tokens/s: the 4 responses' 16 tokens over each step's slowest rank; the median of the steps
+    for row in s["steps"]:
+        assert row["step_s"] > 0 and row["tokens_per_s"] == pytest.approx(16 / row["step_s"])
+    assert s["tokens_per_s"] == pytest.approx(statistics.median(r["tokens_per_s"] for r in s["steps"]))
+    # each rank's own figures: a peak resident set above its start (torch imported: over 100 MiB)
+    peaks = s["peak_bytes_per_rank"]
+    assert len(peaks) == 2 and all(p > 100 * 2 ** 20 for p in peaks), peaks
+    assert peaks == [max(r["peak_bytes"][k] for r in s["steps"]) for k in range(2)]
+    for row in s["steps"]:
+        assert all(0 < a <= b for a, b in zip(row["start_bytes"], row["peak_bytes"])), row
+        mem = row["memory_bytes"]
+        assert list(mem) == ["start", "rollout", "scored", "backward", "optimizer", "end"]
+        for k in range(2):   # the peak so far never falls within a step; now <= peak; the end's peak is the step's
+            seen = [mem[p]["peak"][k] for p in mem]
+            assert all(mem[p]["now"][k] > 100 * 2 ** 20 and mem[p]["now"][k] <= mem[p]["peak"][k] for p in mem), mem
+            assert seen == sorted(seen) and mem["end"]["peak"][k] >= row["peak_bytes"][k] >= mem["optimizer"]["peak"][k]
+    built = s["built_bytes"]
+    assert list(built) == ["process", "built"]
+    assert all(100 * 2 ** 20 < a <= b for a, b in zip(built["process"]["now"], built["built"]["peak"])), built
+    # one voice: rank 0's lines, once each, with both ranks' figures
+    mib = lambda b: "%.0f MiB" % (b / 2 ** 20)  # noqa: E731
+    summary = [x for x in res.stdout.splitlines() if "response tokens/s" in x]
+    assert summary == ["2 processes: %.3g response tokens/s (median of 2 steps); peak memory per rank: %s, %s; written "
+                       "to %s" % (s["tokens_per_s"], mib(peaks[0]), mib(peaks[1]), out / "ppo_step_dist.json")]
+    assert res.stdout.count("device cpu-") == 1 and res.stdout.count("2 processes step ") == 2
+    assert res.stdout.count("models built and sharded") == 1 == res.stdout.count("the process before the models")
+    assert res.stdout.count("after the first backward") == 2
+    lines = res.stdout.splitlines()
+    heads = [lines[k + 1].split() for k, x in enumerate(lines) if "the resident set after each phase" in x]
+    assert heads == [["phase", "rank", "0", "rank", "1"]] * 2

@@ -274,6 +274,21 @@ def test_model_flag_and_batch_overrides(monkeypatch):
         bench.resolve(_args(None))
 
 
+def test_layers_flag(monkeypatch):
+    """--layers sets the depth of either shape and nothing else; 0 is refused naming the flag."""
+    from rlhf_trainer.bench_step import GPU_CONFIG
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--device", "cpu", "--model", "0.5b", "--layers", "6", "--micro-batch", "1", "--threads", "0"])
+    assert dataclasses.asdict(bench.resolve(args)[2]) == dataclasses.asdict(BenchConfig(**dict(
+        GPU_CONFIG, layers=6, micro_batch=1)))
+    assert p.parse_args(["--device", "cpu"]).layers is None
+    assert bench.resolve(_args(None, layers=1))[2].layers == 1
+    with pytest.raises(bench.BenchError, match="--layers must be at least 1, got 0"):
+        bench.resolve(_args(None, layers=0))
+
+
 def test_largest_micro_batch_doubles_until_out_of_memory(monkeypatch):
     cfg = tiny_cfg(response_len=3)
     seen = []

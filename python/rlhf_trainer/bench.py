@@ -18,9 +18,10 @@ malloc_trim), which counts the same things plus the Python process itself.
 
 The model's shape is the small one on the CPU and Qwen2.5-0.5B's on a GPU unless ``--model``
 says otherwise; ``--prompts``, ``--samples``, ``--prompt-len`` and ``--response-len`` override
-the batch. ``torchrun --nproc_per_node=2 -m rlhf_trainer bench --device cpu --model 0.5b`` with
-a tiny batch measures the 0.5B model's memory per rank on the CPU, where its sharded weights,
-gradients and Adam state dominate (docs/distributed.md).
+the batch, ``--layers`` the depth. ``torchrun --nproc_per_node=2 -m rlhf_trainer bench --device
+cpu --model 0.5b`` with a tiny batch measures the 0.5B model's memory per rank on the CPU, where
+its sharded weights, gradients and Adam state dominate; with ``--layers`` 2 and 6 it gives the
+per-layer slope and the rest (docs/distributed.md).
 """
 
 import os
@@ -49,6 +50,10 @@ def add_arguments(p):
     for flag, what in (("--prompts", "prompts per rollout"), ("--samples", "responses per prompt"),
                        ("--prompt-len", "tokens per prompt"), ("--response-len", "tokens per response")):
         p.add_argument(flag, type=int, help="%s (default: the model's configuration's)" % what)
+    p.add_argument("--layers", type=int,
+                   help="decoder layers (default: the model's configuration's: 24 for 0.5b, 2 small); fewer layers "
+                        "of the 0.5B shape separate its memory into a per-layer slope and the rest (embeddings, "
+                        "LM head, the process): docs/distributed.md")
     p.add_argument("--steps", type=int, default=3, help="measured steps per mode (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (default 1)")
     p.add_argument("--micro-batch", type=int, help="sequences per forward/backward (default 8 GPU, 4 small)")
@@ -77,7 +82,7 @@ def resolve(args):
     if model == "auto":
         model = "small" if args.small or device.type == "cpu" else "0.5b"
     cfg = BenchConfig(**(SMALL_CONFIG if args.small or model == "small" else GPU_CONFIG))
-    sizes = ("prompts", "samples", "prompt_len", "response_len", "micro_batch")
+    sizes = ("prompts", "samples", "prompt_len", "response_len", "micro_batch", "layers")
     for name in ("steps",) + sizes:
         value = getattr(args, name, None)
         if value is not None and value < 1:

@@ -73,6 +73,15 @@ def memory_peak(device):
     return _rss_bytes("VmHWM")
 
 
+def memory_now(device):
+    """-> (in use now, peak since the last ``memory_start``) in bytes: allocated CUDA memory on a
+    GPU; on the CPU the resident set (VmRSS) and its peak (VmHWM), read from /proc/self/status
+    (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    return _rss_bytes("VmRSS"), _rss_bytes("VmHWM")
+
+
 def micro_step(trainer, mb, gen):
     """The trainer's log-prob passes and scoring of ``mb`` random sequences, then one
     micro-batch's loss (``micro_loss``: policy and value) and its backward."""

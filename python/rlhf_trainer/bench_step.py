@@ -184,24 +184,38 @@ def build_trainer(cfg, device, dtype, mode):
     return BenchTrainer(BenchTask(cfg, device, dtype), mode)
 
 
-def ppo_step(trainer):
+def ppo_step(trainer, mark=None):
     """One timed PPO step -> {"rollout", "logprobs", "update", "other", "step"} seconds and
-    the step's loss figures. Each phase ends with a device synchronize."""
+    the step's loss figures. Each phase ends with a device synchronize. ``mark(name)``, if
+    given, is called after the rollout ("rollout") and after the scoring ("scored"), outside
+    the timed spans."""
     device = trainer.device
     sync(device)
     t0 = time.perf_counter()
     prompt_ids, prompts, responses = trainer.rollout()
     sync(device)
     t1 = time.perf_counter()
+    untimed = _mark(mark, "rollout")
     trainer.logprob_seconds = 0.0
     batch = trainer.gather(trainer.score_rollout(prompt_ids, prompts, responses))   # torchrun: every rank's rows
     sync(device)
     t2 = time.perf_counter()
+    untimed2 = _mark(mark, "scored")
     stats = trainer.update(batch)
     sync(device)
     t3 = time.perf_counter()
     trainer.step += 1
     lp = trainer.logprob_seconds
-    return {"rollout": t1 - t0, "logprobs": lp, "update": t3 - t2, "other": t2 - t1 - lp, "step": t3 - t0,
+    return {"rollout": t1 - t0, "logprobs": lp, "update": t3 - t2 - untimed2, "other": t2 - t1 - untimed - lp,
+            "step": t3 - t0 - untimed - untimed2,
             "policy_loss": stats["policy_loss"], "value_loss": stats["value_loss"],
             "score": float(batch["score"].mean())}
+
+
+def _mark(mark, name):
+    """mark(name) if given -> the seconds it took (0.0 without one)."""
+    if mark is None:
+        return 0.0
+    t = time.perf_counter()
+    mark(name)
+    return time.perf_counter() - t

@@ -34,14 +34,20 @@
 namespace rlhf {
 namespace {
 
-// Row weights from the rows' partials [B, stride] (layout.h: loss and count in the same columns
-// for both losses), and the loss sum_b w_b * loss_b. row_scale[b] = w_b * parts[b, grad_col]
-// (the row's factor in the gradient, rlhf/ppo.h), or w_b without a grad_col (< 0).
-double aggregate_rows(const double* parts, int stride, int64_t B, int64_t agg, double numel, double num_tokens,
-                      float* row_scale, int grad_col) {
+// The rows' float64 partials [B, stride], rows in parallel (row(i, out) fills those of the row whose
+// tokens start at i), then the row weights from them (layout.h: loss and count in the same columns
+// for both losses) and the loss sum_b w_b * loss_b. row_scale[b] = w_b * parts[b, grad_col] (the
+// row's factor in the gradient, rlhf/ppo.h), or w_b without a grad_col (< 0).
+template <typename Row>
+std::vector<double> forward_rows(int64_t B, int64_t T, int stride, const Normalizer& norm, const LossOutputs& out,
+                                 int grad_col, Row row) {
   static_assert(static_cast<int>(kPartLoss) == static_cast<int>(kVPartLoss) &&
                     static_cast<int>(kPartCount) == static_cast<int>(kVPartCount),
                 "one loss and count column for both losses");
+  std::vector<double> parts(B * stride);
+  for_rows(B, T, [&](int64_t b) { row(b * T, parts.data() + b * stride); });
+  // num_tokens is a CPU tensor: reading it is no device sync
+  const double nt = norm.num_tokens ? *norm.num_tokens : norm.num_tokens_value;
   double total = 0, rows_with = 0;
   for (int64_t b = 0; b < B; ++b) {
     total += parts[b * stride + kPartCount];
@@ -49,12 +55,20 @@ double aggregate_rows(const double* parts, int stride, int64_t B, int64_t agg, d
   }
   double loss = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const double* p = parts + b * stride;
-    const double w = ppo_row_weight(agg, p[kPartCount], total, rows_with, numel, num_tokens);
-    row_scale[b] = static_cast<float>(grad_col >= 0 ? w * p[grad_col] : w);
+    const double* p = parts.data() + b * stride;
+    const double w = ppo_row_weight(norm.agg, p[kPartCount], total, rows_with, static_cast<double>(B * T), nt);
+    out.row_scale[b] = static_cast<float>(grad_col >= 0 ? w * p[grad_col] : w);
     loss += w * p[kPartLoss];
   }
-  return loss;
+  *out.loss = static_cast<float>(loss);
+  return parts;
+}
+
+// d x over every row: row(i, s) writes that of the row whose tokens start at i, s = grad * row_scale.
+template <typename Args, typename Row>
+void backward_rows(const Args& p, const float* grad, const float* row_scale, Row row) {
+  const float g = *grad;
+  for_rows(p.B, p.T, [&](int64_t b) { row(b * p.T, g * row_scale[b]); });
 }
 
 // The float32 lane sums of a policy row: the partials' first columns, loss to ratio, in their
@@ -277,55 +291,42 @@ RLHF_CPU_CLONES void value_grad_row(const float* v, const float* ov, const float
 
 // The device launchers of rlhf/ppo_op.h (which checks, converts and allocates).
 struct CpuPPO {
-  static double num_tokens(const Normalizer& norm) {  // a CPU tensor: reading it is no device sync
-    return norm.num_tokens ? *norm.num_tokens : norm.num_tokens_value;
-  }
-
   static void policy_forward(const PolicyArgs& p, const Normalizer& norm, const LossOutputs& out, const at::Tensor&) {
-    const int64_t B = p.B, T = p.T;
-    std::vector<double> parts(B * kPolicyParts);
+    const auto* m = reinterpret_cast<const uint8_t*>(p.mask);
+    const float* roll = p.rollout ? p.rollout : p.old_logp;
     with_options(p, [&](const auto& o) {
-      for_rows(B, T, [&](int64_t b) {
-        const int64_t i = b * T;
-        policy_row(p.logp + i, p.old_logp + i, p.adv + i, (p.rollout ? p.rollout : p.old_logp) + i,
-                   reinterpret_cast<const uint8_t*>(p.mask) + i, T, p.clip_low, p.clip_high, p.dual_clip, o,
-                   parts.data() + b * kPolicyParts);
-      });
+      const std::vector<double> parts =
+          forward_rows(p.B, p.T, kPolicyParts, norm, out, kPartRowGrad, [&](int64_t i, double* row) {
+            policy_row(p.logp + i, p.old_logp + i, p.adv + i, roll + i, m + i, p.T, p.clip_low, p.clip_high,
+                       p.dual_clip, o, row);
+          });
+      double totals[kPolicyTotals];
+      init_policy_totals(totals);
+      for (int64_t b = 0; b < p.B; ++b) add_policy_row(totals, [&](int k) { return parts[b * kPolicyParts + k]; });
+      policy_stats(totals, out.stats);
     });
-    *out.loss = static_cast<float>(aggregate_rows(parts.data(), kPolicyParts, B, norm.agg, static_cast<double>(B * T),
-                                                  num_tokens(norm), out.row_scale, kPartRowGrad));
-    double totals[kPolicyTotals];
-    init_policy_totals(totals);
-    for (int64_t b = 0; b < B; ++b) add_policy_row(totals, [&](int k) { return parts[b * kPolicyParts + k]; });
-    policy_stats(totals, out.stats);
   }
 
   static void policy_backward(const PolicyArgs& p, const float* grad, const float* row_scale, float* out,
                               const at::Tensor&) {
-    const int64_t T = p.T;
-    const float g = *grad;
+    const float* roll = p.rollout ? p.rollout : p.old_logp;
     with_options(p, [&](const auto& o) {
-      for_rows(p.B, T, [&](int64_t b) {
-        const int64_t i = b * T;
-        policy_grad_row(p.logp + i, p.old_logp + i, p.adv + i, (p.rollout ? p.rollout : p.old_logp) + i,
-                        reinterpret_cast<const uint8_t*>(p.mask) + i, T, p.clip_low, p.clip_high, p.dual_clip,
-                        g * row_scale[b], o, out + i);
+      backward_rows(p, grad, row_scale, [&](int64_t i, float s) {
+        policy_grad_row(p.logp + i, p.old_logp + i, p.adv + i, roll + i, reinterpret_cast<const uint8_t*>(p.mask) + i,
+                        p.T, p.clip_low, p.clip_high, p.dual_clip, s, o, out + i);
       });
     });
   }
 
   static void value_forward(const ValueArgs& p, const Normalizer& norm, const LossOutputs& out, const at::Tensor&) {
-    const int64_t B = p.B, T = p.T;
-    std::vector<double> parts(B * kValueParts);
-    for_rows(B, T, [&](int64_t b) {
-      value_row(p.values + b * T, p.old_values + b * T, p.returns + b * T,
-                reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.has_clip, p.clip, parts.data() + b * kValueParts);
-    });
-    *out.loss = static_cast<float>(aggregate_rows(parts.data(), kValueParts, B, norm.agg, static_cast<double>(B * T),
-                                                  num_tokens(norm), out.row_scale, -1));
+    const std::vector<double> parts =
+        forward_rows(p.B, p.T, kValueParts, norm, out, -1, [&](int64_t i, double* row) {
+          value_row(p.values + i, p.old_values + i, p.returns + i, reinterpret_cast<const uint8_t*>(p.mask) + i, p.T,
+                    p.has_clip, p.clip, row);
+        });
     double clipped = 0;
     Moments ret, err;  // of R and of R - V
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = 0; b < p.B; ++b) {
       const double* r = parts.data() + b * kValueParts;
       clipped += r[kVPartClipped];
       ret = merge(ret, {r[kVPartCount], r[kVPartMeanR], r[kVPartM2R]});
@@ -337,12 +338,9 @@ struct CpuPPO {
 
   static void value_backward(const ValueArgs& p, const float* grad, const float* row_scale, float* out,
                              const at::Tensor&) {
-    const int64_t T = p.T;
-    const float g = *grad;
-    for_rows(p.B, T, [&](int64_t b) {
-      value_grad_row(p.values + b * T, p.old_values + b * T, p.returns + b * T,
-                     reinterpret_cast<const uint8_t*>(p.mask) + b * T, T, p.has_clip, p.clip, g * row_scale[b],
-                     out + b * T);
+    backward_rows(p, grad, row_scale, [&](int64_t i, float s) {
+      value_grad_row(p.values + i, p.old_values + i, p.returns + i, reinterpret_cast<const uint8_t*>(p.mask) + i,
+                     p.T, p.has_clip, p.clip, s, out + i);
     });
   }
 };

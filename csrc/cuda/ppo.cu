@@ -10,8 +10,7 @@
 // Which block comes last varies from run to run, but the combine reads every row's
 // partials from `parts` in the same order whichever block runs it, so results are
 // bitwise the same on every run (the only atomic is the integer ticket). The counter is
-// zeroed per call with cudaMemsetAsync (a memset, not a kernel launch; a memset node in a
-// CUDA graph), never a static counter, so calls on concurrent streams do not share it.
+// zeroed per call (launch_forward), never a static one.
 // The host side (checks, conversions, outputs) is rlhf/ppo_op.h; this file holds the kernels
 // and their launchers.
 // Backward, one elementwise launch: d_x[b, t] = grad * w_b * dl/dx[b, t] (under the policy
@@ -104,7 +103,8 @@ __device__ void row_sums(const PolicyArgs& p, const O& o, int64_t row, double* b
 // out: [kPolicyParts] float64, row `row`'s partials (written by thread 0). O: DefaultOptions for
 // the plain loss, PolicyOptions (p.opt) under options (rlhf/ppo.h).
 template <typename O>
-__device__ void policy_row(const PolicyArgs& p, const O& o, int64_t row, double* buf, double* __restrict__ out) {
+__device__ void policy_row(const PolicyArgs& p, int64_t row, double* buf, double* __restrict__ out) {
+  const O o = options_as<O>(p.opt);
   const int64_t base = row * p.T;
   float row_ratio = 1.f, row_log_w = 0.f;
   if (needs_row_sums(o)) {
@@ -149,77 +149,85 @@ __device__ void policy_row(const PolicyArgs& p, const O& o, int64_t row, double*
   }
 }
 
-// Totals over rows that every combine needs: valid tokens and rows with any.
-__device__ void count_rows(const double* parts, int stride, int64_t B, double* buf, double& total,
-                           double& rows_with) {
-  static_assert(static_cast<int>(kPartCount) == static_cast<int>(kVPartCount), "one count column for both losses");
+// Run by the last block only, for either loss (parts [B, stride]: loss and count in the same
+// columns): the row weights, row_scale[b] = w_b (times the row's factor in the gradient, column
+// grad_col, if >= 0) and the loss sum_b w_b * loss_b (written by thread 0). Returns the batch's
+// valid tokens.
+__device__ double weigh_rows(const double* parts, int stride, int grad_col, int64_t B, double numel,
+                             const Normalizer& norm, double* buf, const LossOutputs& out) {
+  static_assert(static_cast<int>(kPartCount) == static_cast<int>(kVPartCount) &&
+                    static_cast<int>(kPartLoss) == static_cast<int>(kVPartLoss),
+                "one loss and count column for both losses");
   double n = 0, r = 0;
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     const double c = part(parts + b * stride + kPartCount);
     n += c;
     r += c > 0 ? 1 : 0;
   }
-  total = block_sum(n, buf);
-  rows_with = block_sum(r, buf);
-}
-
-__device__ __forceinline__ double num_tokens(const Normalizer& norm) {
-  return norm.num_tokens ? *norm.num_tokens : norm.num_tokens_value;
-}
-
-// Run by the last block only. parts: [B, kPolicyParts] float64. The loss and row_scale here,
-// the statistics by the combine of rlhf/ppo.h.
-__device__ void policy_combine(const double* parts, int64_t B, double numel, const Normalizer& norm, double* buf,
-                               const LossOutputs& out) {
-  double total, rows_with;
-  count_rows(parts, kPolicyParts, B, buf, total, rows_with);
-  const double nt = num_tokens(norm);
-  double loss = 0, totals[kPolicyTotals];
-  init_policy_totals(totals);
+  const double total = block_sum(n, buf), rows_with = block_sum(r, buf);
+  const double nt = norm.num_tokens ? *norm.num_tokens : norm.num_tokens_value;
+  double loss = 0;
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
-    const double* p = parts + b * kPolicyParts;
+    const double* p = parts + b * stride;
     const double w = ppo_row_weight(norm.agg, part(p + kPartCount), total, rows_with, numel, nt);
-    out.row_scale[b] = static_cast<float>(w * part(p + kPartRowGrad));  // w_b * g_b (g_b = 1: plain loss)
+    out.row_scale[b] = static_cast<float>(grad_col >= 0 ? w * part(p + grad_col) : w);
     loss += w * part(p + kPartLoss);
-    add_policy_row(totals, [&](int k) { return part(p + k); });
   }
   loss = block_sum(loss, buf);
-  RLHF_UNROLL
-  for (int k = 0; k < kPolicyTotals; ++k) totals[k] = block_combine_part(k, totals[k], buf);
-  if (threadIdx.x == 0) {
-    *out.loss = static_cast<float>(loss);
-    policy_stats(totals, out.stats);
-  }
+  if (threadIdx.x == 0) *out.loss = static_cast<float>(loss);
+  return total;
 }
 
-// One launch, grid max(B, 1) (B == 0: one block that only combines, writing the loss 0).
-// parts: [max(B, 1), kPolicyParts] float64 scratch; counter: [] int32, zero at launch
-template <typename O>
-__global__ void __launch_bounds__(kThreads) policy_fwd_kernel(const PolicyArgs p, const Normalizer norm, double* parts,
-                                                              int* counter, const LossOutputs out) {
+// Run by the last block only. parts: [B, kPolicyParts] float64. The loss and row_scale (w_b * g_b;
+// g_b = 1: plain loss) by weigh_rows, the statistics by the combine of rlhf/ppo.h.
+__device__ void policy_combine(const double* parts, int64_t B, double numel, const Normalizer& norm, double* buf,
+                               const LossOutputs& out) {
+  weigh_rows(parts, kPolicyParts, kPartRowGrad, B, numel, norm, buf, out);
+  double totals[kPolicyTotals];
+  init_policy_totals(totals);
+  for (int64_t b = threadIdx.x; b < B; b += blockDim.x)
+    add_policy_row(totals, [&](int k) { return part(parts + b * kPolicyParts + k); });
+  RLHF_UNROLL
+  for (int k = 0; k < kPolicyTotals; ++k) totals[k] = block_combine_part(k, totals[k], buf);
+  if (threadIdx.x == 0) policy_stats(totals, out.stats);
+}
+
+// One launch, grid max(B, 1) (B == 0: one block that only combines, writing the loss 0): block b
+// stores row b's partials (Row), the last block to arrive combines them (Combine).
+// parts: [max(B, 1), kParts] float64 scratch; counter: [] int32, zero at launch
+template <typename Args, int kParts, void (*Row)(const Args&, int64_t, double*, double*),
+          void (*Combine)(const double*, int64_t, double, const Normalizer&, double*, const LossOutputs&)>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const Args p, const Normalizer norm, double* parts,
+                                                       int* counter, const LossOutputs out) {
   __shared__ double buf[33];
   const int64_t row = blockIdx.x;
-  if (row < p.B) policy_row(p, options_as<O>(p.opt), row, buf, parts + row * kPolicyParts);
+  if (row < p.B) Row(p, row, buf, parts + row * kParts);
   if (!last_block_to_arrive(counter)) return;
-  policy_combine(parts, p.B, static_cast<double>(p.B * p.T), norm, buf, out);
+  Combine(parts, p.B, static_cast<double>(p.B * p.T), norm, buf, out);
   if (threadIdx.x == 0) *counter = 0;
 }
 
-// grad: [] float32 (read here: no host sync); row_scale: [B]; out: [B, T] d logprobs
+// out[i] = grad * row_scale[row of i] * dx(i) where the mask is set, else 0 (elementwise backward).
+template <typename Args, typename DX>
+__device__ void grad_elementwise(const Args& p, const float* __restrict__ grad, const float* __restrict__ row_scale,
+                                 float* __restrict__ out, DX dx) {
+  const float g = *grad;  // read here: no host sync
+  const int64_t n = p.B * p.T;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = p.mask[i] ? g * row_scale[i / p.T] * dx(i) : 0.f;
+}
+
+// grad: [] float32; row_scale: [B]; out: [B, T] d logprobs
 template <typename O>
 __global__ void policy_bwd_kernel(const PolicyArgs p, const float* __restrict__ grad,
                                   const float* __restrict__ row_scale, float* __restrict__ out) {
   const O o = options_as<O>(p.opt);
   const bool token_is = o.is_correction != kIsNone && o.is_token;
-  const float g = *grad;
-  const int64_t n = p.B * p.T;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = p.mask[i] ? g * row_scale[i / p.T] *
-                             policy_grad_token(p.logp[i], p.old_logp[i], p.adv[i], token_is ? p.rollout[i] : 0.f,
-                                               p.clip_low, p.clip_high, p.dual_clip, o)
-                       : 0.f;
-  }
+  grad_elementwise(p, grad, row_scale, out, [&](int64_t i) {
+    return policy_grad_token(p.logp[i], p.old_logp[i], p.adv[i], token_is ? p.rollout[i] : 0.f, p.clip_low,
+                             p.clip_high, p.dual_clip, o);
+  });
 }
 
 // out: [kValueParts] float64, row `row`'s partials (written by thread 0)
@@ -265,73 +273,50 @@ __device__ void value_row(const ValueArgs& p, int64_t row, double* buf, double* 
 // Run by the last block only. parts: [B, kValueParts].
 __device__ void value_combine(const double* parts, int64_t B, double numel, const Normalizer& norm, double* buf,
                               const LossOutputs& out) {
-  double total, rows_with;
-  count_rows(parts, kValueParts, B, buf, total, rows_with);
+  const double total = weigh_rows(parts, kValueParts, -1, B, numel, norm, buf, out);
   const double n = total > 0 ? total : 1.0;
-  double sr = 0, se = 0;
+  double sr = 0, se = 0, clipped = 0;
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     const double* p = parts + b * kValueParts;
     const double c = part(p + kVPartCount);
     sr += c * part(p + kVPartMeanR);
     se += c * part(p + kVPartMeanErr);
+    clipped += part(p + kVPartClipped);
   }
   const double mean_r = block_sum(sr, buf) / n, mean_e = block_sum(se, buf) / n;
-  const double nt = num_tokens(norm);
-  double loss = 0, clipped = 0, m2_r = 0, m2_e = 0;
+  clipped = block_sum(clipped, buf);
+  double m2_r = 0, m2_e = 0;
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     const double* p = parts + b * kValueParts;
     const double c = part(p + kVPartCount);
-    const double w = ppo_row_weight(norm.agg, c, total, rows_with, numel, nt);
-    out.row_scale[b] = static_cast<float>(w);
-    loss += w * part(p + kVPartLoss);
-    clipped += part(p + kVPartClipped);
     // total sum of squares = within rows + between rows
     const double dr = part(p + kVPartMeanR) - mean_r, de = part(p + kVPartMeanErr) - mean_e;
     m2_r += part(p + kVPartM2R) + c * dr * dr;
     m2_e += part(p + kVPartM2Err) + c * de * de;
   }
-  loss = block_sum(loss, buf);
-  clipped = block_sum(clipped, buf);
   m2_r = block_sum(m2_r, buf);
   m2_e = block_sum(m2_e, buf);
   if (threadIdx.x == 0) {
-    *out.loss = static_cast<float>(loss);
     out.stats[kVfClipfrac] = static_cast<float>(clipped / n);
     out.stats[kExplainedVar] = m2_r > 0 ? static_cast<float>(1.0 - m2_e / m2_r) : 0.f;
   }
 }
 
-// One launch, grid max(B, 1), as policy_fwd_kernel.
-__global__ void __launch_bounds__(kThreads) value_fwd_kernel(const ValueArgs p, const Normalizer norm, double* parts,
-                                                             int* counter, const LossOutputs out) {
-  __shared__ double buf[33];
-  const int64_t row = blockIdx.x;
-  if (row < p.B) value_row(p, row, buf, parts + row * kValueParts);
-  if (!last_block_to_arrive(counter)) return;
-  value_combine(parts, p.B, static_cast<double>(p.B * p.T), norm, buf, out);
-  if (threadIdx.x == 0) *counter = 0;
-}
-
 __global__ void value_bwd_kernel(const ValueArgs p, const float* __restrict__ grad, const float* __restrict__ row_scale,
                                  float* __restrict__ out) {
-  const float g = *grad;
-  const int64_t n = p.B * p.T;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = p.mask[i] ? g * row_scale[i / p.T] *
-                             ppo_value_token(p.values[i], p.old_values[i], p.returns[i], p.has_clip, p.clip).dvalue
-                       : 0.f;
-  }
+  grad_elementwise(p, grad, row_scale, out, [&](int64_t i) {
+    return ppo_value_token(p.values[i], p.old_values[i], p.returns[i], p.has_clip, p.clip).dvalue;
+  });
 }
 
 unsigned elementwise_blocks(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 65535)));
 }
 
-// One forward launch (policy_fwd_kernel or value_fwd_kernel) with grid max(B, 1). Its scratch
-// is one allocation: the rows' float64 partials [blocks, n_parts], then the int32 ticket
-// counter, zeroed by cudaMemsetAsync on the current stream (a memset, not a kernel; a memset
-// node in a CUDA graph). Per call, so forwards on concurrent streams never share a counter.
+// One forward launch (fwd_kernel) with grid max(B, 1). Its scratch is one allocation: the rows'
+// float64 partials [blocks, n_parts], then the int32 ticket counter, zeroed by cudaMemsetAsync on
+// the current stream (a memset, not a kernel; a memset node in a CUDA graph). Per call, so
+// forwards on concurrent streams never share a counter.
 template <typename Args, typename Kernel>
 void launch_forward(Kernel kernel, const Args& p, const Normalizer& norm, const LossOutputs& out,
                     const at::Tensor& like, int n_parts, const char* op) {
@@ -361,8 +346,9 @@ struct CudaPPO {
   // the plain loss (options = 0) runs the DefaultOptions instantiation of each kernel
   static void policy_forward(const PolicyArgs& p, const Normalizer& norm, const LossOutputs& out,
                              const at::Tensor& like) {
-    launch_forward(p.plain ? policy_fwd_kernel<DefaultOptions> : policy_fwd_kernel<PolicyOptions>, p, norm, out,
-                   like, kPolicyParts, "ppo_policy_loss");
+    launch_forward(p.plain ? fwd_kernel<PolicyArgs, kPolicyParts, policy_row<DefaultOptions>, policy_combine>
+                           : fwd_kernel<PolicyArgs, kPolicyParts, policy_row<PolicyOptions>, policy_combine>,
+                   p, norm, out, like, kPolicyParts, "ppo_policy_loss");
   }
   static void policy_backward(const PolicyArgs& p, const float* grad, const float* row_scale, float* out,
                               const at::Tensor& like) {
@@ -371,7 +357,8 @@ struct CudaPPO {
   }
   static void value_forward(const ValueArgs& p, const Normalizer& norm, const LossOutputs& out,
                             const at::Tensor& like) {
-    launch_forward(value_fwd_kernel, p, norm, out, like, kValueParts, "ppo_value_loss");
+    launch_forward(fwd_kernel<ValueArgs, kValueParts, value_row, value_combine>, p, norm, out, like, kValueParts,
+                   "ppo_value_loss");
   }
   static void value_backward(const ValueArgs& p, const float* grad, const float* row_scale, float* out,
                              const at::Tensor& like) {

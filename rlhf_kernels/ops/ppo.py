@@ -91,10 +91,9 @@ def _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap,
     if is_correction is None and rollout_logprobs is not None:
         raise ValueError('%s: `rollout_logprobs` given without `is_correction` ("tis" or "mis"); it would be ignored'
                          % op)
-    if is_correction is None and is_level is not None:
-        raise ValueError("%s: `is_level` given without `is_correction`; it would be ignored" % op)
-    if is_correction is None and is_cap is not None:
-        raise ValueError("%s: `is_cap` given without `is_correction`; it would be ignored" % op)
+    for name, value in (("is_level", is_level), ("is_cap", is_cap)):
+        if is_correction is None and value is not None:
+            raise ValueError("%s: `%s` given without `is_correction`; it would be ignored" % (op, name))
     is_cap = v.number(op, "is_cap", is_cap, lo=1.0, lo_open=True, allow_none=True)
     if is_cap is not None and math.isinf(is_cap):
         raise ValueError("%s: `is_cap` must be a finite number > 1, got %r" % (op, is_cap))

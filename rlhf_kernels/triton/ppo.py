@@ -54,6 +54,9 @@ S_VF_CLIPFRAC, S_EXPLAINED_VAR = (_index(VALUE_STATS, n) for n in ("vf_clipfrac"
 AGG_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_SEQ_MEAN_TOKEN_SUM_NORM, AGG_TOKEN_SUM = (
     _index(LOSS_AGGS, n) for n in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                    "seq-mean-token-sum-norm", "token-sum"))
+# _policy_token returns a token's values in the columns' order
+assert [k.value for k in (PP_LOSS, PP_COUNT, PP_LOW, PP_HIGH, PP_DUAL, PP_KL, PP_RATIO, PP_MIN, PP_MAX, PP_ROW_GRAD,
+                          PP_IS_WEIGHT, PP_IS_CAPPED)] == list(range(len(POLICY_PARTS)))
 # the fields of `options` and their codes, by name
 _OPT_FIELDS = {field: (i, names) for i, (field, names) in enumerate(POLICY_OPTIONS)}
 IS_NONE, IS_MASK = (_index(_OPT_FIELDS["is_correction"][1], n) for n in ("none", "mis"))
@@ -153,8 +156,9 @@ def _is_weight(log_w, is_cap, IS_MODE: tl.constexpr):
 def _policy_token(logp, old_logp, adv, rollout, row_ratio, row_log_w, clip_low, clip_high, dual_clip, is_cap,
                   HAS_DUAL: tl.constexpr, SEQ_RATIO: tl.constexpr, CISPO: tl.constexpr, IS_MODE: tl.constexpr,
                   TOKEN_IS: tl.constexpr):
-    # policy_token in rlhf/ppo.h: (c*l, d(c*l)/dlogp (d/ds for the PPO loss with SEQ_RATIO), the ratio
-    # used, k3 of the token's own ratio, is_low, is_high, is_dual, applied weight c, capped)
+    # policy_token in rlhf/ppo.h: the token's values of the partials, in POLICY_PARTS' order: c*l, 1, is_low,
+    # is_high, is_dual, k3 of the token's own ratio, the ratio used (three times: sum, min, max), d(c*l)/dlogp
+    # (d/ds for the PPO loss with SEQ_RATIO), the applied weight c and whether w was capped
     log_ratio = logp - old_logp
     own = tl.exp(log_ratio)
     if SEQ_RATIO:
@@ -169,6 +173,7 @@ def _policy_token(logp, old_logp, adv, rollout, row_ratio, row_log_w, clip_low, 
     else:
         l, dlogp, is_low, is_high, is_dual = _ppo_clip(ratio, dratio, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
     kl = (own - 1.0) - log_ratio
+    one = tl.full(own.shape, 1.0, tl.float32)
     if IS_MODE != IS_NONE:
         if TOKEN_IS:
             c, capped = _is_weight(old_logp - rollout, is_cap, IS_MODE)
@@ -177,23 +182,83 @@ def _policy_token(logp, old_logp, adv, rollout, row_ratio, row_log_w, clip_low, 
         l = c * l
         dlogp = c * dlogp
     else:
-        c = tl.full(own.shape, 1.0, tl.float32)
+        c = one
         capped = adv != adv
-    return l, dlogp, ratio, kl, is_low, is_high, is_dual, c, capped
+    return (l, one, tl.where(is_low, 1.0, 0.0), tl.where(is_high, 1.0, 0.0), tl.where(is_dual, 1.0, 0.0), kl, ratio,
+            ratio, ratio, dlogp, c, tl.where(capped, 1.0, 0.0))
+
+
+# Partials as tuples of per-lane accumulators, one per column (the column k of a tuple is its
+# k-th element): float64 sums, except the ratio's extremes (columns MIN_K and MAX_K, -1: none),
+# min and max. Loops over the columns unroll at compile time (tl.static_range): one scalar
+# accumulator per column as before, never a [BLOCK, N] tile (which spilled for sm_90).
+@triton.jit
+def _parts_init(N: tl.constexpr, MIN_K: tl.constexpr, MAX_K: tl.constexpr, EXT: tl.constexpr, BLOCK: tl.constexpr):
+    # N columns of identities; the extremes in dtype EXT
+    acc = ()
+    for k in tl.static_range(N):
+        if k == MIN_K:
+            acc = acc + (tl.full((BLOCK,), float("inf"), EXT),)
+        elif k == MAX_K:
+            acc = acc + (tl.full((BLOCK,), -float("inf"), EXT),)
+        else:
+            acc = acc + (tl.zeros((BLOCK,), tl.float64),)
+    return acc
+
+
+@triton.jit
+def _parts_fold(acc, x, valid, MIN_K: tl.constexpr, MAX_K: tl.constexpr):
+    # acc with the lanes of x where valid folded in (x may have more columns than acc)
+    res = ()
+    for k in tl.static_range(len(acc)):
+        if k == MIN_K:
+            res = res + (tl.minimum(acc[k], tl.where(valid, x[k], float("inf"))),)
+        elif k == MAX_K:
+            res = res + (tl.maximum(acc[k], tl.where(valid, x[k], -float("inf"))),)
+        else:
+            res = res + (acc[k] + tl.where(valid, x[k], 0.0).to(tl.float64),)
+    return res
+
+
+@triton.jit
+def _parts_total(acc, MIN_K: tl.constexpr, MAX_K: tl.constexpr):
+    # each column over its lanes, as a float64 scalar
+    res = ()
+    for k in tl.static_range(len(acc)):
+        if k == MIN_K:
+            res = res + (tl.min(acc[k], 0).to(tl.float64),)
+        elif k == MAX_K:
+            res = res + (tl.max(acc[k], 0).to(tl.float64),)
+        else:
+            res = res + (tl.sum(acc[k], 0),)
+    return res
+
+
+@triton.jit
+def _load_parts(p, inb, N: tl.constexpr):
+    # columns 0..N-1 of the rows' partials at p (0 outside inb), written by other programs: loaded with .cg
+    x = ()
+    for k in tl.static_range(N):
+        x = x + (tl.load(p + k, mask=inb, other=0.0, cache_modifier=".cg"),)
+    return x
+
+
+@triton.jit
+def _tile(mask_ptr, row, T, t):
+    # (flat index, in bounds, valid) of row `row`'s tokens t
+    inb = t < T
+    idx = row * T + t
+    return idx, inb, inb & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
 
 
 @triton.jit
 def _row_sums(logp_ptr, old_ptr, roll_ptr, mask_ptr, row, T, ROW_IS: tl.constexpr, BLOCK: tl.constexpr):
     # float64 sums over row `row`'s valid tokens of logp - old_logp and of old_logp - rollout, and their count
-    offs = tl.arange(0, BLOCK)
     a_lr = tl.zeros((BLOCK,), tl.float64)
     a_lw = tl.zeros((BLOCK,), tl.float64)
     a_n = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, T, BLOCK):
-        t = start + offs
-        inb = t < T
-        idx = row * T + t
-        valid = inb & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+        idx, _, valid = _tile(mask_ptr, row, T, start + tl.arange(0, BLOCK))
         old = tl.load(old_ptr + idx, mask=valid, other=0.0).to(tl.float64)
         a_lr += tl.where(valid, tl.load(logp_ptr + idx, mask=valid, other=0.0).to(tl.float64) - old, 0.0)
         if ROW_IS:
@@ -217,24 +282,10 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, 
             row_log_w = (sum_lw / tl.maximum(n, 1.0)).to(tl.float32)
         else:
             row_log_w = sum_lw.to(tl.float32)
-    offs = tl.arange(0, BLOCK)
-    s_loss = tl.zeros((BLOCK,), tl.float64)
-    s_cnt = tl.zeros((BLOCK,), tl.float64)
-    s_low = tl.zeros((BLOCK,), tl.float64)
-    s_high = tl.zeros((BLOCK,), tl.float64)
-    s_dual = tl.zeros((BLOCK,), tl.float64)
-    s_kl = tl.zeros((BLOCK,), tl.float64)
-    s_ratio = tl.zeros((BLOCK,), tl.float64)
-    s_isw = tl.zeros((BLOCK,), tl.float64)
-    s_capped = tl.zeros((BLOCK,), tl.float64)
-    s_grad = tl.zeros((BLOCK,), tl.float64)
-    r_min = tl.full((BLOCK,), float("inf"), tl.float32)
-    r_max = tl.full((BLOCK,), -float("inf"), tl.float32)
+    # the plain loss sums the columns up to ratio_max only; else the row_grad column sums d(c*l)/ds
+    acc = _parts_init(PP_ROW_GRAD if PLAIN else N_POLICY_PARTS, PP_MIN, PP_MAX, tl.float32, BLOCK)
     for start in range(0, T, BLOCK):
-        t = start + offs
-        inb = t < T
-        idx = row * T + t
-        valid = inb & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+        idx, _, valid = _tile(mask_ptr, row, T, start + tl.arange(0, BLOCK))
         logp = tl.load(logp_ptr + idx, mask=valid, other=0.0)
         old = tl.load(old_ptr + idx, mask=valid, other=0.0)
         adv = tl.load(adv_ptr + idx, mask=valid, other=0.0)
@@ -242,35 +293,14 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, 
             roll = tl.load(roll_ptr + idx, mask=valid, other=0.0)
         else:
             roll = old
-        l, dlogp, ratio, kl, is_low, is_high, is_dual, c, capped = _policy_token(
-            logp, old, adv, roll, row_ratio, row_log_w, clip_low, clip_high, dual_clip, is_cap, HAS_DUAL, SEQ_RATIO,
-            CISPO, IS_MODE, TOKEN_IS)
-        s_loss += tl.where(valid, l, 0.0).to(tl.float64)
-        s_cnt += tl.where(valid, 1.0, 0.0).to(tl.float64)
-        s_low += tl.where(valid & is_low, 1.0, 0.0).to(tl.float64)
-        s_high += tl.where(valid & is_high, 1.0, 0.0).to(tl.float64)
-        s_dual += tl.where(valid & is_dual, 1.0, 0.0).to(tl.float64)
-        s_kl += tl.where(valid, kl, 0.0).to(tl.float64)
-        s_ratio += tl.where(valid, ratio, 0.0).to(tl.float64)
-        r_min = tl.minimum(r_min, tl.where(valid, ratio, float("inf")))
-        r_max = tl.maximum(r_max, tl.where(valid, ratio, -float("inf")))
-        if PLAIN:
-            pass
-        else:
-            s_isw += tl.where(valid, c, 0.0).to(tl.float64)
-            s_capped += tl.where(valid & capped, 1.0, 0.0).to(tl.float64)
-            s_grad += tl.where(valid, dlogp, 0.0).to(tl.float64)
-    count = tl.sum(s_cnt, 0)
+        x = _policy_token(logp, old, adv, roll, row_ratio, row_log_w, clip_low, clip_high, dual_clip, is_cap, HAS_DUAL,
+                          SEQ_RATIO, CISPO, IS_MODE, TOKEN_IS)
+        acc = _parts_fold(acc, x, valid, PP_MIN, PP_MAX)
+    t = _parts_total(acc, PP_MIN, PP_MAX)
     out = parts_ptr + row * N_POLICY_PARTS
-    tl.store(out + PP_LOSS, tl.sum(s_loss, 0))
-    tl.store(out + PP_COUNT, count)
-    tl.store(out + PP_LOW, tl.sum(s_low, 0))
-    tl.store(out + PP_HIGH, tl.sum(s_high, 0))
-    tl.store(out + PP_DUAL, tl.sum(s_dual, 0))
-    tl.store(out + PP_KL, tl.sum(s_kl, 0))
-    tl.store(out + PP_RATIO, tl.sum(s_ratio, 0))
-    tl.store(out + PP_MIN, tl.min(r_min, 0).to(tl.float64))
-    tl.store(out + PP_MAX, tl.max(r_max, 0).to(tl.float64))
+    for k in tl.static_range(PP_ROW_GRAD):
+        tl.store(out + k, t[k])
+    count = t[PP_COUNT]
     if PLAIN:
         tl.store(out + PP_ROW_GRAD, count * 0.0 + 1.0)
         tl.store(out + PP_IS_WEIGHT, count)
@@ -278,7 +308,7 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, 
     else:
         # row_grad_factor in rlhf/ppo.h
         if SEQ_GRAD:
-            g = row_ratio.to(tl.float64) / tl.maximum(count, 1.0) * tl.sum(s_grad, 0)
+            g = row_ratio.to(tl.float64) / tl.maximum(count, 1.0) * t[PP_ROW_GRAD]
         else:
             g = count * 0.0 + 1.0
             if ROW_IS:
@@ -287,8 +317,8 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, 
             if SEQ_RATIO:
                 g *= tl.minimum(tl.maximum(row_ratio, 1.0 - clip_low), 1.0 + clip_high).to(tl.float64)
         tl.store(out + PP_ROW_GRAD, g)
-        tl.store(out + PP_IS_WEIGHT, tl.sum(s_isw, 0))
-        tl.store(out + PP_IS_CAPPED, tl.sum(s_capped, 0))
+        tl.store(out + PP_IS_WEIGHT, t[PP_IS_WEIGHT])
+        tl.store(out + PP_IS_CAPPED, t[PP_IS_CAPPED])
 
 
 @triton.jit
@@ -325,80 +355,64 @@ def _last_to_arrive(parts_ptr, N_PARTS: tl.constexpr):
 
 
 @triton.jit
-def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel,
-                    AGG: tl.constexpr, HAS_NT: tl.constexpr, BLOCK: tl.constexpr):
-    # run by the last program only; partials written by other programs are loaded with .cg
-    offs = tl.arange(0, BLOCK)
-    a_cnt = tl.zeros((BLOCK,), tl.float64)
-    a_rows = tl.zeros((BLOCK,), tl.float64)
-    a_low = tl.zeros((BLOCK,), tl.float64)
-    a_high = tl.zeros((BLOCK,), tl.float64)
-    a_dual = tl.zeros((BLOCK,), tl.float64)
-    a_kl = tl.zeros((BLOCK,), tl.float64)
-    a_ratio = tl.zeros((BLOCK,), tl.float64)
-    a_min = tl.full((BLOCK,), float("inf"), tl.float64)
-    a_max = tl.full((BLOCK,), -float("inf"), tl.float64)
-    a_seq_clip = tl.zeros((BLOCK,), tl.float64)
-    a_isw = tl.zeros((BLOCK,), tl.float64)
-    a_capped = tl.zeros((BLOCK,), tl.float64)
-    for start in range(0, B, BLOCK):
-        b = start + offs
-        inb = b < B
-        p = parts_ptr + b * N_POLICY_PARTS
-        cnt = tl.load(p + PP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
-        a_cnt += cnt
-        a_rows += tl.where(cnt > 0, 1.0, 0.0)
-        low = tl.load(p + PP_LOW, mask=inb, other=0.0, cache_modifier=".cg")
-        high = tl.load(p + PP_HIGH, mask=inb, other=0.0, cache_modifier=".cg")
-        a_low += low
-        a_high += high
-        a_seq_clip += tl.where(low + high > 0, 1.0, 0.0)
-        a_isw += tl.load(p + PP_IS_WEIGHT, mask=inb, other=0.0, cache_modifier=".cg")
-        a_capped += tl.load(p + PP_IS_CAPPED, mask=inb, other=0.0, cache_modifier=".cg")
-        a_dual += tl.load(p + PP_DUAL, mask=inb, other=0.0, cache_modifier=".cg")
-        a_kl += tl.load(p + PP_KL, mask=inb, other=0.0, cache_modifier=".cg")
-        a_ratio += tl.load(p + PP_RATIO, mask=inb, other=0.0, cache_modifier=".cg")
-        a_min = tl.minimum(a_min, tl.load(p + PP_MIN, mask=inb, other=float("inf"), cache_modifier=".cg"))
-        a_max = tl.maximum(a_max, tl.load(p + PP_MAX, mask=inb, other=-float("inf"), cache_modifier=".cg"))
-    total = tl.sum(a_cnt, 0)
-    rows_with = tl.sum(a_rows, 0)
+def _weigh_rows(parts_ptr, N_PARTS: tl.constexpr, GRAD_K: tl.constexpr, num_tokens_ptr, loss_ptr, scale_ptr, B,
+                numel, total, rows_with, AGG: tl.constexpr, HAS_NT: tl.constexpr, BLOCK: tl.constexpr):
+    # the loss sum_b w_b * loss_b, and row_scale[b] = w_b times column GRAD_K (the row's factor in
+    # the gradient; -1: none); loss and count are the same columns in both losses' partials
     if HAS_NT:
         nt = tl.load(num_tokens_ptr)
     else:
         nt = total
     a_loss = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, B, BLOCK):
-        b = start + offs
-        inb = b < B
-        p = parts_ptr + b * N_POLICY_PARTS
-        cnt = tl.load(p + PP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
-        w = _row_weight(cnt, total, rows_with, numel, nt, AGG, HAS_NT)
-        a_loss += w * tl.load(p + PP_LOSS, mask=inb, other=0.0, cache_modifier=".cg")
-        g = tl.load(p + PP_ROW_GRAD, mask=inb, other=0.0, cache_modifier=".cg")
-        tl.store(scale_ptr + b, (w * g).to(tl.float32), mask=inb)
+        b = start + tl.arange(0, BLOCK)
+        x = _load_parts(parts_ptr + b * N_PARTS, b < B, N_PARTS)
+        w = _row_weight(x[PP_COUNT], total, rows_with, numel, nt, AGG, HAS_NT)
+        a_loss += w * x[PP_LOSS]
+        if GRAD_K >= 0:
+            w = w * x[GRAD_K]
+        tl.store(scale_ptr + b, w.to(tl.float32), mask=b < B)
     tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
-    _policy_stats(stats_ptr, total, rows_with, tl.sum(a_low, 0), tl.sum(a_high, 0), tl.sum(a_dual, 0),
-                  tl.sum(a_kl, 0), tl.sum(a_ratio, 0), tl.min(a_min, 0), tl.max(a_max, 0), tl.sum(a_seq_clip, 0),
-                  tl.sum(a_isw, 0), tl.sum(a_capped, 0))
 
 
 @triton.jit
-def _policy_stats(stats_ptr, total, rows_with, low, high, dual, kl, ratio, rmin, rmax, rows_clipped, is_weight,
-                  is_capped):
-    # the statistics from the totals over rows of the partials (policy_stats in rlhf/ppo.h): means
+def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel,
+                    AGG: tl.constexpr, HAS_NT: tl.constexpr, BLOCK: tl.constexpr):
+    # run by the last program only: every column over rows, then the rows with a valid token and
+    # the rows with a clipped one
+    acc = _parts_init(N_POLICY_PARTS, PP_MIN, PP_MAX, tl.float64, BLOCK)
+    a_rows = tl.zeros((BLOCK,), tl.float64)
+    a_seq_clip = tl.zeros((BLOCK,), tl.float64)
+    for start in range(0, B, BLOCK):
+        b = start + tl.arange(0, BLOCK)
+        x = _load_parts(parts_ptr + b * N_POLICY_PARTS, b < B, N_POLICY_PARTS)
+        acc = _parts_fold(acc, x, b < B, PP_MIN, PP_MAX)
+        a_rows += tl.where(x[PP_COUNT] > 0, 1.0, 0.0)
+        a_seq_clip += tl.where(x[PP_LOW] + x[PP_HIGH] > 0, 1.0, 0.0)
+    t = _parts_total(acc, PP_MIN, PP_MAX)
+    rows_with = tl.sum(a_rows, 0)
+    _weigh_rows(parts_ptr, N_POLICY_PARTS, PP_ROW_GRAD, num_tokens_ptr, loss_ptr, scale_ptr, B, numel, t[PP_COUNT],
+                rows_with, AGG, HAS_NT, BLOCK)
+    _policy_stats(stats_ptr, t, rows_with, tl.sum(a_seq_clip, 0))
+
+
+@triton.jit
+def _policy_stats(stats_ptr, t, rows_with, rows_clipped):
+    # the statistics from the totals t over rows of the partials (policy_stats in rlhf/ppo.h): means
     # over valid tokens (0 without any), and the fraction of rows with a valid token that clip one
+    total = t[PP_COUNT]
     n = tl.maximum(total, 1.0)
-    tl.store(stats_ptr + S_CLIPFRAC, ((low + high) / n).to(tl.float32))
-    tl.store(stats_ptr + S_LOW, (low / n).to(tl.float32))
-    tl.store(stats_ptr + S_HIGH, (high / n).to(tl.float32))
-    tl.store(stats_ptr + S_DUAL, (dual / n).to(tl.float32))
-    tl.store(stats_ptr + S_KL, (kl / n).to(tl.float32))
-    tl.store(stats_ptr + S_RATIO, (ratio / n).to(tl.float32))
-    tl.store(stats_ptr + S_MIN, tl.where(total > 0, rmin, 0.0).to(tl.float32))
-    tl.store(stats_ptr + S_MAX, tl.where(total > 0, rmax, 0.0).to(tl.float32))
+    tl.store(stats_ptr + S_CLIPFRAC, ((t[PP_LOW] + t[PP_HIGH]) / n).to(tl.float32))
+    tl.store(stats_ptr + S_LOW, (t[PP_LOW] / n).to(tl.float32))
+    tl.store(stats_ptr + S_HIGH, (t[PP_HIGH] / n).to(tl.float32))
+    tl.store(stats_ptr + S_DUAL, (t[PP_DUAL] / n).to(tl.float32))
+    tl.store(stats_ptr + S_KL, (t[PP_KL] / n).to(tl.float32))
+    tl.store(stats_ptr + S_RATIO, (t[PP_RATIO] / n).to(tl.float32))
+    tl.store(stats_ptr + S_MIN, tl.where(total > 0, t[PP_MIN], 0.0).to(tl.float32))
+    tl.store(stats_ptr + S_MAX, tl.where(total > 0, t[PP_MAX], 0.0).to(tl.float32))
     tl.store(stats_ptr + S_SEQ_CLIPFRAC, (rows_clipped / tl.maximum(rows_with, 1.0)).to(tl.float32))
-    tl.store(stats_ptr + S_IS_WEIGHT_MEAN, (is_weight / n).to(tl.float32))
-    tl.store(stats_ptr + S_IS_CAPPED_FRAC, (is_capped / n).to(tl.float32))
+    tl.store(stats_ptr + S_IS_WEIGHT_MEAN, (t[PP_IS_WEIGHT] / n).to(tl.float32))
+    tl.store(stats_ptr + S_IS_CAPPED_FRAC, (t[PP_IS_CAPPED] / n).to(tl.float32))
 
 
 @triton.jit
@@ -448,9 +462,8 @@ def _policy_grad_token(logp, old, adv, rollout, clip_low, clip_high, dual_clip, 
             else:
                 _, dlogp, _, _ = _cispo_clip(logp, tl.exp(logp - old), adv, clip_low, clip_high)
         else:
-            _, dlogp, _, _, _, _, _, _, _ = _policy_token(logp, old, adv, old, 1.0, 0.0, clip_low, clip_high,
-                                                          dual_clip, is_cap, HAS_DUAL, False, False, IS_NONE,
-                                                          False)
+            dlogp = _policy_token(logp, old, adv, old, 1.0, 0.0, clip_low, clip_high, dual_clip, is_cap, HAS_DUAL,
+                                  False, False, IS_NONE, False)[PP_ROW_GRAD]
         if TOKEN_IS:
             c, _ = _is_weight(old - rollout, is_cap, IS_MODE)
             dlogp = c * dlogp
@@ -471,10 +484,7 @@ def _policy_bwd_kernel(
 ):
     # d logp = grad * row_scale * the per-token factor (policy_grad_token in rlhf/ppo.h)
     row = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inb = t < T
-    idx = row * T + t
-    valid = inb & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+    idx, inb, valid = _tile(mask_ptr, row, T, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))
     if SEQ_GRAD:
         dlogp = tl.full((BLOCK,), 1.0, tl.float32)
     else:
@@ -512,36 +522,23 @@ def _value_token(v, old_v, ret, clip, HAS_CLIP: tl.constexpr):
 def _value_row(v_ptr, old_ptr, ret_ptr, mask_ptr, parts_ptr, row, T, clip,
                HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
     # stores row `row`'s partials in parts_ptr[row, :] (arguments as _value_fwd_kernel)
-    offs = tl.arange(0, BLOCK)
-    s_loss = tl.zeros((BLOCK,), tl.float64)
-    s_cnt = tl.zeros((BLOCK,), tl.float64)
-    s_clip = tl.zeros((BLOCK,), tl.float64)
-    s_r = tl.zeros((BLOCK,), tl.float64)
-    s_e = tl.zeros((BLOCK,), tl.float64)
+    # sums of the loss, the count, the clipped tokens, R and R - V (float64 differences)
+    acc = _parts_init(5, -1, -1, tl.float64, BLOCK)
     for start in range(0, T, BLOCK):
-        t = start + offs
-        inb = t < T
-        idx = row * T + t
-        valid = inb & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+        idx, _, valid = _tile(mask_ptr, row, T, start + tl.arange(0, BLOCK))
         v = tl.load(v_ptr + idx, mask=valid, other=0.0)
         o = tl.load(old_ptr + idx, mask=valid, other=0.0)
         r = tl.load(ret_ptr + idx, mask=valid, other=0.0)
         l, _, is_clipped = _value_token(v, o, r, clip, HAS_CLIP)
-        s_loss += tl.where(valid, l, 0.0).to(tl.float64)
-        s_cnt += tl.where(valid, 1.0, 0.0).to(tl.float64)
-        s_clip += tl.where(valid & is_clipped, 1.0, 0.0).to(tl.float64)
-        s_r += tl.where(valid, r, 0.0).to(tl.float64)
-        s_e += tl.where(valid, r.to(tl.float64) - v.to(tl.float64), 0.0)
-    n = tl.sum(s_cnt, 0)
-    mean_r = tl.sum(s_r, 0) / tl.maximum(n, 1.0)
-    mean_e = tl.sum(s_e, 0) / tl.maximum(n, 1.0)
+        acc = _parts_fold(acc, (l, tl.full(l.shape, 1.0, tl.float32), tl.where(is_clipped, 1.0, 0.0), r,
+                                r.to(tl.float64) - v.to(tl.float64)), valid, -1, -1)
+    s_loss, n, s_clip, s_r, s_e = _parts_total(acc, -1, -1)
+    mean_r = s_r / tl.maximum(n, 1.0)
+    mean_e = s_e / tl.maximum(n, 1.0)
     q_r = tl.zeros((BLOCK,), tl.float64)
     q_e = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, T, BLOCK):
-        t = start + offs
-        inb = t < T
-        idx = row * T + t
-        valid = inb & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+        idx, _, valid = _tile(mask_ptr, row, T, start + tl.arange(0, BLOCK))
         v = tl.load(v_ptr + idx, mask=valid, other=0.0).to(tl.float64)
         r = tl.load(ret_ptr + idx, mask=valid, other=0.0).to(tl.float64)
         dr = r - mean_r
@@ -549,9 +546,9 @@ def _value_row(v_ptr, old_ptr, ret_ptr, mask_ptr, parts_ptr, row, T, clip,
         q_r += tl.where(valid, dr * dr, 0.0)
         q_e += tl.where(valid, de * de, 0.0)
     out = parts_ptr + row * N_VALUE_PARTS
-    tl.store(out + VP_LOSS, tl.sum(s_loss, 0))
+    tl.store(out + VP_LOSS, s_loss)
     tl.store(out + VP_COUNT, n)
-    tl.store(out + VP_CLIPPED, tl.sum(s_clip, 0))
+    tl.store(out + VP_CLIPPED, s_clip)
     tl.store(out + VP_MEAN_R, mean_r)
     tl.store(out + VP_M2_R, tl.sum(q_r, 0))
     tl.store(out + VP_MEAN_E, mean_e)
@@ -561,50 +558,32 @@ def _value_row(v_ptr, old_ptr, ret_ptr, mask_ptr, parts_ptr, row, T, clip,
 @triton.jit
 def _value_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B, numel,
                    AGG: tl.constexpr, HAS_NT: tl.constexpr, BLOCK: tl.constexpr):
-    # run by the last program only; partials written by other programs are loaded with .cg
-    offs = tl.arange(0, BLOCK)
-    a_cnt = tl.zeros((BLOCK,), tl.float64)
-    a_rows = tl.zeros((BLOCK,), tl.float64)
-    a_clip = tl.zeros((BLOCK,), tl.float64)
-    a_r = tl.zeros((BLOCK,), tl.float64)
-    a_e = tl.zeros((BLOCK,), tl.float64)
+    # run by the last program only
+    # over rows: valid tokens, rows with any, clipped tokens, and the counts times the means of R and R - V
+    acc = _parts_init(5, -1, -1, tl.float64, BLOCK)
     for start in range(0, B, BLOCK):
-        b = start + offs
-        inb = b < B
-        p = parts_ptr + b * N_VALUE_PARTS
-        cnt = tl.load(p + VP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
-        a_cnt += cnt
-        a_rows += tl.where(cnt > 0, 1.0, 0.0)
-        a_clip += tl.load(p + VP_CLIPPED, mask=inb, other=0.0, cache_modifier=".cg")
-        a_r += cnt * tl.load(p + VP_MEAN_R, mask=inb, other=0.0, cache_modifier=".cg")
-        a_e += cnt * tl.load(p + VP_MEAN_E, mask=inb, other=0.0, cache_modifier=".cg")
-    total = tl.sum(a_cnt, 0)
-    rows_with = tl.sum(a_rows, 0)
+        b = start + tl.arange(0, BLOCK)
+        x = _load_parts(parts_ptr + b * N_VALUE_PARTS, b < B, N_VALUE_PARTS)
+        cnt = x[VP_COUNT]
+        acc = _parts_fold(acc, (cnt, tl.where(cnt > 0, 1.0, 0.0), x[VP_CLIPPED], cnt * x[VP_MEAN_R],
+                                cnt * x[VP_MEAN_E]), b < B, -1, -1)
+    total, rows_with, clipped, sum_r, sum_e = _parts_total(acc, -1, -1)
     n = tl.maximum(total, 1.0)
-    mean_r = tl.sum(a_r, 0) / n
-    mean_e = tl.sum(a_e, 0) / n
-    if HAS_NT:
-        nt = tl.load(num_tokens_ptr)
-    else:
-        nt = total
-    a_loss = tl.zeros((BLOCK,), tl.float64)
+    mean_r = sum_r / n
+    mean_e = sum_e / n
+    _weigh_rows(parts_ptr, N_VALUE_PARTS, -1, num_tokens_ptr, loss_ptr, scale_ptr, B, numel, total, rows_with, AGG,
+                HAS_NT, BLOCK)
     m2_r = tl.zeros((BLOCK,), tl.float64)
     m2_e = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, B, BLOCK):
-        b = start + offs
-        inb = b < B
-        p = parts_ptr + b * N_VALUE_PARTS
-        cnt = tl.load(p + VP_COUNT, mask=inb, other=0.0, cache_modifier=".cg")
-        w = _row_weight(cnt, total, rows_with, numel, nt, AGG, HAS_NT)
-        a_loss += w * tl.load(p + VP_LOSS, mask=inb, other=0.0, cache_modifier=".cg")
-        tl.store(scale_ptr + b, w.to(tl.float32), mask=inb)
+        b = start + tl.arange(0, BLOCK)
+        x = _load_parts(parts_ptr + b * N_VALUE_PARTS, b < B, N_VALUE_PARTS)
         # total sum of squares = within rows + between rows (exact split)
-        dr = tl.load(p + VP_MEAN_R, mask=inb, other=0.0, cache_modifier=".cg") - mean_r
-        de = tl.load(p + VP_MEAN_E, mask=inb, other=0.0, cache_modifier=".cg") - mean_e
-        m2_r += tl.load(p + VP_M2_R, mask=inb, other=0.0, cache_modifier=".cg") + cnt * dr * dr
-        m2_e += tl.load(p + VP_M2_E, mask=inb, other=0.0, cache_modifier=".cg") + cnt * de * de
-    tl.store(loss_ptr, tl.sum(a_loss, 0).to(tl.float32))
-    tl.store(stats_ptr + S_VF_CLIPFRAC, (tl.sum(a_clip, 0) / n).to(tl.float32))
+        dr = x[VP_MEAN_R] - mean_r
+        de = x[VP_MEAN_E] - mean_e
+        m2_r += x[VP_M2_R] + x[VP_COUNT] * dr * dr
+        m2_e += x[VP_M2_E] + x[VP_COUNT] * de * de
+    tl.store(stats_ptr + S_VF_CLIPFRAC, (clipped / n).to(tl.float32))
     var_r = tl.sum(m2_r, 0)
     ev = tl.where(var_r > 0, 1.0 - tl.sum(m2_e, 0) / tl.where(var_r > 0, var_r, 1.0), 0.0)
     tl.store(stats_ptr + S_EXPLAINED_VAR, ev.to(tl.float32))
@@ -642,10 +621,7 @@ def _value_bwd_kernel(
     HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inb = t < T
-    idx = row * T + t
-    valid = inb & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+    idx, inb, valid = _tile(mask_ptr, row, T, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))
     v = tl.load(v_ptr + idx, mask=valid, other=0.0)
     o = tl.load(old_ptr + idx, mask=valid, other=0.0)
     r = tl.load(ret_ptr + idx, mask=valid, other=0.0)
@@ -667,110 +643,87 @@ def _scratch(rows, n_parts, device):
     return torch.zeros(rows * n_parts + 1, dtype=torch.float64, device=device)
 
 
-def _outputs(x, n_stats):
-    B = x.shape[0]
-    return x.new_empty(()), x.new_empty((n_stats,)), x.new_empty((B,))
+def _forward(kernel, n_parts, n_stats, x, inputs, num_tokens, args, **constexprs):
+    """One forward launch over the [B, T] inputs (x the first): returns (loss [], stats [n_stats],
+    row_scale [B]); num_tokens a 0-d float64 tensor or None."""
+    B, T = x.shape
+    loss, stats, scale = x.new_empty(()), x.new_empty((n_stats,)), x.new_empty((B,))
+    parts = _scratch(max(B, 1), n_parts, x.device)
+    block = _block(T)
+    kernel[(max(B, 1),)](*inputs, parts, num_tokens if num_tokens is not None else parts, loss, stats, scale, B, T,
+                         float(B * T), *args, HAS_NT=num_tokens is not None, **constexprs, BLOCK=block,
+                         COMBINE_BLOCK=COMBINE_BLOCK, num_warps=_fwd_warps(block))
+    return loss, stats, scale
+
+
+def _backward(kernel, x, inputs, args, **constexprs):
+    """One elementwise backward launch: d x [B, T]."""
+    B, T = x.shape
+    out = torch.empty_like(x)
+    if x.numel():
+        block = _block(T)
+        kernel[(B, triton.cdiv(T, block))](*inputs, out, T, *args, **constexprs, BLOCK=block)
+    return out
 
 
 def _policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_clip, agg, rollout, options, is_cap):
     """[B, T] float32 contiguous inputs, bool mask; num_tokens a 0-d float64 tensor or None;
-    rollout [B, T] float32 or None; options the packed options (rlhf_kernels/_layout.py).
-    Returns (loss [], stats [len(POLICY_STATS)], row_scale [B])."""
-    B, T = logp.shape
-    loss, stats, scale = _outputs(logp, len(POLICY_STATS))
-    parts = _scratch(max(B, 1), len(POLICY_PARTS), logp.device)
-    block = _block(T)
-    _policy_fwd_kernel[(max(B, 1),)](logp, old, adv, rollout if rollout is not None else logp, mask.view(torch.int8),
-                                     parts, num_tokens if num_tokens is not None else parts,
-                                     loss, stats, scale, B, T, float(B * T), clip_low, clip_high, dual_clip or 0.0,
-                                     is_cap, HAS_DUAL=dual_clip is not None, AGG=agg, HAS_NT=num_tokens is not None,
-                                     **_policy_flags(options), BLOCK=block, COMBINE_BLOCK=COMBINE_BLOCK,
-                                     num_warps=_fwd_warps(block))
-    return loss, stats, scale
+    rollout [B, T] float32 or None; options the packed options (rlhf_kernels/_layout.py)."""
+    return _forward(_policy_fwd_kernel, len(POLICY_PARTS), len(POLICY_STATS), logp,
+                    (logp, old, adv, rollout if rollout is not None else logp, mask.view(torch.int8)), num_tokens,
+                    (clip_low, clip_high, dual_clip or 0.0, is_cap), HAS_DUAL=dual_clip is not None, AGG=agg,
+                    **_policy_flags(options))
 
 
 def _policy_backward(grad, logp, old, adv, mask, scale, clip_low, clip_high, dual_clip, rollout, options, is_cap):
-    B, T = logp.shape
-    out = torch.empty_like(logp)
-    if logp.numel():
-        block = _block(T)
-        f = _policy_flags(options)
-        _policy_bwd_kernel[(B, triton.cdiv(T, block))](
-            grad, logp, old, adv, rollout if rollout is not None else logp, mask.view(torch.int8), scale, out, T,
-            clip_low, clip_high, dual_clip or 0.0, is_cap, HAS_DUAL=dual_clip is not None, SEQ_RATIO=f["SEQ_RATIO"],
-            SEQ_GRAD=f["SEQ_GRAD"], CISPO=f["CISPO"], IS_MODE=f["IS_MODE"], TOKEN_IS=f["TOKEN_IS"], BLOCK=block)
-    return out
+    f = _policy_flags(options)
+    return _backward(_policy_bwd_kernel, logp, (grad, logp, old, adv, rollout if rollout is not None else logp,
+                                                mask.view(torch.int8), scale),
+                     (clip_low, clip_high, dual_clip or 0.0, is_cap), HAS_DUAL=dual_clip is not None,
+                     **{k: f[k] for k in ("SEQ_RATIO", "SEQ_GRAD", "CISPO", "IS_MODE", "TOKEN_IS")})
 
 
 def _value_forward(values, old, returns, mask, num_tokens, clip, agg):
-    """Returns (loss [], stats [len(VALUE_STATS)], row_scale [B])."""
-    B, T = values.shape
-    loss, stats, scale = _outputs(values, len(VALUE_STATS))
-    parts = _scratch(max(B, 1), len(VALUE_PARTS), values.device)
-    block = _block(T)
-    _value_fwd_kernel[(max(B, 1),)](values, old, returns, mask.view(torch.int8), parts,
-                                    num_tokens if num_tokens is not None else parts, loss, stats, scale, B, T,
-                                    float(B * T), clip or 0.0, HAS_CLIP=clip is not None, AGG=agg,
-                                    HAS_NT=num_tokens is not None, BLOCK=block, COMBINE_BLOCK=COMBINE_BLOCK,
-                                    num_warps=_fwd_warps(block))
-    return loss, stats, scale
+    return _forward(_value_fwd_kernel, len(VALUE_PARTS), len(VALUE_STATS), values,
+                    (values, old, returns, mask.view(torch.int8)), num_tokens, (clip or 0.0,),
+                    HAS_CLIP=clip is not None, AGG=agg)
 
 
 def _value_backward(grad, values, old, returns, mask, scale, clip):
-    B, T = values.shape
-    out = torch.empty_like(values)
-    if values.numel():
-        block = _block(T)
-        _value_bwd_kernel[(B, triton.cdiv(T, block))](grad, values, old, returns, mask.view(torch.int8), scale, out,
-                                                      T, clip or 0.0, HAS_CLIP=clip is not None, BLOCK=block)
-    return out
+    return _backward(_value_bwd_kernel, values, (grad, values, old, returns, mask.view(torch.int8), scale),
+                     (clip or 0.0,), HAS_CLIP=clip is not None)
+
+
+def _autograd(backward, n_inputs, args, tensors=()):
+    """(setup_context, backward) of a forward whose [B, T] inputs 0-3 come first, whose outputs
+    are (loss, stats, row_scale) and whose gradient goes to input 0: backward(grad, inputs 0-3,
+    row_scale, *inputs[args]); the inputs in `tensors` (tensors or None) are saved as tensors."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4], output[2], *(inputs[i] for i in tensors))
+        ctx.args = [None if i in tensors else inputs[i] for i in args]
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
+
+    def grad(ctx, grad_loss, grad_stats, grad_scale):
+        if grad_loss is None:
+            return (None,) * n_inputs
+        saved = ctx.saved_tensors
+        kept = dict(zip(tensors, saved[5:]))
+        a = [kept.get(i, v) for i, v in zip(args, ctx.args)]
+        return (backward(grad_loss.float().contiguous(), *saved[:5], *a),) + (None,) * (n_inputs - 1)
+    return setup, grad
 
 
 # ---- the ops (rlhf_kernels/triton/_op.py): float32 contiguous [B, T] inputs and a bool mask,
 # checked and converted by rlhf_kernels/ops/ppo.py; the gradient flows to logprobs / values only.
 
 policy_backward = Op("ppo_policy_bwd", _policy_backward, required=("clip_high", "is_cap"))
-
-
-def _policy_setup(ctx, inputs, output):
-    logp, old, adv, mask, _, clip_low, clip_high, dual_clip, _, rollout, options, is_cap = inputs
-    ctx.save_for_backward(logp, old, adv, mask, output[2], rollout)
-    ctx.args = (clip_low, clip_high, dual_clip)
-    ctx.options = (options, is_cap)
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)
-
-
-def _policy_grad(ctx, grad_loss, grad_stats, grad_scale):
-    if grad_loss is None:
-        return (None,) * 12
-    logp, old, adv, mask, scale, rollout = ctx.saved_tensors
-    d = policy_backward(grad_loss.float().contiguous(), logp, old, adv, mask, scale, *ctx.args, rollout,
-                        *ctx.options)
-    return (d,) + (None,) * 11
-
-
-# the plain loss and the options alike (options 0: the plain loss)
-policy_forward = DifferentiableOp("ppo_policy_options_fwd", _policy_forward, _policy_setup, _policy_grad,
+# the plain loss and the options alike (options 0: the plain loss); inputs: logp, old, adv, mask,
+# num_tokens, clip_low, clip_high, dual_clip, agg, rollout, options, is_cap
+policy_forward = DifferentiableOp("ppo_policy_options_fwd", _policy_forward,
+                                  *_autograd(policy_backward, 12, (5, 6, 7, 9, 10, 11), tensors=(9,)),
                                   drop=("num_tokens_value",), required=("clip_high", "is_cap"))
-
 value_backward = Op("ppo_value_bwd", _value_backward)
-
-
-def _value_setup(ctx, inputs, output):
-    values, old, returns, mask, _, clip, _ = inputs
-    ctx.save_for_backward(values, old, returns, mask, output[2])
-    ctx.clip = clip
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)
-
-
-def _value_grad(ctx, grad_loss, grad_stats, grad_scale):
-    if grad_loss is None:
-        return (None,) * 7
-    values, old, returns, mask, scale = ctx.saved_tensors
-    d = value_backward(grad_loss.float().contiguous(), values, old, returns, mask, scale, ctx.clip)
-    return (d,) + (None,) * 6
-
-
-value_forward = DifferentiableOp("ppo_value_fwd", _value_forward, _value_setup, _value_grad, drop=("num_tokens_value",))
+# inputs: values, old, returns, mask, num_tokens, clip, agg
+value_forward = DifferentiableOp("ppo_value_fwd", _value_forward, *_autograd(value_backward, 7, (5,)),
+                                 drop=("num_tokens_value",))

@@ -177,14 +177,11 @@ RLHF_HD_TOKEN PolicyTokenT<F> ppo_clip(F ratio, F dratio, F adv, float clip_low,
   const auto dual = (adv < zero) & (cap < l) & (dual_clip > 0.f ? -1 : 0);  // all lanes off without dual clip
   t.loss = dual ? cap : l;
   t.dlogp = dual ? zero : dx;
-  t.ratio = ratio;
   // clipping can only win strictly outside [lo, hi], so a win is either low or high
   const F wins = clip_wins ? one : zero;
   t.is_low = ratio < lo ? wins : zero;
   t.is_high = wins - t.is_low;
   t.is_dual = dual ? one : zero;
-  t.is_weight = one;
-  t.is_capped = zero;
   return t;
 }
 
@@ -197,12 +194,9 @@ RLHF_HD_TOKEN PolicyTokenT<F> cispo_clip(F logp, F ratio, F adv, float clip_low,
   const F lo = splat<F>(1.f - clip_low), hi = splat<F>(1.f + clip_high);
   t.dlogp = -min_f32(max_f32(ratio, lo), hi) * adv;
   t.loss = t.dlogp * logp;
-  t.ratio = ratio;
   t.is_low = ratio < lo ? one : zero;
   t.is_high = ratio > hi ? one : zero;
   t.is_dual = zero;
-  t.is_weight = one;
-  t.is_capped = zero;
   return t;
 }
 
@@ -236,7 +230,10 @@ RLHF_HD_TOKEN PolicyTokenT<F> policy_token(F logp, F old_logp, F adv, F rollout,
   PolicyTokenT<F> t = o.cispo ? cispo_clip(logp, ratio, adv, clip_low, clip_high)
                               : ppo_clip(ratio, o.seq_ratio ? splat<F>(1.f) : ratio, adv, clip_low, clip_high,
                                          dual_clip);
+  t.ratio = ratio;
   t.kl = (own - 1.f) - log_ratio;
+  t.is_weight = splat<F>(1.f);
+  t.is_capped = splat<F>(0.f);
   if (o.is_correction != kIsNone) {
     const IsWeightT<F> w = is_weight(o.is_token ? old_logp - rollout : row_log_w, o.is_correction, o.is_cap);
     t.loss = w.weight * t.loss;
@@ -245,14 +242,6 @@ RLHF_HD_TOKEN PolicyTokenT<F> policy_token(F logp, F old_logp, F adv, F rollout,
     t.is_capped = w.capped;
   }
   return t;
-}
-
-// The plain PPO token (options = 0).
-template <typename F>
-RLHF_HD_TOKEN PolicyTokenT<F> ppo_policy_token(F logp, F old_logp, F adv, float clip_low, float clip_high,
-                                               float dual_clip) {
-  const F zero = splat<F>(0.f);
-  return policy_token(logp, old_logp, adv, zero, zero, zero, clip_low, clip_high, dual_clip, DefaultOptions{});
 }
 
 // The row's sequence ratio s = exp(mean of logp - old_logp over its valid tokens), from the
@@ -292,7 +281,8 @@ RLHF_HD_TOKEN F policy_grad_token(F logp, F old_logp, F adv, F rollout, float cl
   if (o.seq_ratio && !o.cispo) return splat<F>(1.f);
   F d;
   if (!o.cispo) {
-    d = ppo_policy_token(logp, old_logp, adv, clip_low, clip_high, dual_clip).dlogp;
+    const F ratio = exp_f32(logp - old_logp);
+    d = ppo_clip(ratio, ratio, adv, clip_low, clip_high, dual_clip).dlogp;
   } else {
     d = o.seq_ratio ? -adv : cispo_clip(logp, exp_f32(logp - old_logp), adv, clip_low, clip_high).dlogp;
   }

@@ -112,8 +112,9 @@ Plan make_plan(const Derivative& d, const c10::FunctionSchema& fwd) {
     TORCH_CHECK(j >= 0, both, ": the differentiable output '", name, "' is not a named return of ", d.forward,
                 " (", fwd, ")");
     p.diff_output[j] = true;
-    diff_names.push_back(name);
   }
+  for (size_t j = 0; j < p.num_returns; ++j)  // in the order of the node's inputs (the upstream gradients)
+    if (p.diff_output[j]) diff_names.push_back(fwd.returns()[j].name());
   TORCH_CHECK(bwd.returns().size() == d.inputs.size(), both, ": ", d.backward, " returns ", bwd.returns().size(),
               " tensors, expected one per differentiable input (", d.inputs.size(), ")");
   for (const c10::Argument& a : bwd.arguments()) {

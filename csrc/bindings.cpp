@@ -41,7 +41,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // elements held at once (0: the backend's default); `validate` as for token_logprobs.
   // Forward -> float32 (logp [...], entropy [...], stats [N, 2]); backward -> (d_hidden [..., H],
   // d_weight, d_bias) in the input dtype, [0] where not asked for. Autograd of the forward:
-  // csrc/autograd/linear_logprobs.cpp.
+  // csrc/autograd/derivatives.cpp.
   m.def("linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float temperature,"
         " int ignore_index, int tile, bool validate) -> (Tensor logp, Tensor entropy, Tensor stats)");
   m.def("linear_logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_logp,"
@@ -57,7 +57,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // -> float32 (loss [], stats [n] (order: rlhf/layout.h, kLinearPolicyStatNames after the policy
   // stats), logprobs [B, T]). linear_policy_fwd_grad also returns the loss's gradients (for a unit
   // upstream gradient) wrt hidden, weight and bias in the input dtype, [0] where not asked for:
-  // the forward makes them; the autograd of linear_policy_fwd (csrc/autograd/linear_policy.cpp)
+  // the forward makes them; the autograd of linear_policy_fwd (csrc/autograd/derivatives.cpp)
   // calls it and its backward scales them.
   m.def("linear_policy_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor old_logprobs,"
         " Tensor advantages, Tensor mask, Tensor? ref_logprobs, Tensor? num_tokens, float? num_tokens_value,"
@@ -77,7 +77,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // num_tokens_value (a number), at most one. loss_agg codes, stats order: rlhf/layout.h.
   // clip_high None means clip_low; dual_clip None means none. Forward -> (loss [], stats
   // [n_stats], row_scale [B]: each row's weight in the loss, used by the backward);
-  // backward -> d logprobs / d values [B, T] float32. Autograd: csrc/autograd/ppo.cpp.
+  // backward -> d logprobs / d values [B, T] float32. Autograd: csrc/autograd/derivatives.cpp.
   // The policy loss's options take ppo_policy_options_fwd, the plain loss keeps ppo_policy_fwd
   // (every schema argument costs host time on every call); both share ppo_policy_bwd. `options`
   // packs ratio_level, objective, is_correction and is_level (bit layout: rlhf/layout.h; 0 = the
@@ -85,24 +85,25 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // row_scale [B] is each row's weight times its factor in the gradient (rlhf/ppo.h, row_grad_factor).
   m.def("ppo_policy_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? num_tokens,"
         " float? num_tokens_value, float clip_low, float? clip_high, float? dual_clip, int loss_agg)"
-        " -> (Tensor, Tensor, Tensor)");
+        " -> (Tensor loss, Tensor stats, Tensor row_scale)");
   m.def("ppo_policy_options_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask,"
         " Tensor? num_tokens, float? num_tokens_value, float clip_low, float? clip_high, float? dual_clip,"
-        " int loss_agg, Tensor? rollout_logprobs, int options, float? is_cap) -> (Tensor, Tensor, Tensor)");
+        " int loss_agg, Tensor? rollout_logprobs, int options, float? is_cap)"
+        " -> (Tensor loss, Tensor stats, Tensor row_scale)");
   m.def("ppo_policy_bwd(Tensor grad, Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask,"
         " Tensor row_scale, float clip_low, float? clip_high, float? dual_clip, Tensor? rollout_logprobs=None,"
         " int options=0, float? is_cap=None) -> Tensor");
   m.def("ppo_value_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor? num_tokens,"
-        " float? num_tokens_value, float? clip, int loss_agg) -> (Tensor, Tensor, Tensor)");
+        " float? num_tokens_value, float? clip, int loss_agg) -> (Tensor loss, Tensor stats, Tensor row_scale)");
   m.def("ppo_value_bwd(Tensor grad, Tensor values, Tensor old_values, Tensor returns, Tensor mask,"
         " Tensor row_scale, float? clip) -> Tensor");
   // bt family: float32 [P] rewards (ranking: [P, K], bool valid). bt_fwd -> (loss [], stats [2]);
   // ranking_fwd -> (loss [], stats [1], prompt_scale [P]).
   m.def("bt_fwd(Tensor chosen, Tensor rejected, Tensor? margin, float label_smoothing, float center_coef)"
-        " -> (Tensor, Tensor)");
+        " -> (Tensor loss, Tensor stats)");
   m.def("bt_bwd(Tensor grad, Tensor chosen, Tensor rejected, Tensor? margin, float label_smoothing,"
         " float center_coef) -> (Tensor, Tensor)");
-  m.def("ranking_fwd(Tensor rewards, Tensor? valid) -> (Tensor, Tensor, Tensor)");
+  m.def("ranking_fwd(Tensor rewards, Tensor? valid) -> (Tensor loss, Tensor stats, Tensor prompt_scale)");
   m.def("ranking_bwd(Tensor grad, Tensor rewards, Tensor? valid, Tensor prompt_scale) -> Tensor");
   // score family: pred [P] any float dtype; kind 0 = regression (score [P] float, no thresholds),
   // 1 = ordinal (score [P] integer levels, thresholds [K-1] float). -> (loss [], stats [4],

@@ -9,7 +9,7 @@ SCHEMAS = {
     "bt_bwd": "(Tensor grad, Tensor chosen, Tensor rejected, Tensor? margin, float label_smoothing,"
         " float center_coef) -> (Tensor, Tensor)",
     "bt_fwd": "(Tensor chosen, Tensor rejected, Tensor? margin, float label_smoothing,"
-        " float center_coef) -> (Tensor, Tensor)",
+        " float center_coef) -> (Tensor loss, Tensor stats)",
     "full_kl_bwd": "(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor kl, Tensor stats,"
         " float temperature) -> Tensor",
     "full_kl_fwd": "(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor kl, Tensor stats)",
@@ -45,17 +45,18 @@ SCHEMAS = {
         " Tensor row_scale, float clip_low, float? clip_high, float? dual_clip, Tensor? rollout_logprobs=None,"
         " int options=0, float? is_cap=None) -> Tensor",
     "ppo_policy_fwd": "(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor? num_tokens,"
-        " float? num_tokens_value, float clip_low, float? clip_high, float? dual_clip, int loss_agg) -> (Tensor,"
-        " Tensor, Tensor)",
+        " float? num_tokens_value, float clip_low, float? clip_high, float? dual_clip,"
+        " int loss_agg) -> (Tensor loss, Tensor stats, Tensor row_scale)",
     "ppo_policy_options_fwd": "(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask,"
         " Tensor? num_tokens, float? num_tokens_value, float clip_low, float? clip_high, float? dual_clip,"
-        " int loss_agg, Tensor? rollout_logprobs, int options, float? is_cap) -> (Tensor, Tensor, Tensor)",
+        " int loss_agg, Tensor? rollout_logprobs, int options, float? is_cap) -> (Tensor loss, Tensor stats,"
+        " Tensor row_scale)",
     "ppo_value_bwd": "(Tensor grad, Tensor values, Tensor old_values, Tensor returns, Tensor mask,"
         " Tensor row_scale, float? clip) -> Tensor",
     "ppo_value_fwd": "(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor? num_tokens,"
-        " float? num_tokens_value, float? clip, int loss_agg) -> (Tensor, Tensor, Tensor)",
+        " float? num_tokens_value, float? clip, int loss_agg) -> (Tensor loss, Tensor stats, Tensor row_scale)",
     "ranking_bwd": "(Tensor grad, Tensor rewards, Tensor? valid, Tensor prompt_scale) -> Tensor",
-    "ranking_fwd": "(Tensor rewards, Tensor? valid) -> (Tensor, Tensor, Tensor)",
+    "ranking_fwd": "(Tensor rewards, Tensor? valid) -> (Tensor loss, Tensor stats, Tensor prompt_scale)",
     "score_fwd": "(Tensor pred, Tensor score, Tensor? thresholds, int kind, bool validate) -> (Tensor, Tensor,"
         " Tensor, Tensor)",
     "token_entropy_fwd": "(Tensor logits, float temperature) -> (Tensor entropy, Tensor stats)",

@@ -11,7 +11,7 @@ d_hidden (float32), d_weight and d_bias tile by tile: four matmuls' worth of FLO
 of three, for memory bounded by one tile instead of two [N, V] tensors.
 
 Backends: ``cpu`` and ``cuda`` (native: checks, tiling and autograd in C++,
-csrc/include/rlhf/linear_logprobs_op.h and csrc/autograd/linear_logprobs.cpp, with C++ or
+csrc/include/rlhf/linear_logprobs_op.h and csrc/autograd/derivatives.cpp, with C++ or
 CUDA epilogues; one dispatcher call from here), ``triton`` (torch matmuls, Triton epilogues),
 ``torch`` (the chunked eager fallback: tokens in chunks with activation checkpointing).
 Labels outside [0, V) (other than ``ignore_index``) raise when ``validate`` is true, as in

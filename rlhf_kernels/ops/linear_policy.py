@@ -24,7 +24,7 @@ pass, one all-gather, then the gradient pass in the backward, 8NHV/TP per rank f
 (``_vocab_parallel``).
 
 Backends: ``cpu`` and ``cuda`` (native: checks, chunks and autograd in C++,
-csrc/include/rlhf/linear_policy_op.h and csrc/autograd/linear_policy.cpp; the PPO part is
+csrc/include/rlhf/linear_policy_op.h and csrc/autograd/derivatives.cpp; the PPO part is
 ppo_policy_options_fwd's own kernel on the [B, T] logp; one dispatcher call from here), ``triton``
 (torch matmuls, one Triton epilogue per chunk, the PPO part from triton/ppo.py), ``torch``
 (chunked eager: linear_token_logprobs' torch backend, then the loss terms in float64).

@@ -30,7 +30,7 @@
 // its row's sequence ratio, so all of the row's logp first: two passes, the loop without
 // gradients (2NHV: logp only), ppo_policy_options_fwd for s_b, then the loop with them (6NHV):
 // 8NHV in all, the cost of linear_token_logprobs followed by the loss.
-// The autograd (csrc/autograd/linear_policy.cpp) keeps the gradients, made for a unit upstream
+// The autograd (csrc/autograd/derivatives.cpp) keeps the gradients, made for a unit upstream
 // gradient, and its backward multiplies them in place by the upstream gradient.
 //
 // d_weight accumulates over the chunks: in d_weight itself for float32 inputs; for 16-bit

@@ -1,6 +1,8 @@
-"""The test kit shared by the op families' tests: input makers, comparison helpers and skip
-rules that were copied from file to file (the environment-wide fixtures and the backend lists
-live in conftest.py; the integrations' kit in test_integrations_kit.py)."""
+"""The test kit shared by the op families' tests: input makers, comparison helpers, skip rules
+and a script loader that were copied from file to file (the environment-wide fixtures and the
+backend lists live in conftest.py; the integrations' kit in test_integrations_kit.py)."""
+
+import importlib.util
 
 import pytest
 import torch
@@ -122,3 +124,12 @@ def tile_fixture(module, tiles, doc):
         return request.param
     tile.__doc__ = doc
     return tile
+
+
+def load_script(path, name):
+    """The Python file at ``path`` (a benchmark or an example, not a package module) imported as
+    a module named ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

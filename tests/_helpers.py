@@ -1,8 +1,11 @@
-"""The test kit shared by the op families' tests: input makers, comparison helpers, skip rules
-and a script loader that were copied from file to file (the environment-wide fixtures and the
-backend lists live in conftest.py; the integrations' kit in test_integrations_kit.py)."""
+"""The test kit shared by the op families' and the trainer's tests: input makers, comparison
+helpers, skip rules and config builders that were copied from file to file (the environment-wide
+fixtures and the backend lists live in conftest.py; the integrations' kit in
+test_integrations_kit.py)."""
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -133,3 +136,26 @@ def load_script(path, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_small(command, out):
+    """``python -m rlhf_trainer <command> --small --out <out>`` in a subprocess, which must exit 0:
+    (out, its stdout)."""
+    p = subprocess.run([sys.executable, "-m", "rlhf_trainer", command, "--small", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, p.stdout
+
+
+def toy_config(algo="ppo", section=None, **keys):
+    """The trainer's Config for the toy task: the defaults for ``algo``, with ``section`` merged
+    into the algorithm's own section and each of ``keys`` merged in: a dict into the section of
+    that name (``task={"stop_at_eos": True}``), anything else as a top-level key (``beta=0.0``)."""
+    from rlhf_trainer.config import Config
+    d = Config(algo=algo).to_dict()
+    for key, value in list(keys.items()) + [(algo, section or {})]:
+        if isinstance(value, dict) and isinstance(d.get(key), dict):
+            d[key].update(value)
+        else:
+            d[key] = value
+    return Config.from_dict(d)

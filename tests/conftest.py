@@ -66,6 +66,17 @@ def poison_empty():
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests, the count restored after: the trainer's
+    models are tiny, so one thread is as fast, and on a busy machine far faster. Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def gen():
     """A fresh random generator per test, seeded from the test's name: fresh inputs for

@@ -22,8 +22,8 @@ import torch
 
 from rlhf_trainer import parallel
 from rlhf_trainer.algos import trainer_class
-from rlhf_trainer.config import Config
 from rlhf_trainer.toy import ToyTask
+from _helpers import toy_config  # this script's folder, tests/, is first on sys.path
 
 OPTIONS = {"ppo": dict(loss_agg="token-mean", entropy_coef=0.01),
            "grpo": dict(group_size=4)}
@@ -36,9 +36,8 @@ def full(t):
 
 def invariance(out):
     for algo, extra in OPTIONS.items():
-        d = Config(algo=algo).to_dict()
-        d[algo].update(steps=1, rollout_batch=16, minibatch=16, micro_batch=2, epochs=1, max_grad_norm=1e9, **extra)
-        cfg = Config.from_dict(d)
+        cfg = toy_config(algo, dict(steps=1, rollout_batch=16, minibatch=16, micro_batch=2, epochs=1,
+                                    max_grad_norm=1e9, **extra))
         task = ToyTask(cfg.task)
         trainer = trainer_class(algo)(cfg, task, reward_fn=task.rule_reward, log=lambda *a: None)
         path = os.path.join(out, "rollout-%s.pt" % algo)
@@ -58,9 +57,7 @@ def invariance(out):
 
 
 def small_trainer(run_dir):
-    d = Config().to_dict()
-    d["ppo"].update(steps=4, rollout_batch=16, minibatch=8, micro_batch=4, epochs=2)
-    cfg = Config.from_dict(d)
+    cfg = toy_config("ppo", dict(steps=4, rollout_batch=16, minibatch=8, micro_batch=4, epochs=2))
     task = ToyTask(cfg.task)
     if parallel.is_main():
         os.makedirs(run_dir, exist_ok=True)

@@ -1,5 +1,7 @@
 """bt_loss and ranking_loss against the float64 reference, on every backend."""
 
+import functools
+
 import pytest
 import torch
 
@@ -7,29 +9,14 @@ import rlhf_kernels as rk
 from rlhf_kernels import _backend, _ext
 from rlhf_kernels.reference import bt as ref
 from tests.conftest import device_backends
-from rlhf_kernels.tolerances import BT_RTOL, GRAD_ATOL_FRAC, GRAD_RTOL, STAT_ATOL, STAT_RTOL
+from rlhf_kernels.tolerances import BT_RTOL
+from tests._helpers import assert_grad, assert_loss_close, assert_stats_close
 
 BACKENDS = device_backends()
 pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest: torch.empty comes back NaN
 
 
-def assert_close_scaled(actual, expected, scale, rtol=BT_RTOL):
-    assert actual.dtype == torch.float32 and actual.dim() == 0
-    err = abs(actual.double().item() - expected.double().item())
-    assert err <= rtol * scale + 1e-12, (actual.item(), expected.item(), scale)
-
-
-def assert_grad(actual, expected):
-    assert actual.dtype == torch.float32
-    atol = GRAD_ATOL_FRAC * expected.abs().max().item() + 1e-30
-    torch.testing.assert_close(actual.double().cpu(), expected, rtol=GRAD_RTOL, atol=atol)
-
-
-def assert_stats(actual, expected):
-    assert set(actual) == set(expected)
-    for k in expected:
-        assert actual[k].dtype == torch.float32 and actual[k].dim() == 0
-        torch.testing.assert_close(actual[k].double().cpu(), expected[k], rtol=STAT_RTOL, atol=STAT_ATOL)
+assert_loss = functools.partial(assert_loss_close, rtol=BT_RTOL)
 
 
 def pairs(gen, P, device, spread):
@@ -61,8 +48,8 @@ def test_bt_matches_reference(device, backend, with_margin, eps, cc, spread, gen
     loss, stats = rk.bt_loss(c, r, margin=margin, label_smoothing=eps, center_coef=cc, backend=backend)
     loss.backward()
     ref_loss, ref_stats, ref_dc, ref_dr, scale = bt_reference(chosen, rejected, margin, eps, cc)
-    assert_close_scaled(loss, ref_loss, scale)
-    assert_stats(stats, ref_stats)
+    assert_loss(loss, ref_loss, scale)
+    assert_stats_close(stats, ref_stats)
     assert_grad(c.grad, ref_dc)
     assert_grad(r.grad, ref_dr)
     assert torch.isfinite(loss)
@@ -80,8 +67,8 @@ def test_bt_extreme_and_noncontiguous(device, backend, gen):
     loss, stats = rk.bt_loss(cs, rejected, label_smoothing=0.05, backend=backend)
     loss.backward()
     ref_loss, ref_stats, ref_dc, _, scale = bt_reference(chosen, rejected, None, 0.05, 0.0)
-    assert_close_scaled(loss, ref_loss, scale)
-    assert_stats(stats, ref_stats)
+    assert_loss(loss, ref_loss, scale)
+    assert_stats_close(stats, ref_stats)
     assert_grad(cs.grad, ref_dc)
 
 
@@ -124,8 +111,8 @@ def test_ranking_matches_reference(device, backend, ragged, K, gen):
     loss, stats = rk.ranking_loss(x, valid=valid, backend=backend)
     loss.backward()
     ref_loss, ref_stats, ref_grad, scale = ranking_reference(rewards, valid)
-    assert_close_scaled(loss, ref_loss, scale)
-    assert_stats(stats, ref_stats)
+    assert_loss(loss, ref_loss, scale)
+    assert_stats_close(stats, ref_stats)
     assert_grad(x.grad, ref_grad)
     if valid is not None:
         assert (x.grad[~valid] == 0).all()

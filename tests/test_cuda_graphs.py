@@ -18,28 +18,31 @@ pytestmark = [pytest.mark.cuda,
 GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and b in rk.available_backends("cuda")]
 
 
-def _inputs(device):
-    """Fresh random inputs of every op, made on the device: {name: tensor}."""
-    gen = torch.Generator(device=device).manual_seed(1234)
+def _inputs(device, seed=1234, B=6, T=300, V=257, H=64, pairs=500, ranked=(40, 5), cuts=(100, 1000),
+            weight_div=8):
+    """Fresh random inputs of every op, made on the device from ``seed``: {name: tensor}. B rows
+    of T tokens; logits of B x 7 tokens over V; hidden states of width H; ``pairs`` pairs of
+    scores and ``ranked`` rankings for the reward-model losses; packed sequences cut at ``cuts``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device)
 
-    B, T, V, H = 6, 300, 257, 64
     x = {
         "r": randn(B, T), "v": randn(B, T), "mask": torch.rand(B, T, generator=gen, device=device) < 0.8,
         "logits": randn(B, 7, V), "ref_logits": randn(B, 7, V),
         "labels": torch.randint(0, V, (B, 7), generator=gen, device=device),
-        "hidden": randn(B * 7, H), "weight": randn(V, H) / 8,
+        "hidden": randn(B * 7, H), "weight": randn(V, H) / weight_div,
         "lp": -2 * torch.rand(B, T, generator=gen, device=device), "adv": randn(B, T),
-        "chosen": randn(500), "rejected": randn(500), "rank": randn(40, 5),
-        "pred": randn(500), "score": randn(500), "level": torch.randint(0, 5, (500,), generator=gen, device=device),
+        "chosen": randn(pairs), "rejected": randn(pairs), "rank": randn(*ranked),
+        "pred": randn(pairs), "score": randn(pairs),
+        "level": torch.randint(0, 5, (pairs,), generator=gen, device=device),
         "thresh": torch.tensor([-3.0, -1.0, 1.0, 3.0], device=device) + 0.2 * randn(4),
     }
     x["old_lp"] = x["lp"] + 0.2 * randn(B, T)
     x["roll_lp"] = x["old_lp"] + 0.3 * randn(B, T)
     x["labels"][0, 0] = -100
-    x["cu"] = torch.tensor([0, 100, 100, 1000, B * T], device=device)
+    x["cu"] = torch.tensor([0, cuts[0], cuts[0], cuts[1], B * T], device=device)
     return x
 
 

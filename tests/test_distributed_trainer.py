@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distributed_kit import ROOT, python, torchrun
+from test_trainer_real import real_config, workdir  # noqa: F401 (the tiny Llama fixture)
 
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
 
@@ -98,42 +99,22 @@ def test_resume_exact_on_two_processes_then_across_world_sizes(tmp_path):
         assert all(x["first_ratio_max_dev"] < 1e-5 for x in rows[2:])   # the loaded policy is the one that sampled
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """A tiny random-init Llama with its tokenizer (save_pretrained: examples/train_your_own_model.py's
-    own function), prompts, pairs, a reward module."""
-    import runpy
-    d = tmp_path_factory.mktemp("dist_real")
-    example = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "train_your_own_model.py"))
-    example["save_tiny_llama"](str(d / "tiny"))
-    prompts = ["a cat", "the mat", "banana", "sat on", "ate a", "an", "cat sat on a", "b"]
-    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    (d / "dist_rewards.py").write_text(
-        "def letters(prompts, responses):\n    return [r.count('a') - 0.1 * len(r) for r in responses]\n"
-        "def wrong_shape(prompts, responses):\n    return [0.0] * (len(responses) + 1)\n")
-    pairs = [{"prompt": p, "chosen": "a banana a cat", "rejected": "the mat"} for p in prompts]
-    (d / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs))
-    return d
-
-
-def _train_config(d, fn="letters", **extra):
+def _train_config(d, fn="letters"):
+    """A YAML file in ``d`` of test_trainer_real's PPO config, 2 steps, rewarded by ``fn`` of its
+    reward module."""
     import yaml
-    cfg = {"algo": "ppo", "beta": 0.05, "device": "cpu", "seed": 3, "policy": {"model": str(d / "tiny")},
-           "data": {"prompts": str(d / "prompts.jsonl")}, "reward": {"fn": "dist_rewards:" + fn},
-           "generation": {"temperature": 0.9, "top_p": 1.0, "max_new_tokens": 6},
-           "ppo": dict(steps=2, rollout_batch=8, minibatch=4, micro_batch=2, epochs=1, lr=1e-2), **extra}
     path = d / ("train-%s.yaml" % fn)
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(real_config(d, "ppo", steps=2, reward={"fn": "w14_rewards:" + fn})))
     return path
 
 
 @pytest.mark.slow
-def test_rm_then_train_on_a_saved_model_with_two_processes(tiny_llama, tmp_path):
+def test_rm_then_train_on_a_saved_model_with_two_processes(workdir, tmp_path):
     """`rm` and `train` (PPO with a value model, a reward model plus a reward function) under
     torchrun: one run directory each, the models written by rank 0 as save_pretrained folders
     that load, world_size recorded, and one voice (no line printed twice)."""
     import yaml
-    d = tiny_llama
+    d = workdir
     rm_cfg = {"device": "cpu", "rm": {"model": str(d / "tiny"), "data": str(d / "pairs.jsonl"),
                                       "eval_data": str(d / "pairs.jsonl"), "epochs": 3, "batch_size": 4, "lr": 3e-3}}
     (tmp_path / "rm.yaml").write_text(yaml.safe_dump(rm_cfg))
@@ -162,11 +143,11 @@ def test_rm_then_train_on_a_saved_model_with_two_processes(tiny_llama, tmp_path)
     assert os.path.exists(out / "checkpoint" / ".metadata")
 
 
-def test_a_reward_function_error_on_every_rank_is_one_message(tiny_llama, tmp_path):
+def test_a_reward_function_error_on_every_rank_is_one_message(workdir, tmp_path):
     """A reward function that returns the wrong number of scores: the run ends with exit code 2
     and the message naming reward.fn, printed once, not a hang or a collective timeout."""
-    tr = torchrun(["-m", "rlhf_trainer", "train", "--config", str(_train_config(tiny_llama, "wrong_shape")),
-                   "--out", str(tmp_path / "run"), "--no-progress"], cwd=str(tiny_llama), timeout=200)
+    tr = torchrun(["-m", "rlhf_trainer", "train", "--config", str(_train_config(workdir, "wrong_shape")),
+                   "--out", str(tmp_path / "run"), "--no-progress"], cwd=str(workdir), timeout=200)
     assert tr.returncode != 0
     assert tr.stderr.count("reward.fn") >= 1
     assert "Timeout" not in tr.stderr

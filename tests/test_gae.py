@@ -6,7 +6,8 @@ import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels.reference import gae as ref
-from tests.conftest import HAS_CUDA, device_backends, replay_twice
+from tests.conftest import device_backends, native_devices, replay_twice
+from tests._helpers import make_mask, needs_native_cuda_op
 from rlhf_kernels.tolerances import GAE_ATOL, GAE_RTOL
 
 BACKENDS = device_backends()
@@ -47,15 +48,6 @@ def compacted_gae(r, v, m, gamma, lam, last_value):
     return adv
 
 
-def make_mask(gen, B, T, p_valid=0.7):
-    m = torch.rand(B, T, generator=gen) < p_valid
-    if B >= 3:
-        m[1] = False              # a fully masked row
-        m[2, : T // 2] = True     # right padding only
-        m[2, T // 2:] = False
-    return m
-
-
 # (B, T): T = 1, B = 1, odd sizes, and T > 64 (the interpreter's Triton tile) so the
 # carry between tiles is exercised; 1100 > one CUDA/Triton GPU tile as well
 SHAPES = [(1, 1), (1, 9), (3, 1), (4, 37), (5, 200), (2, 1100)]
@@ -68,7 +60,7 @@ SHAPES = [(1, 1), (1, 9), (3, 1), (4, 37), (5, 200), (2, 1100)]
 def test_gae_matches_reference(gen, device, backend, B, T, gamma, lam, with_last):
     if backend == "triton" and device == "cpu" and T > 300 and not with_last:
         pytest.skip("interpreter: one long case per shape is enough")
-    r, v, m = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T)
+    r, v, m = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T, padding="prefix")
     lv = rand(gen, B) if with_last else None
     adv, ret = rk.gae(r.to(device), v.to(device), m.to(device), gamma=gamma, lam=lam,
                       last_values=None if lv is None else lv.to(device), backend=backend)
@@ -82,7 +74,7 @@ def test_reference_semantics_against_independent_oracle(gen):
     """The reference itself: masked steps are skipped (not resets); right padding equals
     the textbook loop over the valid prefix, as in TRL/OpenRLHF."""
     B, T, gamma, lam = 6, 23, 0.97, 0.9
-    r, v, m, lv = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T), rand(gen, B)
+    r, v, m, lv = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T, padding="prefix"), rand(gen, B)
     adv, _ = ref.gae(r.double(), v.double(), m, gamma, lam, lv.double())
     for b in range(B):
         expected = compacted_gae(r[b].tolist(), v[b].tolist(), m[b].tolist(), gamma, lam, lv[b].item())
@@ -143,7 +135,7 @@ def test_packed_equals_padded(gen, device, backend, with_mask):
 def test_non_contiguous_and_dtypes(gen, device, backend):
     B, T = 4, 50
     base_r, base_v = rand(gen, T, B), rand(gen, T, B)
-    m = make_mask(gen, B, T)
+    m = make_mask(gen, B, T, padding="prefix")
     r, v = base_r.t(), base_v.t()          # non-contiguous views
     mf = m.t().contiguous().t().long() * 3  # an integer mask (nonzero = valid), also non-contiguous
     assert not r.is_contiguous() and not mf.is_contiguous()
@@ -272,19 +264,10 @@ def test_native_ops_check_their_arguments():
         ops.gae(r, r, r > 0, None, -0.1, 0.9)
 
 
-def _opcheck_devices():
-    devs = []
-    if "cpu" in rk.available_backends("cpu"):
-        devs.append("cpu")
-    if HAS_CUDA and "cuda" in rk.available_backends("cuda"):
-        devs.append(pytest.param("cuda", marks=pytest.mark.cuda))
-    return devs
-
-
-@pytest.mark.parametrize("device", _opcheck_devices())
+@pytest.mark.parametrize("device", native_devices())
 def test_opcheck(gen, device):
     B, T = 3, 17
-    r, v, m, lv = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T), rand(gen, B)
+    r, v, m, lv = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T, padding="prefix"), rand(gen, B)
     d = lambda t: t.to(device)  # noqa: E731
     ops = torch.ops.rlhf_kernels
     torch.library.opcheck(ops.gae.default, (d(r), d(v), d(m), d(lv), 0.99, 0.95))
@@ -299,7 +282,8 @@ def test_opcheck(gen, device):
 @pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"])
 def test_torch_compile_fullgraph(gen, device, backend):
     B, T = 4, 33
-    r, v, m = rand(gen, B, T).to(device), rand(gen, B, T).to(device), make_mask(gen, B, T).to(device)
+    r, v = rand(gen, B, T).to(device), rand(gen, B, T).to(device)
+    m = make_mask(gen, B, T, padding="prefix", device=device)
     cu = torch.tensor([0, 40, 40, B * T], device=device)
 
     def step(r, v, m):
@@ -321,16 +305,7 @@ def test_torch_compile_fullgraph(gen, device, backend):
 CUDA_TILE = 2048  # steps per tile (block) of the CUDA GAE kernel
 
 
-def _has_native_cuda():
-    if not torch.cuda.is_available():
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("rlhf_kernels::gae", "CUDA")
-    except RuntimeError:
-        return False
-
-
-needs_native_cuda = pytest.mark.skipif(not _has_native_cuda(), reason="needs a CUDA GPU and the native CUDA ops")
+needs_native_cuda = needs_native_cuda_op("gae")
 
 
 def _cuda_gen(gen):
@@ -358,7 +333,7 @@ def _oracle_row(r, v, m, gamma, lam, last_value):
 
 def test_cuda_oracle_matches_reference(gen):
     B, T = 4, 61
-    r, v, m, lv = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T), rand(gen, B)
+    r, v, m, lv = rand(gen, B, T), rand(gen, B, T), make_mask(gen, B, T, padding="prefix"), rand(gen, B)
     ea, er = ref.gae(r.double(), v.double(), m, 0.97, 0.9, lv.double())
     for b in range(B):
         a, R = _oracle_row(r[b], v[b], m[b], 0.97, 0.9, lv[b].item())

@@ -15,7 +15,8 @@ import rlhf_kernels as rk
 from rlhf_kernels import _backend
 from rlhf_kernels.tolerances import GROUP_ADV_ATOL_FRAC, GROUP_ADV_RTOL
 from rlhf_kernels.reference import group_advantages as ref
-from tests.conftest import HAS_CUDA, device_backends
+from tests.conftest import device_backends, native_devices
+from tests._helpers import make_mask, needs_native_cuda_op
 
 BACKENDS = device_backends()
 KERNEL_BACKENDS = [p for p in BACKENDS if p.values[1] != "torch"]
@@ -58,13 +59,6 @@ def ragged_ids(gen, B, offset=10 ** 12):
     values[len(values) // 2] = -5
     ids = torch.tensor([values[k] for k, s in enumerate(sizes) for _ in range(s)], dtype=torch.int64)
     return ids[torch.randperm(B, generator=gen)]
-
-
-def make_mask(gen, B, T=6):
-    m = torch.rand(B, T, generator=gen) < 0.6
-    if B >= 2:
-        m[1] = False  # an all-masked row
-    return m
 
 
 def call(device, backend, r, group_index=None, **kw):
@@ -135,7 +129,7 @@ def test_group_size_matches_reference(gen, device, backend, mode, G, groups, mas
     eps = 0.01 if mode == "grpo" and G == 3 else 1e-6
     want = expected(r, group_size=G, mode=mode, eps=eps)
     if masked:
-        m = make_mask(gen, B)
+        m = make_mask(gen, B, 6, 0.6)
         out = call(device, backend, r, group_size=G, mode=mode, eps=eps, mask=m)
         assert_close(out[0], want)
         check_masked(out, m, out[0])
@@ -154,7 +148,7 @@ def test_group_index_matches_reference(gen, device, backend, mode, B, masked):
     eps = 0.1 if mode == "reinforce++" else 1e-6
     want = expected(r, ids, mode=mode, eps=eps)
     if masked:
-        m = make_mask(gen, B, T=3)
+        m = make_mask(gen, B, 3, 0.6)
         out = call(device, backend, r, ids, mode=mode, eps=eps, mask=m)
         assert_close(out[0], want)
         check_masked(out, m, out[0])
@@ -244,7 +238,7 @@ def test_non_contiguous_inputs(gen, device, backend):
     base = rand(gen, 2 * B)
     r = base[::2]
     ids = ((torch.arange(2 * B) // (2 * G)) * 3)[::2]
-    m = make_mask(gen, 7, B).t()  # [B, 7], non-contiguous
+    m = make_mask(gen, 7, B, 0.6).t()  # [B, 7], non-contiguous
     assert not r.is_contiguous() and not ids.is_contiguous() and not m.is_contiguous()
     for mode in MODES:
         want = expected(r.contiguous(), group_size=G, mode=mode)
@@ -329,20 +323,11 @@ def test_eps_default_is_the_native_default(gen):
                          expected(r, group_size=4, mode=mode, eps=native))
 # ---- the registered ops: opcheck and torch.compile ----
 
-def _native_devices():
-    devs = []
-    if "cpu" in rk.available_backends("cpu"):
-        devs.append("cpu")
-    if HAS_CUDA and "cuda" in rk.available_backends("cuda"):
-        devs.append(pytest.param("cuda", marks=pytest.mark.cuda))
-    return devs
-
-
-@pytest.mark.parametrize("device", _native_devices())
+@pytest.mark.parametrize("device", native_devices())
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck(gen, device, mode):
     B = 24
-    r, ids, m = rand(gen, B).to(device), ragged_ids(gen, B).to(device), make_mask(gen, B).to(device)
+    r, ids, m = rand(gen, B).to(device), ragged_ids(gen, B).to(device), make_mask(gen, B, 6, 0.6, device=device)
     ops = torch.ops.rlhf_kernels
     eps = 1e-6
     torch.library.opcheck(ops.group_advantages.default, (r, None, 4, mode, eps))
@@ -354,7 +339,7 @@ def test_opcheck(gen, device, mode):
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 def test_torch_compile_fullgraph(gen, device, backend):
     B = 24
-    r, ids, m = rand(gen, B).to(device), ragged_ids(gen, B).to(device), make_mask(gen, B).to(device)
+    r, ids, m = rand(gen, B).to(device), ragged_ids(gen, B).to(device), make_mask(gen, B, 6, 0.6, device=device)
 
     def step(r, ids, m):
         a = rk.group_advantages(r, group_size=4, mode="grpo", backend=backend)
@@ -375,16 +360,7 @@ def test_torch_compile_fullgraph(gen, device, backend):
 # reduced by the block that owns their start; reinforce++ and the mask on several blocks use a
 # cooperative launch.
 
-def _has_native_cuda():
-    if not torch.cuda.is_available():
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("rlhf_kernels::group_advantages", "CUDA")
-    except RuntimeError:
-        return False
-
-
-needs_native_cuda = pytest.mark.skipif(not _has_native_cuda(), reason="needs a CUDA GPU and the native CUDA ops")
+needs_native_cuda = needs_native_cuda_op("group_advantages")
 CUDA_PART = 4096  # positions per part (block) of the CUDA kernel
 
 

@@ -8,25 +8,19 @@ The figures at one realistic shape per function come from the benchmark itself, 
 benchmarks/gpu_check.sh, and go to benchmarks/RESULTS.md.
 """
 
-import importlib.util
 import os
 
 import pytest
+
+from tests._helpers import load_script
 
 pytestmark = pytest.mark.cuda
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_integrations.py")
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_integrations", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_integrations_times_every_replaced_function_on_the_gpu():
-    bench = load_bench()
+    bench = load_script(BENCH, "bench_integrations")
     records = []
     skipped = bench.run("cuda", bench.LIBRARIES, 2, records, quick=True)
     libraries = [lib for lib in bench.LIBRARIES if lib not in skipped]

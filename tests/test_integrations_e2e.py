@@ -12,7 +12,6 @@ the reference model goes through rk.linear_token_logprobs (counted), and nothing
 to TRL's function (a FallThroughWarning would fail the test).
 """
 
-import importlib.util
 import os
 import warnings
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from test_integrations_kit import require
+from tests._helpers import load_script
 
 require("trl.trainer.grpo_trainer")
 require("datasets")
@@ -34,13 +34,6 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "trl_grpo_wi
 # in a near-zero gradient entry moves that entry's step by much more than the difference).
 METRIC_ATOL, METRIC_RTOL = 1e-6, 1e-5
 PARAM_ATOL = 1e-4
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("trl_grpo_with_rlhf_kernels", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train(example, model_dir, output_dir, patched, monkeypatch):
@@ -64,7 +57,7 @@ def train(example, model_dir, output_dir, patched, monkeypatch):
 @pytest.mark.filterwarnings("ignore::UserWarning:trl")
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_trl_grpo_three_steps_unpatched_vs_patched(tmp_path, monkeypatch):
-    example = load_example()
+    example = load_script(EXAMPLE, "trl_grpo_with_rlhf_kernels")
     model_dir = example.tiny_model(str(tmp_path / "model"))
     theirs, their_params, their_calls = train(example, model_dir, str(tmp_path / "a"), False, monkeypatch)
     ours, our_params, our_calls = train(example, model_dir, str(tmp_path / "b"), True, monkeypatch)

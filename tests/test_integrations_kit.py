@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from rlhf_kernels import tolerances as tol
+from tests._helpers import log_ratio_inputs
 
 FACTOR = tol.GRAD_TORCH_ERR_FACTOR  # "no worse than twice the library's own error"
 # The replacements on both devices; conftest skips the `cuda` ones without a GPU. On a GPU the
@@ -117,12 +118,11 @@ def mask_with_gaps(gen, B, T, dtype=torch.int64):
 
 
 def policy_inputs(gen, B=6, T=20, dtype=torch.float32, mask_dtype=torch.int64, device="cpu"):
-    """(old_logp, logp, advantages, mask) [B, T] for the policy losses: three log-ratios of row 0
-    beyond the libraries' +-20 clamp, with advantages of both signs there."""
-    old = -torch.rand(B, T, generator=gen) * 4
-    lp = old + torch.randn(B, T, generator=gen) * 0.3
+    """(old_logp, logp, advantages, mask) [B, T] for the policy losses: the kit's log-ratio draws
+    (tests/_helpers.py) with old_logp the base, in (-4, 0], and logp within about 0.3 of it; three
+    log-ratios of row 0 beyond the libraries' +-20 clamp, with advantages of both signs there."""
+    old, lp, adv = log_ratio_inputs(gen, B, T, spread=4.0, noise=0.3, adv_scale=1.0)
     lp[0, :3] = old[0, :3] + torch.tensor([25.0, -25.0, 21.0])  # beyond the +-20 clamp of the log ratio
-    adv = torch.randn(B, T, generator=gen)
     adv[0, :3] = torch.tensor([-1.0, 1.5, 2.0])
     return tuple(t.to(device) for t in (old.to(dtype), lp.to(dtype), adv.to(dtype),
                                         mask_with_gaps(gen, B, T, mask_dtype)))

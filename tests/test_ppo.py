@@ -1,5 +1,7 @@
 """ppo_policy_loss and ppo_value_loss against the float64 reference, on every backend."""
 
+import functools
+
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ import rlhf_kernels as rk
 from rlhf_kernels import _backend, _ext
 from rlhf_kernels.reference import ppo as ref
 from tests.conftest import device_backends
-from rlhf_kernels.tolerances import GRAD_ATOL_FRAC, GRAD_RTOL, LOSS_RTOL, STAT_ATOL, STAT_RTOL
+from tests._helpers import assert_grad, assert_loss_close, assert_stats_close, make_mask, policy_inputs
+from rlhf_kernels.tolerances import GRAD_ATOL_FRAC, GRAD_RTOL, LOSS_RTOL
 
 BACKENDS = device_backends()
 AGGS = ref.LOSS_AGGS
@@ -19,50 +22,14 @@ def shape_for(backend):
     return (4, 45) if backend == "triton" else (9, 301)
 
 
-def make_mask(gen, B, T, device):
-    mask = torch.rand(B, T, generator=gen) < 0.8
-    mask[1] = False                      # a fully masked row
-    mask[2, : T // 2] = False            # left padding
-    mask[0, -T // 3:] = False            # right padding
-    return mask.to(device)
-
-
-def policy_inputs(gen, B, T, device, extreme=False):
-    logp = -3 * torch.rand(B, T, generator=gen)
-    if extreme:  # |logp - old_logp| up to 30, both signs
-        old = logp - 30 * (2 * torch.rand(B, T, generator=gen) - 1)
-    else:
-        old = logp + 0.4 * torch.randn(B, T, generator=gen)
-    adv = 2 * torch.randn(B, T, generator=gen)  # both signs
-    return logp.to(device), old.to(device), adv.to(device), make_mask(gen, B, T, device)
-
-
 def value_inputs(gen, B, T, device):
     values = torch.randn(B, T, generator=gen)
     old = values + 0.3 * torch.randn(B, T, generator=gen)
     returns = values + torch.randn(B, T, generator=gen)
-    return values.to(device), old.to(device), returns.to(device), make_mask(gen, B, T, device)
+    return values.to(device), old.to(device), returns.to(device), make_mask(gen, B, T, 0.8, "sides", device)
 
 
-def assert_loss(actual, expected, scale):
-    assert actual.dtype == torch.float32 and actual.dim() == 0
-    err = (actual.double() - expected.double()).abs().item()
-    assert err <= LOSS_RTOL * scale.item() + 1e-12, (actual.item(), expected.item(), scale.item())
-
-
-def assert_grad(actual, expected):
-    assert actual.dtype == torch.float32
-    expected = expected.to(actual.device)
-    atol = GRAD_ATOL_FRAC * expected.abs().max().item() + 1e-30
-    torch.testing.assert_close(actual.double(), expected, rtol=GRAD_RTOL, atol=atol)
-
-
-def assert_stats(actual, expected):
-    assert set(actual) == set(expected)
-    for k in expected:
-        assert actual[k].dtype == torch.float32 and actual[k].dim() == 0, k
-        torch.testing.assert_close(actual[k].double().cpu(), expected[k].cpu(), rtol=STAT_RTOL, atol=STAT_ATOL,
-                                   msg=lambda m: "stat %s: %s" % (k, m))
+assert_loss = functools.partial(assert_loss_close, rtol=LOSS_RTOL)
 
 
 def policy_reference(logp, old, adv, mask, **kw):
@@ -99,7 +66,7 @@ def test_policy_matches_reference(device, backend, loss_agg, extreme, gen):
     loss.backward()
     ref_loss, ref_stats, ref_grad, bound = policy_reference(logp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), **kw)
     assert_loss(loss.cpu(), ref_loss, bound)
-    assert_stats(stats, ref_stats)
+    assert_stats_close(stats, ref_stats)
     assert_grad(x.grad.cpu(), ref_grad)
     assert (x.grad[~mask] == 0).all()
     assert ref_stats["clipfrac_low"] > 0 and ref_stats["clipfrac_high"] > 0 and ref_stats["dual_clipfrac"] > 0
@@ -116,7 +83,7 @@ def test_policy_clip_settings(device, backend, clip_low, clip_high, dual_clip, g
     loss.backward()
     ref_loss, ref_stats, ref_grad, bound = policy_reference(logp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), **kw)
     assert_loss(loss.cpu(), ref_loss, bound)
-    assert_stats(stats, ref_stats)
+    assert_stats_close(stats, ref_stats)
     assert_grad(x.grad.cpu(), ref_grad)
 
 
@@ -176,7 +143,7 @@ def test_value_matches_reference(device, backend, loss_agg, clip, gen):
     ref_loss, ref_stats, ref_grad, bound = value_reference(values.cpu(), old.cpu(), returns.cpu(), mask.cpu(),
                                                            clip=clip, loss_agg=loss_agg)
     assert_loss(loss.cpu(), ref_loss, bound)
-    assert_stats(stats, ref_stats)
+    assert_stats_close(stats, ref_stats)
     assert_grad(x.grad.cpu(), ref_grad)
     if clip is not None:
         assert 0 < ref_stats["vf_clipfrac"] < 1
@@ -217,7 +184,7 @@ def test_noncontiguous_and_low_precision(device, backend, gen):
     ref_loss, ref_stats, ref_grad, bound = policy_reference(lp.cpu(), o.cpu(), a.cpu(), m.cpu() != 0,
                                                             loss_agg="seq-mean-token-mean")
     assert_loss(loss.cpu(), ref_loss, bound)
-    assert_stats(stats, ref_stats)
+    assert_stats_close(stats, ref_stats)
     assert_grad(x.grad.cpu(), ref_grad)
     if backend == "triton":
         return  # the interpreter cannot do bf16 arithmetic
@@ -262,10 +229,10 @@ def test_many_rows(device, backend, gen):
     assert torch.equal(outs[0], outs[1])
     ref_loss, ref_stats, _, bound = policy_reference(logp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), **kw)
     assert_loss(loss.cpu(), ref_loss, bound)
-    assert_stats(stats, ref_stats)
+    assert_stats_close(stats, ref_stats)
     ref_loss, ref_stats, _, bound = value_reference(values.cpu(), old_v.cpu(), returns.cpu(), mask.cpu())
     assert_loss(vloss.cpu(), ref_loss, bound)
-    assert_stats(vstats, ref_stats)
+    assert_stats_close(vstats, ref_stats)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -285,7 +252,7 @@ def test_row_lengths(device, backend, T, gen):
         loss.backward()
         ref_loss, ref_stats, ref_grad, bound = policy_reference(logp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), **kw)
         assert_loss(loss.cpu(), ref_loss, bound)
-        assert_stats(stats, ref_stats)
+        assert_stats_close(stats, ref_stats)
         assert_grad(x.grad.cpu(), ref_grad)
     values, old_v, returns, _ = value_inputs(gen, B, T, device)
     y = values.clone().requires_grad_()
@@ -294,7 +261,7 @@ def test_row_lengths(device, backend, T, gen):
     ref_loss, ref_stats, ref_grad, bound = value_reference(values.cpu(), old_v.cpu(), returns.cpu(), mask.cpu(),
                                                            clip=0.2)
     assert_loss(vloss.cpu(), ref_loss, bound)
-    assert_stats(vstats, ref_stats)
+    assert_stats_close(vstats, ref_stats)
     assert_grad(y.grad.cpu(), ref_grad)
 
 
@@ -542,7 +509,7 @@ def test_policy_options_match_reference(device, backend, i, o, extreme, gen):
     loss, stats, grad = run_policy(logp, old, adv, mask, backend, **kw)
     ref_loss, ref_stats, ref_grad, bound, grad_bound = options_reference(logp, old, adv, mask, **kw)
     assert_loss(loss.cpu(), ref_loss, bound)
-    assert_stats(stats, ref_stats)
+    assert_stats_close(stats, ref_stats)
     assert_grad_bounded(grad, ref_grad, grad_bound)
     assert torch.isfinite(loss) and torch.isfinite(stats.packed).all() and torch.isfinite(grad).all()
     assert (grad[~mask] == 0).all()
@@ -564,7 +531,7 @@ def test_policy_options_every_loss_agg(device, backend, loss_agg, o, gen):
         loss, stats, grad = run_policy(logp, old, adv, mask, backend, **kw)
         ref_loss, ref_stats, ref_grad, bound, grad_bound = options_reference(logp, old, adv, mask, **kw)
         assert_loss(loss.cpu(), ref_loss, bound)
-        assert_stats(stats, ref_stats)
+        assert_stats_close(stats, ref_stats)
         assert_grad_bounded(grad, ref_grad, grad_bound)
 
 
@@ -591,7 +558,7 @@ def test_sequence_weights_beyond_exp_range(device, backend, gen):
         ref_loss, ref_stats, ref_grad, bound, grad_bound = options_reference(logp, old, adv, mask, **kw)
         assert torch.isfinite(loss) and torch.isfinite(stats.packed).all() and torch.isfinite(grad).all()
         assert_loss(loss.cpu(), ref_loss, bound)
-        assert_stats(stats, ref_stats)
+        assert_stats_close(stats, ref_stats)
         assert_grad_bounded(grad, ref_grad, grad_bound)
         assert ref_stats["is_capped_frac"] > 0
 
@@ -609,7 +576,7 @@ def test_policy_options_defaults_are_the_plain_loss(device, backend, gen):
     plain = run_policy(logp, old, adv, mask, backend, **kw)
     ref_loss, ref_stats, ref_grad, bound = policy_reference(logp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), **kw)
     assert_loss(plain[0].cpu(), ref_loss, bound)
-    assert_stats(plain[1], ref_stats)
+    assert_stats_close(plain[1], ref_stats)
     assert_grad(plain[2].cpu(), ref_grad)
     if backend in ("cpu", "cuda"):
         defaults = ppo_ops._policy_options("test", "token", "ppo", None, None)

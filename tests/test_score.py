@@ -1,5 +1,6 @@
 """score_loss (regression and ordinal) against the float64 reference, on every backend."""
 
+import functools
 import math
 
 import pytest
@@ -10,34 +11,20 @@ from rlhf_kernels import _backend, _ext
 from rlhf_kernels._layout import SCORE_STATS
 from rlhf_kernels.reference import score as ref
 from tests.conftest import device_backends
-from tests.tolerances import GRAD_ATOL_FRAC, GRAD_RTOL, SCORE_RTOL, STAT_ATOL, STAT_RTOL
+from tests.tolerances import SCORE_RTOL
+from tests._helpers import assert_grad, assert_loss_close, assert_stats_close
 
 BACKENDS = device_backends()
 pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest: torch.empty comes back NaN
 
 
-def assert_loss(actual, expected, scale):
-    assert actual.dtype == torch.float32 and actual.dim() == 0
-    err = abs(actual.double().item() - expected.double().item())
-    assert err <= SCORE_RTOL * scale + 1e-12, (actual.item(), expected.item(), scale)
-
-
-def assert_grad(actual, expected, dtype=torch.float32):
-    assert actual.dtype == dtype
-    # float32 gradients: GRAD_RTOL; a low-precision input gets its gradient rounded once to its
-    # own dtype (the kernels compute it in float32): one ulp of that dtype relative, or its
-    # subnormal spacing for gradients that small (float16 gradients of a mean over P = 5003)
-    fi = torch.finfo(dtype)
-    rtol = GRAD_RTOL if dtype == torch.float32 else fi.eps
-    atol = GRAD_ATOL_FRAC * expected.abs().max().item() + (1e-30 if dtype == torch.float32 else fi.tiny * fi.eps)
-    torch.testing.assert_close(actual.double().cpu(), expected, rtol=rtol, atol=atol)
+assert_loss = functools.partial(assert_loss_close, rtol=SCORE_RTOL)
 
 
 def assert_stats(actual, expected, kind):
-    assert tuple(actual) == SCORE_STATS[kind] and set(expected) == set(actual)
-    for k in expected:
-        assert actual[k].dtype == torch.float32 and actual[k].dim() == 0, k
-        torch.testing.assert_close(actual[k].double().cpu(), expected[k], rtol=STAT_RTOL, atol=STAT_ATOL, msg=k)
+    """The statistics of ``kind`` in their order, close to the reference's, and packed in that order."""
+    assert tuple(actual) == SCORE_STATS[kind]
+    assert_stats_close(actual, expected)
     assert torch.equal(actual.packed, torch.stack([actual[k] for k in actual]))
 
 

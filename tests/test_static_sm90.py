@@ -1,7 +1,6 @@
 """benchmarks/static_sm90.py, the static check of every kernel for sm_90: it reports a
 real spill and fails on it unless the kernel is allowed. CI runs the check itself (.ci/run)."""
 
-import importlib.util
 import os
 import shutil
 
@@ -11,17 +10,12 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 import triton.language as tl  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from tests._helpers import load_script  # noqa: E402
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "static_sm90.py")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("static_sm90", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-static = _load()
+static = load_script(SCRIPT, "static_sm90")
 
 
 def _can_compile_sm90():

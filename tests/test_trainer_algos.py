@@ -5,8 +5,6 @@ import csv
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,19 +17,10 @@ from rlhf_trainer.expert_iteration import ExpertIterationTrainer
 from rlhf_trainer.models import build_policy, frozen_copy
 from rlhf_trainer.ppo import LOG_KEYS
 from rlhf_trainer.toy import ExactEvaluator, ToyTask, all_response_logprobs, sequence_logprobs
+from tests._helpers import run_small, toy_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one intra-op thread is as fast, and on a busy machine far faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def cfg_of(algo, section=None, **top):
-    return Config.from_dict({"algo": algo, **({algo: section} if section else {}), **top})
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the models are tiny
 
 
 # ---------- the exact best-of-n distribution ----------
@@ -198,7 +187,7 @@ def test_sequence_k1_penalty_in_the_reward_gives_the_gradient_of_J():
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "reinforce_pp"])
 def test_group_rollout_rewards_and_advantages(algo):
-    cfg = cfg_of(algo, dict(steps=2, rollout_batch=32, minibatch=16, micro_batch=8, group_size=4), beta=0.2)
+    cfg = toy_config(algo, dict(steps=2, rollout_batch=32, minibatch=16, micro_batch=8, group_size=4), beta=0.2)
     task = ToyTask(cfg.task)
     trainer = GroupTrainer(cfg, task, reward_fn=task.rule_reward, log=lambda *a: None)
     assert not hasattr(trainer, "value")                                # no value model
@@ -222,7 +211,7 @@ def small_run(algo, steps):
     sharp enough that a few steps move J): (J before, J after, trainer)."""
     pg = dict(steps=steps, rollout_batch=128, minibatch=64, micro_batch=64, lr=5e-3)
     section = {"expert_iteration": dict(rounds=steps, prompts_per_round=128, n=8, minibatch=32, lr=2e-3)}.get(algo, pg)
-    cfg = cfg_of(algo, section)
+    cfg = toy_config(algo, section)
     task = ToyTask(cfg.task)
     cls = ExpertIterationTrainer if algo == "expert_iteration" else trainer_class(algo)
     trainer = cls(cfg, task, reward_fn=lambda pid, resp: 4 * task.rule_reward(pid, resp), log=lambda *a: None)
@@ -246,7 +235,7 @@ def test_each_algorithm_improves_J(algo):
 
 def test_group_trainer_resumes_exactly(tmp_path):
     from rlhf_trainer.ppo import TIME_KEYS
-    cfg = cfg_of("grpo", dict(steps=4, rollout_batch=32, minibatch=16, micro_batch=8, group_size=4))
+    cfg = toy_config("grpo", dict(steps=4, rollout_batch=32, minibatch=16, micro_batch=8, group_size=4))
     task = ToyTask(cfg.task)
 
     def strip(rows):
@@ -320,11 +309,7 @@ def test_config_sections_and_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def compare_small(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare")
-    p = subprocess.run([sys.executable, "-m", "rlhf_trainer", "compare", "--small", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out, p.stdout
+    return run_small("compare", tmp_path_factory.mktemp("compare"))
 
 
 @pytest.mark.slow  # the module's compare --small run: every algorithm against one reward model

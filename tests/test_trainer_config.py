@@ -3,13 +3,7 @@
 import pytest
 
 from rlhf_trainer.config import Config, ConfigError
-
-
-def cfg_with(**sections):
-    d = Config().to_dict()
-    for section, values in sections.items():
-        d[section].update(values)
-    return Config.from_dict(d)
+from tests._helpers import toy_config
 
 
 @pytest.mark.parametrize("sections,words", [
@@ -26,12 +20,12 @@ def cfg_with(**sections):
 ])
 def test_inconsistent_configs_fail_clearly(sections, words):
     with pytest.raises(ConfigError) as info:
-        cfg_with(**sections)
+        toy_config(**sections)
     assert words in str(info.value)
 
 
 def test_yaml_round_trip_and_accounting(tmp_path):
-    cfg = cfg_with(ppo={"rollout_batch": 128, "minibatch": 32, "micro_batch": 8, "epochs": 3})
+    cfg = toy_config(ppo={"rollout_batch": 128, "minibatch": 32, "micro_batch": 8, "epochs": 3})
     path = tmp_path / "c.yaml"
     cfg.save(path)
     again = Config.load(path)

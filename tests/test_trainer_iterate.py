@@ -12,29 +12,23 @@ import torch
 from rlhf_trainer import iterate
 from rlhf_trainer.config import Config, ConfigError
 from rlhf_trainer.toy import ToyTask
+from tests._helpers import run_small, toy_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the models are tiny
 
 
 def tiny(iterate_section=None, ppo_steps=30, num_train=64, algo="ppo", **top):
     """A 1-layer, 32-wide GPT-2 on responses of 2 tokens over 8 (64 per prompt, 12 prompts); a weak first
     reward model: num_train comparisons."""
-    d = {"algo": algo, "device": "cpu",
-         "model": {"n_layer": 1, "n_embd": 32, "n_head": 2},
-         "task": {"modulus": 6, "steps": [1, 5], "response_len": 2, "pad_token_id": 6, "eos_token_id": 7,
-                  "vocab_size": 8},
-         "reward_model": {"num_train": num_train, "num_eval": 256, "batch_size": 64, "steps": 300},
-         algo: {"steps": ppo_steps, "rollout_batch": 64, "minibatch": 32, "micro_batch": 32},
-         "eval_every": 100, **top}
     if iterate_section is not None:
-        d["iterate"] = iterate_section
-    return Config.from_dict(d)
+        top["iterate"] = iterate_section
+    return toy_config(algo, {"steps": ppo_steps, "rollout_batch": 64, "minibatch": 32, "micro_batch": 32},
+                      device="cpu", model={"n_layer": 1, "n_embd": 32, "n_head": 2},
+                      task={"modulus": 6, "steps": [1, 5], "response_len": 2, "pad_token_id": 6, "eos_token_id": 7,
+                            "vocab_size": 8},
+                      reward_model={"num_train": num_train, "num_eval": 256, "batch_size": 64, "steps": 300},
+                      eval_every=100, **top)
 
 
 @pytest.mark.slow
@@ -159,11 +153,7 @@ def test_biased_comparisons_pair_the_spurious_token_with_the_better_response():
 
 @pytest.fixture(scope="module")
 def overopt_small(tmp_path_factory):
-    out = tmp_path_factory.mktemp("overopt")
-    p = subprocess.run([sys.executable, "-m", "rlhf_trainer", "overopt", "--small", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out, p.stdout
+    return run_small("overopt", tmp_path_factory.mktemp("overopt"))
 
 
 def test_overopt_small_writes_its_figure_and_table(overopt_small):

@@ -39,12 +39,7 @@ def wd(workdir):
     return workdir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the models are tiny
 
 
 def iter_config(d, rounds=2, per_round=6, steps=2, reward=None, **it):

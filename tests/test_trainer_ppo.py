@@ -14,12 +14,13 @@ from rlhf_trainer.models import build_policy, position_ids
 from rlhf_trainer.ppo import TIME_KEYS, KLController, PPOTrainer
 from rlhf_trainer.sequences import response_mask
 from rlhf_trainer.toy import ToyTask, optimal_objective
+from tests._helpers import toy_config
+
+SMALL_PPO = dict(steps=4, rollout_batch=64, minibatch=32, micro_batch=16)
 
 
 def small_cfg(**ppo):
-    d = Config().to_dict()
-    d["ppo"].update(dict(steps=4, rollout_batch=64, minibatch=32, micro_batch=16), **ppo)
-    return Config.from_dict(d)
+    return toy_config("ppo", dict(SMALL_PPO, **ppo))
 
 
 def test_padding_does_not_change_logprobs():
@@ -122,10 +123,7 @@ def test_response_mask_stops_after_eos():
 
 
 def test_reward_lands_on_last_real_token():
-    d = small_cfg().to_dict()
-    d["beta"] = 0.0
-    d["task"]["stop_at_eos"] = True
-    cfg = Config.from_dict(d)
+    cfg = toy_config("ppo", SMALL_PPO, beta=0.0, task={"stop_at_eos": True})
     task = ToyTask(cfg.task)
     scores = torch.linspace(1.0, 2.0, cfg.ppo.rollout_batch)
     trainer = PPOTrainer(cfg, task, reward_fn=lambda pid, resp: scores[: len(pid)])
@@ -240,9 +238,7 @@ def test_plot_cli(tmp_path):
 def test_comparisons_are_ordered_by_the_rule_and_the_loss_runs(loss):
     from rlhf_trainer.reward import make_comparisons, rm_loss
     from rlhf_trainer.models import ScalarHeadModel
-    d = Config().to_dict()
-    d["reward_model"].update(loss=loss, k=4)
-    cfg = Config.from_dict(d)
+    cfg = toy_config(reward_model={"loss": loss, "k": 4})
     task = ToyTask(cfg.task)
     gen = torch.Generator().manual_seed(1)
     pid, responses, valid = make_comparisons(task, cfg.reward_model, 64, gen)

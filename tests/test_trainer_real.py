@@ -15,6 +15,7 @@ import yaml
 from rlhf_trainer.config import Config, ConfigError
 from rlhf_trainer.hf import InputError
 from rlhf_trainer.ppo import TIME_KEYS
+from tests._helpers import toy_config
 
 REWARDS = '''
 def letters(prompts, responses):
@@ -170,10 +171,8 @@ def test_update_does_not_depend_on_the_micro_batch_split(loss_agg):
     from rlhf_trainer.toy import ToyTask
     grads = []
     for micro in (32, 8):
-        d = Config().to_dict()
-        d["ppo"].update(steps=1, rollout_batch=32, minibatch=32, micro_batch=micro, epochs=1, loss_agg=loss_agg,
-                        max_grad_norm=1e9)
-        cfg = Config.from_dict(d)
+        cfg = toy_config("ppo", dict(steps=1, rollout_batch=32, minibatch=32, micro_batch=micro, epochs=1,
+                                     loss_agg=loss_agg, max_grad_norm=1e9))
         task = ToyTask(cfg.task)
         trainer = PPOTrainer(cfg, task, reward_fn=task.rule_reward, log=lambda *a: None)
         trainer.train_step()            # one minibatch: .grad holds its accumulated gradient

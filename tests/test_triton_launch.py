@@ -31,26 +31,9 @@ def _triton_ops():
 
 
 def _small_inputs(device):
-    """The keys of test_cuda_graphs' inputs, at sizes the interpreter runs quickly."""
-    gen = torch.Generator(device=device).manual_seed(4321)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=device)
-
-    B, T, V, H = 3, 21, 37, 16
-    x = {"r": randn(B, T), "v": randn(B, T), "mask": torch.rand(B, T, generator=gen, device=device) < 0.8,
-         "logits": randn(B, 7, V), "ref_logits": randn(B, 7, V),
-         "labels": torch.randint(0, V, (B, 7), generator=gen, device=device),
-         "hidden": randn(B * 7, H), "weight": randn(V, H) / 4,
-         "lp": -2 * torch.rand(B, T, generator=gen, device=device), "adv": randn(B, T),
-         "chosen": randn(19), "rejected": randn(19), "rank": randn(5, 4),
-         "pred": randn(19), "score": randn(19), "level": torch.randint(0, 5, (19,), generator=gen, device=device),
-         "thresh": torch.tensor([-3.0, -1.0, 1.0, 3.0], device=device) + 0.2 * randn(4)}
-    x["old_lp"] = x["lp"] + 0.2 * randn(B, T)
-    x["roll_lp"] = x["old_lp"] + 0.3 * randn(B, T)
-    x["labels"][0, 0] = -100
-    x["cu"] = torch.tensor([0, 10, 10, 40, B * T], device=device)
-    return x
+    """test_cuda_graphs' inputs at sizes the interpreter runs quickly."""
+    return graphs._inputs(device, seed=4321, B=3, T=21, V=37, H=16, pairs=19, ranked=(5, 4), cuts=(10, 40),
+                          weight_div=4)
 
 
 # group_advantages is not in test_cuda_graphs.OPS (its capture tests live in its own file)

@@ -1,6 +1,7 @@
 """The vocabulary-parallel paths of token_logprobs, token_entropy, full_kl and
-linear_token_logprobs (``process_group=``): the per-backend local kernels, and one autograd
-Function per op around them that runs the collective and the combine of ops/_vocab_parallel.py.
+linear_token_logprobs (``process_group=``): the per-backend local kernels, and the autograd
+Functions around them (token_entropy and full_kl share one) that run the collective and the
+combine of ops/_vocab_parallel.py.
 
 Every backend runs its single-device kernels unchanged on the local slice: the forward kernels
 give each row's (m, log d), local entropy and local log-prob; the backward kernels take the saved
@@ -148,53 +149,39 @@ class _Lab:
         self.local, self.mine, self.valid = local, mine, valid
 
 
-class TokenEntropy(torch.autograd.Function):
-    """logits [..., V_local] -> global entropy [...] float32."""
-
-    @staticmethod
-    def forward(ctx, logits, temperature, name, shard):
-        z = logits.contiguous().view(-1, logits.shape[-1])
-        _, h_r, st_r = local_logprobs_fwd(name, z, None, temperature)
-        g = vp.gather_rows(torch.stack((st_r[:, 0], st_r[:, 1], h_r), 1), shard)
-        stats, h, _ = vp.combine_softmax(g[..., 0], g[..., 1], g[..., 2])
-        ctx.save_for_backward(z, stats, h)
-        ctx.args = (temperature, name, logits.shape)
-        ctx.set_materialize_grads(False)
-        return h.view(logits.shape[:-1])
-
-    @staticmethod
-    def backward(ctx, g_entropy):
-        if g_entropy is None:
-            return None, None, None, None
-        z, stats, h = ctx.saved_tensors
-        temperature, name, shape = ctx.args
-        gh = g_entropy.reshape(-1).float().contiguous()
-        return local_logprobs_bwd(name, z, None, gh, stats, h, temperature, False).view(shape), None, None, None
-
-
-class FullKl(torch.autograd.Function):
-    """(logits, ref_logits [..., V_local]) -> global KL(pi || pi_ref) [...] float32."""
+class EntropyOrKl(torch.autograd.Function):
+    """logits [..., V_local] -> global entropy [...] float32; with ref_logits [..., V_local] as
+    well, global KL(pi || pi_ref) [...] instead. Both go the same way: each rank's local
+    statistics and value per row, one all-gather, the combine; the backward is the local
+    backward kernel run on the global statistics."""
 
     @staticmethod
     def forward(ctx, logits, ref_logits, temperature, name, shard):
         z = logits.contiguous().view(-1, logits.shape[-1])
-        zr = ref_logits.contiguous().view(-1, logits.shape[-1])
-        kl_r, st_r = local_kl_fwd(name, z, zr, temperature)
-        g = vp.gather_rows(torch.cat((st_r, kl_r.view(-1, 1)), 1), shard)
-        stats, kl = vp.combine_kl(g[..., 0], g[..., 1], g[..., 2], g[..., 3], g[..., 4])
-        ctx.save_for_backward(z, zr, kl, stats)
+        zr = None if ref_logits is None else ref_logits.contiguous().view(-1, logits.shape[-1])
+        if zr is None:
+            _, value_r, st_r = local_logprobs_fwd(name, z, None, temperature)
+        else:
+            value_r, st_r = local_kl_fwd(name, z, zr, temperature)
+        g = vp.gather_rows(torch.cat((st_r, value_r.view(-1, 1)), 1), shard).unbind(-1)
+        stats, value = vp.combine_softmax(*g)[:2] if zr is None else vp.combine_kl(*g)
+        ctx.save_for_backward(z, zr, value, stats)
         ctx.args = (temperature, name, logits.shape)
         ctx.set_materialize_grads(False)
-        return kl.view(logits.shape[:-1])
+        return value.view(logits.shape[:-1])
 
     @staticmethod
-    def backward(ctx, g_kl):
-        if g_kl is None:
+    def backward(ctx, g_value):
+        if g_value is None:
             return None, None, None, None, None
-        z, zr, kl, stats = ctx.saved_tensors
+        z, zr, value, stats = ctx.saved_tensors
         temperature, name, shape = ctx.args
-        g = g_kl.reshape(-1).float().contiguous()
-        return local_kl_bwd(name, g, z, zr, kl, stats, temperature).view(shape), None, None, None, None
+        g = g_value.reshape(-1).float().contiguous()
+        if zr is None:
+            grad = local_logprobs_bwd(name, z, None, g, stats, value, temperature, False)
+        else:
+            grad = local_kl_bwd(name, g, z, zr, value, stats, temperature)
+        return grad.view(shape), None, None, None, None
 
 
 # ---- linear_token_logprobs: h [N, H], w [V_local, H], b [V_local] or None, contiguous ----
@@ -306,12 +293,12 @@ def token_logprobs(logits, labels, temperature, ignore_index, inplace_backward, 
 
 @_graph_break
 def token_entropy(logits, temperature, name, shard):
-    return TokenEntropy.apply(logits, temperature, name, shard)
+    return EntropyOrKl.apply(logits, None, temperature, name, shard)
 
 
 @_graph_break
 def full_kl(logits, ref_logits, temperature, name, shard):
-    return FullKl.apply(logits, ref_logits, temperature, name, shard)
+    return EntropyOrKl.apply(logits, ref_logits, temperature, name, shard)
 
 
 @_graph_break

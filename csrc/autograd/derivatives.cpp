@@ -168,6 +168,25 @@ Plan make_plan(const Derivative& d, const c10::FunctionSchema& fwd) {
   return p;
 }
 
+// The op below autograd, on the boxed stack: what a forward that records nothing runs.
+void call_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+// The node's next edges: one per differentiable input (an empty edge for an absent optional), after
+// functorch's check, as torch::autograd::Function makes it.
+void connect(torch::autograd::Node& node, const c10::IValue* args, const std::vector<uint32_t>& diff_inputs) {
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor())
+    functorch_tls->checkSupportsCppAutogradFunction();  // as torch::autograd::Function does
+  torch::autograd::edge_list edges;
+  edges.reserve(diff_inputs.size());
+  for (uint32_t i : diff_inputs)
+    edges.push_back(args[i].isTensor() ? torch::autograd::impl::gradient_edge(args[i].toTensor())
+                                       : torch::autograd::Edge());
+  node.set_next_edges(std::move(edges));
+}
+
 // The backward node of one call: what the forward saved, and the plan to call the backward op.
 struct SchemaBackward : public torch::autograd::TraceableFunction {
   explicit SchemaBackward(const Plan* plan) : plan_(plan), tensors_(plan->tensors.size()) {
@@ -242,21 +261,9 @@ class SchemaAutograd final : public c10::OperatorKernel {
     if (at::GradMode::is_enabled())
       for (uint32_t i : p.diff_inputs)
         record = record || (args[i].isTensor() && args[i].toTensor().requires_grad());
-    if (!record) {
-      at::AutoDispatchBelowADInplaceOrView below;
-      op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
-      return;
-    }
-    if (const auto& functorch_tls = at::functorch::functorchTLSAccessor())
-      functorch_tls->checkSupportsCppAutogradFunction();  // as torch::autograd::Function does
-
+    if (!record) return call_below_autograd(op, ks, stack);
     auto node = c10::make_intrusive<SchemaBackward>(&p);
-    torch::autograd::edge_list edges;
-    edges.reserve(p.diff_inputs.size());
-    for (uint32_t i : p.diff_inputs)
-      edges.push_back(args[i].isTensor() ? torch::autograd::impl::gradient_edge(args[i].toTensor())
-                                         : torch::autograd::Edge());
-    node->set_next_edges(std::move(edges));
+    connect(*node, args, p.diff_inputs);
     for (size_t k = 0; k < p.tensors.size(); ++k) {
       const TensorSlot& s = p.tensors[k];
       if (!s.output && args[s.index].isTensor())
@@ -403,20 +410,9 @@ class GradAutograd final : public c10::OperatorKernel {
       need[k] = a.isTensor() && a.toTensor().requires_grad();
       record = record || need[k];
     }
-    if (!record || !at::GradMode::is_enabled()) {
-      at::AutoDispatchBelowADInplaceOrView below;
-      op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
-      return;
-    }
-    if (const auto& functorch_tls = at::functorch::functorchTLSAccessor())
-      functorch_tls->checkSupportsCppAutogradFunction();  // as torch::autograd::Function does
+    if (!record || !at::GradMode::is_enabled()) return call_below_autograd(op, ks, stack);
     auto node = c10::make_intrusive<GradBackward>(&p);
-    torch::autograd::edge_list edges;
-    edges.reserve(need.size());
-    for (uint32_t i : p.diff_inputs)
-      edges.push_back(args[i].isTensor() ? torch::autograd::impl::gradient_edge(args[i].toTensor())
-                                         : torch::autograd::Edge());
-    node->set_next_edges(std::move(edges));
+    connect(*node, args, p.diff_inputs);
     torch::jit::Stack call;
     call.reserve(p.arg_from.size());
     for (int from : p.arg_from) call.push_back(from >= 0 ? args[from] : c10::IValue(bool(need[-1 - from])));

@@ -248,14 +248,30 @@ struct SchemaBackward : public torch::autograd::TraceableFunction {
   std::vector<c10::IValue> values_;
 };
 
+// A boxed Autograd kernel's plan, made from the op's schema at its first call (no lookup by name
+// on any later call).
+template <typename Table, typename PlanT, PlanT (*Make)(const Table&, const c10::FunctionSchema&)>
+class Planned : public c10::OperatorKernel {
+ protected:
+  explicit Planned(const Table* d) : d_(d) {}
+  const PlanT& plan(const c10::OperatorHandle& op) {
+    std::call_once(once_, [&] { plan_ = std::make_unique<PlanT>(Make(*d_, op.schema())); });
+    return *plan_;
+  }
+
+ private:
+  const Table* d_;
+  std::once_flag once_;
+  std::unique_ptr<PlanT> plan_;
+};
+
 // The Autograd kernel of one op of kDerivatives.
-class SchemaAutograd final : public c10::OperatorKernel {
+class SchemaAutograd final : public Planned<Derivative, Plan, make_plan> {
  public:
-  explicit SchemaAutograd(const Derivative* d) : d_(d) {}
+  explicit SchemaAutograd(const Derivative* d) : Planned(d) {}
 
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-    std::call_once(once_, [&] { plan_ = std::make_unique<Plan>(make_plan(*d_, op.schema())); });
-    const Plan& p = *plan_;
+    const Plan& p = plan(op);
     const c10::IValue* args = stack->data() + (stack->size() - p.num_args);
     bool record = false;
     if (at::GradMode::is_enabled())
@@ -282,11 +298,6 @@ class SchemaAutograd final : public c10::OperatorKernel {
       if (s.output) node->tensors_[k] = torch::autograd::SavedVariable(outs[s.index].toTensor(), s.is_output);
     }
   }
-
- private:
-  const Derivative* d_;
-  std::once_flag once_;
-  std::unique_ptr<Plan> plan_;
 };
 
 // ---- ops whose forward makes the gradients ----
@@ -395,13 +406,12 @@ struct GradBackward : public torch::autograd::TraceableFunction {
   variable_list grads_;
 };
 
-class GradAutograd final : public c10::OperatorKernel {
+class GradAutograd final : public Planned<ForwardGradient, GradPlan, make_grad_plan> {
  public:
-  explicit GradAutograd(const ForwardGradient* d) : d_(d) {}
+  explicit GradAutograd(const ForwardGradient* d) : Planned(d) {}
 
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-    std::call_once(once_, [&] { plan_ = std::make_unique<GradPlan>(make_grad_plan(*d_, op.schema())); });
-    const GradPlan& p = *plan_;
+    const GradPlan& p = plan(op);
     const c10::IValue* args = stack->data() + (stack->size() - p.num_args);
     std::vector<bool> need(p.diff_inputs.size(), false);
     bool record = false;
@@ -426,11 +436,6 @@ class GradAutograd final : public c10::OperatorKernel {
     for (uint32_t j : p.return_of) stack->push_back(std::move(call[j]));
     torch::autograd::set_history((*stack)[stack->size() - p.num_returns + p.diff_output].toTensor(), node);
   }
-
- private:
-  const ForwardGradient* d_;
-  std::once_flag once_;
-  std::unique_ptr<GradPlan> plan_;
 };
 
 }  // namespace

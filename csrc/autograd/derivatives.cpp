@@ -91,6 +91,19 @@ int find(const std::vector<c10::Argument>& list, const std::string& name) {
   return -1;
 }
 
+// The forward argument index of each named differentiable input, each checked to be a tensor argument.
+std::vector<uint32_t> tensor_arguments(const c10::FunctionSchema& fwd, const std::vector<const char*>& names,
+                                       const std::string& both, const char* forward) {
+  std::vector<uint32_t> out;
+  for (const char* name : names) {
+    const int i = find(fwd.arguments(), name);
+    TORCH_CHECK(i >= 0 && is_tensor_type(fwd.arguments()[i].type()), both, ": the differentiable input '", name,
+                "' is not a tensor argument of ", forward, " (", fwd, ")");
+    out.push_back(static_cast<uint32_t>(i));
+  }
+  return out;
+}
+
 Plan make_plan(const Derivative& d, const c10::FunctionSchema& fwd) {
   const c10::OperatorHandle bwd_op = c10::Dispatcher::singleton().findSchemaOrThrow(
       (std::string("rlhf_kernels::") + d.backward).c_str(), "");
@@ -99,12 +112,7 @@ Plan make_plan(const Derivative& d, const c10::FunctionSchema& fwd) {
   Plan p{std::string(d.forward) + "Backward", bwd_op};
   p.num_args = fwd.arguments().size();
   p.num_returns = fwd.returns().size();
-  for (const char* name : d.inputs) {
-    const int i = find(fwd.arguments(), name);
-    TORCH_CHECK(i >= 0 && is_tensor_type(fwd.arguments()[i].type()), both, ": the differentiable input '", name,
-                "' is not a tensor argument of ", d.forward, " (", fwd, ")");
-    p.diff_inputs.push_back(static_cast<uint32_t>(i));
-  }
+  p.diff_inputs = tensor_arguments(fwd, d.inputs, both, d.forward);
   p.diff_output.assign(p.num_returns, false);
   std::vector<std::string> diff_names;
   for (const char* name : d.outputs) {
@@ -340,11 +348,8 @@ GradPlan make_grad_plan(const ForwardGradient& d, const c10::FunctionSchema& fwd
   GradPlan p{std::string(d.forward) + "Backward", op, d.function};
   p.num_args = fwd.arguments().size();
   p.num_returns = fwd.returns().size();
+  p.diff_inputs = tensor_arguments(fwd, d.inputs, both, d.forward);
   for (const char* name : d.inputs) {
-    const int i = find(fwd.arguments(), name);
-    TORCH_CHECK(i >= 0 && is_tensor_type(fwd.arguments()[i].type()), both, ": the differentiable input '", name,
-                "' is not a tensor argument of ", d.forward, " (", fwd, ")");
-    p.diff_inputs.push_back(static_cast<uint32_t>(i));
     const int g = find(wg.returns(), std::string("d_") + name);
     TORCH_CHECK(g >= 0, both, ": ", d.with_grads, " returns no d_", name, " (", wg, ")");
     p.grad_of.push_back(static_cast<uint32_t>(g));

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from rlhf_trainer import parallel
+from rlhf_trainer import dist_checkpoint, parallel
 from rlhf_trainer.algos import trainer_class
 from rlhf_trainer.toy import ToyTask
 from _helpers import toy_config  # this script's folder, tests/, is first on sys.path
@@ -105,6 +105,8 @@ def continue_from(out, src):
     if parallel.is_main():
         torch.save(loaded, os.path.join(out, "loaded-%d.pt" % w))
         json.dump(rows(trainer), open(os.path.join(out, "continue-%d.json" % w), "w"))
+        json.dump([g.get("foreach") for _, _, opt, _ in dist_checkpoint._models(trainer) for g in opt.param_groups],
+                  open(os.path.join(out, "foreach-%d.json" % w), "w"))
 
 
 def main():

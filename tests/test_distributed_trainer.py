@@ -97,6 +97,9 @@ def test_resume_exact_on_two_processes_then_across_world_sizes(tmp_path):
         assert rows[:2] == first_two                  # the history came with the checkpoint
         assert [x["step"] for x in rows] == [1, 2, 3, 4]
         assert all(x["first_ratio_max_dev"] < 1e-5 for x in rows[2:])   # the loaded policy is the one that sampled
+        # the optimizers step as this world size builds them (foreach on sharded parameters), not as the writer's did
+        foreach = json.load(open(tmp_path / ("foreach-%d.json" % dst)))
+        assert foreach and all(f == (True if dst == 2 else None) for f in foreach), (src, dst, foreach)
 
 
 def _train_config(d, fn="letters"):

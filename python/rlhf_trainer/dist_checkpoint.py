@@ -97,8 +97,13 @@ def load(trainer, path):
     if meta["config"] != trainer.cfg.to_dict():
         raise ValueError("checkpoint %s was written with another configuration" % path)
     for name, model, opt, sched in _models(trainer):
+        # how this run's optimizer steps (foreach under FSDP2: parallel.adam_options) is not state:
+        # loading would take the writer's choice, which another world size may not share
+        foreach = [g.get("foreach") for g in opt.param_groups]
         set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state["opt_" + name],
                        **({"options": opts} if opts else {}))
+        for g, f in zip(opt.param_groups, foreach):
+            g["foreach"] = f
         sched.load_state_dict(meta["sched_" + name])
     trainer.step, trainer.history = meta["step"], meta["history"]
     trainer.kl_ctl.load_state_dict(meta["kl_ctl"])

@@ -15,9 +15,12 @@ A row holds:
     rows          for the batch-invariance check, (inputs cut along dim 0, outputs and
                   gradients compared row by row), or None
     torch_low     for the fused heads, whose torch backend forms the logits in the inputs' dtype
-                  as eager PyTorch does (and computes the rest in float32 and float64): the float64
-                  reference on those logits, which that backend's forward outputs are held to in
-                  bfloat16 (its gradients, like every backend's, to the float64 ones)
+                  as eager PyTorch does (and computes the rest in float32 and float64):
+                  torch_low(x, dtype), the float64 reference on those logits, which that
+                  backend's outputs and gradients are held to in bfloat16 (PyTorch's own error:
+                  its gradients with x in that dtype). Not the float64 gradients: a token whose
+                  ratio lies within the logits' rounding of a clip edge is clipped on the other
+                  side there, its whole gradient gone
 """
 
 from collections import namedtuple
@@ -171,19 +174,22 @@ def _head_ref(x):
     return {"loss": loss, **stats, "logprobs": logp}
 
 
-def _low_logits(x):
-    """hidden @ weight.T + bias in the inputs' dtype (the torch backend's logits), as float64."""
-    return (x["hidden"] @ x["weight"].T + x["bias"]).double()
+def _low_logits(x, dtype):
+    """hidden @ weight.T + bias with the values of the torch backend's logits, formed in ``dtype``,
+    and the gradient of the logits in x's dtype: the rounding enters as a constant."""
+    logits = x["hidden"] @ x["weight"].T + x["bias"]
+    low = x["hidden"].to(dtype) @ x["weight"].to(dtype).T + x["bias"].to(dtype)
+    return logits + (low.double() - logits).detach()
 
 
-def _linear_low(x):
-    return _pair(("logp", "entropy"), ref_lp.token_logprobs(_low_logits(x), x["labels"], 0.8, IGNORE))
+def _linear_low(x, dtype):
+    return _pair(("logp", "entropy"), ref_lp.token_logprobs(_low_logits(x, dtype), x["labels"], 0.8, IGNORE))
 
 
-def _head_low(x):
+def _head_low(x, dtype):
     f64 = {k: t.double() if t.is_floating_point() else t for k, t in x.items()}
-    loss, stats, logp = ref_head.logits_policy_loss(_low_logits(x), x["labels"], f64["old"], f64["adv"], x["mask"],
-                                                    ref_logprobs=f64["ref_lp"], **HEAD)
+    loss, stats, logp = ref_head.logits_policy_loss(_low_logits(x, dtype), x["labels"], f64["old"], f64["adv"],
+                                                    x["mask"], ref_logprobs=f64["ref_lp"], **HEAD)
     return {"loss": loss, **stats, "logprobs": logp}
 
 

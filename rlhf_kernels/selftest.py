@@ -151,9 +151,13 @@ def check_values(case, backend, device, dtype, seed):
         low = forward_backward(case.exact, leaves(x, case.diff), case.diff, w)
         own.update((k, t) for k, t in low.items() if k.startswith("d_"))
     if dtype != torch.float32 and backend == "torch" and case.torch_low is not None:
-        with torch.no_grad():  # that backend's own logits in the inputs' dtype (_selftest_cases.py)
-            for k, t in case.torch_low(x).items():
-                exact[k], own[k] = t, t
+        # that backend's own logits in the inputs' dtype (_selftest_cases.py): the float64 reference
+        # on them, and PyTorch's own error of its gradients on them in the inputs' dtype
+        on_low = lambda xx: case.torch_low(xx, dtype)  # noqa: E731
+        exact = forward_backward(on_low, leaves(cast(x, torch.float64), case.diff), case.diff, w)
+        own = dict(exact)
+        own.update((k, t) for k, t in forward_backward(on_low, leaves(x, case.diff), case.diff, w).items()
+                   if k.startswith("d_"))
     wd = {k: t.to(device) for k, t in w.items()}
     ours = forward_backward(lambda xx: case.ours(xx, backend), leaves(cast(x, dtype, device), case.diff), case.diff,
                             wd)

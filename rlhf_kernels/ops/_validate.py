@@ -28,6 +28,28 @@ def tensor(op, name, t, ndim=None, kind=None):
     return t
 
 
+_NO_MASK = object()
+
+
+def floats(op, names, tensors, ndim=None, mask=_NO_MASK, device=True):
+    """Check float tensors of one shape (an op's [B, T] or [P] inputs), in this order: each a
+    floating-point tensor, the first with ``ndim`` dimensions, ``mask`` (when given) a bool or
+    integer tensor, all of the first's shape and, with ``device``, on its device."""
+    for name, t in zip(names, tensors):
+        tensor(op, name, t, kind="float")
+    if ndim is not None:
+        tensor(op, names[0], tensors[0], ndim=ndim)
+    masks = {} if mask is _NO_MASK else {"mask": mask}
+    if masks:
+        tensor(op, "mask", mask, kind="mask")
+    for name, t in zip(names[1:], tensors[1:]):
+        same_shape(op, names[0], tensors[0], name, t)
+    if masks:
+        same_shape(op, names[0], tensors[0], "mask", mask)
+    if device:
+        same_device(op, names[0], tensors[0], **masks, **dict(zip(names[1:], tensors[1:])))
+
+
 def same_shape(op, a_name, a, b_name, b):
     if a.shape != b.shape:
         raise ValueError("%s: `%s` has shape %s but `%s` has shape %s; they must match"
@@ -58,6 +80,41 @@ def number(op, name, value, lo=None, hi=None, lo_open=False, allow_none=False):
             want = "<= %g" % hi
         raise ValueError("%s: `%s` must be %s, got %r" % (op, name, want, value))
     return value
+
+
+def choice(op, name, value, allowed, quote=False):
+    """``value`` checked to be one of ``allowed`` (strings, and None where it is allowed), else
+    a ValueError naming the argument and the allowed values (``quote``: as Python literals).
+    Returns ``allowed[value]`` where ``allowed`` is a dict (the value's code), else ``value``."""
+    if (value is not None and not isinstance(value, str)) or value not in allowed:
+        raise ValueError("%s: `%s` must be one of %s, got %r"
+                         % (op, name, ", ".join(map(repr if quote else str, allowed)), value))
+    return allowed[value] if isinstance(allowed, dict) else value
+
+
+def num_tokens_args(op, num_tokens):
+    """(tensor, number): the native ops' two ways of taking a loss's ``num_tokens`` (the global
+    normalizer of "token-mean"; at most one set)."""
+    if num_tokens is None or isinstance(num_tokens, torch.Tensor):
+        return num_tokens, None
+    return None, number(op, "num_tokens", num_tokens, lo=0.0, lo_open=True)
+
+
+def num_tokens(op, value, device):
+    """The Python backends' check of a loss's ``num_tokens``: None, or a 0-d float64 tensor on
+    ``device``."""
+    nt, value = num_tokens_args(op, value)
+    if value is not None:
+        return torch.full((), value, dtype=torch.float64, device=device)
+    if nt is None:
+        return None
+    if nt.numel() != 1 or nt.dim() > 1:
+        raise ValueError("%s: `num_tokens` must be a number or a 0-d tensor, got shape %s" % (op, list(nt.shape)))
+    if nt.is_complex() or nt.dtype == torch.bool:
+        raise TypeError("%s: `num_tokens` must be a real number tensor, got %s" % (op, nt.dtype))
+    if nt.device != device:
+        raise ValueError("%s: `num_tokens` is on %s but the inputs are on %s" % (op, nt.device, device))
+    return nt.detach().reshape(()).to(torch.float64)
 
 
 def as_f32(t):

@@ -46,10 +46,7 @@ def bt_loss(chosen, rejected, *, margin=None, label_smoothing=0.0, center_coef=0
         except RuntimeError as e:
             raise v.schema_error(op, e) from None
         return loss, _stats(BT_STATS, packed)
-    v.tensor(op, "chosen", chosen, kind="float")
-    v.tensor(op, "rejected", rejected, kind="float")
-    v.tensor(op, "chosen", chosen, ndim=1)
-    v.same_shape(op, "chosen", chosen, "rejected", rejected)
+    v.floats(op, ("chosen", "rejected"), (chosen, rejected), 1, device=False)  # device: with margin, below
     if margin is not None:
         v.tensor(op, "margin", margin, kind="float")
         v.same_shape(op, "chosen", chosen, "margin", margin)
@@ -88,8 +85,7 @@ def ranking_loss(rewards, *, valid=None, backend="auto"):
         except RuntimeError as e:
             raise v.schema_error(op, e) from None
         return loss, _stats(RANKING_STATS, packed)
-    v.tensor(op, "rewards", rewards, kind="float")
-    v.tensor(op, "rewards", rewards, ndim=2)
+    v.tensor(op, "rewards", rewards, ndim=2, kind="float")
     if valid is not None:
         v.tensor(op, "valid", valid, kind="mask")
         v.same_shape(op, "rewards", rewards, "valid", valid)

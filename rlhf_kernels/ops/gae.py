@@ -49,12 +49,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, last_values=None, backend
             return _gae(rewards, values, mask, last_values, gamma, lam)
         except RuntimeError as e:
             raise v.schema_error(op, e) from None
-    v.tensor(op, "rewards", rewards, kind="float")
-    v.tensor(op, "values", values, kind="float")
-    v.tensor(op, "rewards", rewards, ndim=2)
-    v.tensor(op, "mask", mask, kind="mask")
-    v.same_shape(op, "rewards", rewards, "values", values)
-    v.same_shape(op, "rewards", rewards, "mask", mask)
+    v.floats(op, ("rewards", "values"), (rewards, values), 2, mask, device=False)  # device: with last_values, below
     gamma, lam = _check_discount(op, gamma, lam)
     if last_values is not None:
         v.tensor(op, "last_values", last_values, kind="float")
@@ -110,10 +105,7 @@ def gae_packed(rewards, values, cu_seqlens, *, gamma=1.0, lam=0.95, last_values=
             return _gae_packed(rewards, values, cu_seqlens, last_values, mask, gamma, lam)
         except RuntimeError as e:
             raise v.schema_error(op, e) from None
-    v.tensor(op, "rewards", rewards, kind="float")
-    v.tensor(op, "values", values, kind="float")
-    v.tensor(op, "rewards", rewards, ndim=1)
-    v.same_shape(op, "rewards", rewards, "values", values)
+    v.floats(op, ("rewards", "values"), (rewards, values), 1, device=False)  # device: with cu_seqlens, below
     v.tensor(op, "cu_seqlens", cu_seqlens, ndim=1, kind="int")
     if cu_seqlens.numel() < 1:
         raise ValueError("gae_packed: `cu_seqlens` must have B+1 >= 1 entries, got shape %s"
@@ -175,10 +167,7 @@ def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=1e-8, backend=
             return _masked_whiten(x, mask, shift_mean, unbiased, eps)
         except RuntimeError as e:
             raise v.schema_error(op, e) from None
-    v.tensor(op, "x", x, kind="float")
-    v.tensor(op, "mask", mask, kind="mask")
-    v.same_shape(op, "x", x, "mask", mask)
-    v.same_device(op, "x", x, mask=mask)
+    v.floats(op, ("x",), (x,), mask=mask)
     eps = v.number(op, "eps", eps, lo=0.0)
     xf, m = v.as_f32(x), v.as_mask(mask)
     if name == "torch":
@@ -192,10 +181,7 @@ def _masked_whiten_group(op, x, mask, shift_mean, unbiased, eps, group):
     """masked_whiten over every rank's entries (see its docstring): local moments, one
     all-reduce, the parallel-variance combination (the same on every rank), whitening in float64."""
     import torch.distributed as dist
-    v.tensor(op, "x", x, kind="float")
-    v.tensor(op, "mask", mask, kind="mask")
-    v.same_shape(op, "x", x, "mask", mask)
-    v.same_device(op, "x", x, mask=mask)
+    v.floats(op, ("x",), (x,), mask=mask)
     eps = v.number(op, "eps", eps, lo=0.0)
     xd, m = v.as_f32(x).double(), v.as_mask(mask)
     # no host sync: masked sums instead of boolean indexing, the combine on the device

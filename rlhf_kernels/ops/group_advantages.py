@@ -79,8 +79,7 @@ def group_advantages(rewards, group_index=None, *, group_size=None, mode="grpo",
 def _check(op, rewards, group_index, group_size, mode, eps, mask):
     """The checks of rlhf/group_advantages_op.h, in its order, for the torch and triton backends.
     Returns eps as a float."""
-    v.tensor(op, "rewards", rewards, kind="float")
-    v.tensor(op, "rewards", rewards, ndim=1)
+    v.tensor(op, "rewards", rewards, ndim=1, kind="float")
     B = rewards.shape[0]
     if (group_index is None) == (group_size is None):
         raise ValueError("%s: give exactly one of `group_index` (a group id per sequence) and `group_size` "

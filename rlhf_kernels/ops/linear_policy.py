@@ -46,8 +46,8 @@ from rlhf_kernels.ops import _validate as v
 from rlhf_kernels.ops.linear_logprobs import _check as _check_linear
 from rlhf_kernels.ops.linear_logprobs import linear_token_logprobs
 from rlhf_kernels.ops.logprobs import KERNEL_DTYPES, KL_KINDS, _check_temperature
-from rlhf_kernels.ops.ppo import (_check_clips, _check_num_tokens, _check_policy_options, _loss_agg_code, _num_tokens,
-                                  _policy_options, ppo_policy_loss)
+from rlhf_kernels.ops.ppo import (_check_clips, _check_policy_options, _loss_agg_code, _policy_options,
+                                  ppo_policy_loss)
 from rlhf_kernels.reference import linear_policy as ref
 from rlhf_kernels.reference import logprobs as ref_lp
 from rlhf_kernels.reference import ppo as ref_ppo
@@ -147,8 +147,7 @@ def _check_python(op, hidden, weight, labels, old_logprobs, advantages, mask, bi
         _check_row_input(op, "rollout_logprobs", rollout_logprobs, hidden)
     if not isinstance(kl_kind, str):
         raise TypeError("%s: `kl_kind` must be a string, got %r" % (op, kl_kind))
-    if kl_kind not in KL_KINDS:
-        raise ValueError("%s: `kl_kind` must be one of %s, got %r" % (op, ", ".join(map(repr, KL_KINDS)), kl_kind))
+    v.choice(op, "kl_kind", kl_kind, KL_KINDS, quote=True)
     kl_coef, entropy_coef = _coef(op, "kl_coef", kl_coef), _coef(op, "entropy_coef", entropy_coef)
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError("%s: `kl_coef` = %r needs `ref_logprobs` (the reference policy's log-probabilities of the "
@@ -159,7 +158,7 @@ def _check_python(op, hidden, weight, labels, old_logprobs, advantages, mask, bi
     clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
     roll, cap = _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap, dual_clip, objective,
                                       old_logprobs)
-    nt = _check_num_tokens(op, num_tokens, hidden.device)
+    nt = v.num_tokens(op, num_tokens, hidden.device)
     temperature = _check_temperature(op, temperature)
     m = v.as_mask(mask)
     if validate and not torch.compiler.is_compiling():
@@ -299,7 +298,7 @@ def linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, mask, *
                                loss_agg, num_tokens, ratio_level, objective, rollout_logprobs, is_correction, is_level,
                                is_cap, validate, process_group, shards)
     if name in NATIVE:
-        nt, nt_value = _num_tokens(op, num_tokens)
+        nt, nt_value = v.num_tokens_args(op, num_tokens)
         try:
             loss, packed, logp = _linear_policy_fwd(hidden, weight, bias, labels, old_logprobs, advantages, mask,
                                                     ref_logprobs, nt, nt_value, temperature, kl_coef, kl_kind,

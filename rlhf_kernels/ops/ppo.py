@@ -1,13 +1,6 @@
 """PPO clipped policy loss and clipped value loss, with every statistic on the device.
 
-Per token, over [B, T] inputs:
-    ratio = exp(logp - old_logp)
-    policy  l = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
-            with dual_clip=c (> 1), tokens with A < 0 take min(l, -A * c)
-    value   l = 0.5 * max((V - R)^2, (clamp(V, V_old - clip, V_old + clip) - R)^2)
-The policy loss's options (GSPO's sequence ratio, CISPO, the rollout correction): see
-``ppo_policy_loss``.
-Aggregation (``loss_agg``) over valid tokens (mask true):
+``loss_agg`` aggregates the per-token losses l (see each op) over valid tokens (mask true):
     "token-mean"               sum(l) / (num_tokens if given, else the number of valid tokens)
     "seq-mean-token-mean"      mean over rows of (row sum of l / row's valid count)
     "seq-mean-token-sum"       mean over rows of the row sum of l
@@ -32,8 +25,8 @@ import math
 import torch
 
 from rlhf_kernels import _backend, _ext
-from rlhf_kernels._layout import (LOSS_AGG_CODES, LOSS_AGGS, POLICY_OPTIONS, POLICY_STATS, VALUE_STATS,
-                                  option_codes, pack_options)
+from rlhf_kernels._layout import (LOSS_AGG_CODES, POLICY_OPTIONS, POLICY_STATS, VALUE_STATS, option_codes,
+                                  pack_options)
 from rlhf_kernels._signatures import f32, loss_outputs, shape
 from rlhf_kernels._stats import stats as _stats
 from rlhf_kernels.ops import _validate as v
@@ -47,37 +40,22 @@ if _ext.loaded():
 
 
 _LOSS_AGG_CODE = LOSS_AGG_CODES.get
-
-
-def _loss_agg_code(op, loss_agg):
-    code = LOSS_AGG_CODES.get(loss_agg) if isinstance(loss_agg, str) else None
-    if code is None:
-        raise ValueError("%s: `loss_agg` must be one of %s, got %r" % (op, ", ".join(LOSS_AGGS), loss_agg))
-    return code
-
-
 _OPTION_CODES = {field: option_codes(field) for field, _ in POLICY_OPTIONS}
 
 
-def _option_code(op, field, value):
-    codes = _OPTION_CODES[field]
-    code = codes.get(value) if value is None or isinstance(value, str) else None
-    if code is None:
-        raise ValueError("%s: `%s` must be one of %s, got %r" % (op, field, ", ".join(map(repr, codes)), value))
-    return code
+def _loss_agg_code(op, loss_agg):
+    code = _LOSS_AGG_CODE(loss_agg) if loss_agg.__class__ is str else None  # a valid one: no second call
+    return v.choice(op, "loss_agg", loss_agg, LOSS_AGG_CODES) if code is None else code
 
 
 def _policy_options(op, ratio_level, objective, is_correction, is_level):
     """The native ops' `options` int (bit layout: rlhf_kernels/_layout.py); unknown values raise."""
-    return pack_options(ratio_level=_option_code(op, "ratio_level", ratio_level),
-                        objective=_option_code(op, "objective", objective),
-                        is_correction=_option_code(op, "is_correction", is_correction),
-                        is_level=_option_code(op, "is_level", is_level))
+    values = dict(ratio_level=ratio_level, objective=objective, is_correction=is_correction, is_level=is_level)
+    return pack_options(**{f: v.choice(op, f, x, _OPTION_CODES[f], quote=True) for f, x in values.items()})
 
 
 def _check_clips(op, clip_low, clip_high, dual_clip):
-    """-> (clip_low, clip_high, dual_clip) checked: the ratio's clip range [1 - clip_low, 1 +
-    clip_high] (clip_high defaults to clip_low) and the dual clip > 1 or None."""
+    """-> (clip_low, clip_high, dual_clip) checked, as ``ppo_policy_loss``'s Args say."""
     clip_low = v.number(op, "clip_low", clip_low, lo=0.0)
     clip_high = clip_low if clip_high is None else v.number(op, "clip_high", clip_high, lo=0.0)
     return clip_low, clip_high, v.number(op, "dual_clip", dual_clip, lo=1.0, lo_open=True, allow_none=True)
@@ -102,45 +80,8 @@ def _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap,
                          % op)
     if rollout_logprobs is None:
         return None, 2.0
-    v.tensor(op, "rollout_logprobs", rollout_logprobs, kind="float")
-    v.same_shape(op, "logprobs", logprobs, "rollout_logprobs", rollout_logprobs)
-    v.same_device(op, "logprobs", logprobs, rollout_logprobs=rollout_logprobs)
+    v.floats(op, ("logprobs", "rollout_logprobs"), (logprobs, rollout_logprobs))  # logprobs: checked before
     return v.as_f32(rollout_logprobs.detach()), 2.0 if is_cap is None else is_cap
-
-
-def _num_tokens(op, num_tokens):
-    """(tensor, number): the native ops' two ways of taking ``num_tokens`` (at most one set)."""
-    if num_tokens is None or isinstance(num_tokens, torch.Tensor):
-        return num_tokens, None
-    return None, v.number(op, "num_tokens", num_tokens, lo=0.0, lo_open=True)
-
-
-def _check_num_tokens(op, num_tokens, device):
-    """The Python backends' check of ``num_tokens``: None, or a 0-d float64 tensor on ``device``."""
-    nt, value = _num_tokens(op, num_tokens)
-    if value is not None:
-        return torch.full((), value, dtype=torch.float64, device=device)
-    if nt is None:
-        return None
-    if nt.numel() != 1 or nt.dim() > 1:
-        raise ValueError("%s: `num_tokens` must be a number or a 0-d tensor, got shape %s" % (op, list(nt.shape)))
-    if nt.is_complex() or nt.dtype == torch.bool:
-        raise TypeError("%s: `num_tokens` must be a real number tensor, got %s" % (op, nt.dtype))
-    if nt.device != device:
-        raise ValueError("%s: `num_tokens` is on %s but the inputs are on %s" % (op, nt.device, device))
-    return nt.detach().reshape(()).to(torch.float64)
-
-
-def _check_inputs(op, names, tensors, mask):
-    """The Python backends' checks of the [B, T] inputs (the native ops make the same in C++)."""
-    for name, t in zip(names, tensors):
-        v.tensor(op, name, t, kind="float")
-    v.tensor(op, names[0], tensors[0], ndim=2)
-    v.tensor(op, "mask", mask, kind="mask")
-    for name, t in zip(names[1:], tensors[1:]):
-        v.same_shape(op, names[0], tensors[0], name, t)
-    v.same_shape(op, names[0], tensors[0], "mask", mask)
-    v.same_device(op, names[0], tensors[0], mask=mask, **dict(zip(names[1:], tensors[1:])))
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
@@ -166,8 +107,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
             means clip_low.
         dual_clip: None, or c > 1: tokens with A < 0 have their loss capped at -A * c (not
             with objective "cispo").
-        loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-            "seq-mean-token-sum-norm" or "token-sum" (see the module docstring).
+        loss_agg: one of the aggregations in the module docstring.
         num_tokens: None, a number > 0, or a 0-d tensor on the inputs' device: the global
             normalizer of "token-mean" (ignored by the other modes).
         ratio_level: "token", or "sequence" (GSPO): every valid token of a row uses
@@ -207,23 +147,21 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
              and ratio_level == "token" and objective == "ppo")
     options = 0 if plain else _policy_options(op, ratio_level, objective, is_correction, is_level)
     if name in NATIVE:
-        nt, nt_value = (None, None) if num_tokens is None else _num_tokens(op, num_tokens)
+        nt, nt_value = (None, None) if num_tokens is None else v.num_tokens_args(op, num_tokens)
+        args = (logprobs, old_logprobs, advantages, mask, nt, nt_value, clip_low, clip_high, dual_clip, agg)
         try:
             if plain:
-                loss, packed, _ = _policy_fwd(logprobs, old_logprobs, advantages, mask, nt, nt_value, clip_low,
-                                              clip_high, dual_clip, agg)
+                loss, packed, _ = _policy_fwd(*args)
             else:
-                loss, packed, _ = _policy_fwd_options(logprobs, old_logprobs, advantages, mask, nt, nt_value,
-                                                      clip_low, clip_high, dual_clip, agg, rollout_logprobs, options,
-                                                      is_cap)
+                loss, packed, _ = _policy_fwd_options(*args, rollout_logprobs, options, is_cap)
         except RuntimeError as e:
             raise v.schema_error(op, e) from None
         return loss, _stats(POLICY_STATS, packed)
-    _check_inputs(op, ("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), mask)
+    v.floats(op, ("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), 2, mask)
     clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
     roll, cap = _check_policy_options(op, rollout_logprobs, is_correction, is_level, is_cap, dual_clip, objective,
                                       logprobs)
-    nt = _check_num_tokens(op, num_tokens, logprobs.device)
+    nt = v.num_tokens(op, num_tokens, logprobs.device)
     lp, olp, adv, m = v.as_f32(logprobs), v.as_f32(old_logprobs), v.as_f32(advantages), v.as_mask(mask)
     if name == "torch":
         kw = {} if plain else dict(ratio_level=ratio_level, objective=objective, is_correction=is_correction,
@@ -240,7 +178,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
 
 def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, loss_agg="token-mean", num_tokens=None,
                    backend="auto"):
-    """Clipped value loss.
+    """Clipped value loss: per token l = 0.5 * max((V - R)^2, (clamp(V, V_old - clip, V_old +
+    clip) - R)^2), aggregated by ``loss_agg``.
 
     Args:
         values: [B, T] float, V_t of the current critic; the only input that receives a gradient.
@@ -259,15 +198,15 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, loss_agg="tok
     name = _backend.pick(backend, values, op, "values")
     agg = _loss_agg_code(op, loss_agg)
     if name in NATIVE:
-        nt, nt_value = _num_tokens(op, num_tokens)
+        nt, nt_value = v.num_tokens_args(op, num_tokens)
         try:
             loss, packed, _ = _value_fwd(values, old_values, returns, mask, nt, nt_value, clip, agg)
         except RuntimeError as e:
             raise v.schema_error(op, e) from None
         return loss, _stats(VALUE_STATS, packed)
-    _check_inputs(op, ("values", "old_values", "returns"), (values, old_values, returns), mask)
+    v.floats(op, ("values", "old_values", "returns"), (values, old_values, returns), 2, mask)
     clip = v.number(op, "clip", clip, lo=0.0, lo_open=True, allow_none=True)
-    nt = _check_num_tokens(op, num_tokens, values.device)
+    nt = v.num_tokens(op, num_tokens, values.device)
     val, ov, ret, m = v.as_f32(values), v.as_f32(old_values), v.as_f32(returns), v.as_mask(mask)
     if name == "torch":
         loss, stats = ref.ppo_value_loss(val.double(), ov.detach().double(), ret.detach().double(), m, clip,

@@ -31,14 +31,11 @@ else:
 def _kind_code(op, kind):
     if not isinstance(kind, str):
         raise TypeError("%s: `kind` must be a string, one of %s, got %r" % (op, ", ".join(SCORE_KINDS), kind))
-    if kind not in KIND_CODES:
-        raise ValueError("%s: `kind` must be one of %s, got %r" % (op, ", ".join(SCORE_KINDS), kind))
-    return KIND_CODES[kind]
+    return KIND_CODES[kind] if kind in KIND_CODES else v.choice(op, "kind", kind, KIND_CODES)  # (raises)
 
 
 def _check(op, pred, score, kind, thresholds):
-    v.tensor(op, "pred", pred, kind="float")
-    v.tensor(op, "pred", pred, ndim=1)
+    v.tensor(op, "pred", pred, ndim=1, kind="float")
     if kind == "regression":
         v.tensor(op, "score", score, kind="float")
         v.same_shape(op, "pred", pred, "score", score)
@@ -55,8 +52,7 @@ def _check(op, pred, score, kind, thresholds):
         v.same_shape(op, "pred", pred, "score", score)
         if thresholds is None:
             raise ValueError("%s: kind='ordinal' needs `thresholds` [K-1] (increasing), got None" % op)
-        v.tensor(op, "thresholds", thresholds, kind="float")
-        v.tensor(op, "thresholds", thresholds, ndim=1)
+        v.tensor(op, "thresholds", thresholds, ndim=1, kind="float")
     v.same_device(op, "pred", pred, score=score, thresholds=thresholds)
 
 

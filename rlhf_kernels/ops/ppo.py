@@ -107,7 +107,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
             means clip_low.
         dual_clip: None, or c > 1: tokens with A < 0 have their loss capped at -A * c (not
             with objective "cispo").
-        loss_agg: one of the aggregations in the module docstring.
+        loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+            "seq-mean-token-sum-norm" or "token-sum" (see the module docstring).
         num_tokens: None, a number > 0, or a 0-d tensor on the inputs' device: the global
             normalizer of "token-mean" (ignored by the other modes).
         ratio_level: "token", or "sequence" (GSPO): every valid token of a row uses

@@ -70,19 +70,18 @@ def _fwd_warps(block):
 @functools.lru_cache(maxsize=None)
 def _policy_flags(options):
     """The kernels' constexpr flags for `options` (checked by rlhf_kernels/ops/ppo.py)."""
-    code = {field: (options >> (OPTION_BITS * i)) & ((1 << OPTION_BITS) - 1)
-            for i, (field, _) in enumerate(POLICY_OPTIONS)}
-    level = dict(POLICY_OPTIONS)["is_level"][code["is_level"]]
-    seq_ratio = dict(POLICY_OPTIONS)["ratio_level"][code["ratio_level"]] == "sequence"
-    cispo = dict(POLICY_OPTIONS)["objective"][code["objective"]] == "cispo"
-    row_is = code["is_correction"] != IS_NONE and level not in ("none", "token")
-    return dict(SEQ_RATIO=seq_ratio,                # every token uses its row's ratio s
-                SEQ_GRAD=seq_ratio and not cispo,   # the gradient is the row's (row_grad)
-                CISPO=cispo,
-                IS_MODE=code["is_correction"],      # the is_correction code: IS_NONE, tis or IS_MASK
-                TOKEN_IS=code["is_correction"] != IS_NONE and not row_is,   # a weight per token
-                ROW_IS=row_is,                                              # one weight per row
-                IS_GEOMETRIC=level == "geometric",
+    o = {field: names[(options >> (OPTION_BITS * i)) & ((1 << OPTION_BITS) - 1)]
+         for i, (field, names) in enumerate(POLICY_OPTIONS)}
+    is_mode = dict(POLICY_OPTIONS)["is_correction"].index(o["is_correction"])
+    seq_ratio = o["ratio_level"] == "sequence"
+    row_is = is_mode != IS_NONE.value and o["is_level"] not in ("none", "token")
+    return dict(SEQ_RATIO=seq_ratio,                               # every token uses its row's ratio s
+                SEQ_GRAD=seq_ratio and o["objective"] != "cispo",  # the gradient is the row's (row_grad)
+                CISPO=o["objective"] == "cispo",
+                IS_MODE=is_mode,                                   # the is_correction code: IS_NONE, tis or IS_MASK
+                TOKEN_IS=is_mode != IS_NONE.value and not row_is,  # a weight per token
+                ROW_IS=row_is,                                     # one weight per row
+                IS_GEOMETRIC=o["is_level"] == "geometric",
                 ROW_SUMS=seq_ratio or row_is,
                 PLAIN=options == 0)
 
@@ -112,12 +111,7 @@ def _ppo_clip(ratio, dratio, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.c
 def _is_weight(log_w, is_cap, IS_MODE: tl.constexpr):
     # (applied weight, w > cap) of w = exp(log_w): min(w, cap) (tis), w or 0 above cap (IS_MASK)
     w = tl.exp(log_w)
-    over = w > is_cap
-    if IS_MODE == IS_MASK:
-        c = tl.where(over, 0.0, w)
-    else:
-        c = tl.where(over, is_cap, w)
-    return c, over
+    return tl.where(w > is_cap, 0.0 if IS_MODE == IS_MASK else is_cap, w), w > is_cap
 
 
 @triton.jit
@@ -129,12 +123,11 @@ def _policy_token(logp, old_logp, adv, rollout, row_ratio, row_log_w, clip_low, 
     # (d/ds for the PPO loss with SEQ_RATIO), the applied weight c and whether w was capped
     log_ratio = logp - old_logp
     own = tl.exp(log_ratio)
+    ratio = own
+    dratio = own
     if SEQ_RATIO:
         ratio = row_ratio + tl.zeros_like(own)
         dratio = 1.0
-    else:
-        ratio = own
-        dratio = own
     if CISPO:  # l = -sg(clip(ratio)) * A * logp (cispo_clip in rlhf/ppo.h)
         dlogp = -tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high) * adv
         l = dlogp * logp
@@ -148,10 +141,7 @@ def _policy_token(logp, old_logp, adv, rollout, row_ratio, row_log_w, clip_low, 
     c = one
     capped = adv != adv  # all false
     if IS_MODE != IS_NONE:
-        if TOKEN_IS:
-            c, capped = _is_weight(old_logp - rollout, is_cap, IS_MODE)
-        else:
-            c, capped = _is_weight(row_log_w + tl.zeros_like(own), is_cap, IS_MODE)
+        c, capped = _is_weight(old_logp - rollout if TOKEN_IS else row_log_w + tl.zeros_like(own), is_cap, IS_MODE)
         l = c * l
         dlogp = c * dlogp
     return (l, one, tl.where(is_low, 1.0, 0.0), tl.where(is_high, 1.0, 0.0), tl.where(is_dual, 1.0, 0.0), kl, ratio,
@@ -252,10 +242,7 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, 
             acc = _parts_fold(acc, x, valid, -1, -1)
         sum_lr, sum_lw, n = _parts_total(acc, -1, -1)
         row_ratio = tl.exp((sum_lr / tl.maximum(n, 1.0)).to(tl.float32))
-        if IS_GEOMETRIC:
-            row_log_w = (sum_lw / tl.maximum(n, 1.0)).to(tl.float32)
-        else:
-            row_log_w = sum_lw.to(tl.float32)
+        row_log_w = (sum_lw / tl.maximum(n, 1.0) if IS_GEOMETRIC else sum_lw).to(tl.float32)
     # the plain loss sums the columns up to ratio_max only; else the row_grad column sums d(c*l)/ds
     acc = _parts_init(PP_ROW_GRAD if PLAIN else N_POLICY_PARTS, PP_MIN, PP_MAX, tl.float32, BLOCK)
     for start in range(0, T, BLOCK):
@@ -266,21 +253,18 @@ def _policy_row(logp_ptr, old_ptr, adv_ptr, roll_ptr, mask_ptr, parts_ptr, row, 
         acc = _parts_fold(acc, x, valid, PP_MIN, PP_MAX)
     t = _parts_total(acc, PP_MIN, PP_MAX)
     count = t[PP_COUNT]
-    if PLAIN:  # row_grad, is_weight, is_capped
-        tail = (count * 0.0 + 1.0, count, count * 0.0)
+    g = count * 0.0 + 1.0  # the row's factor in the gradient (row_grad_factor in rlhf/ppo.h)
+    if SEQ_GRAD:
+        g = row_ratio.to(tl.float64) / tl.maximum(count, 1.0) * t[PP_ROW_GRAD]
     else:
-        # row_grad_factor in rlhf/ppo.h
-        if SEQ_GRAD:
-            g = row_ratio.to(tl.float64) / tl.maximum(count, 1.0) * t[PP_ROW_GRAD]
-        else:
-            g = count * 0.0 + 1.0
-            if ROW_IS:
-                c_row, _ = _is_weight(row_log_w, is_cap, IS_MODE)
-                g = c_row.to(tl.float64) + count * 0.0
-            if SEQ_RATIO:
-                g *= tl.minimum(tl.maximum(row_ratio, 1.0 - clip_low), 1.0 + clip_high).to(tl.float64)
-        tail = (g, t[PP_IS_WEIGHT], t[PP_IS_CAPPED])
-    t = t[:PP_ROW_GRAD] + tail
+        if ROW_IS:
+            g = _is_weight(row_log_w, is_cap, IS_MODE)[0].to(tl.float64) + count * 0.0
+        if SEQ_RATIO:
+            g *= tl.minimum(tl.maximum(row_ratio, 1.0 - clip_low), 1.0 + clip_high).to(tl.float64)
+    if PLAIN:  # is_weight (1 a token) and is_capped were not summed
+        t = t + (g, count, count * 0.0)
+    else:
+        t = t[:PP_ROW_GRAD] + (g,) + t[PP_ROW_GRAD + 1:]
     for k in tl.static_range(N_POLICY_PARTS):
         tl.store(parts_ptr + row * N_POLICY_PARTS + k, t[k])
 
@@ -356,13 +340,10 @@ def _policy_combine(parts_ptr, num_tokens_ptr, loss_ptr, stats_ptr, scale_ptr, B
 
 @triton.jit
 def _policy_fwd_kernel(
-    logp_ptr,        # [B, T] float32
-    old_ptr,         # [B, T] float32
-    adv_ptr,         # [B, T] float32
-    roll_ptr,        # [B, T] float32 rollout log-probabilities, read only with a correction
+    logp_ptr, old_ptr, adv_ptr,  # [B, T] float32
+    roll_ptr,        # [B, T] float32 rollout log-probabilities (logprobs without them)
     mask_ptr,        # [B, T] int8 (0/1)
-    parts_ptr,       # [max(B, 1) * N_POLICY_PARTS + 1] float64 scratch, zero at launch: row
-                     # partials, then the int32 ticket counter (_scratch)
+    parts_ptr,       # [max(B, 1) * N_POLICY_PARTS + 1] float64 scratch, zero at launch (_scratch)
     num_tokens_ptr,  # [] float64, read only when HAS_NT
     loss_ptr,        # [] float32 out
     stats_ptr,       # [len(POLICY_STATS)] float32 out
@@ -391,35 +372,12 @@ def _policy_grad_token(logp, old, adv, rollout, clip_low, clip_high, dual_clip, 
                        SEQ_RATIO: tl.constexpr, SEQ_GRAD: tl.constexpr, CISPO: tl.constexpr, IS_MODE: tl.constexpr,
                        TOKEN_IS: tl.constexpr):
     # what of d(c*l)/dlogp varies per token, beside the row's factor in row_scale (policy_grad_token
-    # in rlhf/ppo.h): _policy_token's at a row ratio and weight of 1; rollout is read only with TOKEN_IS
-    if SEQ_GRAD:
-        dlogp = tl.full(logp.shape, 1.0, tl.float32)
-    else:
+    # in rlhf/ppo.h): _policy_token's at a row ratio and row weight of 1; rollout is read only with TOKEN_IS
+    dlogp = tl.full(logp.shape, 1.0, tl.float32)
+    if not SEQ_GRAD:
         dlogp = _policy_token(logp, old, adv, rollout, 1.0, 0.0, clip_low, clip_high, dual_clip, is_cap, HAS_DUAL,
                               SEQ_RATIO, CISPO, IS_MODE, TOKEN_IS)[PP_ROW_GRAD]
     return dlogp
-
-
-@triton.jit
-def _policy_bwd_kernel(
-    grad_ptr,      # [] float32: d loss
-    logp_ptr, old_ptr, adv_ptr,  # [B, T] float32
-    roll_ptr,      # [B, T] float32, read only with a token-level correction
-    mask_ptr,      # [B, T] int8
-    scale_ptr,     # [B] float32 row weights times the rows' factors in the gradient
-    out_ptr,       # [B, T] float32 out: d logprobs
-    T, clip_low, clip_high, dual_clip, is_cap,
-    HAS_DUAL: tl.constexpr, SEQ_RATIO: tl.constexpr, SEQ_GRAD: tl.constexpr, CISPO: tl.constexpr,
-    IS_MODE: tl.constexpr, TOKEN_IS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # d logp = grad * row_scale * the per-token factor (policy_grad_token in rlhf/ppo.h)
-    row = tl.program_id(0).to(tl.int64)
-    idx, inb, valid = _tile(mask_ptr, row, T, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))
-    logp, old, adv, roll = _loads((logp_ptr, old_ptr, adv_ptr, roll_ptr), idx, valid)  # none with SEQ_GRAD
-    dlogp = _policy_grad_token(logp, old, adv, roll, clip_low, clip_high, dual_clip, is_cap, HAS_DUAL, SEQ_RATIO,
-                               SEQ_GRAD, CISPO, IS_MODE, TOKEN_IS)
-    s = tl.load(grad_ptr) * tl.load(scale_ptr + row)
-    tl.store(out_ptr + idx, tl.where(valid, s * dlogp, 0.0), mask=inb)
 
 
 @triton.jit
@@ -517,21 +475,30 @@ def _value_fwd_kernel(
 
 
 @triton.jit
-def _value_bwd_kernel(
-    grad_ptr,                  # [] float32
-    v_ptr, old_ptr, ret_ptr,   # [B, T] float32
-    mask_ptr,                  # [B, T] int8
-    scale_ptr,                 # [B] float32 row weights
-    out_ptr,                   # [B, T] float32 out: d values
-    T, clip,
-    HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
+def _value_grad_token(v, old_v, ret, _, clip, _1, _2, _3, HAS_CLIP: tl.constexpr):
+    # dl/dv, as _bwd_kernel calls it (input 3 and scalars 1-3 unused)
+    return _value_token(v, old_v, ret, clip, HAS_CLIP)[1]
+
+
+@triton.jit
+def _bwd_kernel(
+    grad_ptr,                    # [] float32: d loss
+    x_ptr, a_ptr, b_ptr, c_ptr,  # [B, T] float32: x (logprobs or values) and the other inputs of GRAD
+    mask_ptr,                    # [B, T] int8
+    scale_ptr,                   # [B] float32 row_scale (the forward's)
+    out_ptr,                     # [B, T] float32 out: d x
+    T, p0, p1, p2, p3,           # GRAD's scalars
+    GRAD: tl.constexpr,          # the per-token factor: _policy_grad_token or _value_grad_token
+    FLAGS: tl.constexpr,         # GRAD's constexpr arguments, a tuple
+    BLOCK: tl.constexpr,
 ):
+    # d x = grad * row_scale * GRAD(...); a load whose value GRAD does not use is removed by the compiler
     row = tl.program_id(0).to(tl.int64)
     idx, inb, valid = _tile(mask_ptr, row, T, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))
-    v, o, r = _loads((v_ptr, old_ptr, ret_ptr), idx, valid)
-    _, dv, _ = _value_token(v, o, r, clip, HAS_CLIP)
+    x, a, b, c = _loads((x_ptr, a_ptr, b_ptr, c_ptr), idx, valid)
+    d = GRAD(x, a, b, c, p0, p1, p2, p3, *FLAGS)
     s = tl.load(grad_ptr) * tl.load(scale_ptr + row)
-    tl.store(out_ptr + idx, tl.where(valid, s * dv, 0.0), mask=inb)
+    tl.store(out_ptr + idx, tl.where(valid, s * d, 0.0), mask=inb)
 
 
 def _scratch(rows, n_parts, device):
@@ -560,13 +527,14 @@ def _forward(kernel, n_parts, n_stats, x, inputs, num_tokens, args, **constexprs
     return loss, stats, scale
 
 
-def _backward(kernel, x, inputs, args, **constexprs):
-    """One elementwise backward launch: d x [B, T]."""
-    B, T = x.shape
-    out = torch.empty_like(x)
-    if x.numel():
+def _backward(token_grad, flags, grad, inputs, mask, scale, args):
+    """One _bwd_kernel launch: d inputs[0] [B, T]."""
+    B, T = mask.shape
+    out = torch.empty_like(inputs[0])
+    if out.numel():
         block = _common.block(T, 1024, 64, floor=16)
-        kernel[(B, triton.cdiv(T, block))](*inputs, out, T, *args, **constexprs, BLOCK=block)
+        _bwd_kernel[(B, triton.cdiv(T, block))](grad, *inputs, mask.view(torch.int8), scale, out, T, *args,
+                                                GRAD=token_grad, FLAGS=flags, BLOCK=block)
     return out
 
 
@@ -581,10 +549,9 @@ def _policy_forward(logp, old, adv, mask, num_tokens, clip_low, clip_high, dual_
 
 def _policy_backward(grad, logp, old, adv, mask, scale, clip_low, clip_high, dual_clip, rollout, options, is_cap):
     f = _policy_flags(options)
-    return _backward(_policy_bwd_kernel, logp, (grad, logp, old, adv, rollout if rollout is not None else logp,
-                                                mask.view(torch.int8), scale),
-                     (clip_low, clip_high, dual_clip or 0.0, is_cap), HAS_DUAL=dual_clip is not None,
-                     **{k: f[k] for k in ("SEQ_RATIO", "SEQ_GRAD", "CISPO", "IS_MODE", "TOKEN_IS")})
+    flags = (dual_clip is not None,) + tuple(f[k] for k in ("SEQ_RATIO", "SEQ_GRAD", "CISPO", "IS_MODE", "TOKEN_IS"))
+    return _backward(_policy_grad_token, flags, grad, (logp, old, adv, rollout if rollout is not None else logp), mask,
+                     scale, (clip_low, clip_high, dual_clip or 0.0, is_cap))
 
 
 def _value_forward(values, old, returns, mask, num_tokens, clip, agg):
@@ -594,8 +561,8 @@ def _value_forward(values, old, returns, mask, num_tokens, clip, agg):
 
 
 def _value_backward(grad, values, old, returns, mask, scale, clip):
-    return _backward(_value_bwd_kernel, values, (grad, values, old, returns, mask.view(torch.int8), scale),
-                     (clip or 0.0,), HAS_CLIP=clip is not None)
+    return _backward(_value_grad_token, (clip is not None,), grad, (values, old, returns, returns), mask, scale,
+                     (clip or 0.0, 0.0, 0.0, 0.0))
 
 
 def _autograd(backward, n_inputs, args, tensors=()):

@@ -29,9 +29,6 @@
 #include "rlhf/common.h"
 #include "rlhf/layout.h"
 
-// The per-token functions are RLHF_HD_TOKEN (rlhf/common.h): always inlined on the host too, so
-// that the CPU loops (compiled for AVX2 and baseline, see cpu/ppo.cpp) see straight-line vector code.
-
 namespace rlhf {
 
 template <typename F>
@@ -150,7 +147,8 @@ RLHF_HD O options_as(const PolicyOptions& o) {
   }
 }
 
-// Whether the options need each row's sums over its valid tokens before its per-token losses.
+// Whether the options need each row's sums over its valid tokens before its per-token losses
+// (the kernels then take one more float64 pass over the row first).
 template <typename O>
 RLHF_HD bool has_row_is(const O& o) {
   return o.is_correction != kIsNone && !o.is_token;
@@ -316,6 +314,14 @@ RLHF_HD_TOKEN ValueTokenT<F> ppo_value_token(F v, F old_v, F ret, bool has_clip,
   return t;
 }
 
+// How the per-token losses are aggregated: loss_agg code, and the global normalizer of
+// token-mean, either a float64 on the inputs' device (num_tokens) or a number (> 0), or neither.
+struct Normalizer {
+  int64_t agg;
+  const double* num_tokens;
+  double num_tokens_value;
+};
+
 // The weight of every token of a row in the aggregated loss (loss = sum_b w_b * sum_t l_bt).
 //   row_count: valid tokens of the row; total: of the batch; rows_with_tokens: rows with
 //   row_count > 0; numel: B*T; num_tokens: the global normalizer, or <= 0 when not given.
@@ -331,11 +337,22 @@ RLHF_HD double ppo_row_weight(int64_t agg, double row_count, double total, doubl
   }
 }
 
-// The policy forward's combine of the rows' partials [kPolicyParts] (layout.h) into the
-// statistics, written once for the CPU (its rows in order) and CUDA (each thread a strided
-// set of rows, then one block reduction per column). The totals [kPolicyTotals]: each column
-// of the partials combined over rows (combine_part), then the rows with a valid token and the
-// rows with a clipped one.
+// The forwards' combine of the rows' float64 partials [B, kParts] (layout.h) into the loss, each
+// row's weight and the statistics, written once for the CPU (one thread, its rows in order) and
+// CUDA (the last block: each thread a strided set of rows, then one block reduction per column).
+// Rows b0, b0 + step, ... < B are this thread's; part(b, k) reads row b's column k (CUDA: from
+// L2); reduce(k, x) combines x over the threads as column k (combine_part; the CPU: x itself).
+// The thread with b0 = 0 writes the outputs (out: LossOutputs, rlhf/loss_op.h).
+template <typename Part, typename Reduce>
+struct Rows {
+  int64_t b0, B, step;
+  Part part;
+  Reduce reduce;
+  RLHF_HD double sum(double x) const { return reduce(kPartLoss, x); }
+};
+
+// The policy totals [kPolicyTotals]: each column of the partials combined over rows
+// (combine_part), then the rows with a valid token and the rows with a clipped one.
 enum PolicyTotal : int { kTotalRowsWith = kPolicyParts, kTotalRowsClipped, kPolicyTotals };
 
 // A column's combine: min and max for the ratio's extremes, else the sum.
@@ -349,15 +366,6 @@ RLHF_HD void init_policy_totals(double* totals) {
   RLHF_UNROLL
   for (int k = 0; k < kPolicyTotals; ++k)
     totals[k] = k == kPartRatioMin ? INFINITY : (k == kPartRatioMax ? -INFINITY : 0.0);
-}
-
-// Adds one row's partials into the totals; part(k) reads the row's column k (CUDA: from L2).
-template <typename Part>
-RLHF_HD void add_policy_row(double* totals, Part part) {
-  RLHF_UNROLL
-  for (int k = 0; k < kPolicyParts; ++k) totals[k] = combine_part(k, totals[k], part(k));
-  totals[kTotalRowsWith] += part(kPartCount) > 0 ? 1 : 0;
-  totals[kTotalRowsClipped] += part(kPartLow) + part(kPartHigh) > 0 ? 1 : 0;
 }
 
 // stats [kNumPolicyStats] from the totals of every row (means over valid tokens, 0 without any).
@@ -375,6 +383,78 @@ RLHF_HD void policy_stats(const double* a, float* s) {
   s[kSeqClipfrac] = static_cast<float>(a[kTotalRowsClipped] / rows_with);
   s[kIsWeightMean] = static_cast<float>(a[kPartIsWeight] / n);
   s[kIsCappedFrac] = static_cast<float>(a[kPartIsCapped] / n);
+}
+
+// The row weights w_b (ppo_row_weight), row_scale[b] = w_b * part(b, grad_col) (the row's factor
+// in the gradient; w_b alone for grad_col < 0) and the loss sum_b w_b * loss_b. Returns the
+// batch's valid tokens.
+template <typename R, typename Out>
+RLHF_HD double weigh_rows(const R& r, const Normalizer& norm, double numel, int grad_col, const Out& out) {
+  static_assert(static_cast<int>(kPartLoss) == static_cast<int>(kVPartLoss) &&
+                    static_cast<int>(kPartCount) == static_cast<int>(kVPartCount),
+                "one loss and count column for both losses");
+  double n = 0, with = 0;
+  for (int64_t b = r.b0; b < r.B; b += r.step) {
+    const double c = r.part(b, kPartCount);
+    n += c;
+    with += c > 0 ? 1 : 0;
+  }
+  const double total = r.sum(n), rows_with = r.sum(with);
+  const double nt = norm.num_tokens ? *norm.num_tokens : norm.num_tokens_value;
+  double loss = 0;
+  for (int64_t b = r.b0; b < r.B; b += r.step) {
+    const double w = ppo_row_weight(norm.agg, r.part(b, kPartCount), total, rows_with, numel, nt);
+    out.row_scale[b] = static_cast<float>(grad_col >= 0 ? w * r.part(b, grad_col) : w);
+    loss += w * r.part(b, kPartLoss);
+  }
+  loss = r.sum(loss);
+  if (r.b0 == 0) *out.loss = static_cast<float>(loss);
+  return total;
+}
+
+// The combine of the loss whose partials have kParts columns: kPolicyParts (row_scale = w_b * g_b,
+// the statistics from the totals) or kValueParts (row_scale = w_b; vf_clipfrac, and explained_var
+// = 1 - M2(R - V) / M2(R), each M2 over the batch = the rows' M2 (within) plus count * (row mean -
+// batch mean)^2 (between rows, a second pass with the batch means)).
+template <int kParts, typename R, typename Out>
+RLHF_HD void combine_rows(const R& r, const Normalizer& norm, double numel, const Out& out) {
+  if constexpr (kParts == kPolicyParts) {
+    weigh_rows(r, norm, numel, kPartRowGrad, out);
+    double a[kPolicyTotals];
+    init_policy_totals(a);
+    for (int64_t b = r.b0; b < r.B; b += r.step) {
+      RLHF_UNROLL
+      for (int k = 0; k < kPolicyParts; ++k) a[k] = combine_part(k, a[k], r.part(b, k));
+      a[kTotalRowsWith] += r.part(b, kPartCount) > 0 ? 1 : 0;
+      a[kTotalRowsClipped] += r.part(b, kPartLow) + r.part(b, kPartHigh) > 0 ? 1 : 0;
+    }
+    RLHF_UNROLL
+    for (int k = 0; k < kPolicyTotals; ++k) a[k] = r.reduce(k, a[k]);
+    if (r.b0 == 0) policy_stats(a, out.stats);
+  } else {
+    const double total = weigh_rows(r, norm, numel, -1, out), n = total > 0 ? total : 1.0;
+    double mean_r = 0, mean_e = 0, clipped = 0;
+    for (int64_t b = r.b0; b < r.B; b += r.step) {
+      mean_r += r.part(b, kVPartCount) * r.part(b, kVPartMeanR);
+      mean_e += r.part(b, kVPartCount) * r.part(b, kVPartMeanErr);
+      clipped += r.part(b, kVPartClipped);
+    }
+    mean_r = r.sum(mean_r) / n;
+    mean_e = r.sum(mean_e) / n;
+    clipped = r.sum(clipped);
+    double m2_r = 0, m2_e = 0;
+    for (int64_t b = r.b0; b < r.B; b += r.step) {
+      const double c = r.part(b, kVPartCount);
+      const double dr = r.part(b, kVPartMeanR) - mean_r, de = r.part(b, kVPartMeanErr) - mean_e;
+      m2_r += r.part(b, kVPartM2R) + c * dr * dr;
+      m2_e += r.part(b, kVPartM2Err) + c * de * de;
+    }
+    m2_r = r.sum(m2_r);
+    m2_e = r.sum(m2_e);
+    if (r.b0 != 0) return;
+    out.stats[kVfClipfrac] = static_cast<float>(clipped / n);
+    out.stats[kExplainedVar] = m2_r > 0 ? static_cast<float>(1.0 - m2_e / m2_r) : 0.f;  // the 1/n cancels
+  }
 }
 
 }  // namespace rlhf

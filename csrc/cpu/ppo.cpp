@@ -61,25 +61,20 @@ struct PolicyAcc {
   VecF rmin = splat<VecF>(std::numeric_limits<float>::infinity());
   VecF rmax = splat<VecF>(-std::numeric_limits<float>::infinity());
   VecD4 grad[2] = {};  // the sequence-level PPO loss's sum of d(c*l)/ds
-  // row_ratio, row_log_w: the row's s and log w in every lane (read only by the options using them)
-  RLHF_INLINE void add(VecF lp, VecF olp, VecF adv, VecF roll, VecI valid, VecF row_ratio, VecF row_log_w, float cl,
-                       float ch, float dc, const O& o) {
-    const PolicyTokenT<VecF> t = policy_token(lp, olp, adv, roll, row_ratio, row_log_w, cl, ch, dc, o);
+  // x: the vector's logp, old_logp, adv and rollout (the plain loss reads no rollout); row_ratio,
+  // row_log_w: the row's s and log w in every lane (read only by the options using them)
+  RLHF_INLINE void add(const VecF* x, VecI valid, VecF row_ratio, VecF row_log_w, float cl, float ch, float dc,
+                       const O& o) {
     const VecF zero = splat<VecF>(0.f), inf = splat<VecF>(std::numeric_limits<float>::infinity());
-    s.f[kPartLoss] += valid ? t.loss : zero;
-    s.f[kPartCount] += valid ? splat<VecF>(1.f) : zero;
-    s.f[kPartLow] += valid ? t.is_low : zero;
-    s.f[kPartHigh] += valid ? t.is_high : zero;
-    s.f[kPartDual] += valid ? t.is_dual : zero;
-    s.f[kPartKl] += valid ? t.kl : zero;
-    s.f[kPartRatio] += valid ? t.ratio : zero;
+    const PolicyTokenT<VecF> t = policy_token(x[0], x[1], x[2], is_plain<O> ? zero : x[is_plain<O> ? 0 : 3], row_ratio,
+                                              row_log_w, cl, ch, dc, o);
+    const VecF col[kOptionSums] = {t.loss, splat<VecF>(1.f), t.is_low, t.is_high, t.is_dual,
+                                   t.kl,   t.ratio,          t.is_weight, t.is_capped};
+    RLHF_UNROLL
+    for (int k = 0; k < (is_plain<O> ? kPolicySums : kOptionSums); ++k) s.f[k] += valid ? col[k] : zero;
     rmin = min_f32(rmin, valid ? t.ratio : inf);
     rmax = max_f32(rmax, valid ? t.ratio : -inf);
-    if constexpr (!is_plain<O>) {
-      s.f[kIsWeight] += valid ? t.is_weight : zero;
-      s.f[kIsCapped] += valid ? t.is_capped : zero;
-      if (o.seq_ratio && !o.cispo) add_lanes_f64(grad, valid ? t.dlogp : zero);
-    }
+    if (!is_plain<O> && o.seq_ratio && !o.cispo) add_lanes_f64(grad, valid ? t.dlogp : zero);
   }
 };
 
@@ -123,20 +118,13 @@ RLHF_CPU_CLONES void policy_row(const float* lp, const float* olp, const float* 
     if (o.seq_ratio) ratio_s = sequence_ratio(pre.log_ratio, pre.count);
     if (has_row_is(o)) log_w = row_log_weight(pre.log_w, pre.count, o);
   }
-  const VecF rr = splat<VecF>(ratio_s), rlw = splat<VecF>(log_w), zero = splat<VecF>(0.f);
+  const VecF rr = splat<VecF>(ratio_s), rlw = splat<VecF>(log_w);
+  const float* src[4] = {lp, olp, adv, roll};
   PolicyAcc<O> a;
-  auto add = [&](int64_t t) RLHF_INLINE_LAMBDA {
-    a.add(load<VecF>(lp + t), load<VecF>(olp + t), load<VecF>(adv + t), is_plain<O> ? zero : load<VecF>(roll + t),
-          load_mask(m + t), rr, rlw, cl, ch, dc, o);
+  const auto add = [&](const VecF* x, VecI valid, int64_t, int64_t) RLHF_INLINE_LAMBDA {
+    a.add(x, valid, rr, rlw, cl, ch, dc, o);
   };
-  const int64_t t0 = for_blocks(a.s, T, add);
-  if (t0 < T) {
-    const float* src[4] = {lp, olp, adv, roll};
-    const Tail<is_plain<O> ? 3 : 4> tail(src, m, t0, T - t0);
-    a.add(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]),
-          is_plain<O> ? zero : load<VecF>(tail.x[is_plain<O> ? 0 : 3]), load_mask(tail.m), rr, rlw, cl, ch, dc, o);
-  }
-  a.s.flush();
+  for_vectors<is_plain<O> ? 3 : 4>(src, m, T, add, [&] { a.s.flush(); });
   for (int k = 0; k < kPolicySums; ++k) out[k] = a.s.total(k);
   float rmin = std::numeric_limits<float>::infinity(), rmax = -rmin;
   for (int j = 0; j < kW; ++j) {
@@ -215,15 +203,13 @@ struct DeviationAcc {
 RLHF_CPU_CLONES void value_row(const float* v, const float* ov, const float* R, const uint8_t* m, int64_t T,
                                bool has_clip, float c, double* out) {
   ValueAcc a;
-  auto add = [&](int64_t t) RLHF_INLINE_LAMBDA {
-    a.add(load<VecF>(v + t), load<VecF>(ov + t), load<VecF>(R + t), load_mask(m + t), has_clip, c);
-  };
-  const int64_t body = for_blocks(a.s, T, add);
   const float* src[3] = {v, ov, R};
+  const auto add = [&](const VecF* x, VecI valid, int64_t, int64_t) RLHF_INLINE_LAMBDA {
+    a.add(x[0], x[1], x[2], valid, has_clip, c);
+  };
+  for_vectors<3>(src, m, T, add, [&] { a.s.flush(); });
+  const int64_t body = T - T % kW;
   const Tail<3> tail(src, m, body, T - body);
-  if (body < T)
-    a.add(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]), load_mask(tail.m), has_clip, c);
-  a.s.flush();
   for (int k = 0; k < kValueSums; ++k) out[k] = a.s.total(k);
   const double n = out[kVPartCount];
   out[kVPartMeanR] = out[kVPartM2R] = out[kVPartMeanErr] = out[kVPartM2Err] = 0;

@@ -112,8 +112,8 @@ __device__ void policy_row(const PolicyArgs& p, int64_t row, double* buf, double
   for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
     const int64_t i = base + t;
     if (!p.mask[i]) continue;
-    const PolicyToken tok = policy_token(p.logp[i], p.old_logp[i], p.adv[i], token_is ? p.rollout[i] : 0.f, row_ratio,
-                                         row_log_w, p.clip_low, p.clip_high, p.dual_clip, o);
+    const auto tok = policy_token(p.logp[i], p.old_logp[i], p.adv[i], token_is ? p.rollout[i] : 0.f, row_ratio,
+                                  row_log_w, p.clip_low, p.clip_high, p.dual_clip, o);
     // in kPolicyPartNames' order: loss, count, low, high, dual, kl, ratio, ratio_min, ratio_max, row_grad, ...
     const double x[kPolicyParts] = {tok.loss,  1.0,       tok.is_low, tok.is_high, tok.is_dual,   tok.kl,
                                     tok.ratio, tok.ratio, tok.ratio,  tok.dlogp,   tok.is_weight, tok.is_capped};
@@ -190,7 +190,7 @@ __device__ void value_row(const ValueArgs& p, int64_t row, double* buf, double* 
     for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
       const int64_t i = base + t;
       if (!p.mask[i]) continue;
-      const ValueToken tok = ppo_value_token(p.values[i], p.old_values[i], p.returns[i], p.has_clip, p.clip);
+      const auto tok = ppo_value_token(p.values[i], p.old_values[i], p.returns[i], p.has_clip, p.clip);
       const double r = p.returns[i], e = r - p.values[i], dr = r - acc[kVPartMeanR], de = e - acc[kVPartMeanErr];
       const double x[kValueParts] = {tok.loss, 1.0, tok.is_clipped, r, dr * dr, e, de * de};
       RLHF_UNROLL
@@ -219,10 +219,6 @@ __global__ void value_bwd_kernel(const ValueArgs p, const float* __restrict__ gr
   });
 }
 
-unsigned elementwise_blocks(int64_t n) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 65535)));
-}
-
 // One forward launch (fwd_kernel) with grid max(B, 1). Its scratch is one allocation: the rows'
 // float64 partials [blocks, n_parts], then the int32 ticket counter, zeroed by cudaMemsetAsync on
 // the current stream (a memset, not a kernel; a memset node in a CUDA graph). Per call, so
@@ -247,7 +243,8 @@ template <typename Args, typename Kernel>
 void launch_backward(Kernel kernel, const Args& p, const float* grad, const float* row_scale, float* out,
                      const at::Tensor& like) {
   const c10::cuda::CUDAGuard guard(like.device());
-  kernel<<<elementwise_blocks(p.B * p.T), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(p, grad, row_scale, out);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((p.B * p.T + 255) / 256, 65535));
+  kernel<<<static_cast<unsigned>(blocks), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(p, grad, row_scale, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

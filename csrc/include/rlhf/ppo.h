@@ -43,7 +43,6 @@ struct PolicyTokenT {
   F is_weight;  // the applied IS weight c (1 without correction)
   F is_capped;  // 1 where the correction truncated or masked w (w > cap), else 0
 };
-using PolicyToken = PolicyTokenT<float>;
 
 // min/max: fminf/fmaxf on the device; plain selects on the host (fminf's NaN rules
 // make GCC emit calls and branches, which stop the CPU loops from vectorizing).
@@ -294,7 +293,6 @@ struct ValueTokenT {
   F dvalue;      // dl/dV
   F is_clipped;  // 1 where the clipped term is strictly larger, else 0
 };
-using ValueToken = ValueTokenT<float>;
 
 // has_clip false: l = 0.5*(V-R)^2.
 template <typename F>

@@ -1,12 +1,7 @@
-// PPO policy and value losses on the CPU.
+// PPO policy and value losses on the CPU: the launchers behind rlhf/ppo_op.h (the host side,
+// row_scale), over rlhf/ppo.h (the per-token math, the options' instantiations, the combine).
 // Rows run in parallel (at::parallel_for); each row leaves float64 partial sums, which
 // are combined in row order afterwards, so results do not depend on the thread count.
-// The forward also returns each row's weight in the aggregated loss (row_scale [B]);
-// the backward is then elementwise: d_x[b, t] = grad * row_scale[b] * dl/dx[b, t].
-// The policy loss's options (rlhf/ppo.h) run in a second instantiation of the same loops
-// (PolicyOptions read at run time); the plain loss (options = 0) runs DefaultOptions, whose
-// constant fields leave exactly the code of the plain loss. Options that need a row's sums
-// (the sequence ratio, a sequence-level IS weight) take a float64 pass over the row first.
 //
 // Every loop runs on 8-token vectors (GCC vector extensions; an AVX2 clone picked at load
 // time, the baseline clone uses SSE pairs) through the per-token math of rlhf/ppo.h; the
@@ -34,34 +29,15 @@
 namespace rlhf {
 namespace {
 
-// The rows' float64 partials [B, stride], rows in parallel (row(i, out) fills those of the row whose
-// tokens start at i), then the row weights from them (layout.h: loss and count in the same columns
-// for both losses) and the loss sum_b w_b * loss_b. row_scale[b] = w_b * parts[b, grad_col] (the
-// row's factor in the gradient, rlhf/ppo.h), or w_b without a grad_col (< 0).
-template <typename Row>
-std::vector<double> forward_rows(int64_t B, int64_t T, int stride, const Normalizer& norm, const LossOutputs& out,
-                                 int grad_col, Row row) {
-  static_assert(static_cast<int>(kPartLoss) == static_cast<int>(kVPartLoss) &&
-                    static_cast<int>(kPartCount) == static_cast<int>(kVPartCount),
-                "one loss and count column for both losses");
-  std::vector<double> parts(B * stride);
-  for_rows(B, T, [&](int64_t b) { row(b * T, parts.data() + b * stride); });
-  // num_tokens is a CPU tensor: reading it is no device sync
-  const double nt = norm.num_tokens ? *norm.num_tokens : norm.num_tokens_value;
-  double total = 0, rows_with = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    total += parts[b * stride + kPartCount];
-    rows_with += parts[b * stride + kPartCount] > 0 ? 1 : 0;
-  }
-  double loss = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const double* p = parts.data() + b * stride;
-    const double w = ppo_row_weight(norm.agg, p[kPartCount], total, rows_with, static_cast<double>(B * T), nt);
-    out.row_scale[b] = static_cast<float>(grad_col >= 0 ? w * p[grad_col] : w);
-    loss += w * p[kPartLoss];
-  }
-  *out.loss = static_cast<float>(loss);
-  return parts;
+// The rows' float64 partials [B, kParts], rows in parallel (row(i, out) fills those of the row
+// whose tokens start at i), then their combine (rlhf/ppo.h) in row order.
+template <int kParts, typename Args, typename Row>
+void forward_rows(const Args& p, const Normalizer& norm, const LossOutputs& out, Row row) {
+  std::vector<double> parts(p.B * kParts);
+  for_rows(p.B, p.T, [&](int64_t b) { row(b * p.T, parts.data() + b * kParts); });
+  const auto part = [&](int64_t b, int k) { return parts[b * kParts + k]; };
+  const auto reduce = [](int, double x) { return x; };  // one thread: nothing to combine
+  combine_rows<kParts>(Rows{int64_t{0}, p.B, int64_t{1}, part, reduce}, norm, static_cast<double>(p.B * p.T), out);
 }
 
 // d x over every row: row(i, s) writes that of the row whose tokens start at i, s = grad * row_scale.
@@ -85,25 +61,20 @@ struct PolicyAcc {
   VecF rmin = splat<VecF>(std::numeric_limits<float>::infinity());
   VecF rmax = splat<VecF>(-std::numeric_limits<float>::infinity());
   VecD4 grad[2] = {};  // the sequence-level PPO loss's sum of d(c*l)/ds
-  // row_ratio, row_log_w: the row's s and log w in every lane (read only by the options using them)
-  RLHF_INLINE void add(VecF lp, VecF olp, VecF adv, VecF roll, VecI valid, VecF row_ratio, VecF row_log_w, float cl,
-                       float ch, float dc, const O& o) {
-    const PolicyTokenT<VecF> t = policy_token(lp, olp, adv, roll, row_ratio, row_log_w, cl, ch, dc, o);
+  // x: the vector's logp, old_logp, adv and rollout (the plain loss reads no rollout); row_ratio,
+  // row_log_w: the row's s and log w in every lane (read only by the options using them)
+  RLHF_INLINE void add(const VecF* x, VecI valid, VecF row_ratio, VecF row_log_w, float cl, float ch, float dc,
+                       const O& o) {
     const VecF zero = splat<VecF>(0.f), inf = splat<VecF>(std::numeric_limits<float>::infinity());
-    s.f[kPartLoss] += valid ? t.loss : zero;
-    s.f[kPartCount] += valid ? splat<VecF>(1.f) : zero;
-    s.f[kPartLow] += valid ? t.is_low : zero;
-    s.f[kPartHigh] += valid ? t.is_high : zero;
-    s.f[kPartDual] += valid ? t.is_dual : zero;
-    s.f[kPartKl] += valid ? t.kl : zero;
-    s.f[kPartRatio] += valid ? t.ratio : zero;
+    const PolicyTokenT<VecF> t = policy_token(x[0], x[1], x[2], is_plain<O> ? zero : x[is_plain<O> ? 0 : 3], row_ratio,
+                                              row_log_w, cl, ch, dc, o);
+    const VecF col[kOptionSums] = {t.loss, splat<VecF>(1.f), t.is_low, t.is_high, t.is_dual,
+                                   t.kl,   t.ratio,          t.is_weight, t.is_capped};
+    RLHF_UNROLL
+    for (int k = 0; k < (is_plain<O> ? kPolicySums : kOptionSums); ++k) s.f[k] += valid ? col[k] : zero;
     rmin = min_f32(rmin, valid ? t.ratio : inf);
     rmax = max_f32(rmax, valid ? t.ratio : -inf);
-    if constexpr (!is_plain<O>) {
-      s.f[kIsWeight] += valid ? t.is_weight : zero;
-      s.f[kIsCapped] += valid ? t.is_capped : zero;
-      if (o.seq_ratio && !o.cispo) add_lanes_f64(grad, valid ? t.dlogp : zero);
-    }
+    if (!is_plain<O> && o.seq_ratio && !o.cispo) add_lanes_f64(grad, valid ? t.dlogp : zero);
   }
 };
 
@@ -147,20 +118,13 @@ RLHF_CPU_CLONES void policy_row(const float* lp, const float* olp, const float* 
     if (o.seq_ratio) ratio_s = sequence_ratio(pre.log_ratio, pre.count);
     if (has_row_is(o)) log_w = row_log_weight(pre.log_w, pre.count, o);
   }
-  const VecF rr = splat<VecF>(ratio_s), rlw = splat<VecF>(log_w), zero = splat<VecF>(0.f);
+  const VecF rr = splat<VecF>(ratio_s), rlw = splat<VecF>(log_w);
+  const float* src[4] = {lp, olp, adv, roll};
   PolicyAcc<O> a;
-  auto add = [&](int64_t t) RLHF_INLINE_LAMBDA {
-    a.add(load<VecF>(lp + t), load<VecF>(olp + t), load<VecF>(adv + t), is_plain<O> ? zero : load<VecF>(roll + t),
-          load_mask(m + t), rr, rlw, cl, ch, dc, o);
+  const auto add = [&](const VecF* x, VecI valid, int64_t, int64_t) RLHF_INLINE_LAMBDA {
+    a.add(x, valid, rr, rlw, cl, ch, dc, o);
   };
-  const int64_t t0 = for_blocks(a.s, T, add);
-  if (t0 < T) {
-    const float* src[4] = {lp, olp, adv, roll};
-    const Tail<is_plain<O> ? 3 : 4> tail(src, m, t0, T - t0);
-    a.add(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]),
-          is_plain<O> ? zero : load<VecF>(tail.x[is_plain<O> ? 0 : 3]), load_mask(tail.m), rr, rlw, cl, ch, dc, o);
-  }
-  a.s.flush();
+  for_vectors<is_plain<O> ? 3 : 4>(src, m, T, add, [&] { a.s.flush(); });
   for (int k = 0; k < kPolicySums; ++k) out[k] = a.s.total(k);
   float rmin = std::numeric_limits<float>::infinity(), rmax = -rmin;
   for (int j = 0; j < kW; ++j) {
@@ -204,22 +168,6 @@ void with_options(const PolicyArgs& p, F f) {
   }
 }
 
-// Count, mean and sum of squared deviations of a set; merged with Chan's formula.
-struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-};
-
-Moments merge(const Moments& a, const Moments& b) {
-  if (a.n == 0) return b;
-  if (b.n == 0) return a;
-  Moments r;
-  r.n = a.n + b.n;
-  const double delta = b.mean - a.mean;
-  r.mean = a.mean + delta * (b.n / r.n);
-  r.m2 = a.m2 + b.m2 + delta * delta * (a.n * b.n / r.n);
-  return r;
-}
-
 // The float32 lane sums of a value row: the partials' first columns, loss, count and clipped.
 enum { kValueSums = kVPartClipped + 1 };
 
@@ -255,15 +203,13 @@ struct DeviationAcc {
 RLHF_CPU_CLONES void value_row(const float* v, const float* ov, const float* R, const uint8_t* m, int64_t T,
                                bool has_clip, float c, double* out) {
   ValueAcc a;
-  auto add = [&](int64_t t) RLHF_INLINE_LAMBDA {
-    a.add(load<VecF>(v + t), load<VecF>(ov + t), load<VecF>(R + t), load_mask(m + t), has_clip, c);
-  };
-  const int64_t body = for_blocks(a.s, T, add);
   const float* src[3] = {v, ov, R};
+  const auto add = [&](const VecF* x, VecI valid, int64_t, int64_t) RLHF_INLINE_LAMBDA {
+    a.add(x[0], x[1], x[2], valid, has_clip, c);
+  };
+  for_vectors<3>(src, m, T, add, [&] { a.s.flush(); });
+  const int64_t body = T - T % kW;
   const Tail<3> tail(src, m, body, T - body);
-  if (body < T)
-    a.add(load<VecF>(tail.x[0]), load<VecF>(tail.x[1]), load<VecF>(tail.x[2]), load_mask(tail.m), has_clip, c);
-  a.s.flush();
   for (int k = 0; k < kValueSums; ++k) out[k] = a.s.total(k);
   const double n = out[kVPartCount];
   out[kVPartMeanR] = out[kVPartM2R] = out[kVPartMeanErr] = out[kVPartM2Err] = 0;
@@ -295,15 +241,10 @@ struct CpuPPO {
     const auto* m = reinterpret_cast<const uint8_t*>(p.mask);
     const float* roll = p.rollout ? p.rollout : p.old_logp;
     with_options(p, [&](const auto& o) {
-      const std::vector<double> parts =
-          forward_rows(p.B, p.T, kPolicyParts, norm, out, kPartRowGrad, [&](int64_t i, double* row) {
-            policy_row(p.logp + i, p.old_logp + i, p.adv + i, roll + i, m + i, p.T, p.clip_low, p.clip_high,
-                       p.dual_clip, o, row);
-          });
-      double totals[kPolicyTotals];
-      init_policy_totals(totals);
-      for (int64_t b = 0; b < p.B; ++b) add_policy_row(totals, [&](int k) { return parts[b * kPolicyParts + k]; });
-      policy_stats(totals, out.stats);
+      forward_rows<kPolicyParts>(p, norm, out, [&](int64_t i, double* row) {
+        policy_row(p.logp + i, p.old_logp + i, p.adv + i, roll + i, m + i, p.T, p.clip_low, p.clip_high, p.dual_clip,
+                   o, row);
+      });
     });
   }
 
@@ -319,21 +260,10 @@ struct CpuPPO {
   }
 
   static void value_forward(const ValueArgs& p, const Normalizer& norm, const LossOutputs& out, const at::Tensor&) {
-    const std::vector<double> parts =
-        forward_rows(p.B, p.T, kValueParts, norm, out, -1, [&](int64_t i, double* row) {
-          value_row(p.values + i, p.old_values + i, p.returns + i, reinterpret_cast<const uint8_t*>(p.mask) + i, p.T,
-                    p.has_clip, p.clip, row);
-        });
-    double clipped = 0;
-    Moments ret, err;  // of R and of R - V
-    for (int64_t b = 0; b < p.B; ++b) {
-      const double* r = parts.data() + b * kValueParts;
-      clipped += r[kVPartClipped];
-      ret = merge(ret, {r[kVPartCount], r[kVPartMeanR], r[kVPartM2R]});
-      err = merge(err, {r[kVPartCount], r[kVPartMeanErr], r[kVPartM2Err]});
-    }
-    out.stats[kVfClipfrac] = static_cast<float>(clipped / std::max(ret.n, 1.0));
-    out.stats[kExplainedVar] = ret.m2 > 0 ? static_cast<float>(1.0 - err.m2 / ret.m2) : 0.f;  // the 1/n cancels
+    forward_rows<kValueParts>(p, norm, out, [&](int64_t i, double* row) {
+      value_row(p.values + i, p.old_values + i, p.returns + i, reinterpret_cast<const uint8_t*>(p.mask) + i, p.T,
+                p.has_clip, p.clip, row);
+    });
   }
 
   static void value_backward(const ValueArgs& p, const float* grad, const float* row_scale, float* out,

@@ -1,24 +1,17 @@
-// PPO policy and value losses on CUDA.
+// PPO policy and value losses on CUDA: the kernels and launchers behind rlhf/ppo_op.h (the host
+// side, row_scale), over rlhf/ppo.h (the per-token math, the options' instantiations, the combine).
 //
 // Forward, one kernel launch per loss, with max(B, 1) blocks of kThreads threads:
 //   1. block b reduces row b to float64 partials (fixed-order block reductions) and
-//      stores them in `parts` (the policy loss's options that need a row's sums, the
-//      sequence ratio and a sequence-level IS weight, take one more pass over the row first);
+//      stores them in `parts`;
 //   2. it then draws a ticket from an int32 counter (last_block_to_arrive); the block that
 //      draws the last ticket combines all rows in a fixed order and writes the loss, the
-//      statistics and each row's weight w_b (loss = sum_b w_b * sum_t l_bt).
+//      statistics and each row's weight.
 // Which block comes last varies from run to run, but the combine reads every row's
 // partials from `parts` in the same order whichever block runs it, so results are
 // bitwise the same on every run (the only atomic is the integer ticket). The counter is
 // zeroed per call (launch_forward), never a static one.
-// The host side (checks, conversions, outputs) is rlhf/ppo_op.h; this file holds the kernels
-// and their launchers.
-// Backward, one elementwise launch: d_x[b, t] = grad * w_b * dl/dx[b, t] (under the policy
-// loss's options, row_scale carries w_b * g_b, see rlhf/ppo.h).
-// The policy kernels are templates over the options type: DefaultOptions for the plain loss
-// (options = 0, the code it had before the options existed), PolicyOptions otherwise.
-// Nothing is read back to the host: num_tokens and grad are read by the kernels, so the
-// forward and backward can be captured in a CUDA graph.
+// Backward, one elementwise launch.
 // Status: run on an H200 at commit bb40230 (CUDA tests pass; compute-sanitizer memcheck and
 // racecheck clean, the one-launch path with 300 rows included). The launchers have since moved
 // onto the shared host wrapper; benchmarks/gpu_check.sh checks them again.
@@ -71,9 +64,6 @@ __device__ bool last_block_to_arrive(int* counter) {
   return is_last;
 }
 
-// Partials written by other blocks of this launch: read from L2 (see last_block_to_arrive).
-__device__ __forceinline__ double part(const double* p) { return __ldcg(p); }
-
 // Column k of the policy partials or totals (rlhf/ppo.h: combine_part) over the block, in every thread.
 __device__ __forceinline__ double block_combine_part(int k, double v, double* buf) {
   if (k == kPartRatioMin) return block_reduce(v, INFINITY, MinOp(), buf);
@@ -122,8 +112,8 @@ __device__ void policy_row(const PolicyArgs& p, int64_t row, double* buf, double
   for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
     const int64_t i = base + t;
     if (!p.mask[i]) continue;
-    const PolicyToken tok = policy_token(p.logp[i], p.old_logp[i], p.adv[i], token_is ? p.rollout[i] : 0.f, row_ratio,
-                                         row_log_w, p.clip_low, p.clip_high, p.dual_clip, o);
+    const auto tok = policy_token(p.logp[i], p.old_logp[i], p.adv[i], token_is ? p.rollout[i] : 0.f, row_ratio,
+                                  row_log_w, p.clip_low, p.clip_high, p.dual_clip, o);
     // in kPolicyPartNames' order: loss, count, low, high, dual, kl, ratio, ratio_min, ratio_max, row_grad, ...
     const double x[kPolicyParts] = {tok.loss,  1.0,       tok.is_low, tok.is_high, tok.is_dual,   tok.kl,
                                     tok.ratio, tok.ratio, tok.ratio,  tok.dlogp,   tok.is_weight, tok.is_capped};
@@ -149,61 +139,20 @@ __device__ void policy_row(const PolicyArgs& p, int64_t row, double* buf, double
   }
 }
 
-// Run by the last block only, for either loss (parts [B, stride]: loss and count in the same
-// columns): the row weights, row_scale[b] = w_b (times the row's factor in the gradient, column
-// grad_col, if >= 0) and the loss sum_b w_b * loss_b (written by thread 0). Returns the batch's
-// valid tokens.
-__device__ double weigh_rows(const double* parts, int stride, int grad_col, int64_t B, double numel,
-                             const Normalizer& norm, double* buf, const LossOutputs& out) {
-  static_assert(static_cast<int>(kPartCount) == static_cast<int>(kVPartCount) &&
-                    static_cast<int>(kPartLoss) == static_cast<int>(kVPartLoss),
-                "one loss and count column for both losses");
-  double n = 0, r = 0;
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
-    const double c = part(parts + b * stride + kPartCount);
-    n += c;
-    r += c > 0 ? 1 : 0;
-  }
-  const double total = block_sum(n, buf), rows_with = block_sum(r, buf);
-  const double nt = norm.num_tokens ? *norm.num_tokens : norm.num_tokens_value;
-  double loss = 0;
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
-    const double* p = parts + b * stride;
-    const double w = ppo_row_weight(norm.agg, part(p + kPartCount), total, rows_with, numel, nt);
-    out.row_scale[b] = static_cast<float>(grad_col >= 0 ? w * part(p + grad_col) : w);
-    loss += w * part(p + kPartLoss);
-  }
-  loss = block_sum(loss, buf);
-  if (threadIdx.x == 0) *out.loss = static_cast<float>(loss);
-  return total;
-}
-
-// Run by the last block only. parts: [B, kPolicyParts] float64. The loss and row_scale (w_b * g_b;
-// g_b = 1: plain loss) by weigh_rows, the statistics by the combine of rlhf/ppo.h.
-__device__ void policy_combine(const double* parts, int64_t B, double numel, const Normalizer& norm, double* buf,
-                               const LossOutputs& out) {
-  weigh_rows(parts, kPolicyParts, kPartRowGrad, B, numel, norm, buf, out);
-  double totals[kPolicyTotals];
-  init_policy_totals(totals);
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x)
-    add_policy_row(totals, [&](int k) { return part(parts + b * kPolicyParts + k); });
-  RLHF_UNROLL
-  for (int k = 0; k < kPolicyTotals; ++k) totals[k] = block_combine_part(k, totals[k], buf);
-  if (threadIdx.x == 0) policy_stats(totals, out.stats);
-}
-
 // One launch, grid max(B, 1) (B == 0: one block that only combines, writing the loss 0): block b
-// stores row b's partials (Row), the last block to arrive combines them (Combine).
+// stores row b's partials (Row), the last block to arrive combines them (rlhf/ppo.h: combine_rows).
 // parts: [max(B, 1), kParts] float64 scratch; counter: [] int32, zero at launch
-template <typename Args, int kParts, void (*Row)(const Args&, int64_t, double*, double*),
-          void (*Combine)(const double*, int64_t, double, const Normalizer&, double*, const LossOutputs&)>
+template <typename Args, int kParts, void (*Row)(const Args&, int64_t, double*, double*)>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args p, const Normalizer norm, double* parts,
                                                        int* counter, const LossOutputs out) {
   __shared__ double buf[33];
   const int64_t row = blockIdx.x;
   if (row < p.B) Row(p, row, buf, parts + row * kParts);
   if (!last_block_to_arrive(counter)) return;
-  Combine(parts, p.B, static_cast<double>(p.B * p.T), norm, buf, out);
+  const auto part = [&](int64_t b, int k) { return __ldcg(parts + b * kParts + k); };  // see last_block_to_arrive
+  const auto reduce = [&](int k, double x) { return block_combine_part(k, x, buf); };
+  combine_rows<kParts>(Rows{int64_t{threadIdx.x}, p.B, int64_t{blockDim.x}, part, reduce}, norm,
+                       static_cast<double>(p.B * p.T), out);
   if (threadIdx.x == 0) *counter = 0;
 }
 
@@ -230,75 +179,36 @@ __global__ void policy_bwd_kernel(const PolicyArgs p, const float* __restrict__ 
   });
 }
 
-// out: [kValueParts] float64, row `row`'s partials (written by thread 0)
+// out: [kValueParts] float64, row `row`'s partials (written by thread 0). Two passes over the row:
+// the sums (the mean columns first sum R and R - V), then the M2 columns with the row's means.
 __device__ void value_row(const ValueArgs& p, int64_t row, double* buf, double* __restrict__ out) {
   const int64_t base = row * p.T;
-  double loss = 0, count = 0, clipped = 0, sum_r = 0, sum_e = 0;
-  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
-    const int64_t i = base + t;
-    if (!p.mask[i]) continue;
-    const ValueToken tok = ppo_value_token(p.values[i], p.old_values[i], p.returns[i], p.has_clip, p.clip);
-    loss += tok.loss;
-    count += 1;
-    clipped += tok.is_clipped;
-    sum_r += p.returns[i];
-    sum_e += static_cast<double>(p.returns[i]) - p.values[i];
+  double acc[kValueParts] = {};  // this thread's
+  RLHF_UNROLL
+  for (int pass = 0; pass < 2; ++pass) {
+    const auto in_pass = [&](int k) { return (k == kVPartM2R || k == kVPartM2Err) == (pass == 1); };
+    for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
+      const int64_t i = base + t;
+      if (!p.mask[i]) continue;
+      const auto tok = ppo_value_token(p.values[i], p.old_values[i], p.returns[i], p.has_clip, p.clip);
+      const double r = p.returns[i], e = r - p.values[i], dr = r - acc[kVPartMeanR], de = e - acc[kVPartMeanErr];
+      const double x[kValueParts] = {tok.loss, 1.0, tok.is_clipped, r, dr * dr, e, de * de};
+      RLHF_UNROLL
+      for (int k = 0; k < kValueParts; ++k)
+        if (in_pass(k)) acc[k] += x[k];
+    }
+    RLHF_UNROLL
+    for (int k = 0; k < kValueParts; ++k)
+      if (in_pass(k)) acc[k] = block_sum(acc[k], buf);
+    if (pass == 0) {
+      const double n = acc[kVPartCount] > 0 ? acc[kVPartCount] : 1.0;
+      acc[kVPartMeanR] /= n;
+      acc[kVPartMeanErr] /= n;
+    }
   }
-  loss = block_sum(loss, buf);
-  count = block_sum(count, buf);
-  clipped = block_sum(clipped, buf);
-  const double n = count > 0 ? count : 1.0;
-  const double mean_r = block_sum(sum_r, buf) / n, mean_e = block_sum(sum_e, buf) / n;
-  double q_r = 0, q_e = 0;
-  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
-    const int64_t i = base + t;
-    if (!p.mask[i]) continue;
-    const double dr = p.returns[i] - mean_r, de = (static_cast<double>(p.returns[i]) - p.values[i]) - mean_e;
-    q_r += dr * dr;
-    q_e += de * de;
-  }
-  q_r = block_sum(q_r, buf);
-  q_e = block_sum(q_e, buf);
   if (threadIdx.x == 0) {
-    out[kVPartLoss] = loss;
-    out[kVPartCount] = count;
-    out[kVPartClipped] = clipped;
-    out[kVPartMeanR] = mean_r;
-    out[kVPartM2R] = q_r;
-    out[kVPartMeanErr] = mean_e;
-    out[kVPartM2Err] = q_e;
-  }
-}
-
-// Run by the last block only. parts: [B, kValueParts].
-__device__ void value_combine(const double* parts, int64_t B, double numel, const Normalizer& norm, double* buf,
-                              const LossOutputs& out) {
-  const double total = weigh_rows(parts, kValueParts, -1, B, numel, norm, buf, out);
-  const double n = total > 0 ? total : 1.0;
-  double sr = 0, se = 0, clipped = 0;
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
-    const double* p = parts + b * kValueParts;
-    const double c = part(p + kVPartCount);
-    sr += c * part(p + kVPartMeanR);
-    se += c * part(p + kVPartMeanErr);
-    clipped += part(p + kVPartClipped);
-  }
-  const double mean_r = block_sum(sr, buf) / n, mean_e = block_sum(se, buf) / n;
-  clipped = block_sum(clipped, buf);
-  double m2_r = 0, m2_e = 0;
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
-    const double* p = parts + b * kValueParts;
-    const double c = part(p + kVPartCount);
-    // total sum of squares = within rows + between rows
-    const double dr = part(p + kVPartMeanR) - mean_r, de = part(p + kVPartMeanErr) - mean_e;
-    m2_r += part(p + kVPartM2R) + c * dr * dr;
-    m2_e += part(p + kVPartM2Err) + c * de * de;
-  }
-  m2_r = block_sum(m2_r, buf);
-  m2_e = block_sum(m2_e, buf);
-  if (threadIdx.x == 0) {
-    out.stats[kVfClipfrac] = static_cast<float>(clipped / n);
-    out.stats[kExplainedVar] = m2_r > 0 ? static_cast<float>(1.0 - m2_e / m2_r) : 0.f;
+    RLHF_UNROLL
+    for (int k = 0; k < kValueParts; ++k) out[k] = acc[k];
   }
 }
 
@@ -307,10 +217,6 @@ __global__ void value_bwd_kernel(const ValueArgs p, const float* __restrict__ gr
   grad_elementwise(p, grad, row_scale, out, [&](int64_t i) {
     return ppo_value_token(p.values[i], p.old_values[i], p.returns[i], p.has_clip, p.clip).dvalue;
   });
-}
-
-unsigned elementwise_blocks(int64_t n) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 65535)));
 }
 
 // One forward launch (fwd_kernel) with grid max(B, 1). Its scratch is one allocation: the rows'
@@ -337,7 +243,8 @@ template <typename Args, typename Kernel>
 void launch_backward(Kernel kernel, const Args& p, const float* grad, const float* row_scale, float* out,
                      const at::Tensor& like) {
   const c10::cuda::CUDAGuard guard(like.device());
-  kernel<<<elementwise_blocks(p.B * p.T), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(p, grad, row_scale, out);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((p.B * p.T + 255) / 256, 65535));
+  kernel<<<static_cast<unsigned>(blocks), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(p, grad, row_scale, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -346,8 +253,8 @@ struct CudaPPO {
   // the plain loss (options = 0) runs the DefaultOptions instantiation of each kernel
   static void policy_forward(const PolicyArgs& p, const Normalizer& norm, const LossOutputs& out,
                              const at::Tensor& like) {
-    launch_forward(p.plain ? fwd_kernel<PolicyArgs, kPolicyParts, policy_row<DefaultOptions>, policy_combine>
-                           : fwd_kernel<PolicyArgs, kPolicyParts, policy_row<PolicyOptions>, policy_combine>,
+    launch_forward(p.plain ? fwd_kernel<PolicyArgs, kPolicyParts, policy_row<DefaultOptions>>
+                           : fwd_kernel<PolicyArgs, kPolicyParts, policy_row<PolicyOptions>>,
                    p, norm, out, like, kPolicyParts, "ppo_policy_loss");
   }
   static void policy_backward(const PolicyArgs& p, const float* grad, const float* row_scale, float* out,
@@ -357,7 +264,7 @@ struct CudaPPO {
   }
   static void value_forward(const ValueArgs& p, const Normalizer& norm, const LossOutputs& out,
                             const at::Tensor& like) {
-    launch_forward(fwd_kernel<ValueArgs, kValueParts, value_row, value_combine>, p, norm, out, like, kValueParts,
+    launch_forward(fwd_kernel<ValueArgs, kValueParts, value_row>, p, norm, out, like, kValueParts,
                    "ppo_value_loss");
   }
   static void value_backward(const ValueArgs& p, const float* grad, const float* row_scale, float* out,

@@ -73,24 +73,42 @@ struct Tail {
   }
 };
 
-// out[t, t + 8) = g(x, valid) for each 8-token vector of a row of T tokens, where x[k] holds the
-// vector's floats of row src[k] and valid its mask lanes; the last partial vector comes from a
-// padded Tail, and only its T % 8 lanes are written.
-template <int N, typename G>
-RLHF_INLINE void map_row(const float* const* src, const uint8_t* m, int64_t T, float* out, G g) {
+// g(x, valid, t0, n) for each 8-token vector of a row of T tokens, in order, where x[k] holds the
+// vector's floats of row src[k], valid its mask lanes, t0 its first token and n its tokens (8, or
+// T % 8 for the last partial vector, which comes from a padded Tail). flush() after every
+// kBlockVecs vectors and at the end: float32 block sums then hold at most kBlockVecs terms per
+// lane, the partial vector included.
+template <int N, typename G, typename Flush>
+RLHF_INLINE void for_vectors(const float* const* src, const uint8_t* m, int64_t T, G g, Flush flush) {
   VecF x[N];
-  int64_t t0 = 0;
-  for (; t0 + kW <= T; t0 += kW) {
+  const auto at = [&](int64_t t0) RLHF_INLINE_LAMBDA {
     for (int k = 0; k < N; ++k) x[k] = load<VecF>(src[k] + t0);
-    const VecF d = g(x, load_mask(m + t0));
-    std::memcpy(out + t0, &d, sizeof d);
+    g(x, load_mask(m + t0), t0, kW);
+  };
+  constexpr int64_t kBlock = kW * kBlockVecs;
+  int64_t t0 = 0;
+  for (; t0 + kBlock <= T; t0 += kBlock) {
+    for (int64_t t = t0; t < t0 + kBlock; t += kW) at(t);
+    flush();
   }
+  for (; t0 + kW <= T; t0 += kW) at(t0);
   if (t0 < T) {
     const Tail<N> tail(src, m, t0, T - t0);
     for (int k = 0; k < N; ++k) x[k] = load<VecF>(tail.x[k]);
-    const VecF d = g(x, load_mask(tail.m));
-    std::memcpy(out + t0, &d, (T - t0) * sizeof(float));
+    g(x, load_mask(tail.m), t0, T - t0);
   }
+  flush();
+}
+
+// out[t, t + 8) = g(x, valid) for each 8-token vector of a row (for_vectors); only the last
+// partial vector's T % 8 lanes are written.
+template <int N, typename G>
+RLHF_INLINE void map_row(const float* const* src, const uint8_t* m, int64_t T, float* out, G g) {
+  const auto store = [&](const VecF* x, VecI valid, int64_t t0, int64_t n) RLHF_INLINE_LAMBDA {
+    const VecF d = g(x, valid);
+    std::memcpy(out + t0, &d, n * sizeof(float));
+  };
+  for_vectors<N>(src, m, T, store, [] {});
 }
 
 // f(b) for every row b of a [B, T] batch, rows in parallel (about 16k tokens a task).
@@ -121,21 +139,6 @@ struct LaneSums {
     return s;
   }
 };
-
-// Calls add(t) for every full 8-token vector of a row, in order, with a flush of the float32
-// sums after every kBlockVecs vectors (so at most kBlockVecs terms per lane, the partial last
-// vector included, before the caller's final flush). Returns where the partial vector starts.
-template <int N, typename Add>
-RLHF_INLINE int64_t for_blocks(LaneSums<N>& s, int64_t T, Add& add) {
-  constexpr int64_t kBlock = kW * kBlockVecs;
-  int64_t t0 = 0;
-  for (; t0 + kBlock <= T; t0 += kBlock) {
-    for (int64_t t = t0; t < t0 + kBlock; t += kW) add(t);
-    s.flush();
-  }
-  for (; t0 + kW <= T; t0 += kW) add(t0);
-  return t0;
-}
 
 // Adds x's 8 lanes, widened to float64, into acc's two halves (lane j into acc[j / 4][j % 4]).
 RLHF_INLINE void add_lanes_f64(VecD4 (&acc)[2], VecF x) {

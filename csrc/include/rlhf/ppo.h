@@ -20,7 +20,8 @@
 // Every function is a template over its float type F, so that one body serves both
 // kernels: F = float on the device, and a GCC vector of floats (8 lanes, one AVX2
 // register) in the CPU loops. Comparisons then give a bool or a lane mask, and
-// `mask ? a : b` selects per lane; nothing branches on data.
+// `mask ? a : b` selects per lane; nothing branches on data. Their float math (min_f32, max_f32,
+// exp_f32) is rlhf/common.h's.
 #pragma once
 #include <math.h>
 
@@ -28,9 +29,6 @@
 
 #include "rlhf/common.h"
 #include "rlhf/layout.h"
-
-// The per-token functions are RLHF_HD_TOKEN (rlhf/common.h): always inlined on the host too, so
-// that the CPU loops (compiled for AVX2 and baseline, see cpu/ppo.cpp) see straight-line vector code.
 
 namespace rlhf {
 
@@ -46,79 +44,6 @@ struct PolicyTokenT {
   F is_weight;  // the applied IS weight c (1 without correction)
   F is_capped;  // 1 where the correction truncated or masked w (w > cap), else 0
 };
-using PolicyToken = PolicyTokenT<float>;
-
-// min/max: fminf/fmaxf on the device; plain selects on the host (fminf's NaN rules
-// make GCC emit calls and branches, which stop the CPU loops from vectorizing).
-template <typename F>
-RLHF_HD_TOKEN F min_f32(F a, F b) {
-#if defined(__CUDA_ARCH__)
-  return fminf(a, b);
-#else
-  return a < b ? a : b;
-#endif
-}
-
-template <typename F>
-RLHF_HD_TOKEN F max_f32(F a, F b) {
-#if defined(__CUDA_ARCH__)
-  return fmaxf(a, b);
-#else
-  return a > b ? a : b;
-#endif
-}
-
-// The int32 type with F's lanes (F a GCC float vector: comparisons give exactly that).
-template <typename F>
-struct lane_int {
-  using type = decltype(F{} < F{});
-};
-template <>
-struct lane_int<float> {
-  using type = int;
-};
-
-// static_cast, lane by lane (float <-> int32 truncates toward zero, like the scalar cast).
-template <typename To, typename From>
-RLHF_HD_TOKEN To convert_lanes(From x) {
-#if defined(__CUDACC__) || defined(__HIPCC__) || !defined(__GNUC__)
-  return static_cast<To>(x);
-#else
-  if constexpr (std::is_arithmetic_v<From>) {
-    return static_cast<To>(x);
-  } else {
-    return __builtin_convertvector(x, To);
-  }
-#endif
-}
-
-// exp(x) for float32. On the device: expf. On the host: a branch-free Cephes-style
-// polynomial (within 2 ulp of expf; inf above 88.72, 0 below -103.9, NaN stays NaN), so the
-// CPU loops that call it vectorize; glibc's expf is a scalar call.
-template <typename F>
-RLHF_HD_TOKEN F exp_f32(F x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  using I = typename lane_int<F>::type;
-  const F xc = min_f32(max_f32(x, splat<F>(-103.9f)), splat<F>(88.7228f));
-  const F kf = xc * 1.44269504088896341f + (xc >= 0.f ? splat<F>(0.5f) : splat<F>(-0.5f));
-  const I k = convert_lanes<I>(kf);  // round to nearest: truncation of x/ln2 +- 0.5
-  const F fk = convert_lanes<F>(k);
-  const F r = (xc - fk * 0.693359375f) - fk * -2.12194440e-4f;  // x - k*ln2 in two parts
-  F p = splat<F>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  // 2^k in two factors so that k in [-150, 128] never leaves the float exponent range
-  const I k1 = k / 2, k2 = k - k1;
-  const F y = p * __builtin_bit_cast(F, (k1 + 127) << 23) * __builtin_bit_cast(F, (k2 + 127) << 23);
-  return x != x ? x : (x > 88.7228f ? splat<F>(INFINITY) : (x < -103.9f ? splat<F>(0.f) : y));
-#endif
-}
 
 // The policy loss's options (layout.h), decoded once per call (rlhf/ppo_op.h). The kernels
 // take them as a type: PolicyOptions, read at run time, or DefaultOptions, the same fields as
@@ -150,7 +75,8 @@ RLHF_HD O options_as(const PolicyOptions& o) {
   }
 }
 
-// Whether the options need each row's sums over its valid tokens before its per-token losses.
+// Whether the options need each row's sums over its valid tokens before its per-token losses
+// (the kernels then take one more float64 pass over the row first).
 template <typename O>
 RLHF_HD bool has_row_is(const O& o) {
   return o.is_correction != kIsNone && !o.is_token;
@@ -296,7 +222,6 @@ struct ValueTokenT {
   F dvalue;      // dl/dV
   F is_clipped;  // 1 where the clipped term is strictly larger, else 0
 };
-using ValueToken = ValueTokenT<float>;
 
 // has_clip false: l = 0.5*(V-R)^2.
 template <typename F>
@@ -316,6 +241,14 @@ RLHF_HD_TOKEN ValueTokenT<F> ppo_value_token(F v, F old_v, F ret, bool has_clip,
   return t;
 }
 
+// How the per-token losses are aggregated: loss_agg code, and the global normalizer of
+// token-mean, either a float64 on the inputs' device (num_tokens) or a number (> 0), or neither.
+struct Normalizer {
+  int64_t agg;
+  const double* num_tokens;
+  double num_tokens_value;
+};
+
 // The weight of every token of a row in the aggregated loss (loss = sum_b w_b * sum_t l_bt).
 //   row_count: valid tokens of the row; total: of the batch; rows_with_tokens: rows with
 //   row_count > 0; numel: B*T; num_tokens: the global normalizer, or <= 0 when not given.
@@ -331,11 +264,22 @@ RLHF_HD double ppo_row_weight(int64_t agg, double row_count, double total, doubl
   }
 }
 
-// The policy forward's combine of the rows' partials [kPolicyParts] (layout.h) into the
-// statistics, written once for the CPU (its rows in order) and CUDA (each thread a strided
-// set of rows, then one block reduction per column). The totals [kPolicyTotals]: each column
-// of the partials combined over rows (combine_part), then the rows with a valid token and the
-// rows with a clipped one.
+// The forwards' combine of the rows' float64 partials [B, kParts] (layout.h) into the loss, each
+// row's weight and the statistics, written once for the CPU (one thread, its rows in order) and
+// CUDA (the last block: each thread a strided set of rows, then one block reduction per column).
+// Rows b0, b0 + step, ... < B are this thread's; part(b, k) reads row b's column k (CUDA: from
+// L2); reduce(k, x) combines x over the threads as column k (combine_part; the CPU: x itself).
+// The thread with b0 = 0 writes the outputs (out: LossOutputs, rlhf/loss_op.h).
+template <typename Part, typename Reduce>
+struct Rows {
+  int64_t b0, B, step;
+  Part part;
+  Reduce reduce;
+  RLHF_HD double sum(double x) const { return reduce(kPartLoss, x); }
+};
+
+// The policy totals [kPolicyTotals]: each column of the partials combined over rows
+// (combine_part), then the rows with a valid token and the rows with a clipped one.
 enum PolicyTotal : int { kTotalRowsWith = kPolicyParts, kTotalRowsClipped, kPolicyTotals };
 
 // A column's combine: min and max for the ratio's extremes, else the sum.
@@ -349,15 +293,6 @@ RLHF_HD void init_policy_totals(double* totals) {
   RLHF_UNROLL
   for (int k = 0; k < kPolicyTotals; ++k)
     totals[k] = k == kPartRatioMin ? INFINITY : (k == kPartRatioMax ? -INFINITY : 0.0);
-}
-
-// Adds one row's partials into the totals; part(k) reads the row's column k (CUDA: from L2).
-template <typename Part>
-RLHF_HD void add_policy_row(double* totals, Part part) {
-  RLHF_UNROLL
-  for (int k = 0; k < kPolicyParts; ++k) totals[k] = combine_part(k, totals[k], part(k));
-  totals[kTotalRowsWith] += part(kPartCount) > 0 ? 1 : 0;
-  totals[kTotalRowsClipped] += part(kPartLow) + part(kPartHigh) > 0 ? 1 : 0;
 }
 
 // stats [kNumPolicyStats] from the totals of every row (means over valid tokens, 0 without any).
@@ -375,6 +310,79 @@ RLHF_HD void policy_stats(const double* a, float* s) {
   s[kSeqClipfrac] = static_cast<float>(a[kTotalRowsClipped] / rows_with);
   s[kIsWeightMean] = static_cast<float>(a[kPartIsWeight] / n);
   s[kIsCappedFrac] = static_cast<float>(a[kPartIsCapped] / n);
+}
+
+// The row weights w_b (ppo_row_weight), row_scale[b] = w_b * part(b, grad_col) (the row's factor
+// in the gradient; w_b alone for grad_col < 0) and the loss sum_b w_b * loss_b. Returns the
+// batch's valid tokens.
+template <typename R, typename Out>
+RLHF_HD double weigh_rows(const R& r, const Normalizer& norm, double numel, int grad_col, const Out& out) {
+  static_assert(static_cast<int>(kPartLoss) == static_cast<int>(kVPartLoss) &&
+                    static_cast<int>(kPartCount) == static_cast<int>(kVPartCount),
+                "one loss and count column for both losses");
+  double n = 0, with = 0;
+  for (int64_t b = r.b0; b < r.B; b += r.step) {
+    const double c = r.part(b, kPartCount);
+    n += c;
+    with += c > 0 ? 1 : 0;
+  }
+  const double total = r.sum(n), rows_with = r.sum(with);
+  // num_tokens is read here, by the kernel: no host sync on a GPU (on the CPU, a CPU tensor)
+  const double nt = norm.num_tokens ? *norm.num_tokens : norm.num_tokens_value;
+  double loss = 0;
+  for (int64_t b = r.b0; b < r.B; b += r.step) {
+    const double w = ppo_row_weight(norm.agg, r.part(b, kPartCount), total, rows_with, numel, nt);
+    out.row_scale[b] = static_cast<float>(grad_col >= 0 ? w * r.part(b, grad_col) : w);
+    loss += w * r.part(b, kPartLoss);
+  }
+  loss = r.sum(loss);
+  if (r.b0 == 0) *out.loss = static_cast<float>(loss);
+  return total;
+}
+
+// The combine of the loss whose partials have kParts columns: kPolicyParts (row_scale = w_b * g_b,
+// the statistics from the totals) or kValueParts (row_scale = w_b; vf_clipfrac, and explained_var
+// = 1 - M2(R - V) / M2(R), each M2 over the batch = the rows' M2 (within) plus count * (row mean -
+// batch mean)^2 (between rows, a second pass with the batch means)).
+template <int kParts, typename R, typename Out>
+RLHF_HD void combine_rows(const R& r, const Normalizer& norm, double numel, const Out& out) {
+  if constexpr (kParts == kPolicyParts) {
+    weigh_rows(r, norm, numel, kPartRowGrad, out);
+    double a[kPolicyTotals];
+    init_policy_totals(a);
+    for (int64_t b = r.b0; b < r.B; b += r.step) {
+      RLHF_UNROLL
+      for (int k = 0; k < kPolicyParts; ++k) a[k] = combine_part(k, a[k], r.part(b, k));
+      a[kTotalRowsWith] += r.part(b, kPartCount) > 0 ? 1 : 0;
+      a[kTotalRowsClipped] += r.part(b, kPartLow) + r.part(b, kPartHigh) > 0 ? 1 : 0;
+    }
+    RLHF_UNROLL
+    for (int k = 0; k < kPolicyTotals; ++k) a[k] = r.reduce(k, a[k]);
+    if (r.b0 == 0) policy_stats(a, out.stats);
+  } else {
+    const double total = weigh_rows(r, norm, numel, -1, out), n = total > 0 ? total : 1.0;
+    double mean_r = 0, mean_e = 0, clipped = 0;
+    for (int64_t b = r.b0; b < r.B; b += r.step) {
+      mean_r += r.part(b, kVPartCount) * r.part(b, kVPartMeanR);
+      mean_e += r.part(b, kVPartCount) * r.part(b, kVPartMeanErr);
+      clipped += r.part(b, kVPartClipped);
+    }
+    mean_r = r.sum(mean_r) / n;
+    mean_e = r.sum(mean_e) / n;
+    clipped = r.sum(clipped);
+    double m2_r = 0, m2_e = 0;
+    for (int64_t b = r.b0; b < r.B; b += r.step) {
+      const double c = r.part(b, kVPartCount);
+      const double dr = r.part(b, kVPartMeanR) - mean_r, de = r.part(b, kVPartMeanErr) - mean_e;
+      m2_r += r.part(b, kVPartM2R) + c * dr * dr;
+      m2_e += r.part(b, kVPartM2Err) + c * de * de;
+    }
+    m2_r = r.sum(m2_r);
+    m2_e = r.sum(m2_e);
+    if (r.b0 != 0) return;
+    out.stats[kVfClipfrac] = static_cast<float>(clipped / n);
+    out.stats[kExplainedVar] = m2_r > 0 ? static_cast<float>(1.0 - m2_e / m2_r) : 0.f;  // the 1/n cancels
+  }
 }
 
 }  // namespace rlhf

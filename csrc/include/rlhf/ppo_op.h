@@ -1,18 +1,12 @@
 // The ppo ops' host side, written once for both devices: argument checks, conversion of the
 // inputs to what the kernels read (float32 and bool, contiguous: no copy when they already
 // are), allocation of the outputs, then one call into the device's launchers `Dev`
-// (csrc/cpu/ppo.cpp, csrc/cuda/ppo.cu), which see only the raw-pointer structs below.
-//
-// Dev provides:
-//   static void policy_forward(const PolicyArgs&, const Normalizer&, const LossOutputs&, const at::Tensor& like);
-//   static void policy_backward(const PolicyArgs&, const float* grad, const float* row_scale, float* out,
-//                               const at::Tensor& like);
-//   static void value_forward(const ValueArgs&, const Normalizer&, const LossOutputs&, const at::Tensor& like);
-//   static void value_backward(const ValueArgs&, const float* grad, const float* row_scale, float* out,
-//                              const at::Tensor& like);
-// `like` is a float32 input: the launcher takes its device (and stream) and allocates any
-// scratch it needs beside it. Pointers to device data (grad, num_tokens) are read by the
-// kernels, never by the host on a GPU, so no call syncs.
+// (csrc/cpu/ppo.cpp, csrc/cuda/ppo.cu), which see only the raw-pointer structs below: Dev's
+// static policy_forward, value_forward, policy_backward and value_backward, as called by
+// detail::forward and detail::backward. `like` is a float32 input: the launcher takes its
+// device (and stream) and allocates any scratch it needs beside it. Pointers to device data
+// (grad, num_tokens) are read by the kernels, never by the host on a GPU, so no call syncs
+// (and a forward and backward can be captured in a CUDA graph).
 //
 // The policy loss has two forward ops over one wrapper: ppo_policy_fwd (the plain loss, the
 // schema it always had) and ppo_policy_options_fwd (rollout_logprobs, options, is_cap too);
@@ -55,22 +49,7 @@ struct ValueArgs {
   float clip;
 };
 
-// How the per-token losses are aggregated: loss_agg code, and the global normalizer of
-// token-mean, either a float64 on the inputs' device (num_tokens) or a number (> 0), or neither.
-struct Normalizer {
-  int64_t agg;
-  const double* num_tokens;
-  double num_tokens_value;
-};
-
 namespace detail {
-
-inline Normalizer normalizer(int64_t loss_agg, const at::Tensor& num_tokens, c10::optional<double> number,
-                             const char* op) {
-  TORCH_CHECK_VALUE(loss_agg >= 0 && loss_agg < kNumLossAggs, op, ": loss_agg code must be 0..", kNumLossAggs - 1,
-                    ", got ", loss_agg);
-  return {loss_agg, num_tokens.defined() ? num_tokens.data_ptr<double>() : nullptr, number.value_or(0.0)};
-}
 
 // ppo_policy_loss's `options` (the fields of rlhf/layout.h) and the arguments that go with them:
 // every field's code in range and no bits beyond the fields; a correction (is_correction) needs
@@ -163,6 +142,36 @@ inline ValueCall value_call(const at::Tensor& values, const at::Tensor& old_valu
   return {in, args};
 }
 
+// A forward's normalizer, outputs (loss [], stats [n_stats], row_scale [B]) and device call
+// launch(args, norm, outputs, like).
+template <typename Call, typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const Call& call, const c10::optional<at::Tensor>& num_tokens,
+                                                       c10::optional<double> number, int64_t loss_agg, int64_t n_stats,
+                                                       Launch launch, const char* op) {
+  const at::Tensor& like = call.in.a;
+  const at::Tensor nt = check_num_tokens(num_tokens, number, like, op);
+  TORCH_CHECK_VALUE(loss_agg >= 0 && loss_agg < kNumLossAggs, op, ": loss_agg code must be 0..", kNumLossAggs - 1,
+                    ", got ", loss_agg);
+  const Normalizer norm{loss_agg, nt.defined() ? nt.data_ptr<double>() : nullptr, number.value_or(0.0)};
+  auto [loss, stats, row_scale] = loss_outputs(like, n_stats);
+  launch(call.args, norm, {loss.data_ptr<float>(), stats.data_ptr<float>(), row_scale.data_ptr<float>()}, like);
+  return {loss, stats, row_scale};
+}
+
+// A backward's checks of grad and row_scale (against the rows of `ref_name`), its output and
+// device call launch(args, grad, row_scale, out, like); nothing to launch for an empty batch.
+template <typename Call, typename Launch>
+at::Tensor backward(const Call& call, const at::Tensor& grad, const at::Tensor& row_scale, const char* ref_name,
+                    Launch launch, const char* op) {
+  const at::Tensor& like = call.in.a;
+  at::Tensor g;
+  const float* gp = checked_grad(grad, like, g, op);
+  const float* w = checked_row_scale(row_scale, like, ref_name, op);
+  at::Tensor d = at::empty(like.sizes(), like.options());
+  if (d.numel() > 0) launch(call.args, gp, w, d.data_ptr<float>(), like);
+  return d;
+}
+
 }  // namespace detail
 
 template <typename Dev>
@@ -174,12 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_forward(
   const char* op = "ppo_policy_loss";
   const detail::PolicyCall call = detail::policy_call(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
                                                       dual_clip, rollout_logprobs, options, is_cap, op);
-  const at::Tensor nt = check_num_tokens(num_tokens, num_tokens_value, call.in.a, op);
-  const Normalizer norm = detail::normalizer(loss_agg, nt, num_tokens_value, op);
-  auto [loss, stats, row_scale] = loss_outputs(call.in.a, kNumPolicyStats);
-  Dev::policy_forward(call.args, norm, {loss.data_ptr<float>(), stats.data_ptr<float>(), row_scale.data_ptr<float>()},
-                      call.in.a);
-  return {loss, stats, row_scale};
+  return detail::forward(call, num_tokens, num_tokens_value, loss_agg, kNumPolicyStats, Dev::policy_forward, op);
 }
 
 // The plain loss (options = 0): ppo_policy_fwd, whose schema has no option arguments
@@ -202,12 +206,7 @@ at::Tensor ppo_policy_backward(const at::Tensor& grad, const at::Tensor& logprob
   const char* op = "ppo_policy_loss backward";
   const detail::PolicyCall call = detail::policy_call(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
                                                       dual_clip, rollout_logprobs, options, is_cap, op);
-  at::Tensor g;
-  const float* gp = checked_grad(grad, call.in.a, g, op);
-  const float* w = checked_row_scale(row_scale, call.in.a, "logprobs", op);
-  at::Tensor d = at::empty(call.in.a.sizes(), call.in.a.options());
-  if (d.numel() > 0) Dev::policy_backward(call.args, gp, w, d.data_ptr<float>(), call.in.a);
-  return d;
+  return detail::backward(call, grad, row_scale, "logprobs", Dev::policy_backward, op);
 }
 
 template <typename Dev>
@@ -217,12 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_value_forward(
     int64_t loss_agg) {
   const char* op = "ppo_value_loss";
   const detail::ValueCall call = detail::value_call(values, old_values, returns, mask, clip, op);
-  const at::Tensor nt = check_num_tokens(num_tokens, num_tokens_value, call.in.a, op);
-  const Normalizer norm = detail::normalizer(loss_agg, nt, num_tokens_value, op);
-  auto [loss, stats, row_scale] = loss_outputs(call.in.a, kNumValueStats);
-  Dev::value_forward(call.args, norm, {loss.data_ptr<float>(), stats.data_ptr<float>(), row_scale.data_ptr<float>()},
-                     call.in.a);
-  return {loss, stats, row_scale};
+  return detail::forward(call, num_tokens, num_tokens_value, loss_agg, kNumValueStats, Dev::value_forward, op);
 }
 
 template <typename Dev>
@@ -231,12 +225,7 @@ at::Tensor ppo_value_backward(const at::Tensor& grad, const at::Tensor& values, 
                               c10::optional<double> clip) {
   const char* op = "ppo_value_loss backward";
   const detail::ValueCall call = detail::value_call(values, old_values, returns, mask, clip, op);
-  at::Tensor g;
-  const float* gp = checked_grad(grad, call.in.a, g, op);
-  const float* w = checked_row_scale(row_scale, call.in.a, "values", op);
-  at::Tensor d = at::empty(call.in.a.sizes(), call.in.a.options());
-  if (d.numel() > 0) Dev::value_backward(call.args, gp, w, d.data_ptr<float>(), call.in.a);
-  return d;
+  return detail::backward(call, grad, row_scale, "values", Dev::value_backward, op);
 }
 
 }  // namespace rlhf

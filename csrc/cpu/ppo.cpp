@@ -3,14 +3,10 @@
 // Rows run in parallel (at::parallel_for); each row leaves float64 partial sums, which
 // are combined in row order afterwards, so results do not depend on the thread count.
 //
-// Every loop runs on 8-token vectors (GCC vector extensions; an AVX2 clone picked at load
-// time, the baseline clone uses SSE pairs) through the per-token math of rlhf/ppo.h; the
-// last partial vector of a row is padded with masked tokens. Masked tokens are selected
-// away, never multiplied, so NaN or inf there changes nothing. Sums: each of the 8 lanes
-// adds float32 terms over a block of kBlockVecs vectors (at most kBlockVecs terms per lane),
-// then the block goes into float64 lanes, summed in a fixed order per row. The value
-// loss's sums of R and R - V go straight into float64 lanes, and its variances take a
-// second pass over the row (still in cache) with float64 deviations from those means.
+// Every loop runs on 8-token vectors through the per-token math of rlhf/ppo.h (rlhf/cpu_vec.h:
+// the AVX2 clone, the padded tail, float32 block sums flushed into float64 lanes). Masked tokens
+// are selected away, never multiplied, so NaN or inf there changes nothing. The value loss's
+// variances take a second pass over the row (still in cache) with float64 deviations.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -78,14 +74,11 @@ struct PolicyAcc {
   }
 };
 
-// A row's float64 sums over its valid tokens of logp - old_logp and of old_logp - rollout
-// (each difference exact in float64), 4 tokens a step, then the rest, in a fixed order.
-struct RowSums {
-  double log_ratio = 0, log_w = 0, count = 0;
-};
-
-RLHF_CPU_CLONES RowSums row_sums(const float* lp, const float* olp, const float* roll, const uint8_t* m, int64_t T) {
-  VecD4 lr = {}, lw = {}, n = {};
+// A row's float64 sums over its valid tokens of logp - old_logp, of old_logp - rollout (each
+// difference exact in float64) and of 1, in s: 4 tokens a step, then the rest, in a fixed order.
+RLHF_CPU_CLONES void row_sums(const float* lp, const float* olp, const float* roll, const uint8_t* m, int64_t T,
+                              double (&s)[3]) {
+  VecD4 acc[3] = {};
   const VecD4 zero = {}, one = {1, 1, 1, 1};
   int64_t t = 0;
   for (; t + 4 <= T; t += 4) {
@@ -93,18 +86,17 @@ RLHF_CPU_CLONES RowSums row_sums(const float* lp, const float* olp, const float*
     const VecD4 b = __builtin_convertvector(load<VecF4>(olp + t), VecD4);
     const VecD4 c = __builtin_convertvector(load<VecF4>(roll + t), VecD4);
     const VecL4 valid = __builtin_convertvector(load<VecM4>(m + t), VecL4) != 0;
-    lr += valid ? a - b : zero;
-    lw += valid ? b - c : zero;
-    n += valid ? one : zero;
+    acc[0] += valid ? a - b : zero;
+    acc[1] += valid ? b - c : zero;
+    acc[2] += valid ? one : zero;
   }
-  RowSums r{lane_total(lr), lane_total(lw), lane_total(n)};
+  for (int k = 0; k < 3; ++k) s[k] = lane_total(acc[k]);
   for (; t < T; ++t) {
     if (!m[t]) continue;
-    r.log_ratio += static_cast<double>(lp[t]) - olp[t];
-    r.log_w += static_cast<double>(olp[t]) - roll[t];
-    r.count += 1;
+    s[0] += static_cast<double>(lp[t]) - olp[t];
+    s[1] += static_cast<double>(olp[t]) - roll[t];
+    s[2] += 1;
   }
-  return r;
 }
 
 // One row of T tokens: its float64 partials over the valid ones, out [kPolicyParts]. roll: the
@@ -114,9 +106,10 @@ RLHF_CPU_CLONES void policy_row(const float* lp, const float* olp, const float* 
                                 const uint8_t* m, int64_t T, float cl, float ch, float dc, const O& o, double* out) {
   float ratio_s = 1.f, log_w = 0.f;
   if (needs_row_sums(o)) {
-    const RowSums pre = row_sums(lp, olp, roll, m, T);
-    if (o.seq_ratio) ratio_s = sequence_ratio(pre.log_ratio, pre.count);
-    if (has_row_is(o)) log_w = row_log_weight(pre.log_w, pre.count, o);
+    double s[3];
+    row_sums(lp, olp, roll, m, T, s);
+    if (o.seq_ratio) ratio_s = sequence_ratio(s[0], s[2]);
+    if (has_row_is(o)) log_w = row_log_weight(s[1], s[2], o);
   }
   const VecF rr = splat<VecF>(ratio_s), rlw = splat<VecF>(log_w);
   const float* src[4] = {lp, olp, adv, roll};

@@ -11,10 +11,7 @@
 // partials from `parts` in the same order whichever block runs it, so results are
 // bitwise the same on every run (the only atomic is the integer ticket). The counter is
 // zeroed per call (launch_forward), never a static one.
-// Backward, one elementwise launch.
-// Status: run on an H200 at commit bb40230 (CUDA tests pass; compute-sanitizer memcheck and
-// racecheck clean, the one-launch path with 300 rows included). The launchers have since moved
-// onto the shared host wrapper; benchmarks/gpu_check.sh checks them again.
+// Backward, one elementwise launch. What has run on a GPU: benchmarks/RESULTS.md.
 // Only light ATen/c10 headers here: torch/extension.h would cost minutes of nvcc time.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,10 +30,8 @@
 namespace rlhf {
 namespace {
 
-// One block size for the row pass and the combine, since the last row block runs the
-// combine. For B <= kThreads the combine gives bitwise the result of the former 1024-thread
-// combine kernel (the extra threads only added identities); for larger B the float64 row
-// partials are summed in another (still fixed) order.
+// One block size for the row pass and the combine, since the last row block runs the combine
+// (its threads each take a strided set of rows: a fixed order for a given B).
 constexpr int kThreads = 256;
 
 // Called by every thread of every block after the block stored its partials; true, in
@@ -71,37 +66,32 @@ __device__ __forceinline__ double block_combine_part(int k, double v, double* bu
   return block_sum(v, buf);
 }
 
-// Row `row`'s float64 sums over its valid tokens of logp - old_logp and of old_logp - rollout
-// (rollout read only with a row-level correction), and their count; in every thread.
+// Row `row`'s float64 sums over its valid tokens of logp - old_logp, of old_logp - rollout (rollout
+// read only with a row-level correction) and of 1, in s; in every thread.
 template <typename O>
-__device__ void row_sums(const PolicyArgs& p, const O& o, int64_t row, double* buf, double& log_ratio,
-                         double& log_w, double& count) {
-  const int64_t base = row * p.T;
-  double lr = 0, lw = 0, n = 0;
-  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
-    const int64_t i = base + t;
+__device__ void row_sums(const PolicyArgs& p, const O& o, int64_t row, double* buf, double (&s)[3]) {
+  s[0] = s[1] = s[2] = 0;
+  for (int64_t i = row * p.T + threadIdx.x; i < (row + 1) * p.T; i += kThreads) {
     if (!p.mask[i]) continue;
-    lr += static_cast<double>(p.logp[i]) - p.old_logp[i];
-    if (has_row_is(o)) lw += static_cast<double>(p.old_logp[i]) - p.rollout[i];
-    n += 1;
+    s[0] += static_cast<double>(p.logp[i]) - p.old_logp[i];
+    if (has_row_is(o)) s[1] += static_cast<double>(p.old_logp[i]) - p.rollout[i];
+    s[2] += 1;
   }
-  log_ratio = block_sum(lr, buf);
-  log_w = block_sum(lw, buf);
-  count = block_sum(n, buf);
+  for (double& x : s) x = block_sum(x, buf);
 }
 
 // out: [kPolicyParts] float64, row `row`'s partials (written by thread 0). O: DefaultOptions for
 // the plain loss, PolicyOptions (p.opt) under options (rlhf/ppo.h).
 template <typename O>
 __device__ void policy_row(const PolicyArgs& p, int64_t row, double* buf, double* __restrict__ out) {
-  const O o = options_as<O>(p.opt);
+  const O o(p.opt);
   const int64_t base = row * p.T;
   float row_ratio = 1.f, row_log_w = 0.f;
   if (needs_row_sums(o)) {
-    double lr, lw, n;
-    row_sums(p, o, row, buf, lr, lw, n);
-    if (o.seq_ratio) row_ratio = sequence_ratio(lr, n);
-    if (has_row_is(o)) row_log_w = row_log_weight(lw, n, o);
+    double s[3];
+    row_sums(p, o, row, buf, s);
+    if (o.seq_ratio) row_ratio = sequence_ratio(s[0], s[2]);
+    if (has_row_is(o)) row_log_w = row_log_weight(s[1], s[2], o);
   }
   const bool token_is = o.is_correction != kIsNone && o.is_token;
   constexpr bool plain = std::is_same_v<O, DefaultOptions>;
@@ -171,7 +161,7 @@ __device__ void grad_elementwise(const Args& p, const float* __restrict__ grad, 
 template <typename O>
 __global__ void policy_bwd_kernel(const PolicyArgs p, const float* __restrict__ grad,
                                   const float* __restrict__ row_scale, float* __restrict__ out) {
-  const O o = options_as<O>(p.opt);
+  const O o(p.opt);
   const bool token_is = o.is_correction != kIsNone && o.is_token;
   grad_elementwise(p, grad, row_scale, out, [&](int64_t i) {
     return policy_grad_token(p.logp[i], p.old_logp[i], p.adv[i], token_is ? p.rollout[i] : 0.f, p.clip_low,

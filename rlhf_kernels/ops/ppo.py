@@ -12,12 +12,8 @@ valid tokens across micro-batches, so that summing the micro-batch losses equals
 full-batch loss. Nothing here syncs with the device: a tensor ``num_tokens`` is read by
 the kernels and the statistics stay on the device.
 
-On the native backends the whole call is one dispatcher call: the C++ op checks and
-converts its arguments (csrc/include/rlhf/ppo_op.h) and its autograd is wired in C++
-(csrc/autograd/derivatives.cpp), so neither the forward nor the backward re-enters Python. The
-policy loss's options go to the op ppo_policy_options_fwd, packed into one int
-(rlhf_kernels/_layout.py); the plain loss keeps ppo_policy_fwd, whose shorter schema costs
-less host time per call.
+On the native backends the whole call is one dispatcher call, forward and backward: the ops
+(csrc/include/rlhf/ppo_op.h, their two policy forwards) and their autograd are C++.
 """
 
 import math

@@ -4,24 +4,16 @@
 // Policy:  ratio = exp(logp - old_logp)
 //          l = max(-A*ratio, -A*clip(ratio, 1-clip_low, 1+clip_high))
 //          dual clip c (> 1): tokens with A < 0 take min(l, -A*c)
-//   options (layout.h; policy_token):
-//          ratio_level sequence: every valid token of a row uses the row's ratio
-//            s = exp(mean over its valid tokens of logp - old_logp) in place of its own
-//          objective cispo: l = -sg(clip(ratio, 1-clip_low, 1+clip_high)) * A * logp
-//          is_correction: l times a constant weight c from w = exp(log w), log w = old_logp -
-//            rollout (token), its row sum (sequence) or row mean (geometric); tis c = min(w, cap),
-//            mis c = w where w <= cap, else 0
+//   the options (layout.h): policy_token and what it calls (sequence ratio, CISPO, IS weight)
 // Value:   l = 0.5*max((V-R)^2, (clamp(V, V_old-c, V_old+c) - R)^2)
 //
 // Gradients follow PyTorch's conventions on the reference (max/min/clamp), which
 // agree with these branch rules everywhere except on exact ties, where both
 // branches carry the same value.
 //
-// Every function is a template over its float type F, so that one body serves both
-// kernels: F = float on the device, and a GCC vector of floats (8 lanes, one AVX2
-// register) in the CPU loops. Comparisons then give a bool or a lane mask, and
-// `mask ? a : b` selects per lane; nothing branches on data. Their float math (min_f32, max_f32,
-// exp_f32) is rlhf/common.h's.
+// Every function is a template over its float type F (rlhf/common.h: float on the device, a GCC
+// vector of 8 floats in the CPU loops), so comparisons give a bool or a lane mask and
+// `mask ? a : b` selects per lane; nothing branches on data.
 #pragma once
 #include <math.h>
 
@@ -63,17 +55,9 @@ struct DefaultOptions {
   static constexpr int is_correction = kIsNone;
   static constexpr bool is_token = true, is_geometric = false;
   static constexpr float is_cap = 2.f;
+  DefaultOptions() = default;
+  RLHF_HD explicit DefaultOptions(const PolicyOptions&) {}  // so a kernel makes its O from any call's: unread
 };
-
-// The options a kernel instantiated for O runs with: the call's (PolicyOptions) or the constants.
-template <typename O>
-RLHF_HD O options_as(const PolicyOptions& o) {
-  if constexpr (std::is_same_v<O, PolicyOptions>) {
-    return o;
-  } else {
-    return O{};
-  }
-}
 
 // Whether the options need each row's sums over its valid tokens before its per-token losses
 // (the kernels then take one more float64 pass over the row first).

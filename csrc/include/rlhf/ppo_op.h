@@ -8,9 +8,6 @@
 // (grad, num_tokens) are read by the kernels, never by the host on a GPU, so no call syncs
 // (and a forward and backward can be captured in a CUDA graph).
 //
-// The policy loss has two forward ops over one wrapper: ppo_policy_fwd (the plain loss, the
-// schema it always had) and ppo_policy_options_fwd (rollout_logprobs, options, is_cap too);
-// fewer schema arguments cost less host time per call.
 // The forward returns (loss [], stats [n_stats], row_scale [B]) where row_scale[b] is the
 // weight of every token of row b in the aggregated loss (loss = sum_b w_b sum_t l_bt); the
 // backward is then elementwise, d_x[b, t] = grad * w_b * dl/dx[b, t], in one pass. Under the
@@ -51,11 +48,8 @@ struct ValueArgs {
 
 namespace detail {
 
-// ppo_policy_loss's `options` (the fields of rlhf/layout.h) and the arguments that go with them:
-// every field's code in range and no bits beyond the fields; a correction (is_correction) needs
-// rollout_logprobs, a float tensor of `logprobs`' shape and device, and rollout_logprobs needs a
-// correction; is_level and is_cap only with a correction, is_cap a finite number > 1; no dual
-// clip with CISPO. Returns rollout_logprobs as float32 (undefined when absent).
+// ppo_policy_loss's `options` (the fields of rlhf/layout.h) and the arguments that go with them, as
+// each message says. Returns rollout_logprobs as float32 (undefined when absent).
 inline at::Tensor check_policy_options(int64_t options, const c10::optional<at::Tensor>& rollout,
                                        c10::optional<double> is_cap, bool has_dual_clip, const at::Tensor& logprobs,
                                        const char* op) {
@@ -186,8 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_forward(
   return detail::forward(call, num_tokens, num_tokens_value, loss_agg, kNumPolicyStats, Dev::policy_forward, op);
 }
 
-// The plain loss (options = 0): ppo_policy_fwd, whose schema has no option arguments
-// (ppo_policy_options_fwd is ppo_policy_forward itself).
+// The plain loss (options = 0): ppo_policy_fwd, whose schema has no option arguments (fewer
+// schema arguments cost less host time per call); ppo_policy_options_fwd is ppo_policy_forward.
 template <typename Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_forward_plain(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,

@@ -35,12 +35,11 @@ if _ext.loaded():
     _value_fwd = torch.ops.rlhf_kernels.ppo_value_fwd.default
 
 
-_LOSS_AGG_CODE = LOSS_AGG_CODES.get
 _OPTION_CODES = {field: option_codes(field) for field, _ in POLICY_OPTIONS}
 
 
 def _loss_agg_code(op, loss_agg):
-    code = _LOSS_AGG_CODE(loss_agg) if loss_agg.__class__ is str else None  # a valid one: no second call
+    code = LOSS_AGG_CODES.get(loss_agg) if loss_agg.__class__ is str else None  # a valid one: no second call
     return v.choice(op, "loss_agg", loss_agg, LOSS_AGG_CODES) if code is None else code
 
 
@@ -137,9 +136,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     op = "ppo_policy_loss"
     name = _backend.pick(backend, logprobs, op, "logprobs")
     # host time per call is budgeted (benchmarks/bench_overhead.py): the common cases inline
-    agg = _LOSS_AGG_CODE(loss_agg) if loss_agg.__class__ is str else None
-    if agg is None:
-        agg = _loss_agg_code(op, loss_agg)
+    agg = _loss_agg_code(op, loss_agg)
     plain = (rollout_logprobs is None and is_correction is None and is_level is None and is_cap is None
              and ratio_level == "token" and objective == "ppo")
     options = 0 if plain else _policy_options(op, ratio_level, objective, is_correction, is_level)

@@ -36,6 +36,10 @@ PP_LOSS, PP_COUNT, PP_LOW, PP_HIGH, PP_DUAL, PP_KL, PP_RATIO, PP_MIN, PP_MAX = (
 PP_ROW_GRAD, PP_IS_WEIGHT, PP_IS_CAPPED = (_index(POLICY_PARTS, n) for n in ("row_grad", "is_weight", "is_capped"))
 VP_LOSS, VP_COUNT, VP_CLIPPED, VP_MEAN_R, VP_M2_R, VP_MEAN_E, VP_M2_E = (
     _index(VALUE_PARTS, n) for n in ("loss", "count", "clipped", "mean_r", "m2_r", "mean_err", "m2_err"))
+S_CLIPFRAC, S_LOW, S_HIGH, S_DUAL, S_KL, S_RATIO, S_MIN, S_MAX, S_SEQ_CLIPFRAC, S_IS_WEIGHT_MEAN, S_IS_CAPPED_FRAC = (
+    _index(POLICY_STATS, n) for n in ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
+                                      "ratio_mean", "ratio_min", "ratio_max", "seq_clipfrac", "is_weight_mean",
+                                      "is_capped_frac"))
 S_VF_CLIPFRAC, S_EXPLAINED_VAR = (_index(VALUE_STATS, n) for n in ("vf_clipfrac", "explained_var"))
 AGG_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_SEQ_MEAN_TOKEN_SUM_NORM, AGG_TOKEN_SUM = (
     _index(LOSS_AGGS, n) for n in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
@@ -45,8 +49,8 @@ IS_NONE, IS_MASK = (_index(dict(POLICY_OPTIONS)["is_correction"], n) for n in ("
 assert [k.value for k in (PP_LOSS, PP_COUNT, PP_LOW, PP_HIGH, PP_DUAL, PP_KL, PP_RATIO, PP_MIN, PP_MAX, PP_ROW_GRAD,
                           PP_IS_WEIGHT, PP_IS_CAPPED)] == list(range(len(POLICY_PARTS)))
 assert [k.value for k in (VP_LOSS, VP_COUNT, VP_CLIPPED, VP_MEAN_R, VP_M2_R, VP_MEAN_E, VP_M2_E)] == list(range(7))
-assert POLICY_STATS == ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl", "ratio_mean",
-                        "ratio_min", "ratio_max", "seq_clipfrac", "is_weight_mean", "is_capped_frac")
+assert [k.value for k in (S_CLIPFRAC, S_LOW, S_HIGH, S_DUAL, S_KL, S_RATIO, S_MIN, S_MAX, S_SEQ_CLIPFRAC,
+                          S_IS_WEIGHT_MEAN, S_IS_CAPPED_FRAC)] == list(range(len(POLICY_STATS)))
 
 
 # Launch settings of the forwards. The row pass keeps 10-12 float64 accumulators per

@@ -383,9 +383,19 @@ def compile_sm90(fn, signature, constexprs, num_warps):
     return u
 
 
+def _by_name(constexprs):
+    """constexprs with each jit function argument (a kernel's GRAD, say) as ("jit", module, name): a
+    JITFunction does not pickle, and the compile jobs run in other processes."""
+    import triton
+    return {k: ("jit", v.fn.__module__, v.fn.__name__) if isinstance(v, triton.runtime.JITFunction) else v
+            for k, v in constexprs.items()}
+
+
 def _compile_job(job):
     module, kernel, signature, constexprs, num_warps = job
     fn = getattr(importlib.import_module(module), kernel)
+    constexprs = {k: getattr(importlib.import_module(v[1]), v[2]) if isinstance(v, tuple) and v[:1] == ("jit",) else v
+                  for k, v in constexprs.items()}
     return compile_sm90(fn, signature, constexprs, num_warps)
 
 
@@ -398,7 +408,7 @@ def _describe(launch):
 def triton_rows(jobs, full=False):
     launches = record_launches(full)
     todo = dominant(launches)
-    work = [(l["module"], l["kernel"], l["signature"], l["constexprs"], l["num_warps"]) for l, _ in todo]
+    work = [(l["module"], l["kernel"], l["signature"], _by_name(l["constexprs"]), l["num_warps"]) for l, _ in todo]
     if jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
             results = list(pool.map(_compile_job, work))
